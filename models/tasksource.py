@@ -1,0 +1,158 @@
+"""Task sources: where prompts (and reference answers, and the verifier) come from.
+
+reasoning-gym items are generated from (seed + index); a flywheel draws training prompts
+and the held-out benchmark from disjoint seed ranges, and additionally drops any training
+prompt whose text is also a benchmark item (small task spaces repeat questions).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCHMARK_SEED_BASE = 10_000_000
+TRAIN_SEED_BASE = 20_000_000
+
+
+class TaskError(ValueError):
+    pass
+
+
+def prompt_id(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass
+class Item:
+    prompt: str
+    answer: str | None
+    task: str
+    seed: int | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return prompt_id(self.prompt)
+
+
+class ReasoningGymSource:
+    def __init__(self, name: str, options: dict[str, Any], instruction: str = "") -> None:
+        import reasoning_gym
+        from reasoning_gym.factory import DATASETS
+
+        if name not in DATASETS:
+            raise TaskError(f"unknown reasoning-gym task {name!r} (e.g. {', '.join(sorted(DATASETS)[:5])}, …)")
+        self.name, self.options, self.instruction = name, dict(options), instruction
+        try:
+            self._scorer = reasoning_gym.create_dataset(name, **{**self.options, "seed": 0, "size": 1})
+        except (TypeError, AssertionError, ValueError) as e:
+            raise TaskError(f"bad options for reasoning-gym task {name!r}: {e}") from None
+
+    def items(self, seed: int, size: int) -> list[Item]:
+        import reasoning_gym
+
+        ds = reasoning_gym.create_dataset(self.name, **{**self.options, "seed": seed, "size": size})
+        out = []
+        for i, entry in enumerate(ds):
+            q = entry["question"] + (f"\n{self.instruction}" if self.instruction else "")
+            meta = {"entry": {"question": entry["question"], "answer": entry["answer"],
+                              "metadata": entry.get("metadata", {})}}
+            out.append(Item(q, str(entry["answer"]), self.name, seed + i, json.loads(json.dumps(meta, default=str))))
+        return out
+
+    def score(self, extracted: str | None, item_answer: str | None, metadata: dict[str, Any]) -> float:
+        entry = metadata.get("entry") or {"answer": item_answer, "metadata": {}}
+        return float(self._scorer.score_answer(extracted, entry))
+
+
+class FileSource:
+    """JSONL or Parquet with a `prompt` column and an optional `answer` column."""
+
+    def __init__(self, path: Path, instruction: str = "") -> None:
+        self.path, self.instruction, self.name = Path(path), instruction, Path(path).stem
+        self._items = self._load()
+
+    def _load(self) -> list[Item]:
+        if not self.path.is_file():
+            raise TaskError(f"prompts file not found: {self.path}")
+        rows: list[dict[str, Any]] = []
+        if self.path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            try:
+                rows = pq.read_table(self.path).to_pylist()
+            except Exception as e:  # noqa: BLE001 - any arrow error means the same thing to the user
+                raise TaskError(f"{self.path}: not a readable Parquet file ({e})") from None
+            for i, r in enumerate(rows, 1):
+                self._check(r, f"row {i}")
+        else:
+            for n, line in enumerate(self.path.read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise TaskError(f"{self.path}:{n}: malformed JSON ({e.msg})") from None
+                self._check(r, f"line {n}", prefix=f"{self.path}:{n}")
+                rows.append(r)
+        if not rows:
+            raise TaskError(f"prompts file {self.path} has no prompts")
+        return [Item(r["prompt"] + (f"\n{self.instruction}" if self.instruction else ""),
+                     None if r.get("answer") is None else str(r["answer"]), self.name, None,
+                     {k: v for k, v in r.items() if k not in ("prompt", "answer")}) for r in rows]
+
+    def _check(self, r: Any, where: str, prefix: str | None = None) -> None:
+        at = prefix or f"{self.path} {where}"
+        if not isinstance(r, dict):
+            raise TaskError(f"{at}: expected a JSON object with a 'prompt' field")
+        if not isinstance(r.get("prompt"), str) or not r["prompt"].strip():
+            raise TaskError(f"{at}: missing or empty 'prompt' field")
+
+    def items(self, seed: int, size: int) -> list[Item]:
+        # Files have no generator: rotate through the file deterministically.
+        n = len(self._items)
+        return [self._items[(seed + i) % n] for i in range(min(size, n))]
+
+    def score(self, extracted: str | None, item_answer: str | None, metadata: dict[str, Any]) -> float | None:
+        if item_answer is None:
+            return None
+        if extracted is None:
+            return 0.0
+        try:
+            return float(float(extracted.replace(",", "")) == float(item_answer.replace(",", "")))
+        except ValueError:
+            return float(extracted.strip().lower() == item_answer.strip().lower())
+
+
+def make_source(task_cfg) -> ReasoningGymSource | FileSource:
+    if task_cfg.prompts_file is not None:
+        return FileSource(task_cfg.prompts_file, task_cfg.instruction)
+    return ReasoningGymSource(task_cfg.name, task_cfg.options, task_cfg.instruction)
+
+
+def benchmark_items(source, size: int, seed: int) -> list[Item]:
+    if isinstance(source, FileSource):
+        # A file is both pools: hold out at most a fifth of it, so there is something left to train on.
+        return source.items(seed, min(size, max(1, len(source._items) // 5)))
+    return source.items(BENCHMARK_SEED_BASE + seed * 100_000, size)
+
+
+def train_items(source, round_: int, size: int, seed: int, exclude: set[str]) -> tuple[list[Item], int]:
+    """`size` training prompts for a round, none of them a benchmark item. Returns (items, n_removed)."""
+    base = TRAIN_SEED_BASE + seed * 1_000_000 + round_ * 10_000
+    if isinstance(source, FileSource):
+        items = [it for it in source.items(round_ * size, len(source._items)) if it.id not in exclude][:size]
+        return items, max(0, min(size, len(source._items)) - len(items))
+    kept: list[Item] = []
+    removed, offset = 0, 0
+    while len(kept) < size and offset < 50 * size:
+        for it in source.items(base + offset, size):
+            if it.id in exclude:
+                removed += 1
+            elif len(kept) < size:
+                kept.append(it)
+        offset += size
+    return kept, removed

@@ -1,0 +1,86 @@
+"""DPO with TRL: `DPOConfig` + `DPOTrainer`, LoRA via peft, merged into a full checkpoint.
+
+With LoRA and no explicit reference model, TRL uses the policy with its adapter disabled as
+the reference: that is the round's starting policy ("previous", iterative DPO). With
+reference="base", the base model is loaded and passed as `ref_model`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flywheel.config import TrainConfig
+from flywheel.models import loading
+
+
+def preference_dataset(pairs: Sequence[dict]):
+    """TRL's conversational preference format: prompt / chosen / rejected as message lists."""
+    from datasets import Dataset
+
+    return Dataset.from_list([
+        {"prompt": [{"role": "user", "content": p["prompt"]}],
+         "chosen": [{"role": "assistant", "content": p["chosen"]}],
+         "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs
+    ])
+
+
+def dpo_args(cfg: TrainConfig, output_dir: Path, seed: int, report_to: list[str]) -> Any:
+    from trl import DPOConfig
+
+    on_gpu = torch.cuda.is_available()
+    defaults = dict(
+        output_dir=str(output_dir), seed=seed, report_to=report_to, save_strategy="no",
+        bf16=on_gpu and torch.cuda.is_bf16_supported(),
+        # Activation checkpointing trades compute for memory: worth it on a GPU, not for a small CPU model.
+        gradient_checkpointing=on_gpu, use_cpu=not on_gpu, dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    return DPOConfig(**{**defaults, **cfg.dpo})
+
+
+def train_dpo(policy: str, pairs: Sequence[dict], cfg: TrainConfig, out: Path, *, base: str, seed: int,
+              report_to: list[str], dtype: str = "auto") -> dict[str, float]:
+    """Train from `policy` on `pairs`, write a merged checkpoint to `out`, return final train metrics."""
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOTrainer
+
+    torch_dtype = loading.default_dtype() if dtype == "auto" else getattr(torch, dtype)
+    tok = AutoTokenizer.from_pretrained(policy)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch_dtype)
+    ref_model = None
+    if cfg.reference == "base" and (base != policy or not cfg.lora):
+        ref_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype)
+    peft_config = None
+    if cfg.lora:
+        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                 target_modules="all-linear", task_type="CAUSAL_LM")
+    work = Path(tempfile.mkdtemp(prefix="dpo-", dir=out.parent))
+    try:
+        trainer = DPOTrainer(model=model, ref_model=ref_model, args=dpo_args(cfg, work / "trainer", seed, report_to),
+                             train_dataset=preference_dataset(pairs), processing_class=tok, peft_config=peft_config)
+        result = trainer.train()
+        history = [h for h in trainer.state.log_history if "loss" in h]
+        merged = trainer.model.merge_and_unload() if cfg.lora else trainer.model
+        merged.save_pretrained(work / "model")
+        tok.save_pretrained(work / "model")
+        if out.exists():  # a re-run of the stage replaces its own earlier output
+            shutil.rmtree(out)
+        os.replace(work / "model", out)  # the checkpoint appears whole or not at all
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    last = history[-1] if history else {}
+    metrics = {"train_loss": result.training_loss, "train_steps": result.global_step}
+    for key in ("rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected"):
+        if key in last:
+            metrics["dpo_" + key.replace("/", "_")] = last[key]
+    return metrics

@@ -1,0 +1,51 @@
+"""Progress for long stages: stage name, items done / total, items per second.
+
+On a terminal it is a live rich bar; elsewhere (CI logs, Prefect workers) a plain line is
+printed every ~10% so logs show the run moving without flooding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+console = Console(stderr=True)
+
+
+@contextlib.contextmanager
+def stage(name: str, total: int, unit: str = "items") -> Iterator[Callable[[int], None]]:
+    start = time.perf_counter()
+    done = 0
+    if console.is_terminal:
+        with Progress(TextColumn(f"[bold]{name:<10}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=console,
+                      transient=False) as bar:
+            task = bar.add_task(name, total=total, rate="")
+
+            def advance(n: int) -> None:
+                nonlocal done
+                done += n
+                rate = done / max(time.perf_counter() - start, 1e-9)
+                bar.update(task, advance=n, rate=f"{rate:.1f} {unit}/s")
+
+            yield advance
+        return
+
+    step = max(1, total // 10)
+    next_report = step
+
+    def advance(n: int) -> None:
+        nonlocal done, next_report
+        done += n
+        if done >= next_report or done >= total:
+            rate = done / max(time.perf_counter() - start, 1e-9)
+            print(f"[{name}] {done}/{total} {unit} ({rate:.1f} {unit}/s)", file=sys.stderr, flush=True)
+            while next_report <= done:
+                next_report += step
+
+    yield advance

@@ -1,0 +1,135 @@
+"""MLflow tracking: one experiment per flywheel name, a parent run per `flywheel run`, a
+nested run per round, and a registered model version per trained round.
+
+The default store is a sqlite file in the workspace; `MLFLOW_TRACKING_URI` overrides it.
+Runs are addressed by id through `MlflowClient`, never through a thread-local "active run",
+because Prefect may execute a task on another thread than the flow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+_SECRET = re.compile(r"(token|secret|password|api[_-]?key|credential)", re.I)
+
+
+def tracking_uri(workspace: Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(workspace).resolve() / 'mlflow.db'}"
+
+
+def setup(workspace: Path, experiment: str) -> str:
+    """Point MLflow at the store and return the experiment id (created on first use)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(workspace))
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    if exp is not None:
+        return exp.experiment_id
+    artifacts = None
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        artifacts = (Path(workspace).resolve() / "mlartifacts").as_uri()
+    return client.create_experiment(experiment, artifact_location=artifacts)
+
+
+def redact(params: Mapping[str, Any]) -> dict[str, str]:
+    """Params safe to log: values of secret-looking keys are masked, values cut to MLflow's limit."""
+    return {k: ("***" if _SECRET.search(k) else str(v))[:6000] for k, v in params.items()}
+
+
+def start_run(experiment_id: str, name: str, parent_run_id: str | None = None,
+              tags: Mapping[str, str] | None = None) -> str:
+    import mlflow
+
+    all_tags = dict(tags or {})
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = mlflow.MlflowClient().create_run(experiment_id, run_name=name, tags=all_tags)
+    return run.info.run_id
+
+
+def log_params(run_id: str, params: Mapping[str, Any]) -> None:
+    import mlflow
+    from mlflow.entities import Param
+
+    items = [Param(k, v) for k, v in redact(params).items()]
+    client = mlflow.MlflowClient()
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i:i + 100])
+
+
+def log_metrics(run_id: str, metrics: Mapping[str, float | None], step: int = 0) -> None:
+    import time
+
+    import mlflow
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+    if items:
+        mlflow.MlflowClient().log_batch(run_id, metrics=items)
+
+
+def set_tags(run_id: str, tags: Mapping[str, str]) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    for k, v in tags.items():
+        client.set_tag(run_id, k, v)
+
+
+def end_run(run_id: str, status: str = "FINISHED") -> None:
+    import mlflow
+
+    mlflow.MlflowClient().set_terminated(run_id, status=status)
+
+
+@contextlib.contextmanager
+def active(run_id: str) -> Iterator[None]:
+    """Make `run_id` the active run of this thread, for code that logs implicitly
+    (TRL/transformers' MLflow callback, `mlflow.log_table`, `log_model`)."""
+    import mlflow
+
+    current = mlflow.active_run()
+    if current is not None and current.info.run_id == run_id:
+        yield
+        return
+    mlflow.start_run(run_id=run_id, nested=current is not None)
+    try:
+        yield
+    finally:
+        # end_run() would mark the run FINISHED; keep it RUNNING until the flow says otherwise.
+        mlflow.end_run(status="RUNNING")
+
+
+def log_table(run_id: str, data: Any, artifact_file: str) -> None:
+    import mlflow
+
+    mlflow.log_table(data=data, artifact_file=artifact_file, run_id=run_id)
+
+
+def log_artifact(run_id: str, path: Path, artifact_path: str | None = None) -> None:
+    import mlflow
+
+    mlflow.MlflowClient().log_artifact(run_id, str(path), artifact_path)
+
+
+def log_and_register_model(run_id: str, checkpoint: Path, registered_name: str) -> str:
+    """Log a transformers checkpoint as the run's model and register it; returns the version."""
+    import mlflow
+
+    from flywheel.models.pyfunc import CausalLMPyfunc
+
+    with active(run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=CausalLMPyfunc(), artifacts={"checkpoint": str(checkpoint)},
+            registered_model_name=registered_name,
+            # Declared, not inferred: inference would import and probe the whole environment.
+            pip_requirements=["flywheel", "torch", "transformers"],
+        )
+    return str(info.registered_model_version)

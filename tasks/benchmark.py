@@ -1,0 +1,54 @@
+"""Stage 5, benchmarking: a model, greedy, on the held-out suite; accuracy and mean length."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from flywheel import progress
+from flywheel.models import judges, loading, sampling
+from flywheel.models.tasksource import Item, make_source
+from flywheel.storage import catalog, parquet
+from flywheel.tasks.common import StageContext
+from flywheel.tasks.generate import prompt_rows
+
+
+def score_rows(items: Sequence[Item], gens: Sequence[sampling.Generation], source, *, run_id: str,
+               round_: int, model: str, suite: str) -> list[dict]:
+    rows = []
+    for it, g in zip(items, gens, strict=True):
+        extracted = judges.extract_answer(g.response, it.answer)
+        score = source.score(extracted, it.answer, it.metadata)
+        rows.append(dict(run_id=run_id, round=round_, model=model, suite=suite, item_id=it.id,
+                         response=g.response, extracted=extracted, score=float(score or 0.0), n_tokens=g.n_tokens))
+    return rows
+
+
+def summarize(rows: Sequence[dict]) -> dict[str, float]:
+    return {"accuracy": sum(r["score"] for r in rows) / len(rows),
+            "mean_response_tokens": sum(r["n_tokens"] for r in rows) / len(rows)}
+
+
+@task(name="benchmark", cache_policy=NO_CACHE)
+def benchmark_task(ctx: StageContext, items: list[Item], model_ref: str) -> dict:
+    cfg = ctx.config
+    if ctx.round == 0:
+        parquet.write_table(ctx.workspace, "prompts", ctx.run_id, 0, prompt_rows(items, ctx.run_id, 0, "benchmark"),
+                            part="benchmark")
+    model, tok = loading.load(model_ref, cfg.model.dtype)
+    t0 = time.perf_counter()
+    with progress.stage("benchmark", len(items), "items") as advance:
+        gens = sampling.generate(model, tok, [it.prompt for it in items], max_new_tokens=cfg.benchmark.max_new_tokens,
+                                 batch_size=cfg.benchmark.batch_size, do_sample=False, progress=advance)
+    seconds = time.perf_counter() - t0
+    suite = f"{cfg.task.name if cfg.task.prompts_file is None else cfg.task.prompts_file.name}-heldout"
+    rows = score_rows(items, gens, make_source(cfg.task), run_id=ctx.run_id, round_=ctx.round, model=model_ref,
+                      suite=suite)
+    parquet.write_table(ctx.workspace, "benchmarks", ctx.run_id, ctx.round, rows)
+    catalog.refresh(ctx.workspace)
+    return {"benchmark_seconds": seconds, "benchmark_tokens_per_s": sampling.tokens_per_second(gens, seconds),
+            **summarize(rows), "suite": json.dumps({"name": suite, "size": len(items)})}

@@ -1,0 +1,58 @@
+"""Stage 1, self-generation: N samples per prompt from the round's policy."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from flywheel import progress
+from flywheel.models import loading, sampling
+from flywheel.models.tasksource import Item
+from flywheel.storage import catalog, parquet
+from flywheel.tasks.common import StageContext, short_hash
+
+
+def prompt_rows(items: Sequence[Item], run_id: str, round_: int, split: str) -> list[dict]:
+    return [dict(run_id=run_id, round=round_, prompt_id=it.id, split=split, task=it.task, seed=it.seed,
+                 prompt=it.prompt, answer=it.answer, metadata=json.dumps(it.metadata)) for it in items]
+
+
+def candidate_rows(prompts: Sequence[dict], gens: Sequence[sampling.Generation], *, n: int, run_id: str,
+                   round_: int, policy: str, seed: int, sampling_json: str) -> list[dict]:
+    """`gens` holds n consecutive generations per prompt, in prompt order."""
+    if len(gens) != n * len(prompts):
+        raise ValueError(f"expected {n * len(prompts)} generations, got {len(gens)}")
+    rows = []
+    for i, g in enumerate(gens):
+        p, k = prompts[i // n], i % n
+        rows.append(dict(run_id=run_id, round=round_, candidate_id=short_hash(run_id, round_, p["prompt_id"], k),
+                         prompt_id=p["prompt_id"], policy=policy, sample_index=k, seed=seed,
+                         response=g.response, n_tokens=g.n_tokens, finish_reason=g.finish_reason,
+                         mean_logprob=g.mean_logprob, self_certainty=g.self_certainty, sampling=sampling_json))
+    return rows
+
+
+@task(name="generate", cache_policy=NO_CACHE)
+def generate_task(ctx: StageContext, items: list[Item], policy: str) -> dict:
+    cfg, s = ctx.config, ctx.config.sampling
+    prompts = prompt_rows(items, ctx.run_id, ctx.round, "train")
+    parquet.write_table(ctx.workspace, "prompts", ctx.run_id, ctx.round, prompts, part="train")
+    model, tok = loading.load(policy, cfg.model.dtype)
+    seed = cfg.seed * 1000 + ctx.round
+    t0 = time.perf_counter()
+    with progress.stage("generate", len(items) * s.n, "samples") as advance:
+        gens = sampling.generate(model, tok, [p["prompt"] for p in prompts for _ in range(s.n)],
+                                 max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, do_sample=True,
+                                 temperature=s.temperature, top_p=s.top_p, seed=seed, progress=advance)
+    seconds = time.perf_counter() - t0
+    sampling_json = json.dumps(s.model_dump(exclude={"batch_size"}) | {"seed": seed}, sort_keys=True)
+    rows = candidate_rows(prompts, gens, n=s.n, run_id=ctx.run_id, round_=ctx.round, policy=policy,
+                          seed=seed, sampling_json=sampling_json)
+    parquet.write_table(ctx.workspace, "candidates", ctx.run_id, ctx.round, rows)
+    catalog.refresh(ctx.workspace)
+    return {"generate_seconds": seconds, "generate_tokens_per_s": sampling.tokens_per_second(gens, seconds),
+            "candidates": len(rows), "candidate_mean_tokens": sum(g.n_tokens for g in gens) / len(gens)}
