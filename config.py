@@ -142,12 +142,15 @@ class FlywheelConfig(_Strict):
         return self
 
     def hash(self) -> str:
-        """Hash of the settings that change results (not the workspace location)."""
-        payload = self.model_dump(mode="json", exclude={"workspace"})
+        """Hash of what the settings mean: not the workspace location, not batch sizes (speed knobs)."""
+        speed = {"batch_size"}
+        payload = self.model_dump(mode="json", exclude={"workspace": True, "sampling": speed, "judge": speed,
+                                                        "benchmark": speed})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def flat(self) -> dict[str, str]:
-        """Dotted key → value, for MLflow params."""
+        """Dotted key → value, for MLflow params. Prefixed with "cfg." so they never collide with
+        the TrainingArguments params that TRL's MLflow callback logs into the same run."""
         out: dict[str, str] = {}
 
         def walk(prefix: str, value: Any) -> None:
@@ -157,7 +160,7 @@ class FlywheelConfig(_Strict):
             else:
                 out[prefix] = json.dumps(value) if not isinstance(value, str) else value
 
-        walk("", self.model_dump(mode="json"))
+        walk("cfg", self.model_dump(mode="json"))
         return out
 
 

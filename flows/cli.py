@@ -140,8 +140,21 @@ def cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
+def quiet_libraries() -> None:
+    """Our own progress lines say what is happening; the libraries' bars and notices only bury them."""
+    for var, value in (("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+                       ("TRANSFORMERS_VERBOSITY", "error"), ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"),
+                       ("TOKENIZERS_PARALLELISM", "false"), ("PREFECT_SERVER_ANALYTICS_ENABLED", "false")):
+        os.environ.setdefault(var, value)
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(mlflow|transformers|trl|peft|duckdb)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_libraries()
     from flywheel.config import ConfigError
     from flywheel.models.judges import RubricError
     from flywheel.models.loading import ModelNotFound

@@ -70,7 +70,8 @@ def load_rubric(path: Path | None = None) -> Rubric:
         if placeholder not in text:
             raise RubricError(f"judge template {where} lacks the {placeholder} placeholder")
     user, _, prefill = text.partition(ASSISTANT_MARK)
-    return Rubric(user.strip(), prefill.strip() or "Score:", hashlib.sha256(text.encode()).hexdigest()[:16])
+    # Only newlines are trimmed: the prefill's trailing space matters ("Score: " makes the next token the digit).
+    return Rubric(user.strip(), prefill.strip("\n") or "Score: ", hashlib.sha256(text.encode()).hexdigest()[:16])
 
 
 @dataclass

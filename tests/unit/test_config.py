@@ -1,0 +1,62 @@
+import pytest
+
+from flywheel.config import ConfigError, FlywheelConfig, load_config
+
+
+def test_defaults_are_the_documented_ones():
+    c = FlywheelConfig()
+    assert (c.rounds, c.sampling.n, c.benchmark.size, c.task.name) == (3, 8, 200, "chain_sum")
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"rounds": 0}, "rounds"),
+    ({"sampling": {"n": 1}}, "sampling.n"),
+    ({"bogus": 1}, "bogus"),
+    ({"sampling": {"temprature": 0.5}}, "sampling.temprature"),
+    ({"train": {"dpo": {"betta": 0.1}}}, "train.dpo"),
+])
+def test_bad_values_name_the_field(overrides, field):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert str(e.value).startswith(field), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_dpo_overrides_merge_over_defaults():
+    c = load_config(None, {"train": {"dpo": {"beta": 0.3}}})
+    assert c.train.dpo["beta"] == 0.3
+    assert c.train.dpo["learning_rate"] == FlywheelConfig().train.dpo["learning_rate"]
+
+
+def test_yaml_then_flags(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("rounds: 5\nsampling:\n  n: 4\n")
+    c = load_config(f, {"rounds": 2})
+    assert (c.rounds, c.sampling.n) == (2, 4)
+
+
+def test_missing_and_malformed_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rounds: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_reward_needs_its_source():
+    with pytest.raises(ConfigError, match="needs judge.verifier"):
+        load_config(None, {"judge": {"verifier": False}})
+
+
+def test_hash_ignores_workspace_but_not_meaning():
+    a = FlywheelConfig(workspace="a")
+    assert a.hash() == FlywheelConfig(workspace="b").hash()
+    assert a.hash() != FlywheelConfig(seed=1).hash()
+    assert a.hash() == FlywheelConfig(sampling={"batch_size": 7}, judge={"batch_size": 3}).hash()
+
+
+def test_flat_params_are_prefixed():
+    flat = FlywheelConfig().flat()
+    assert flat["cfg.sampling.n"] == "8"
+    assert all(k.startswith("cfg.") for k in flat)

@@ -1,0 +1,42 @@
+import pytest
+
+from flywheel.models.judges import RubricError, extract_answer, load_rubric
+
+
+@pytest.mark.parametrize("response, reference, expected", [
+    ("The answer is 7.", "7", "7"),
+    ("3 + 4 = 7", "7", "7"),
+    ("It is -12, I think", "-12", "-12"),
+    ("1,234 apples", "1234", "1234"),
+    ("<answer> 42 </answer> and 7", "42", "42"),
+    ("no digits here", "7", None),
+    ("first line\nParis", "Paris", "Paris"),
+    ("", "7", None),
+])
+def test_extract_answer(response, reference, expected):
+    assert extract_answer(response, reference) == expected
+
+
+def test_builtin_rubric_is_self_rewarding_additive():
+    r = load_rubric()
+    assert "additive 5-point" in r.user and "{question}" in r.user and "{response}" in r.user
+    assert r.prefill == "Score: "  # trailing space kept: the next token is the digit
+    user, _ = r.render("What is {x}?", "It is {y}")
+    assert "What is {x}?" in user and "It is {y}" in user  # braces in data survive
+
+
+def test_rubric_hash_changes_with_text(tmp_path):
+    a = tmp_path / "a.txt"
+    a.write_text("Q: {question}\nA: {response}\n<|assistant|>\nScore: ")
+    b = tmp_path / "b.txt"
+    b.write_text("Question: {question}\nA: {response}\n<|assistant|>\nScore: ")
+    assert load_rubric(a).hash != load_rubric(b).hash != load_rubric().hash
+
+
+def test_rubric_without_placeholder_or_file(tmp_path):
+    t = tmp_path / "t.txt"
+    t.write_text("Rate this: {question}")
+    with pytest.raises(RubricError, match=r"\{response\}"):
+        load_rubric(t)
+    with pytest.raises(RubricError, match="not found"):
+        load_rubric(tmp_path / "missing.txt")

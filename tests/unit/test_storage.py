@@ -1,0 +1,63 @@
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from flywheel.storage import catalog, parquet
+from flywheel.storage.schemas import TABLES
+
+
+def bench_rows(n, run="r1", rnd=0):
+    return [dict(run_id=run, round=rnd, model="m", suite="s", item_id=f"i{k}", response="x", extracted="1",
+                 score=float(k % 2), n_tokens=3) for k in range(n)]
+
+
+def test_write_is_atomic_and_typed(tmp_path):
+    path = parquet.write_table(tmp_path, "benchmarks", "r1", 0, bench_rows(4))
+    assert path == tmp_path / "tables/benchmarks/run_id=r1/round=0/data.parquet"
+    assert pq.read_schema(path).equals(TABLES["benchmarks"])
+    assert not list(path.parent.glob("*.tmp")), "no temporary file may be left behind"
+
+
+def test_missing_column_is_rejected_and_old_file_kept(tmp_path):
+    parquet.write_table(tmp_path, "benchmarks", "r1", 0, bench_rows(4))
+    bad = bench_rows(2)
+    del bad[1]["score"]
+    with pytest.raises(ValueError, match="score"):
+        parquet.write_table(tmp_path, "benchmarks", "r1", 0, bad)
+    assert parquet.read_table(tmp_path, "benchmarks", "r1", 0).num_rows == 4
+
+
+def test_null_in_required_column_fails_before_rename(tmp_path):
+    parquet.write_table(tmp_path, "benchmarks", "r1", 0, bench_rows(3))
+    rows = bench_rows(2)
+    rows[0]["item_id"] = None
+    with pytest.raises((pa.ArrowInvalid, ValueError)):
+        parquet.write_table(tmp_path, "benchmarks", "r1", 0, rows)
+    assert parquet.read_table(tmp_path, "benchmarks", "r1", 0).num_rows == 3
+    assert not list((tmp_path / "tables/benchmarks/run_id=r1/round=0").glob("*.tmp"))
+
+
+def test_catalog_views_over_all_runs_and_empty_tables(tmp_path):
+    parquet.write_table(tmp_path, "benchmarks", "r1", 0, bench_rows(4))
+    parquet.write_table(tmp_path, "benchmarks", "r2", 1, bench_rows(6, "r2", 1))
+    catalog.refresh(tmp_path)
+    got = catalog.query(tmp_path, "SELECT run_id, round, count(*) n FROM benchmarks GROUP BY ALL ORDER BY run_id")
+    assert got.to_pylist() == [{"run_id": "r1", "round": 0, "n": 4}, {"run_id": "r2", "round": 1, "n": 6}]
+    # a table with no file yet answers with zero rows and its declared columns
+    pairs = catalog.query(tmp_path, "SELECT * FROM pairs")
+    assert pairs.num_rows == 0 and pairs.column_names == TABLES["pairs"].names
+    # the duckdb client opens the same file
+    with duckdb.connect(str(catalog.catalog_path(tmp_path)), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM benchmarks").fetchone()[0] == 10
+
+
+def test_catalog_missing_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no catalog"):
+        catalog.query(tmp_path, "SELECT 1")
+
+
+def test_catalog_is_opened_read_only(tmp_path):
+    catalog.refresh(tmp_path)
+    with pytest.raises(duckdb.Error):
+        catalog.query(tmp_path, "CREATE TABLE x (a INT)")
