@@ -45,7 +45,7 @@ class SamplingConfig(_Strict):
     n: int = Field(8, ge=2, description="samples per prompt")
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    max_new_tokens: int = Field(48, ge=1)
+    max_new_tokens: int = Field(32, ge=1)
     batch_size: int = Field(64, ge=1, description="sequences per generate() call; never changes results' keys")
 
 

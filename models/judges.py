@@ -15,6 +15,7 @@ import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
@@ -82,6 +83,7 @@ class JudgeResult:
     details: str  # JSON: probability of each score
 
 
+@lru_cache(maxsize=4)
 def _score_token_ids(tokenizer) -> dict[int, list[int]]:
     ids: dict[int, list[int]] = {s: [] for s in SCORES}
     for tok_id in range(len(tokenizer)):
@@ -91,21 +93,63 @@ def _score_token_ids(tokenizer) -> dict[int, list[int]]:
     return ids
 
 
+def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the token prefix every sequence shares, leaving each at least one token of its own."""
+    if not seqs:
+        return 0
+    first, n = seqs[0], min(len(x) for x in seqs) - 1
+    for seq in seqs[1:]:
+        i = 0
+        while i < n and seq[i] == first[i]:
+            i += 1
+        n = i
+    return max(n, 0)
+
+
+def _left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
 @torch.inference_mode()
 def llm_judge(model, tokenizer, rubric: Rubric, questions: Sequence[str], responses: Sequence[str], *,
-              batch_size: int, max_prompt_tokens: int,
+              batch_size: int, max_prompt_tokens: int, reuse_prefix: bool = True,
               progress: Callable[[int], None] | None = None) -> list[JudgeResult]:
+    """Score every (question, response) with the rubric. With `reuse_prefix`, the rubric's shared
+    prefix is run through the model once and its KV cache reused for every batch."""
+    import copy
+
     score_ids = _score_token_ids(tokenizer)
     all_score_ids = {i for v in score_ids.values() for i in v}
-    tokenizer.padding_side = "left"  # every row's last real token sits in the last column
-    tokenizer.truncation_side = "left"  # an over-long prompt loses its start, never the "Score:" cue
     rendered = [rubric.render(q, r) for q, r in zip(questions, responses, strict=True)]
     texts = [t + prefill for t, (_, prefill) in zip(chat_texts(tokenizer, [u for u, _ in rendered]), rendered)]
+    # Over-long prompts lose their start, never the "Score:" cue at the end.
+    token_ids = [ids[-max_prompt_tokens:] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    # The shared prefix is found on tokens, not text, so it is exactly what the full prompt would hold.
+    n_prefix = common_prefix_len(token_ids) if reuse_prefix and len(token_ids) > 1 else 0
+    prefix_cache = None
+    if n_prefix:
+        prefix_ids = torch.tensor([token_ids[0][:n_prefix]], device=model.device)
+        prefix_cache = model(input_ids=prefix_ids, use_cache=True).past_key_values
     out: list[JudgeResult] = []
-    for start in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True, truncation=True,
-                        max_length=max_prompt_tokens, add_special_tokens=False).to(model.device)
-        logits = model(**enc, logits_to_keep=1, use_cache=False).logits[:, -1].float()
+    for start in range(0, len(token_ids), batch_size):
+        ids, mask = _left_pad([t[n_prefix:] for t in token_ids[start:start + batch_size]], tokenizer.pad_token_id)
+        ids, mask = ids.to(model.device), mask.to(model.device)
+        if prefix_cache is not None:
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(ids.shape[0])
+            full_mask = torch.cat([mask.new_ones(ids.shape[0], n_prefix), mask], dim=1)
+            # Positions continue from the prefix and skip the (left) padding, as if each row were alone.
+            positions = (n_prefix + mask.cumsum(1) - 1).clamp(min=n_prefix)
+            logits = model(input_ids=ids, attention_mask=full_mask, position_ids=positions,
+                           past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+        else:
+            logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=1, use_cache=False).logits[:, -1].float()
         probs = torch.softmax(logits, dim=-1)
         top = probs.argmax(dim=-1).tolist()
         for row, top_id in enumerate(top):
@@ -117,5 +161,5 @@ def llm_judge(model, tokenizer, rubric: Rubric, questions: Sequence[str], respon
                                    json.dumps({"p": {str(k): round(v, 5) for k, v in p.items()},
                                                "score_mass": round(mass, 5)})))
         if progress:
-            progress(len(enc["input_ids"]))
+            progress(ids.shape[0])
     return out

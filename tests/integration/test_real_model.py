@@ -1,0 +1,50 @@
+"""Fast checks on the real embedded model (seconds each, once the checkpoint is cached)."""
+
+import pytest
+
+from flywheel.models import judges, loading, sampling
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer():
+    return loading.load(loading.resolve("embedded:smollm2-135m-instruct"))
+
+
+QUESTIONS = ["State the final answer to the following arithmetic problem: 3 + 4 =",
+             "State the final answer to the following arithmetic problem: 9 - 2 ="]
+RESPONSES = ["The answer is 7.", "9 - 2 equals 11, because subtraction is hard and I am a long response."]
+
+
+def test_embedded_model_is_a_plain_checkpoint(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    assert getattr(model, "hf_quantizer", None) is None
+    assert not hasattr(model.config, "quantization_config")
+    assert tok.chat_template
+
+
+def test_judge_prefix_reuse_matches_full_prompts(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    rubric = judges.load_rubric()
+    qs, rs = QUESTIONS * 3, RESPONSES * 3
+    fast = judges.llm_judge(model, tok, rubric, qs, rs, batch_size=4, max_prompt_tokens=1024)
+    full = judges.llm_judge(model, tok, rubric, qs, rs, batch_size=4, max_prompt_tokens=1024, reuse_prefix=False)
+    assert [f.parse_ok for f in fast] == [f.parse_ok for f in full]
+    for f, g in zip(fast, full):
+        if f.parse_ok:
+            assert f.score == pytest.approx(g.score, abs=0.02)
+    # the same candidate gets the same verdict whatever its batch neighbours
+    assert fast[0].score == pytest.approx(fast[2].score, abs=1e-3)
+
+
+def test_generation_is_seeded_and_records_token_stats(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    kw = dict(max_new_tokens=16, batch_size=4, do_sample=True, temperature=1.0, seed=7)
+    a = sampling.generate(model, tok, QUESTIONS * 2, **kw)
+    b = sampling.generate(model, tok, QUESTIONS * 2, **kw)
+    assert [g.response for g in a] == [g.response for g in b]
+    assert all(g.finish_reason in ("stop", "length") and 0 < g.n_tokens <= 16 for g in a)
+    assert all(g.mean_logprob is not None and g.mean_logprob < 0 for g in a)
+    assert all(g.self_certainty is not None and g.self_certainty > 0 for g in a)
+    greedy = sampling.generate(model, tok, QUESTIONS, max_new_tokens=16, batch_size=2, do_sample=False)
+    alone = sampling.generate(model, tok, QUESTIONS[1:], max_new_tokens=16, batch_size=1, do_sample=False)
+    assert greedy[1].response == alone[0].response, "left padding must not change a greedy answer"
