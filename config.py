@@ -75,7 +75,7 @@ class CurationConfig(_Strict):
 
 DPO_DEFAULTS: dict[str, Any] = {
     "beta": 0.1,
-    "learning_rate": 5e-5,
+    "learning_rate": 2e-4,  # LoRA: a larger step than full fine-tuning wants
     "num_train_epochs": 2,
     "per_device_train_batch_size": 8,
     "gradient_accumulation_steps": 1,

@@ -73,10 +73,14 @@ def new_run_id() -> str:
 
 def _round_row(ctx: StageContext, *, status: str, policy_in: str, started: datetime, policy_out: str | None = None,
                accuracy: float | None = None, n_pairs: int | None = None, error: str | None = None,
-               template_hash: str | None = None, registered_version: str | None = None) -> dict:
+               template_hash: str | None = None, registered_version: str | None = None,
+               base: str | None = None) -> dict:
     cfg = ctx.config
+    reference = None
+    if ctx.round > 0:  # which model DPO measured against: this round's start ("previous") or the base
+        reference = base if cfg.train.reference == "base" else policy_in
     return dict(run_id=ctx.run_id, round=ctx.round, status=status, policy_in=policy_in, policy_out=policy_out,
-                reference_model=None if ctx.round == 0 else f"{cfg.train.reference}",
+                reference_model=reference,
                 config_hash=cfg.hash(), judge_template_hash=template_hash, seed=cfg.seed,
                 code_version=code_version(), package_versions=json.dumps(package_versions()),
                 mlflow_run_id=ctx.mlflow_run_id, registered_version=registered_version,
@@ -110,7 +114,8 @@ def one_round(config: FlywheelConfig, run_id: str, round: int, policy: str, base
         version = _log_round_artifacts(ctx, config, metrics, policy_out, trained["trained"])
     except BaseException as e:
         parquet.write_table(config.workspace, "rounds", run_id, round, [_round_row(
-            ctx, status="failed", policy_in=policy, started=started, error=f"{type(e).__name__}: {e}"[:2000])])
+            ctx, status="failed", policy_in=policy, started=started, error=f"{type(e).__name__}: {e}"[:2000],
+            base=base)])
         catalog.refresh(config.workspace)
         tracking.set_tags(mlflow_run, {"flywheel.error": f"{type(e).__name__}: {e}"[:5000]})
         tracking.end_run(mlflow_run, "FAILED")
@@ -118,7 +123,7 @@ def one_round(config: FlywheelConfig, run_id: str, round: int, policy: str, base
     parquet.write_table(config.workspace, "rounds", run_id, round, [_round_row(
         ctx, status="completed", policy_in=policy, started=started, policy_out=policy_out,
         accuracy=metrics["accuracy"], n_pairs=metrics["pairs"], template_hash=metrics.get("judge_template_hash"),
-        registered_version=version)])
+        registered_version=version, base=base)])
     catalog.refresh(config.workspace)
     tracking.end_run(mlflow_run)
     return {"round": round, "policy_out": policy_out, "registered_version": version, **metrics}

@@ -141,18 +141,24 @@ def benchmark_items(source, size: int, seed: int) -> list[Item]:
 
 
 def train_items(source, round_: int, size: int, seed: int, exclude: set[str]) -> tuple[list[Item], int]:
-    """`size` training prompts for a round, none of them a benchmark item. Returns (items, n_removed)."""
-    base = TRAIN_SEED_BASE + seed * 1_000_000 + round_ * 10_000
+    """Up to `size` distinct training prompts for a round, none of them a benchmark item.
+
+    Returns (items, n_removed): how many drawn prompts were dropped as benchmark items.
+    Small task spaces repeat questions, so the draw goes on (bounded) until `size` distinct
+    prompts are found; a space too small for that yields fewer.
+    """
     if isinstance(source, FileSource):
-        items = [it for it in source.items(round_ * size, len(source._items)) if it.id not in exclude][:size]
-        return items, max(0, min(size, len(source._items)) - len(items))
-    kept: list[Item] = []
-    removed, offset = 0, 0
-    while len(kept) < size and offset < 50 * size:
-        for it in source.items(base + offset, size):
-            if it.id in exclude:
-                removed += 1
-            elif len(kept) < size:
-                kept.append(it)
-        offset += size
-    return kept, removed
+        pool = source.items(round_ * size, len(source._items))
+    else:
+        base = TRAIN_SEED_BASE + seed * 1_000_000 + round_ * 10_000
+        pool = [it for offset in range(0, 20 * size, size) for it in source.items(base + offset, size)]
+    kept: dict[str, Item] = {}
+    removed = 0
+    for it in pool:
+        if len(kept) == size:
+            break
+        if it.id in exclude:
+            removed += 1
+        else:
+            kept.setdefault(it.id, it)
+    return list(kept.values()), removed

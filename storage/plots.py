@@ -21,6 +21,8 @@ def rounds_plot(history: Sequence[dict], out: Path) -> Path:
         if pts:
             xs, ys = zip(*pts)
             ax.plot(xs, ys, marker="o")
+        if key in ("accuracy", "judge_verifier_agreement"):
+            ax.set_ylim(0, 1)  # shares: a fixed scale keeps small wobbles from looking like trends
         ax.set_title(title)
         ax.set_xlabel("round")
         ax.set_xticks([h["round"] for h in history])

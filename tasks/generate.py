@@ -26,6 +26,8 @@ def candidate_rows(prompts: Sequence[dict], gens: Sequence[sampling.Generation],
     """`gens` holds n consecutive generations per prompt, in prompt order."""
     if len(gens) != n * len(prompts):
         raise ValueError(f"expected {n * len(prompts)} generations, got {len(gens)}")
+    if len({p["prompt_id"] for p in prompts}) != len(prompts):
+        raise ValueError("duplicate prompts in one round: candidate ids would collide")
     rows = []
     for i, g in enumerate(gens):
         p, k = prompts[i // n], i % n

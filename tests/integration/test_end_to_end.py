@@ -50,8 +50,13 @@ def test_duckdb_views_answer(run):
     from flywheel.storage import catalog
 
     ws, config, result = run
-    rounds = catalog.query(ws, "SELECT round, status, accuracy FROM rounds ORDER BY round").to_pylist()
+    rounds = catalog.query(ws, "SELECT * FROM rounds ORDER BY round").to_pylist()
     assert [r["round"] for r in rounds] == [0, 1, 2] and {r["status"] for r in rounds} == {"completed"}
+    # lineage: each round starts from the previous round's model, which is also its DPO reference
+    assert rounds[1]["policy_in"] == rounds[0]["policy_out"] == rounds[0]["policy_in"]
+    assert rounds[2]["policy_in"] == rounds[1]["policy_out"] and rounds[2]["reference_model"] == rounds[2]["policy_in"]
+    assert {r["config_hash"] for r in rounds} == {config.hash()}
+    assert rounds[1]["judge_template_hash"] and rounds[1]["registered_version"] == "1"
     counts = catalog.query(ws, """
         SELECT c.round, count(DISTINCT c.candidate_id) AS n, count(j.candidate_id) AS judged
         FROM candidates c JOIN judgments j USING (candidate_id) GROUP BY c.round ORDER BY c.round""").to_pylist()

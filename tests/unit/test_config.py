@@ -60,3 +60,10 @@ def test_flat_params_are_prefixed():
     flat = FlywheelConfig().flat()
     assert flat["cfg.sampling.n"] == "8"
     assert all(k.startswith("cfg.") for k in flat)
+
+
+def test_shipped_default_yaml_is_the_defaults():
+    from pathlib import Path
+
+    shipped = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
+    assert load_config(shipped) == FlywheelConfig()

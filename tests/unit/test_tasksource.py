@@ -35,6 +35,7 @@ def test_training_prompts_never_include_benchmark_items():
     train, removed = train_items(src, 1, 64, 0, ids)
     assert len(train) == 64 and removed > 0  # the space is small: overlaps exist and are removed
     assert not ids & {it.id for it in train}
+    assert len({it.id for it in train}) == 64, "prompts in a round are distinct (candidate ids depend on it)"
     assert train != train_items(src, 2, 64, 0, ids)[0], "each round draws fresh prompts"
 
 
