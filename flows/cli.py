@@ -96,7 +96,7 @@ def print_summary(result: dict) -> None:
     from flywheel.progress import console
 
     t = Table(title=f"flywheel run {result['run_id']}")
-    for col in ("round", "accuracy", "pairs", "judge≈verifier", "mean length", "time"):
+    for col in ("round", "accuracy", "pairs", "judge≈verifier", "mean length", "time", "promoted"):
         t.add_column(col, justify="right")
 
     def fmt(v: Any, pattern: str) -> str:
@@ -105,11 +105,13 @@ def print_summary(result: dict) -> None:
     for r in result["rounds"]:
         t.add_row(str(r["round"]), fmt(r.get("accuracy"), "{:.1%}"), fmt(r.get("pairs"), "{:d}"),
                   fmt(r.get("judge_verifier_agreement"), "{:.1%}"), fmt(r.get("mean_response_tokens"), "{:.1f} tok"),
-                  fmt(r.get("round_seconds"), "{:.0f} s"))
+                  fmt(r.get("round_seconds"), "{:.0f} s"), "yes" if r.get("promoted") else "no")
     console.print(t)
     first, last = result["rounds"][0]["accuracy"], result["rounds"][-1]["accuracy"]
-    console.print(f"held-out accuracy {first:.1%} → {last:.1%} ({(last - first) * 100:+.1f} points); "
-                  f"MLflow run {result['mlflow_run_id']}")
+    console.print(f"held-out accuracy {first:.1%} → {last:.1%} after the last round "
+                  f"({(last - first) * 100:+.1f} points); champion {result['champion_accuracy']:.1%}: "
+                  f"{result['champion']}")
+    console.print(f"MLflow run {result['mlflow_run_id']}; tables: flywheel sql \"SELECT * FROM rounds\"")
 
 
 def cmd_sql(args: argparse.Namespace) -> int:

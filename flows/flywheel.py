@@ -74,7 +74,7 @@ def new_run_id() -> str:
 def _round_row(ctx: StageContext, *, status: str, policy_in: str, started: datetime, policy_out: str | None = None,
                accuracy: float | None = None, n_pairs: int | None = None, error: str | None = None,
                template_hash: str | None = None, registered_version: str | None = None,
-               base: str | None = None) -> dict:
+               base: str | None = None, promoted: bool = False) -> dict:
     cfg = ctx.config
     reference = None
     if ctx.round > 0:  # which model DPO measured against: this round's start ("previous") or the base
@@ -84,14 +84,19 @@ def _round_row(ctx: StageContext, *, status: str, policy_in: str, started: datet
                 config_hash=cfg.hash(), judge_template_hash=template_hash, seed=cfg.seed,
                 code_version=code_version(), package_versions=json.dumps(package_versions()),
                 mlflow_run_id=ctx.mlflow_run_id, registered_version=registered_version,
-                promoted=status == "completed", accuracy=accuracy, n_pairs=n_pairs,
+                promoted=promoted, accuracy=accuracy, n_pairs=n_pairs,
                 started_at=started, finished_at=datetime.now(timezone.utc), error=error)
 
 
 @flow(name="flywheel-round")
 def one_round(config: FlywheelConfig, run_id: str, round: int, policy: str, base: str, parent_run_id: str,
-              experiment_id: str) -> dict:
-    """generate → judge → curate → train → benchmark for one round; returns the round's metrics."""
+              experiment_id: str, champion_accuracy: float) -> dict:
+    """generate → judge → curate → train → benchmark for one round; returns the round's metrics.
+
+    The round's model is promoted (becomes the champion the next round starts from) when it
+    was trained and its held-out accuracy is at least the champion's; otherwise the next
+    round starts again from the champion.
+    """
     prepared = prepare(config)
     bench_ids = {it.id for it in prepared.benchmark}
     items, removed = train_items(prepared.source, round, config.task.prompts_per_round, config.seed, bench_ids)
@@ -111,7 +116,9 @@ def one_round(config: FlywheelConfig, run_id: str, round: int, policy: str, base
         metrics |= trained
         metrics |= benchmark_task(ctx, prepared.benchmark, policy_out)
         metrics["round_seconds"] = time.perf_counter() - t0
-        version = _log_round_artifacts(ctx, config, metrics, policy_out, trained["trained"])
+        promoted = bool(trained["trained"]) and metrics["accuracy"] >= champion_accuracy
+        metrics["promoted"] = promoted
+        version = _log_round_artifacts(ctx, config, metrics, policy_out, trained["trained"], promoted)
     except BaseException as e:
         parquet.write_table(config.workspace, "rounds", run_id, round, [_round_row(
             ctx, status="failed", policy_in=policy, started=started, error=f"{type(e).__name__}: {e}"[:2000],
@@ -123,23 +130,27 @@ def one_round(config: FlywheelConfig, run_id: str, round: int, policy: str, base
     parquet.write_table(config.workspace, "rounds", run_id, round, [_round_row(
         ctx, status="completed", policy_in=policy, started=started, policy_out=policy_out,
         accuracy=metrics["accuracy"], n_pairs=metrics["pairs"], template_hash=metrics.get("judge_template_hash"),
-        registered_version=version, base=base)])
+        registered_version=version, base=base, promoted=promoted)])
     catalog.refresh(config.workspace)
     tracking.end_run(mlflow_run)
     return {"round": round, "policy_out": policy_out, "registered_version": version, **metrics}
 
 
 def _log_round_artifacts(ctx: StageContext, config: FlywheelConfig, metrics: dict, policy_out: str,
-                         trained: bool) -> str | None:
+                         trained: bool, promoted: bool) -> str | None:
     run = ctx.mlflow_run_id
     numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    tracking.log_metrics(run, numeric, step=ctx.round)
+    tracking.log_metrics(run, numeric | {"promoted": float(promoted)}, step=ctx.round)
+    tracking.set_tags(run, {"flywheel.promoted": str(promoted).lower()})
     tracking.log_table(run, candidates_sample(ctx).to_pandas(), "samples/candidates.json")
     pairs = parquet.table_path(config.workspace, "pairs", ctx.run_id, ctx.round)
     tracking.log_artifact(run, pairs, "pairs")
     if not trained:
         return None
-    return tracking.log_and_register_model(run, Path(policy_out), config.name)
+    version = tracking.log_and_register_model(run, Path(policy_out), config.name)
+    if promoted:
+        tracking.set_champion(config.name, version)
+    return version
 
 
 @flow(name="flywheel")
@@ -169,15 +180,16 @@ def flywheel(config: FlywheelConfig) -> dict:
         base_metrics["round_seconds"] = time.perf_counter() - t0
         parquet.write_table(root, "rounds", run_id, 0, [_round_row(
             ctx0, status="completed", policy_in=prepared.base, policy_out=prepared.base, started=started,
-            accuracy=base_metrics["accuracy"], n_pairs=0)])
-        history.append({"round": 0, **base_metrics})
+            accuracy=base_metrics["accuracy"], n_pairs=0, promoted=True)])
+        history.append({"round": 0, "promoted": True, **base_metrics})
         tracking.log_metrics(parent, _parent_metrics(base_metrics), step=0)
-        policy = prepared.base
+        policy, champion_accuracy = prepared.base, base_metrics["accuracy"]
         for k in range(1, config.rounds + 1):
-            result = one_round(config, run_id, k, policy, prepared.base, parent, experiment_id)
+            result = one_round(config, run_id, k, policy, prepared.base, parent, experiment_id, champion_accuracy)
             history.append(result)
             tracking.log_metrics(parent, _parent_metrics(result), step=k)
-            policy = result["policy_out"]
+            if result["promoted"]:  # a regressed round is not built on: the next starts from the champion
+                policy, champion_accuracy = result["policy_out"], result["accuracy"]
     except BaseException:
         tracking.end_run(parent, "FAILED")
         raise
@@ -186,10 +198,12 @@ def flywheel(config: FlywheelConfig) -> dict:
             plot = plots.rounds_plot(history, root / "runs" / run_id / "rounds.png")
             tracking.log_artifact(parent, plot)
         catalog.refresh(root)
-    tracking.log_metrics(parent, {"accuracy_gain": history[-1]["accuracy"] - history[0]["accuracy"]})
+    tracking.log_metrics(parent, {"accuracy_gain": history[-1]["accuracy"] - history[0]["accuracy"],
+                                  "champion_accuracy": champion_accuracy})
+    tracking.set_tags(parent, {"flywheel.champion": policy})
     tracking.end_run(parent)
     return {"run_id": run_id, "mlflow_run_id": parent, "experiment_id": experiment_id, "rounds": history,
-            "final_policy": policy}
+            "champion": policy, "champion_accuracy": champion_accuracy}
 
 
 def _parent_metrics(m: dict) -> dict:

@@ -16,10 +16,10 @@ class CausalLMPyfunc(mlflow.pyfunc.PythonModel):
 
         self.model, self.tokenizer = loading.load(context.artifacts["checkpoint"])
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: list[str], params: dict | None = None) -> list[str]:
         from flywheel.models.sampling import generate
 
-        prompts = list(model_input.iloc[:, 0]) if hasattr(model_input, "iloc") else list(model_input)
+        prompts = [str(p) for p in model_input]
         params = params or {}
         gens = generate(self.model, self.tokenizer, prompts, max_new_tokens=int(params.get("max_new_tokens", 128)),
                         batch_size=int(params.get("batch_size", 16)), do_sample=False)

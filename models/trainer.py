@@ -45,6 +45,32 @@ def dpo_args(cfg: TrainConfig, output_dir: Path, seed: int, report_to: list[str]
     return DPOConfig(**{**defaults, **cfg.dpo})
 
 
+def _progress_callback():
+    """Training progress as a flywheel stage line (steps done, steps/s) instead of raw log dicts."""
+    import contextlib
+
+    from transformers import TrainerCallback
+
+    from flywheel import progress
+
+    class StageProgress(TrainerCallback):
+        def __init__(self) -> None:
+            self.stack = contextlib.ExitStack()
+            self.advance = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.advance = self.stack.enter_context(progress.stage("train", state.max_steps, "steps"))
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.advance:
+                self.advance(1)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.stack.close()
+
+    return StageProgress()
+
+
 def train_dpo(policy: str, pairs: Sequence[dict], cfg: TrainConfig, out: Path, *, base: str, seed: int,
               report_to: list[str], dtype: str = "auto") -> dict[str, float]:
     """Train from `policy` on `pairs`, write a merged checkpoint to `out`, return final train metrics."""
@@ -67,7 +93,11 @@ def train_dpo(policy: str, pairs: Sequence[dict], cfg: TrainConfig, out: Path, *
     work = Path(tempfile.mkdtemp(prefix="dpo-", dir=out.parent))
     try:
         trainer = DPOTrainer(model=model, ref_model=ref_model, args=dpo_args(cfg, work / "trainer", seed, report_to),
-                             train_dataset=preference_dataset(pairs), processing_class=tok, peft_config=peft_config)
+                             train_dataset=preference_dataset(pairs), processing_class=tok, peft_config=peft_config,
+                             callbacks=[_progress_callback()])
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # raw log dicts; the metrics go to MLflow instead
         result = trainer.train()
         history = [h for h in trainer.state.log_history if "loss" in h]
         merged = trainer.model.merge_and_unload() if cfg.lora else trainer.model

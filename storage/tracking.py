@@ -133,3 +133,10 @@ def log_and_register_model(run_id: str, checkpoint: Path, registered_name: str) 
             pip_requirements=["flywheel", "torch", "transformers"],
         )
     return str(info.registered_model_version)
+
+
+def set_champion(registered_name: str, version: str) -> None:
+    """Point the registry alias `champion` at `version`."""
+    import mlflow
+
+    mlflow.MlflowClient().set_registered_model_alias(registered_name, "champion", version)

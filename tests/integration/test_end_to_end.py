@@ -121,3 +121,13 @@ def test_plot_written(run):
     ws, _, result = run
     png = ws / "runs" / result["run_id"] / "rounds.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_registered_model_loads_and_answers(run):
+    import mlflow
+
+    _, config, _ = run
+    model = mlflow.pyfunc.load_model(f"models:/{config.name}/2")
+    answers = model.predict(["State the final answer to the following arithmetic problem: 2 + 3 ="],
+                            params={"max_new_tokens": 16})
+    assert len(answers) == 1 and isinstance(answers[0], str) and answers[0]
