@@ -75,11 +75,9 @@ class CurationConfig(_Strict):
 
 DPO_DEFAULTS: dict[str, Any] = {
     "beta": 0.1,
-    "learning_rate": 1e-4,  # LoRA: a larger step than full fine-tuning wants
-    # DPO + NLL on the chosen answer (RPO, "Iterative Reasoning Preference Optimization"): plain
-    # DPO can lower the chosen answer's likelihood too; the NLL term keeps correct answers likely.
-    "loss_type": ["sigmoid", "sft"],
-    "loss_weights": [1.0, 1.0],
+    # LoRA wants a larger step than full fine-tuning. Measured on the default run: 5e-5 gave +2.5
+    # points in round 1, 2e-4 gave +7; DPO+NLL (loss_type [sigmoid, sft]) at 1e-4 gave +2.
+    "learning_rate": 2e-4,
     "num_train_epochs": 2,
     "per_device_train_batch_size": 8,
     "gradient_accumulation_steps": 1,

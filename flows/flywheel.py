@@ -155,7 +155,8 @@ def _log_round_artifacts(ctx: StageContext, config: FlywheelConfig, metrics: dic
 
 @flow(name="flywheel")
 def flywheel(config: FlywheelConfig) -> dict:
-    """Benchmark the starting model (round 0), then run `config.rounds` rounds, each from the last."""
+    """Benchmark the starting model (round 0), then run `config.rounds` rounds, each from the
+    champion: the last round's model if it did not regress, else the best model so far."""
     prepared = prepare(config)  # fails on bad input before anything is written
     run_id = new_run_id()
     root = Path(config.workspace)
