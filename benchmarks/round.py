@@ -62,6 +62,12 @@ def one_round() -> None:
 
 
 if __name__ == "__main__":
+    import os
+
+    from flywheel.flows.cli import quiet_libraries
+
+    quiet_libraries()
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--skip-round", action="store_true")
