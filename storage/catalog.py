@@ -30,14 +30,15 @@ def catalog_path(root: Path) -> Path:
     return Path(root) / CATALOG_FILE
 
 
-def _sql_str(s: str) -> str:
+def sql_str(s: str) -> str:
+    """A SQL string literal (DuckDB cannot bind a table function's path as a parameter in a view)."""
     return "'" + s.replace("'", "''") + "'"
 
 
 def view_sql(root: Path, table: str) -> str:
     glob = Path(root).resolve() / "tables" / table / "*" / "*" / "*.parquet"
     if any((Path(root) / "tables" / table).glob("*/*/*.parquet")):
-        return (f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM read_parquet({_sql_str(str(glob))}, "
+        return (f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM read_parquet({sql_str(str(glob))}, "
                 "union_by_name = true, hive_partitioning = false)")
     cols = ", ".join(f"CAST(NULL AS {_DUCK_TYPES[f.type]}) AS {f.name}" for f in TABLES[table])
     return f"CREATE OR REPLACE VIEW {table} AS SELECT {cols} WHERE false"

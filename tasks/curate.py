@@ -75,7 +75,7 @@ def curate_task(ctx: StageContext) -> dict:
     with duckdb.connect() as con:
         for table, part in (("prompts", "train"), ("candidates", "data"), ("judgments", "data")):
             path = parquet.table_path(root, table, ctx.run_id, ctx.round, part)
-            con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet($path)".replace("$path", f"'{path}'"))
+            con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet({catalog.sql_str(str(path))})")
         pairs = curate(con, ctx.config.curation)
         n_prompts = con.execute("SELECT count(DISTINCT prompt_id) FROM prompts").fetchone()[0]
     parquet.write_table(root, "pairs", ctx.run_id, ctx.round, pairs)

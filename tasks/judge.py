@@ -83,7 +83,7 @@ def judge_task(ctx: StageContext, policy: str) -> dict:
 def candidates_sample(ctx: StageContext, limit: int = 64) -> pa.Table:
     """Candidates with their scores, for an MLflow table artifact."""
     root = ctx.workspace
-    c, j, p = (str(parquet.table_path(root, t, ctx.run_id, ctx.round, part)) for t, part in
+    c, j, p = (catalog.sql_str(str(parquet.table_path(root, t, ctx.run_id, ctx.round, part))) for t, part in
                (("candidates", "data"), ("judgments", "data"), ("prompts", "train")))
     import duckdb
 
@@ -91,6 +91,6 @@ def candidates_sample(ctx: StageContext, limit: int = 64) -> pa.Table:
         SELECT p.prompt, c.response, c.n_tokens,
                max(j.score) FILTER (WHERE j.source = 'verifier') AS verifier_score,
                max(j.score) FILTER (WHERE j.source = 'llm_judge') AS judge_score
-        FROM read_parquet('{c}') c JOIN read_parquet('{p}') p USING (prompt_id)
-        LEFT JOIN read_parquet('{j}') j USING (candidate_id)
+        FROM read_parquet({c}) c JOIN read_parquet({p}) p USING (prompt_id)
+        LEFT JOIN read_parquet({j}) j USING (candidate_id)
         GROUP BY ALL ORDER BY p.prompt, c.response LIMIT {int(limit)}""").to_arrow_table()
