@@ -18,22 +18,37 @@ from typing import Any
 _SECRET = re.compile(r"(token|secret|password|api[_-]?key|credential)", re.I)
 
 
+# URIs this process pointed MLflow at. `mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI
+# (for subprocesses), so the variable alone cannot tell a user's override from our own earlier
+# setup: without this, a second flywheel in the same process would log into the first one's
+# store, with artifacts falling back to ./mlruns.
+_SET_BY_US: set[str] = set()
+
+
+def user_tracking_uri() -> str | None:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    return None if not uri or uri in _SET_BY_US else uri
+
+
 def tracking_uri(workspace: Path) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(workspace).resolve() / 'mlflow.db'}"
+    return user_tracking_uri() or f"sqlite:///{Path(workspace).resolve() / 'mlflow.db'}"
 
 
 def setup(workspace: Path, experiment: str) -> str:
     """Point MLflow at the store and return the experiment id (created on first use)."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(workspace))
+    uri = tracking_uri(workspace)
+    user_set = user_tracking_uri() is not None
+    if not user_set:
+        _SET_BY_US.add(uri)
+    mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(experiment)
     if exp is not None:
         return exp.experiment_id
-    artifacts = None
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        artifacts = (Path(workspace).resolve() / "mlartifacts").as_uri()
+    # On the default store, artifacts live beside it in the workspace (never in ./mlruns of the cwd).
+    artifacts = None if user_set else (Path(workspace).resolve() / "mlartifacts").as_uri()
     return client.create_experiment(experiment, artifact_location=artifacts)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -28,13 +29,9 @@ def train_task(ctx: StageContext, policy: str, base: str) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     progress.console.print(f"[train] DPO on {len(pairs)} pairs from {policy}")
-    if ctx.mlflow_run_id:
-        # TRL's own MLflow callback logs loss and reward margins into the round's run.
-        with tracking.active(ctx.mlflow_run_id):
-            metrics = trainer.train_dpo(policy, pairs, ctx.config.train, out, base=base,
-                                        seed=ctx.config.seed + ctx.round, report_to=["mlflow"],
-                                        dtype=ctx.config.model.dtype)
-    else:
-        metrics = trainer.train_dpo(policy, pairs, ctx.config.train, out, base=base,
-                                    seed=ctx.config.seed + ctx.round, report_to=[], dtype=ctx.config.model.dtype)
+    # TRL's own MLflow callback logs loss and reward margins into the round's run.
+    tracked = ctx.mlflow_run_id is not None
+    with tracking.active(ctx.mlflow_run_id) if tracked else contextlib.nullcontext():
+        metrics = trainer.train_dpo(policy, pairs, ctx.config.train, out, base=base, seed=ctx.config.seed + ctx.round,
+                                    report_to=["mlflow"] if tracked else [], dtype=ctx.config.model.dtype)
     return {"train_seconds": time.perf_counter() - t0, "policy_out": str(out), "trained": True, **metrics}

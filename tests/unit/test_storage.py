@@ -61,3 +61,21 @@ def test_catalog_is_opened_read_only(tmp_path):
     catalog.refresh(tmp_path)
     with pytest.raises(duckdb.Error):
         catalog.query(tmp_path, "CREATE TABLE x (a INT)")
+
+
+def test_two_workspaces_in_one_process_keep_their_own_mlflow_stores(tmp_path, monkeypatch):
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; our own export must not read as a user override."""
+    import mlflow
+
+    from flywheel.storage import tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for name in ("a", "b"):
+        ws = tmp_path / name
+        exp_id = tracking.setup(ws, "exp")
+        assert mlflow.get_tracking_uri() == f"sqlite:///{ws.resolve() / 'mlflow.db'}"
+        exp = mlflow.MlflowClient().get_experiment(exp_id)
+        assert exp.artifact_location == (ws.resolve() / "mlartifacts").as_uri()
+    # a user's own URI still wins
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'user.db'}")
+    assert tracking.tracking_uri(tmp_path / "c") == f"sqlite:///{tmp_path / 'user.db'}"
