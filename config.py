@@ -39,6 +39,9 @@ class TaskConfig(_Strict):
     prompts_per_round: int = Field(64, ge=1)
     # Instruction appended to every question so the final answer is easy to extract.
     instruction: str = ""
+    # Item fields that name a prompt's category (for balance and the data card), looked up in
+    # reasoning-gym's item metadata or a prompts file's columns: "chain_sum/num_terms=2,num_digits=1".
+    category_fields: list[str] = Field(default_factory=lambda: ["num_terms", "num_digits"])
 
 
 class SamplingConfig(_Strict):
@@ -66,11 +69,32 @@ class JudgeConfig(_Strict):
 
 
 class CurationConfig(_Strict):
-    rule: Literal["max_min"] = "max_min"
+    # Which pair each prompt yields (tasks/curate.py documents each rule's SQL):
+    #   max_min    the best vs the worst candidate (k-th best vs k-th worst with pairs_per_prompt > 1)
+    #   max_random the best vs a seeded random candidate at least min_margin below it
+    #   max_second the best vs the strongest candidate at least min_margin below it (hard negatives)
+    rule: Literal["max_min", "max_random", "max_second"] = "max_min"
     # Which reward picks chosen/rejected: the verifier's score, the LLM judge's, or their sum
     # (verifier first, judge breaking ties inside the same verifier score).
     reward: Literal["verifier", "llm_judge", "verifier+llm_judge"] = "verifier"
     min_margin: float = Field(0.5, gt=0)
+    # Length control: the curation reward is reward − λ·n_tokens (RLHFlow's max_min_p).
+    length_penalty: float = Field(0.0, ge=0)
+    # Identical responses (after whitespace normalisation) count once per prompt.
+    dedup: bool = True
+    pairs_per_prompt: int = Field(1, ge=1)
+    # Per-category balance: every category keeps at most as many pairs as the smallest one has,
+    # and/or at most max_pairs_per_category.
+    balance_categories: bool = False
+    max_pairs_per_category: int | None = Field(None, ge=1)
+    # SFT set (STaR / rejection sampling): each prompt's best sample whose reward is at least this.
+    sft_threshold: float = 1.0
+    # Share of the training set drawn from this run's earlier rounds (SPIN-style replay).
+    replay: float = Field(0.0, ge=0, lt=1)
+    # Decontamination: a training prompt whose word n-grams are, for at least `threshold` of them,
+    # also a benchmark item's is not used. N-grams shared by many benchmark items (a template) don't count.
+    decontam_ngram: int = Field(8, ge=1)
+    decontam_threshold: float = Field(0.7, gt=0, le=1)
 
 
 DPO_DEFAULTS: dict[str, Any] = {
@@ -87,33 +111,55 @@ DPO_DEFAULTS: dict[str, Any] = {
 }
 
 
+SFT_DEFAULTS: dict[str, Any] = {
+    "learning_rate": 2e-4,
+    "num_train_epochs": 2,
+    "per_device_train_batch_size": 8,
+    "gradient_accumulation_steps": 1,
+    "lr_scheduler_type": "constant",
+    "max_length": 256,
+    "logging_steps": 1,
+}
+
+
+def _trl_fields(config_class: str, defaults: dict[str, Any], v: Any) -> dict[str, Any]:
+    """A user's mapping merged over our defaults, every key checked against the TRL config class."""
+    if not isinstance(v, dict):
+        raise ValueError(f"must be a mapping of trl.{config_class} fields")
+    import dataclasses
+
+    import trl
+
+    known = {f.name for f in dataclasses.fields(getattr(trl, config_class))}
+    unknown = sorted(set(v) - known)
+    if unknown:
+        raise ValueError(f"unknown trl.{config_class} field(s): {', '.join(unknown)}")
+    return {**defaults, **v}
+
+
 class TrainConfig(_Strict):
-    method: Literal["dpo"] = "dpo"
+    # dpo: preference pairs (DPOTrainer); sft: the best sample per prompt (SFTTrainer, STaR / ReST).
+    method: Literal["dpo", "sft"] = "dpo"
     lora: bool = True
     lora_r: int = Field(16, ge=1)
     lora_alpha: int = Field(32, ge=1)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     # Reference model for DPO: the round's own starting policy ("previous", iterative DPO) or the base model.
     reference: Literal["previous", "base"] = "previous"
-    # Any field of trl.DPOConfig; checked against it at load time. A user's keys are merged
-    # over DPO_DEFAULTS, so setting `beta` alone keeps the other defaults.
+    # Any field of trl.DPOConfig / trl.SFTConfig; checked against it at load time. A user's keys
+    # are merged over the defaults, so setting `beta` alone keeps the others.
     dpo: dict[str, Any] = Field(default_factory=lambda: dict(DPO_DEFAULTS))
+    sft: dict[str, Any] = Field(default_factory=lambda: dict(SFT_DEFAULTS))
 
     @field_validator("dpo", mode="before")
     @classmethod
     def _dpo_fields_exist(cls, v: Any) -> dict[str, Any]:
-        if not isinstance(v, dict):
-            raise ValueError("must be a mapping of trl.DPOConfig fields")
-        v = {**DPO_DEFAULTS, **v}
-        import dataclasses
+        return _trl_fields("DPOConfig", DPO_DEFAULTS, v)
 
-        from trl import DPOConfig
-
-        known = {f.name for f in dataclasses.fields(DPOConfig)}
-        unknown = sorted(set(v) - known)
-        if unknown:
-            raise ValueError(f"unknown trl.DPOConfig field(s): {', '.join(unknown)}")
-        return v
+    @field_validator("sft", mode="before")
+    @classmethod
+    def _sft_fields_exist(cls, v: Any) -> dict[str, Any]:
+        return _trl_fields("SFTConfig", SFT_DEFAULTS, v)
 
 
 class BenchmarkConfig(_Strict):

@@ -17,8 +17,9 @@ from prefect import flow
 from flywheel import __version__
 from flywheel.config import FlywheelConfig
 from flywheel.models import judges, loading
+from flywheel.models.decontam import Decontaminator
 from flywheel.models.tasksource import benchmark_items, make_source, train_items
-from flywheel.storage import catalog, parquet, plots, tracking
+from flywheel.storage import catalog, datacard, parquet, plots, tracking
 from flywheel.tasks.benchmark import benchmark_task
 from flywheel.tasks.common import StageContext
 from flywheel.tasks.curate import curate_task
@@ -37,6 +38,10 @@ class Prepared:
     source: object
     benchmark: list = field(default_factory=list)
     judge_template_hash: str | None = None
+
+    def decontaminator(self) -> Decontaminator:
+        cur = self.config.curation
+        return Decontaminator([it.prompt for it in self.benchmark], cur.decontam_ngram, cur.decontam_threshold)
 
 
 def prepare(config: FlywheelConfig) -> Prepared:
@@ -98,8 +103,8 @@ def one_round(config: FlywheelConfig, run_id: str, round: int, policy: str, base
     round starts again from the champion.
     """
     prepared = prepare(config)
-    bench_ids = {it.id for it in prepared.benchmark}
-    items, removed = train_items(prepared.source, round, config.task.prompts_per_round, config.seed, bench_ids)
+    items, removed = train_items(prepared.source, round, config.task.prompts_per_round, config.seed,
+                                 prepared.decontaminator())
     mlflow_run = tracking.start_run(experiment_id, f"round-{round}", parent_run_id,
                                     tags={"flywheel.run_id": run_id, "flywheel.round": str(round)})
     tracking.log_params(mlflow_run, config.flat() | {"round": round, "policy_in": policy, "base_model": base})
@@ -107,8 +112,7 @@ def one_round(config: FlywheelConfig, run_id: str, round: int, policy: str, base
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     try:
-        metrics: dict = {"decontaminated_prompts": removed}
-        metrics |= generate_task(ctx, items, policy)
+        metrics: dict = generate_task(ctx, items, policy, [it for it, _ in removed])
         metrics |= judge_task(ctx, policy)
         metrics |= curate_task(ctx)
         trained = train_task(ctx, policy, base)
@@ -145,6 +149,8 @@ def _log_round_artifacts(ctx: StageContext, config: FlywheelConfig, metrics: dic
     tracking.log_table(run, candidates_sample(ctx).to_pandas(), "samples/candidates.json")
     pairs = parquet.table_path(config.workspace, "pairs", ctx.run_id, ctx.round)
     tracking.log_artifact(run, pairs, "pairs")
+    for f in (datacard.CARD, datacard.FIGURE):
+        tracking.log_artifact(run, datacard.card_dir(config.workspace, ctx.run_id, ctx.round) / f, "data_card")
     if not trained:
         return None
     version = tracking.log_and_register_model(run, Path(policy_out), config.name)
@@ -208,7 +214,7 @@ def flywheel(config: FlywheelConfig) -> dict:
 
 
 def _parent_metrics(m: dict) -> dict:
-    keys = ("accuracy", "mean_response_tokens", "pairs", "mean_margin", "judge_verifier_agreement",
+    keys = ("accuracy", "mean_response_tokens", "pairs", "mean_margin", "pair_length_gap", "judge_verifier_agreement",
             "judge_parse_failure_rate", "round_seconds")
     return {k: m[k] for k in keys if isinstance(m.get(k), (int, float))}
 

@@ -2,7 +2,7 @@
 
 reasoning-gym items are generated from (seed + index); a flywheel draws training prompts
 and the held-out benchmark from disjoint seed ranges, and additionally drops any training
-prompt whose text is also a benchmark item (small task spaces repeat questions).
+prompt that overlaps a benchmark item (models/decontam.py; small task spaces repeat questions).
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from flywheel.models.decontam import Decontaminator, Overlap
 
 BENCHMARK_SEED_BASE = 10_000_000
 TRAIN_SEED_BASE = 20_000_000
@@ -32,14 +34,23 @@ class Item:
     task: str
     seed: int | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    category: str = ""
 
     @property
     def id(self) -> str:
         return prompt_id(self.prompt)
 
 
+def category(task: str, fields: dict[str, Any], names: list[str]) -> str:
+    """"task/k1=v1,k2=v2" from the named fields an item has; just "task" when it has none."""
+    parts = [f"{k}={fields[k]}" for k in names if fields.get(k) is not None]
+    return f"{task}/{','.join(parts)}" if parts else task
+
+
 class ReasoningGymSource:
-    def __init__(self, name: str, options: dict[str, Any], instruction: str = "") -> None:
+    def __init__(self, name: str, options: dict[str, Any], instruction: str = "",
+                 category_fields: list[str] | None = None) -> None:
+        self.category_fields = list(category_fields or [])
         import reasoning_gym
         from reasoning_gym.factory import DATASETS
 
@@ -60,7 +71,8 @@ class ReasoningGymSource:
             q = entry["question"] + (f"\n{self.instruction}" if self.instruction else "")
             meta = {"entry": {"question": entry["question"], "answer": entry["answer"],
                               "metadata": entry.get("metadata", {})}}
-            out.append(Item(q, str(entry["answer"]), self.name, seed + i, json.loads(json.dumps(meta, default=str))))
+            out.append(Item(q, str(entry["answer"]), self.name, seed + i, json.loads(json.dumps(meta, default=str)),
+                            category(self.name, entry.get("metadata", {}), self.category_fields)))
         return out
 
     def score(self, extracted: str | None, item_answer: str | None, metadata: dict[str, Any]) -> float:
@@ -71,8 +83,9 @@ class ReasoningGymSource:
 class FileSource:
     """JSONL or Parquet with a `prompt` column and an optional `answer` column."""
 
-    def __init__(self, path: Path, instruction: str = "") -> None:
+    def __init__(self, path: Path, instruction: str = "", category_fields: list[str] | None = None) -> None:
         self.path, self.instruction, self.name = Path(path), instruction, Path(path).stem
+        self.category_fields = list(category_fields or [])
         self._items = self._load()
 
     def _load(self) -> list[Item]:
@@ -102,7 +115,8 @@ class FileSource:
             raise TaskError(f"prompts file {self.path} has no prompts")
         return [Item(r["prompt"] + (f"\n{self.instruction}" if self.instruction else ""),
                      None if r.get("answer") is None else str(r["answer"]), self.name, None,
-                     {k: v for k, v in r.items() if k not in ("prompt", "answer")}) for r in rows]
+                     {k: v for k, v in r.items() if k not in ("prompt", "answer")},
+                     category(self.name, r, self.category_fields)) for r in rows]
 
     def _check(self, r: Any, where: str, prefix: str | None = None) -> None:
         at = prefix or f"{self.path} {where}"
@@ -129,8 +143,8 @@ class FileSource:
 
 def make_source(task_cfg) -> ReasoningGymSource | FileSource:
     if task_cfg.prompts_file is not None:
-        return FileSource(task_cfg.prompts_file, task_cfg.instruction)
-    return ReasoningGymSource(task_cfg.name, task_cfg.options, task_cfg.instruction)
+        return FileSource(task_cfg.prompts_file, task_cfg.instruction, task_cfg.category_fields)
+    return ReasoningGymSource(task_cfg.name, task_cfg.options, task_cfg.instruction, task_cfg.category_fields)
 
 
 def benchmark_items(source, size: int, seed: int) -> list[Item]:
@@ -140,10 +154,11 @@ def benchmark_items(source, size: int, seed: int) -> list[Item]:
     return source.items(BENCHMARK_SEED_BASE + seed * 100_000, size)
 
 
-def train_items(source, round_: int, size: int, seed: int, exclude: set[str]) -> tuple[list[Item], int]:
-    """Up to `size` distinct training prompts for a round, none of them a benchmark item.
+def train_items(source, round_: int, size: int, seed: int,
+                decontam: Decontaminator | None) -> tuple[list[Item], list[tuple[Item, Overlap]]]:
+    """Up to `size` distinct training prompts for a round, none of them overlapping a benchmark item.
 
-    Returns (items, n_removed): how many drawn prompts were dropped as benchmark items.
+    Returns (items, removed): the drawn prompts dropped as contaminated, with their overlap.
     Small task spaces repeat questions, so the draw goes on (bounded) until `size` distinct
     prompts are found; a space too small for that yields fewer.
     """
@@ -153,12 +168,15 @@ def train_items(source, round_: int, size: int, seed: int, exclude: set[str]) ->
         base = TRAIN_SEED_BASE + seed * 1_000_000 + round_ * 10_000
         pool = [it for offset in range(0, 20 * size, size) for it in source.items(base + offset, size)]
     kept: dict[str, Item] = {}
-    removed = 0
+    removed: dict[str, tuple[Item, Overlap]] = {}
     for it in pool:
         if len(kept) == size:
             break
-        if it.id in exclude:
-            removed += 1
+        if it.id in kept or it.id in removed:
+            continue
+        hit = decontam.contaminated(it.prompt) if decontam else None
+        if hit:
+            removed[it.id] = (it, hit)
         else:
-            kept.setdefault(it.id, it)
-    return list(kept.values()), removed
+            kept[it.id] = it
+    return list(kept.values()), list(removed.values())

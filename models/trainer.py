@@ -1,8 +1,11 @@
-"""DPO with TRL: `DPOConfig` + `DPOTrainer`, LoRA via peft, merged into a full checkpoint.
+"""Fine-tuning with TRL, LoRA via peft, merged into a full checkpoint.
 
-With LoRA and no explicit reference model, TRL uses the policy with its adapter disabled as
-the reference: that is the round's starting policy ("previous", iterative DPO). With
-reference="base", the base model is loaded and passed as `ref_model`.
+- DPO (`DPOConfig` + `DPOTrainer`) on preference pairs. With LoRA and no explicit reference
+  model, TRL uses the policy with its adapter disabled as the reference: that is the round's
+  starting policy ("previous", iterative DPO). With reference="base", the base model is loaded
+  and passed as `ref_model`.
+- SFT (`SFTConfig` + `SFTTrainer`) on each prompt's best sample (STaR / ReST), prompt-completion
+  format, loss on the completion only.
 """
 
 from __future__ import annotations
@@ -31,8 +34,18 @@ def preference_dataset(pairs: Sequence[dict]):
     ])
 
 
-def dpo_args(cfg: TrainConfig, output_dir: Path, seed: int, report_to: list[str]) -> Any:
-    from trl import DPOConfig
+def sft_dataset(rows: Sequence[dict]):
+    """TRL's conversational prompt-completion format."""
+    from datasets import Dataset
+
+    return Dataset.from_list([
+        {"prompt": [{"role": "user", "content": r["prompt"]}],
+         "completion": [{"role": "assistant", "content": r["completion"]}]} for r in rows
+    ])
+
+
+def trainer_args(method: str, cfg: TrainConfig, output_dir: Path, seed: int, report_to: list[str]) -> Any:
+    import trl
 
     on_gpu = torch.cuda.is_available()
     defaults = dict(
@@ -42,7 +55,9 @@ def dpo_args(cfg: TrainConfig, output_dir: Path, seed: int, report_to: list[str]
         gradient_checkpointing=on_gpu, use_cpu=not on_gpu, dataloader_num_workers=0,
         disable_tqdm=True,
     )
-    return DPOConfig(**{**defaults, **cfg.dpo})
+    if method == "sft":
+        return trl.SFTConfig(**{**defaults, **cfg.sft})
+    return trl.DPOConfig(**{**defaults, **cfg.dpo})
 
 
 def _progress_callback():
@@ -71,30 +86,34 @@ def _progress_callback():
     return StageProgress()
 
 
-def train_dpo(policy: str, pairs: Sequence[dict], cfg: TrainConfig, out: Path, *, base: str, seed: int,
-              report_to: list[str], dtype: str = "auto") -> dict[str, float]:
-    """Train from `policy` on `pairs`, write a merged checkpoint to `out`, return final train metrics."""
+def train(policy: str, rows: Sequence[dict], cfg: TrainConfig, out: Path, *, base: str, seed: int,
+          report_to: list[str], dtype: str = "auto") -> dict[str, float]:
+    """Train from `policy` on `rows` (pairs for DPO, prompt/completion for SFT, by `cfg.method`),
+    write a merged checkpoint to `out`, return final train metrics."""
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOTrainer
+    from trl import DPOTrainer, SFTTrainer
 
     torch_dtype = loading.default_dtype() if dtype == "auto" else getattr(torch, dtype)
     tok = AutoTokenizer.from_pretrained(policy)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch_dtype)
-    ref_model = None
-    if cfg.reference == "base" and (base != policy or not cfg.lora):
-        ref_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype)
     peft_config = None
     if cfg.lora:
         peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                  target_modules="all-linear", task_type="CAUSAL_LM")
-    work = Path(tempfile.mkdtemp(prefix="dpo-", dir=out.parent))
+    work = Path(tempfile.mkdtemp(prefix=f"{cfg.method}-", dir=out.parent))
     try:
-        trainer = DPOTrainer(model=model, ref_model=ref_model, args=dpo_args(cfg, work / "trainer", seed, report_to),
-                             train_dataset=preference_dataset(pairs), processing_class=tok, peft_config=peft_config,
-                             callbacks=[_progress_callback()])
+        common = dict(model=model, args=trainer_args(cfg.method, cfg, work / "trainer", seed, report_to),
+                      processing_class=tok, peft_config=peft_config, callbacks=[_progress_callback()])
+        if cfg.method == "sft":
+            trainer = SFTTrainer(train_dataset=sft_dataset(rows), **common)
+        else:
+            ref_model = None
+            if cfg.reference == "base" and (base != policy or not cfg.lora):
+                ref_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype)
+            trainer = DPOTrainer(ref_model=ref_model, train_dataset=preference_dataset(rows), **common)
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # raw log dicts; the metrics go to MLflow instead

@@ -28,7 +28,47 @@ def rounds_plot(history: Sequence[dict], out: Path) -> Path:
         ax.set_xticks([h["round"] for h in history])
         ax.grid(alpha=0.3)
     fig.tight_layout()
+    return _save(fig, out)
+
+
+def data_card_plot(pairs: Sequence[dict], sft_categories: Sequence[str], out: Path) -> Path:
+    """Margin histogram, chosen vs rejected lengths, and pairs per category."""
+    from collections import Counter
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(13, 3.4))
+    a.hist([p["margin"] for p in pairs], bins=20, color="tab:blue")
+    a.set_title("pair margin")
+    a.set_xlabel("chosen − rejected reward")
+    bins = max([1, *(p["chosen_tokens"] for p in pairs), *(p["rejected_tokens"] for p in pairs)])
+    a_kw = dict(bins=min(30, bins), alpha=0.6, range=(0, bins))
+    b.hist([p["chosen_tokens"] for p in pairs], label="chosen", **a_kw)
+    b.hist([p["rejected_tokens"] for p in pairs], label="rejected", **a_kw)
+    b.set_title("response length (tokens)")
+    b.legend()
+    cats = Counter(p["category"] for p in pairs)
+    sft = Counter(sft_categories)
+    names = sorted(set(cats) | set(sft))
+    ys = range(len(names))
+    c.barh([y + 0.2 for y in ys], [cats[n] for n in names], height=0.4, label="pairs")
+    c.barh([y - 0.2 for y in ys], [sft[n] for n in names], height=0.4, label="SFT")
+    c.set_yticks(list(ys), names, fontsize=7)
+    c.set_title("category mix")
+    c.legend()
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def _save(fig, out: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
     plt.close(fig)
+    tmp.replace(out)
     return out

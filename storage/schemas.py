@@ -11,8 +11,10 @@ PROMPTS = pa.schema(
     _KEY
     + [
         pa.field("prompt_id", pa.string(), nullable=False),  # sha256 of the prompt text
-        pa.field("split", pa.string(), nullable=False),  # "train" | "benchmark"
+        # "train" | "benchmark" | "decontaminated" (drawn for training, dropped as overlapping the benchmark)
+        pa.field("split", pa.string(), nullable=False),
         pa.field("task", pa.string(), nullable=False),
+        pa.field("category", pa.string(), nullable=False),  # task/difficulty, for balance and the data card
         pa.field("seed", pa.int64()),  # generator seed of the item (reasoning-gym), null for files
         pa.field("prompt", pa.string(), nullable=False),
         pa.field("answer", pa.string()),  # reference answer, nullable
@@ -66,6 +68,24 @@ PAIRS = pa.schema(
         pa.field("reward", pa.string(), nullable=False),
         pa.field("chosen_id", pa.string(), nullable=False),
         pa.field("rejected_id", pa.string(), nullable=False),
+        pa.field("category", pa.string(), nullable=False),
+        pa.field("chosen_tokens", pa.int32(), nullable=False),
+        pa.field("rejected_tokens", pa.int32(), nullable=False),
+    ]
+)
+
+# The SFT set (STaR / rejection sampling): each prompt's best sample above a threshold.
+SFT = pa.schema(
+    _KEY
+    + [
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("completion", pa.string(), nullable=False),
+        pa.field("score", pa.float64(), nullable=False),
+        pa.field("reward", pa.string(), nullable=False),
+        pa.field("candidate_id", pa.string(), nullable=False),
+        pa.field("category", pa.string(), nullable=False),
+        pa.field("n_tokens", pa.int32(), nullable=False),
     ]
 )
 
@@ -110,6 +130,7 @@ TABLES: dict[str, pa.Schema] = {
     "candidates": CANDIDATES,
     "judgments": JUDGMENTS,
     "pairs": PAIRS,
+    "sft": SFT,
     "benchmarks": BENCHMARKS,
     "rounds": ROUNDS,
 }

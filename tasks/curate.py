@@ -1,14 +1,31 @@
-"""Stage 3, preference-pair curation: a SQL query in DuckDB over the round's Parquet tables.
+"""Stage 3, preference-pair curation: SQL in DuckDB over the round's Parquet tables.
 
-`max_min`: per prompt, the best-rewarded candidate is chosen and the worst rejected. NULL
-rewards never take part, pairs whose margin is below `min_margin` (ties included) are
-dropped, and identical texts are never paired. Ties inside the best or worst group are
-broken by candidate_id, so the result is deterministic.
+The rule is a chain of views, one per filter, so that the data card can count what each
+filter kept (`funnel`):
+
+  cur_scored   every candidate with a non-NULL reward; reward = the configured reward source
+               minus length_penalty · n_tokens (RLHFlow's max_min_p when λ > 0)
+  cur_unique   identical responses (after whitespace normalisation) once per prompt (`dedup`)
+  cur_signal   prompts whose rewards spread by at least min_margin: a prompt whose samples all
+               score the same (all right, all wrong) teaches nothing and is dropped, and counted
+  cur_pairs    the rule's candidate pairs, each with its rank within its prompt:
+                 max_min    k-th best vs k-th worst
+                 max_random best vs a seeded-random candidate at least min_margin below it
+                 max_second best vs the strongest candidate at least min_margin below it
+  cur_capped   at most pairs_per_prompt pairs per prompt
+  cur_final    per-category balance: at most as many pairs per category as the smallest
+               category has (balance_categories) and at most max_pairs_per_category
+
+Pairs never tie (chosen − rejected ≥ min_margin > 0), NULL rewards never take part, identical
+texts are never paired, and every tie inside a ranking is broken by candidate_id, so the
+result is deterministic. The SFT set (STaR / rejection sampling) is each prompt's best unique
+sample whose reward reaches sft_threshold.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import duckdb
 import pyarrow as pa
@@ -16,7 +33,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from flywheel.config import CurationConfig
-from flywheel.storage import catalog, parquet
+from flywheel.storage import catalog, datacard, parquet
 from flywheel.tasks.common import StageContext
 
 # Per-candidate reward, from the judgments table (one row per candidate and source).
@@ -29,43 +46,141 @@ REWARDS = {
                           " + 0.099 * max(score) FILTER (WHERE source = 'llm_judge')",
 }
 
-MAX_MIN_SQL = """
-WITH reward AS (
-    SELECT candidate_id, {reward} AS reward
-    FROM judgments GROUP BY candidate_id
-), scored AS (
-    SELECT c.run_id, c.round, c.prompt_id, p.prompt, c.candidate_id, c.response, r.reward
-    FROM candidates c
-    JOIN (SELECT DISTINCT prompt_id, prompt FROM prompts) p USING (prompt_id)
-    JOIN reward r USING (candidate_id)
-    WHERE r.reward IS NOT NULL
-), ranked AS (
-    SELECT *,
-           row_number() OVER (PARTITION BY prompt_id ORDER BY reward DESC, candidate_id) AS best,
-           row_number() OVER (PARTITION BY prompt_id ORDER BY reward ASC, candidate_id) AS worst
-    FROM scored
-)
-SELECT b.run_id, b.round, sha256(b.candidate_id || ':' || w.candidate_id)[1:16] AS pair_id,
-       b.prompt_id, b.prompt, b.response AS chosen, w.response AS rejected,
-       b.reward AS chosen_score, w.reward AS rejected_score, b.reward - w.reward AS margin,
-       'max_min' AS rule, $reward_name AS reward, b.candidate_id AS chosen_id, w.candidate_id AS rejected_id
-FROM ranked b JOIN ranked w ON b.prompt_id = w.prompt_id AND b.best = 1 AND w.worst = 1
-WHERE b.reward - w.reward >= $min_margin AND b.response <> w.response
-ORDER BY b.prompt_id
+_SCORED = """
+CREATE OR REPLACE TEMP VIEW cur_scored AS
+SELECT c.run_id, c.round, c.prompt_id, p.prompt, p.category, c.candidate_id, c.response, c.n_tokens,
+       r.reward AS raw_reward, r.reward - {length_penalty} * c.n_tokens AS reward,
+       regexp_replace(trim(c.response), '\\s+', ' ', 'g') AS norm
+FROM candidates c
+JOIN (SELECT prompt_id, any_value(prompt) AS prompt, any_value(category) AS category
+      FROM prompts GROUP BY prompt_id) p USING (prompt_id)
+JOIN (SELECT candidate_id, {reward} AS reward FROM judgments GROUP BY candidate_id) r USING (candidate_id)
+WHERE r.reward IS NOT NULL
+"""
+
+_UNIQUE = """
+CREATE OR REPLACE TEMP VIEW cur_unique AS
+SELECT * FROM cur_scored
+{dedup}
+"""
+
+_SIGNAL = """
+CREATE OR REPLACE TEMP VIEW cur_spread AS
+SELECT prompt_id, max(reward) - min(reward) AS spread FROM cur_unique GROUP BY prompt_id;
+CREATE OR REPLACE TEMP VIEW cur_signal AS
+SELECT u.*,
+       row_number() OVER (PARTITION BY prompt_id ORDER BY reward DESC, candidate_id) AS best_rank,
+       row_number() OVER (PARTITION BY prompt_id ORDER BY reward ASC, candidate_id) AS worst_rank
+FROM cur_unique u JOIN cur_spread s USING (prompt_id)
+WHERE s.spread >= {min_margin}
+"""
+
+_PAIR_COLUMNS = """
+    b.run_id, b.round, sha256(b.candidate_id || ':' || w.candidate_id)[1:16] AS pair_id,
+    b.prompt_id, b.prompt, b.response AS chosen, w.response AS rejected,
+    b.reward AS chosen_score, w.reward AS rejected_score, b.reward - w.reward AS margin,
+    '{rule}' AS rule, '{reward_name}' AS reward, b.candidate_id AS chosen_id, w.candidate_id AS rejected_id,
+    b.category, b.n_tokens AS chosen_tokens, w.n_tokens AS rejected_tokens"""
+
+# Each rule: the candidate pairs of a prompt with their rank (1 = the rule's first choice).
+_RULES = {
+    "max_min": """
+SELECT {columns}, b.best_rank AS pair_rank
+FROM cur_signal b JOIN cur_signal w ON b.prompt_id = w.prompt_id AND b.best_rank = w.worst_rank
+WHERE b.reward - w.reward >= {min_margin} AND b.norm <> w.norm""",
+    "max_random": """
+SELECT {columns}, row_number() OVER (PARTITION BY b.prompt_id ORDER BY hash(w.candidate_id || '{seed}'),
+                                      w.candidate_id) AS pair_rank
+FROM cur_signal b JOIN cur_signal w ON b.prompt_id = w.prompt_id AND b.best_rank = 1
+WHERE b.reward - w.reward >= {min_margin} AND b.norm <> w.norm""",
+    "max_second": """
+SELECT {columns}, row_number() OVER (PARTITION BY b.prompt_id ORDER BY w.reward DESC, w.candidate_id) AS pair_rank
+FROM cur_signal b JOIN cur_signal w ON b.prompt_id = w.prompt_id AND b.best_rank = 1
+WHERE b.reward - w.reward >= {min_margin} AND b.norm <> w.norm""",
+}
+
+_CAP_AND_BALANCE = """
+CREATE OR REPLACE TEMP VIEW cur_capped AS
+SELECT * EXCLUDE (pair_rank) FROM cur_pairs WHERE pair_rank <= {pairs_per_prompt};
+CREATE OR REPLACE TEMP VIEW cur_final AS
+SELECT * EXCLUDE (cat_rank) FROM (
+    SELECT *, row_number() OVER (PARTITION BY category ORDER BY hash(pair_id || '{seed}'), pair_id) AS cat_rank
+    FROM cur_capped)
+WHERE cat_rank <= {category_limit}
+"""
+
+_SFT = """
+SELECT run_id, round, prompt_id, prompt, response AS completion, raw_reward AS score, '{reward_name}' AS reward,
+       candidate_id, category, n_tokens
+FROM cur_unique WHERE raw_reward >= {threshold}
+QUALIFY row_number() OVER (PARTITION BY prompt_id ORDER BY reward DESC, candidate_id) = 1
+ORDER BY prompt_id
+"""
+
+_FUNNEL = """
+SELECT
+    (SELECT count(*) FROM candidates) AS candidates,
+    (SELECT count(*) FROM cur_scored) AS candidates_scored,
+    (SELECT count(*) FROM cur_unique) AS candidates_unique,
+    (SELECT count(DISTINCT prompt_id) FROM prompts) AS prompts,
+    (SELECT count(*) FROM cur_spread) AS prompts_scored,
+    (SELECT count(*) FROM cur_spread WHERE spread = 0) AS prompts_uniform,
+    (SELECT count(*) FROM cur_spread WHERE spread > 0 AND spread < {min_margin}) AS prompts_below_margin,
+    (SELECT count(*) FROM cur_spread WHERE spread >= {min_margin}) AS prompts_with_signal,
+    (SELECT count(*) FROM cur_pairs) AS pairs_eligible,
+    (SELECT count(*) FROM cur_capped) AS pairs_capped,
+    (SELECT count(*) FROM cur_final) AS pairs
 """
 
 
-def curate(con: duckdb.DuckDBPyConnection, cfg: CurationConfig) -> pa.Table:
-    """Pairs from the relations `prompts`, `candidates`, `judgments` visible on `con`."""
-    sql = MAX_MIN_SQL.format(reward=REWARDS[cfg.reward])
-    tbl = con.sql(sql, params={"min_margin": cfg.min_margin, "reward_name": cfg.reward}).to_arrow_table()
-    return tbl.cast(parquet.TABLES["pairs"])
+def _num(x: float) -> str:
+    """A validated number as a SQL literal (DuckDB views cannot hold bound parameters)."""
+    return repr(float(x))
 
 
-def pair_metrics(pairs: pa.Table, n_prompts: int) -> dict[str, float]:
+@dataclass
+class Curated:
+    pairs: pa.Table
+    sft: pa.Table
+    funnel: dict[str, int]  # how many candidates / prompts / pairs each filter kept
+
+
+def curate(con: duckdb.DuckDBPyConnection, cfg: CurationConfig, seed: int = 0) -> Curated:
+    """Pairs and the SFT set from the relations `prompts`, `candidates`, `judgments` on `con`."""
+    m = _num(cfg.min_margin)
+    dedup = ("QUALIFY row_number() OVER (PARTITION BY prompt_id, norm ORDER BY reward DESC, candidate_id) = 1"
+             if cfg.dedup else "")
+    limits = []
+    if cfg.balance_categories:
+        limits.append("(SELECT min(n) FROM (SELECT count(*) AS n FROM cur_capped GROUP BY category))")
+    if cfg.max_pairs_per_category is not None:
+        limits.append(str(int(cfg.max_pairs_per_category)))
+    category_limit = f"least({', '.join(limits)})" if len(limits) > 1 else (limits[0] if limits else "9223372036854775807")
+    columns = _PAIR_COLUMNS.format(rule=cfg.rule, reward_name=cfg.reward)
+    con.execute(_SCORED.format(length_penalty=_num(cfg.length_penalty), reward=REWARDS[cfg.reward]))
+    con.execute(_UNIQUE.format(dedup=dedup))
+    con.execute(_SIGNAL.format(min_margin=m))
+    con.execute("CREATE OR REPLACE TEMP VIEW cur_pairs AS "
+                + _RULES[cfg.rule].format(columns=columns, min_margin=m, seed=int(seed)))
+    con.execute(_CAP_AND_BALANCE.format(pairs_per_prompt=int(cfg.pairs_per_prompt), seed=int(seed),
+                                        category_limit=category_limit))
+    pairs = con.sql("SELECT * FROM cur_final ORDER BY prompt_id, chosen_id, rejected_id").to_arrow_table()
+    sft = con.sql(_SFT.format(reward_name=cfg.reward, threshold=_num(cfg.sft_threshold))).to_arrow_table()
+    funnel = con.sql(_FUNNEL.format(min_margin=m)).to_arrow_table().to_pylist()[0]
+    return Curated(pairs.select(parquet.TABLES["pairs"].names).cast(parquet.TABLES["pairs"]),
+                   sft.cast(parquet.TABLES["sft"]), {k: int(v) for k, v in funnel.items()})
+
+
+def pair_metrics(curated: Curated) -> dict[str, float]:
+    pairs, f = curated.pairs, curated.funnel
     margins = pairs.column("margin").to_pylist()
+    gaps = [c - r for c, r in zip(pairs.column("chosen_tokens").to_pylist(),
+                                  pairs.column("rejected_tokens").to_pylist())]
     return {"pairs": len(margins), "mean_margin": sum(margins) / len(margins) if margins else 0.0,
-            "prompts_with_pair": len(margins) / n_prompts if n_prompts else 0.0}
+            "prompts_with_pair": len({*pairs.column("prompt_id").to_pylist()}) / f["prompts"] if f["prompts"] else 0.0,
+            "pair_length_gap": sum(gaps) / len(gaps) if gaps else 0.0,
+            "prompts_no_signal": f["prompts_uniform"], "duplicates_removed": f["candidates_scored"] - f["candidates_unique"],
+            "sft_examples": curated.sft.num_rows}
 
 
 @task(name="curate", cache_policy=NO_CACHE)
@@ -76,8 +191,13 @@ def curate_task(ctx: StageContext) -> dict:
         for table, part in (("prompts", "train"), ("candidates", "data"), ("judgments", "data")):
             path = parquet.table_path(root, table, ctx.run_id, ctx.round, part)
             con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet({catalog.sql_str(str(path))})")
-        pairs = curate(con, ctx.config.curation)
-        n_prompts = con.execute("SELECT count(DISTINCT prompt_id) FROM prompts").fetchone()[0]
-    parquet.write_table(root, "pairs", ctx.run_id, ctx.round, pairs)
+        curated = curate(con, ctx.config.curation, ctx.config.seed + ctx.round)
+    parquet.write_table(root, "pairs", ctx.run_id, ctx.round, curated.pairs)
+    parquet.write_table(root, "sft", ctx.run_id, ctx.round, curated.sft)
+    removed = (parquet.read_table(root, "prompts", ctx.run_id, ctx.round, part="decontaminated").to_pylist()
+               if parquet.exists(root, "prompts", ctx.run_id, ctx.round, part="decontaminated") else [])
+    datacard.write(datacard.card_dir(root, ctx.run_id, ctx.round), ctx.run_id, ctx.round, ctx.config.curation,
+                   curated.funnel, curated.pairs, curated.sft, removed)
     catalog.refresh(root)
-    return {"curate_seconds": time.perf_counter() - t0, **pair_metrics(pairs, n_prompts)}
+    return {"curate_seconds": time.perf_counter() - t0, "decontaminated_prompts": len(removed),
+            **pair_metrics(curated)}

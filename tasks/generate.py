@@ -17,7 +17,8 @@ from flywheel.tasks.common import StageContext, short_hash
 
 
 def prompt_rows(items: Sequence[Item], run_id: str, round_: int, split: str) -> list[dict]:
-    return [dict(run_id=run_id, round=round_, prompt_id=it.id, split=split, task=it.task, seed=it.seed,
+    return [dict(run_id=run_id, round=round_, prompt_id=it.id, split=split, task=it.task,
+                 category=it.category or it.task, seed=it.seed,
                  prompt=it.prompt, answer=it.answer, metadata=json.dumps(it.metadata)) for it in items]
 
 
@@ -39,10 +40,15 @@ def candidate_rows(prompts: Sequence[dict], gens: Sequence[sampling.Generation],
 
 
 @task(name="generate", cache_policy=NO_CACHE)
-def generate_task(ctx: StageContext, items: list[Item], policy: str) -> dict:
+def generate_task(ctx: StageContext, items: list[Item], policy: str, removed: list[Item] | None = None) -> dict:
+    """`removed`: prompts drawn for this round but dropped as benchmark overlaps, kept (split
+    "decontaminated") so that they can be listed."""
     cfg, s = ctx.config, ctx.config.sampling
     prompts = prompt_rows(items, ctx.run_id, ctx.round, "train")
     parquet.write_table(ctx.workspace, "prompts", ctx.run_id, ctx.round, prompts, part="train")
+    if removed:
+        parquet.write_table(ctx.workspace, "prompts", ctx.run_id, ctx.round,
+                            prompt_rows(removed, ctx.run_id, ctx.round, "decontaminated"), part="decontaminated")
     model, tok = loading.load(policy, cfg.model.dtype)
     seed = cfg.seed * 1000 + ctx.round
     t0 = time.perf_counter()

@@ -1,17 +1,20 @@
-"""Stage 4, fine-tuning: DPO on the round's pairs, from the round's policy."""
+"""Stage 4, fine-tuning: DPO on the round's pairs (or SFT on its best samples), from the round's
+policy, with a configurable share of earlier rounds' data replayed (SPIN mixes iterations)."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from pathlib import Path
 
+import duckdb
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from flywheel import progress
 from flywheel.models import trainer
-from flywheel.storage import parquet, tracking
+from flywheel.storage import catalog, parquet, tracking
 from flywheel.tasks.common import StageContext
 
 
@@ -19,19 +22,42 @@ def checkpoint_dir(ctx: StageContext) -> Path:
     return ctx.workspace / "checkpoints" / f"run_id={ctx.run_id}" / f"round={ctx.round}"
 
 
+def replay_count(n_current: int, share: float) -> int:
+    """How many earlier rows make `share` of a training set that holds `n_current` new ones."""
+    return math.floor(share * n_current / (1 - share) + 1e-9) if share > 0 else 0
+
+
+def training_rows(ctx: StageContext) -> tuple[list[dict], int]:
+    """This round's rows plus the replayed ones (a seeded sample of this run's earlier rounds)."""
+    table = "sft" if ctx.config.train.method == "sft" else "pairs"
+    current = parquet.read_table(ctx.workspace, table, ctx.run_id, ctx.round).to_pylist()
+    n = replay_count(len(current), ctx.config.curation.replay)
+    earlier = sorted(parquet.partition_dir(ctx.workspace, table, ctx.run_id, 0).parent.glob("round=*/data.parquet"))
+    if not n or not earlier:
+        return current, 0
+    key = "pair_id" if table == "pairs" else "candidate_id"
+    files = "[" + ", ".join(catalog.sql_str(str(f)) for f in earlier) + "]"
+    replayed = duckdb.sql(f"""
+        SELECT * FROM read_parquet({files}, hive_partitioning = false) WHERE round < {int(ctx.round)}
+        ORDER BY hash({key} || '{int(ctx.config.seed)}:{int(ctx.round)}'), {key} LIMIT {n}""").to_arrow_table()
+    return current + replayed.to_pylist(), replayed.num_rows
+
+
 @task(name="train", cache_policy=NO_CACHE)
 def train_task(ctx: StageContext, policy: str, base: str) -> dict:
-    pairs = parquet.read_table(ctx.workspace, "pairs", ctx.run_id, ctx.round).to_pylist()
-    if not pairs:
-        # Nothing to learn from: the round's policy carries over unchanged (and says so).
-        return {"train_seconds": 0.0, "policy_out": policy, "trained": False}
+    method = ctx.config.train.method
+    rows, n_replay = training_rows(ctx)
+    if len(rows) == n_replay:
+        # Nothing new to learn from: the round's policy carries over unchanged (and says so).
+        return {"train_seconds": 0.0, "policy_out": policy, "trained": False, "train_rows": 0, "replayed_rows": 0}
     out = checkpoint_dir(ctx)
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    progress.console.print(f"[train] DPO on {len(pairs)} pairs from {policy}")
+    progress.console.print(f"[train] {method.upper()} on {len(rows)} rows ({n_replay} replayed) from {policy}")
     # TRL's own MLflow callback logs loss and reward margins into the round's run.
     tracked = ctx.mlflow_run_id is not None
     with tracking.active(ctx.mlflow_run_id) if tracked else contextlib.nullcontext():
-        metrics = trainer.train_dpo(policy, pairs, ctx.config.train, out, base=base, seed=ctx.config.seed + ctx.round,
-                                    report_to=["mlflow"] if tracked else [], dtype=ctx.config.model.dtype)
-    return {"train_seconds": time.perf_counter() - t0, "policy_out": str(out), "trained": True, **metrics}
+        metrics = trainer.train(policy, rows, ctx.config.train, out, base=base, seed=ctx.config.seed + ctx.round,
+                                report_to=["mlflow"] if tracked else [], dtype=ctx.config.model.dtype)
+    return {"train_seconds": time.perf_counter() - t0, "policy_out": str(out), "trained": True,
+            "train_rows": len(rows), "replayed_rows": n_replay, **metrics}

@@ -14,8 +14,8 @@ def make_con(prompts: dict[str, list[tuple[str, float | None, float | None]]]) -
     p_rows, c_rows, j_rows = [], [], []
     for pi, (prompt, cands) in enumerate(prompts.items()):
         pid = f"p{pi}"
-        p_rows.append(dict(run_id="r", round=1, prompt_id=pid, split="train", task="t", seed=None, prompt=prompt,
-                           answer=None, metadata=None))
+        p_rows.append(dict(run_id="r", round=1, prompt_id=pid, split="train", task="t", category=category(prompt),
+                           seed=None, prompt=prompt, answer=None, metadata=None))
         for ci, (resp, v, j) in enumerate(cands):
             cid = f"{pid}c{ci}"
             c_rows.append(dict(run_id="r", round=1, candidate_id=cid, prompt_id=pid, policy="m", sample_index=ci,
@@ -31,8 +31,13 @@ def make_con(prompts: dict[str, list[tuple[str, float | None, float | None]]]) -
     return con
 
 
+def category(prompt: str) -> str:
+    """Test prompts name their category before a colon: "easy: 2+2"."""
+    return prompt.split(":")[0] if ":" in prompt else "t"
+
+
 def pairs_of(prompts, **cfg):
-    return curate(make_con(prompts), CurationConfig(**cfg)).to_pylist()
+    return curate(make_con(prompts), CurationConfig(**cfg)).pairs.to_pylist()
 
 
 def test_best_vs_worst():
@@ -90,5 +95,104 @@ def test_deterministic():
 def test_output_matches_pairs_schema(reward):
     from flywheel.storage.schemas import PAIRS
 
-    tbl = curate(make_con({"q": [("a", 1.0, 5.0), ("b", 0.0, 0.0)]}), CurationConfig(reward=reward))
+    tbl = curate(make_con({"q": [("a", 1.0, 5.0), ("b", 0.0, 0.0)]}), CurationConfig(reward=reward)).pairs
     assert tbl.schema.equals(PAIRS)
+
+
+def curated(prompts, **cfg):
+    return curate(make_con(prompts), CurationConfig(**cfg))
+
+
+def chosen_rejected(pairs):
+    return sorted((p["chosen"], p["rejected"]) for p in pairs)
+
+
+# verifier scores 1.0 > 0.8 > 0.5 > 0.2 > 0.0; the judge column is unused here
+LADDER = {"q": [("a", 1.0, 0.0), ("b", 0.8, 0.0), ("c", 0.5, 0.0), ("d", 0.2, 0.0), ("e", 0.0, 0.0)]}
+
+
+def test_max_second_picks_the_strongest_candidate_below_the_margin():
+    pairs = pairs_of(LADDER, rule="max_second", min_margin=0.3)
+    assert chosen_rejected(pairs) == [("a", "c")]  # b is within the margin of a
+    assert pairs[0]["rule"] == "max_second"
+    two = pairs_of(LADDER, rule="max_second", min_margin=0.3, pairs_per_prompt=2)
+    assert chosen_rejected(two) == [("a", "c"), ("a", "d")]
+
+
+def test_max_random_pairs_the_best_with_eligible_candidates_only():
+    seen = set()
+    for seed in range(12):
+        pairs = curate(make_con(LADDER), CurationConfig(rule="max_random", min_margin=0.3), seed=seed).pairs.to_pylist()
+        assert len(pairs) == 1 and pairs[0]["chosen"] == "a"
+        seen.add(pairs[0]["rejected"])
+    assert seen == {"c", "d", "e"}, "every eligible candidate is drawn for some seed, and only those"
+    a = curate(make_con(LADDER), CurationConfig(rule="max_random", min_margin=0.3), seed=3).pairs
+    assert a.equals(curate(make_con(LADDER), CurationConfig(rule="max_random", min_margin=0.3), seed=3).pairs)
+
+
+def test_max_min_with_a_cap_pairs_kth_best_with_kth_worst():
+    pairs = pairs_of(LADDER, min_margin=0.3, pairs_per_prompt=3)
+    # (a,e) margin 1.0, (b,d) margin 0.6, (c,c) is no pair
+    assert chosen_rejected(pairs) == [("a", "e"), ("b", "d")]
+    assert chosen_rejected(pairs_of(LADDER, min_margin=0.3)) == [("a", "e")]
+
+
+def test_length_penalty_prefers_the_shorter_correct_answer():
+    prompts = {"q": [("the answer is 7", 1.0, 0.0), ("7", 1.0, 0.0), ("8", 0.0, 0.0)]}
+    con = make_con(prompts)
+    con.execute("CREATE OR REPLACE TABLE cands AS SELECT * REPLACE (length(response)::INTEGER AS n_tokens) "
+                "FROM candidates")
+    con.unregister("candidates")
+    con.execute("CREATE VIEW candidates AS SELECT * FROM cands")
+    plain = curate(con, CurationConfig(min_margin=0.5)).pairs.to_pylist()
+    assert chosen_rejected(plain) == [("the answer is 7", "8")]  # tie broken by candidate_id only
+    penalised = curate(con, CurationConfig(min_margin=0.5, length_penalty=0.01)).pairs.to_pylist()
+    assert chosen_rejected(penalised) == [("7", "8")]
+    assert penalised[0]["margin"] == pytest.approx(1.0)  # (1 − 0.01·1) − (0 − 0.01·1)
+    assert penalised[0]["chosen_tokens"] == 1 and penalised[0]["rejected_tokens"] == 1
+
+
+def test_duplicates_count_once_and_are_never_paired():
+    prompts = {"q": [("x  = 1", 1.0, 0.0), ("x = 1", 0.0, 0.0), ("y", 0.0, 0.0), ("x =\n1", 1.0, 0.0)]}
+    c = curated(prompts, pairs_per_prompt=4)
+    assert c.funnel["candidates_scored"] == 4 and c.funnel["candidates_unique"] == 2
+    # "x = 1" (three spellings, best score 1.0) vs "y"
+    assert [(p["chosen"], p["rejected"]) for p in c.pairs.to_pylist()] == [("x  = 1", "y")]
+    # without dedup the spellings stay apart, but two spellings of one text are still never a pair
+    raw = curated(prompts, dedup=False, pairs_per_prompt=4)
+    assert raw.funnel["candidates_unique"] == 4
+    assert all(" ".join(p["chosen"].split()) != " ".join(p["rejected"].split()) for p in raw.pairs.to_pylist())
+
+
+def test_prompts_without_signal_are_dropped_and_counted():
+    prompts = {"all right": [("a", 1.0, 0.0), ("b", 1.0, 0.0)], "all wrong": [("c", 0.0, 0.0), ("d", 0.0, 0.0)],
+               "single": [("e", 1.0, 0.0)], "unscored": [("f", None, 0.0)], "mixed": [("g", 1.0, 0.0), ("h", 0.0, 0.0)],
+               "close": [("i", 1.0, 0.0), ("j", 0.9, 0.0)]}
+    c = curated(prompts, min_margin=0.5)
+    f = c.funnel
+    assert (f["prompts"], f["prompts_scored"], f["prompts_uniform"], f["prompts_below_margin"],
+            f["prompts_with_signal"], f["pairs"]) == (6, 5, 3, 1, 1, 1)
+    assert chosen_rejected(c.pairs.to_pylist()) == [("g", "h")]
+
+
+def test_category_balance_and_cap():
+    prompts = {f"easy: {i}": [(f"r{i}", 1.0, 0.0), (f"w{i}", 0.0, 0.0)] for i in range(5)}
+    prompts |= {f"hard: {i}": [(f"R{i}", 1.0, 0.0), (f"W{i}", 0.0, 0.0)] for i in range(2)}
+    def per_category(**cfg):
+        from collections import Counter
+        return dict(Counter(p["category"] for p in pairs_of(prompts, **cfg)))
+    assert per_category() == {"easy": 5, "hard": 2}
+    assert per_category(balance_categories=True) == {"easy": 2, "hard": 2}
+    assert per_category(max_pairs_per_category=3) == {"easy": 3, "hard": 2}
+    assert per_category(balance_categories=True, max_pairs_per_category=1) == {"easy": 1, "hard": 1}
+
+
+def test_sft_set_is_the_best_sample_above_the_threshold():
+    prompts = {"q1": [("a", 1.0, 0.0), ("b", 0.0, 0.0)], "q2": [("c", 0.0, 0.0), ("d", 0.5, 0.0)],
+               "q3": [("e", 1.0, 0.0), ("f", 1.0, 0.0)]}
+    sft = curated(prompts, sft_threshold=1.0).sft.to_pylist()
+    assert sorted((r["prompt"], r["completion"]) for r in sft) == [("q1", "a"), ("q3", "e")]
+    assert all(r["score"] == 1.0 for r in sft)
+    assert len(curated(prompts, sft_threshold=0.5).sft) == 3
+    from flywheel.storage.schemas import SFT
+    assert curated(prompts).sft.schema.equals(SFT)
