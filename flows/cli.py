@@ -38,10 +38,28 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workspace", type=Path, help="data directory (default ./flywheel-data)")
     run.add_argument("--verbose", action="store_true", help="show Prefect's own logs")
 
-    sql = sub.add_parser("sql", help="run a SQL query against the workspace's DuckDB catalog")
+    sql = sub.add_parser("sql", help="run a read-only SQL query against the workspace's DuckDB catalog")
     sql.add_argument("query")
     sql.add_argument("--workspace", type=Path, default=Path("flywheel-data"))
-    sql.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    sql.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
+    sql.add_argument("--out", type=Path, help="write the result to this file instead of standard output")
+
+    data = sub.add_parser("data", help="look at curated data")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    show = data_sub.add_parser("show", help="print a readable sample of a round's pairs or SFT examples")
+    show.add_argument("table", choices=["pairs", "sft"])
+    show.add_argument("--run", help="run id (default: the latest)")
+    show.add_argument("--round", type=int, help="round (default: every round of the run)")
+    show.add_argument("--limit", type=int, default=5)
+    show.add_argument("--workspace", type=Path, default=Path("flywheel-data"))
+
+    export = sub.add_parser("export", help="export pairs or SFT examples as a Hugging Face dataset (TRL format)")
+    export.add_argument("table", choices=["pairs", "sft"])
+    export.add_argument("--run", help="run id (default: the latest)")
+    export.add_argument("--round", type=int, help="round (default: every round of the run)")
+    export.add_argument("--to", type=Path, required=True, help="target directory (new or empty)")
+    export.add_argument("--format", choices=["parquet", "jsonl", "hf"], default="hf")
+    export.add_argument("--workspace", type=Path, default=Path("flywheel-data"))
     return p
 
 
@@ -117,28 +135,82 @@ def print_summary(result: dict) -> None:
 def cmd_sql(args: argparse.Namespace) -> int:
     from flywheel.storage import catalog
 
+    if args.format == "parquet" and args.out is None and sys.stdout.isatty():
+        raise catalog.ReadOnlyError("--format parquet is binary: give --out FILE or redirect standard output")
     table = catalog.query(args.workspace, args.query)
-    if args.format == "csv":
+    if args.out is not None:
+        tmp = args.out.with_name(f".{args.out.name}.tmp")
+        with open(tmp, "wb") as f:
+            write_result(table, args.format, f)
+        tmp.replace(args.out)  # an existing file is replaced whole or not at all
+        print(f"{table.num_rows} row(s) → {args.out}", file=sys.stderr)
+    else:
+        write_result(table, args.format, sys.stdout.buffer)
+    return 0
+
+
+def write_result(table, fmt: str, out) -> None:
+    import io
+
+    if fmt == "csv":
         import pyarrow.csv as pacsv
 
-        pacsv.write_csv(table, sys.stdout.buffer)
-    elif args.format == "json":
+        pacsv.write_csv(table, out)
+    elif fmt == "json":
         import json
 
         for row in table.to_pylist():
-            print(json.dumps(row, default=str))
-    else:
-        from rich.table import Table
+            out.write((json.dumps(row, default=str) + "\n").encode())
+    elif fmt == "parquet":
+        import pyarrow.parquet as pq
 
-        from flywheel.progress import console
+        buf = io.BytesIO()  # parquet needs a seekable sink; stdout may be a pipe
+        pq.write_table(table, buf)
+        out.write(buf.getvalue())
+    else:
+        from rich.console import Console
+        from rich.table import Table
 
         t = Table(show_lines=False)
         for name in table.column_names:
             t.add_column(name)
         for row in table.to_pylist():
             t.add_row(*("NULL" if v is None else str(v) for v in row.values()))
-        console.print(t, soft_wrap=True)
-        console.print(f"({table.num_rows} row{'s' if table.num_rows != 1 else ''})")
+        text = io.StringIO()
+        Console(file=text, width=200 if out is not sys.stdout.buffer else None, soft_wrap=True).print(t)
+        out.write(text.getvalue().encode())
+        out.write(f"({table.num_rows} row{'s' if table.num_rows != 1 else ''})\n".encode())
+    out.flush()
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from rich.panel import Panel
+
+    from flywheel.progress import console
+    from flywheel.storage import export
+
+    rows, run_id = export.select(args.workspace, args.table, args.run, args.round)
+    rows = rows.to_pylist()
+    where = f"run {run_id}" + ("" if args.round is None else f", round {args.round}")
+    console.print(f"[bold]{args.table}[/bold] of {where}: {len(rows)} row(s), showing {min(args.limit, len(rows))}")
+    for r in rows[: args.limit]:
+        if args.table == "pairs":
+            body = (f"[bold]prompt[/bold]   {r['prompt']}\n"
+                    f"[green]chosen[/green]   ({r['chosen_score']:.3g}, {r['chosen_tokens']} tok) {r['chosen']}\n"
+                    f"[red]rejected[/red] ({r['rejected_score']:.3g}, {r['rejected_tokens']} tok) {r['rejected']}")
+            title = f"round {r['round']} · {r['rule']} on {r['reward']} · margin {r['margin']:.3g} · {r['category']}"
+        else:
+            body = f"[bold]prompt[/bold]     {r['prompt']}\n[green]completion[/green] ({r['score']:.3g}) {r['completion']}"
+            title = f"round {r['round']} · {r['reward']} · {r['category']}"
+        console.print(Panel(body, title=title, title_align="left"))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from flywheel.storage import export
+
+    to, n = export.export(args.workspace, args.table, args.run, args.round, args.to, args.format)
+    print(f"exported {n} {args.table} row(s) as {args.format} → {to}", file=sys.stderr)
     return 0
 
 
@@ -161,10 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     from flywheel.models.judges import RubricError
     from flywheel.models.loading import ModelNotFound
     from flywheel.models.tasksource import TaskError
+    from flywheel.storage.catalog import ReadOnlyError
+    from flywheel.storage.export import ExportError
 
     try:
-        return {"run": cmd_run, "sql": cmd_sql}[args.command](args)
-    except (ConfigError, TaskError, ModelNotFound, RubricError, FileNotFoundError) as e:
+        return {"run": cmd_run, "sql": cmd_sql, "data": cmd_data, "export": cmd_export}[args.command](args)
+    except (ConfigError, TaskError, ModelNotFound, RubricError, FileNotFoundError, ReadOnlyError, ExportError) as e:
         print(f"flywheel: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -21,27 +21,14 @@ import torch
 
 from flywheel.config import TrainConfig
 from flywheel.models import loading
+from flywheel.storage import export
 
 
-def preference_dataset(pairs: Sequence[dict]):
-    """TRL's conversational preference format: prompt / chosen / rejected as message lists."""
+def dataset(method: str, rows: Sequence[dict]):
+    """TRL's conversational formats: preference (DPO) or prompt-completion (SFT)."""
     from datasets import Dataset
 
-    return Dataset.from_list([
-        {"prompt": [{"role": "user", "content": p["prompt"]}],
-         "chosen": [{"role": "assistant", "content": p["chosen"]}],
-         "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs
-    ])
-
-
-def sft_dataset(rows: Sequence[dict]):
-    """TRL's conversational prompt-completion format."""
-    from datasets import Dataset
-
-    return Dataset.from_list([
-        {"prompt": [{"role": "user", "content": r["prompt"]}],
-         "completion": [{"role": "assistant", "content": r["completion"]}]} for r in rows
-    ])
+    return Dataset.from_list(export.conversational("sft" if method == "sft" else "pairs", rows))
 
 
 def trainer_args(method: str, cfg: TrainConfig, output_dir: Path, seed: int, report_to: list[str]) -> Any:
@@ -52,7 +39,7 @@ def trainer_args(method: str, cfg: TrainConfig, output_dir: Path, seed: int, rep
         output_dir=str(output_dir), seed=seed, report_to=report_to, save_strategy="no",
         bf16=on_gpu and torch.cuda.is_bf16_supported(),
         # Activation checkpointing trades compute for memory: worth it on a GPU, not for a small CPU model.
-        gradient_checkpointing=on_gpu, use_cpu=not on_gpu, dataloader_num_workers=0,
+        activation_checkpointing=on_gpu, use_cpu=not on_gpu, dataloader_num_workers=0,
         disable_tqdm=True,
     )
     if method == "sft":
@@ -108,12 +95,12 @@ def train(policy: str, rows: Sequence[dict], cfg: TrainConfig, out: Path, *, bas
         common = dict(model=model, args=trainer_args(cfg.method, cfg, work / "trainer", seed, report_to),
                       processing_class=tok, peft_config=peft_config, callbacks=[_progress_callback()])
         if cfg.method == "sft":
-            trainer = SFTTrainer(train_dataset=sft_dataset(rows), **common)
+            trainer = SFTTrainer(train_dataset=dataset("sft", rows), **common)
         else:
             ref_model = None
             if cfg.reference == "base" and (base != policy or not cfg.lora):
                 ref_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype)
-            trainer = DPOTrainer(ref_model=ref_model, train_dataset=preference_dataset(rows), **common)
+            trainer = DPOTrainer(ref_model=ref_model, train_dataset=dataset("dpo", rows), **common)
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # raw log dicts; the metrics go to MLflow instead

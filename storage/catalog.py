@@ -61,7 +61,24 @@ def connect(root: Path, read_only: bool = True) -> duckdb.DuckDBPyConnection:
     return duckdb.connect(str(path), read_only=read_only)
 
 
+class ReadOnlyError(ValueError):
+    pass
+
+
+# Statements that only read. Everything else (DELETE, COPY … TO, ATTACH, INSTALL, SET, CREATE …)
+# is refused before it runs, even though the connection is read-only too: COPY and ATTACH
+# could otherwise still write files outside the catalog.
+_READING = {"SELECT", "EXPLAIN"}
+
+
 def query(root: Path, sql: str) -> pa.Table:
+    """One read-only statement against the catalog."""
     with connect(root) as con:
+        statements = con.extract_statements(sql)
+        if len(statements) != 1:
+            raise ReadOnlyError(f"expected one SQL statement, got {len(statements)}")
+        kind = statements[0].type.name
+        if kind not in _READING:
+            raise ReadOnlyError(f"the catalog is read-only: {kind} statements are refused (SELECT and EXPLAIN only)")
         rel = con.sql(sql)
         return rel.to_arrow_table() if rel is not None else pa.table({})
