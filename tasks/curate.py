@@ -46,28 +46,30 @@ REWARDS = {
                           " + 0.099 * max(score) FILTER (WHERE source = 'llm_judge')",
 }
 
+# The prompt text joins only the final pairs: carried through every candidate row, it would
+# multiply the memory of the steps by the samples per prompt. The steps that later steps read
+# more than once are temp tables, computed once.
 _SCORED = """
 CREATE OR REPLACE TEMP VIEW cur_scored AS
-SELECT c.run_id, c.round, c.prompt_id, p.prompt, p.category, c.candidate_id, c.response, c.n_tokens,
+SELECT c.run_id, c.round, c.prompt_id, p.category, c.candidate_id, c.response, c.n_tokens,
        r.reward AS raw_reward, r.reward - {length_penalty} * c.n_tokens AS reward,
        regexp_replace(trim(c.response), '\\s+', ' ', 'g') AS norm
 FROM candidates c
-JOIN (SELECT prompt_id, any_value(prompt) AS prompt, any_value(category) AS category
-      FROM prompts GROUP BY prompt_id) p USING (prompt_id)
+JOIN (SELECT prompt_id, any_value(category) AS category FROM prompts GROUP BY prompt_id) p USING (prompt_id)
 JOIN (SELECT candidate_id, {reward} AS reward FROM judgments GROUP BY candidate_id) r USING (candidate_id)
 WHERE r.reward IS NOT NULL
 """
 
 _UNIQUE = """
-CREATE OR REPLACE TEMP VIEW cur_unique AS
+CREATE OR REPLACE TEMP TABLE cur_unique AS
 SELECT * FROM cur_scored
 {dedup}
 """
 
 _SIGNAL = """
-CREATE OR REPLACE TEMP VIEW cur_spread AS
+CREATE OR REPLACE TEMP TABLE cur_spread AS
 SELECT prompt_id, max(reward) - min(reward) AS spread FROM cur_unique GROUP BY prompt_id;
-CREATE OR REPLACE TEMP VIEW cur_signal AS
+CREATE OR REPLACE TEMP TABLE cur_signal AS
 SELECT u.*,
        row_number() OVER (PARTITION BY prompt_id ORDER BY reward DESC, candidate_id) AS best_rank,
        row_number() OVER (PARTITION BY prompt_id ORDER BY reward ASC, candidate_id) AS worst_rank
@@ -77,7 +79,7 @@ WHERE s.spread >= {min_margin}
 
 _PAIR_COLUMNS = """
     b.run_id, b.round, sha256(b.candidate_id || ':' || w.candidate_id)[1:16] AS pair_id,
-    b.prompt_id, b.prompt, b.response AS chosen, w.response AS rejected,
+    b.prompt_id, b.response AS chosen, w.response AS rejected,
     b.reward AS chosen_score, w.reward AS rejected_score, b.reward - w.reward AS margin,
     '{rule}' AS rule, '{reward_name}' AS reward, b.candidate_id AS chosen_id, w.candidate_id AS rejected_id,
     b.category, b.n_tokens AS chosen_tokens, w.n_tokens AS rejected_tokens"""
@@ -102,17 +104,19 @@ WHERE b.reward - w.reward >= {min_margin} AND b.norm <> w.norm""",
 _CAP_AND_BALANCE = """
 CREATE OR REPLACE TEMP VIEW cur_capped AS
 SELECT * EXCLUDE (pair_rank) FROM cur_pairs WHERE pair_rank <= {pairs_per_prompt};
-CREATE OR REPLACE TEMP VIEW cur_final AS
+CREATE OR REPLACE TEMP TABLE cur_final AS
 SELECT * EXCLUDE (cat_rank) FROM (
     SELECT *, row_number() OVER (PARTITION BY category ORDER BY hash(pair_id || '{seed}'), pair_id) AS cat_rank
     FROM cur_capped)
 WHERE cat_rank <= {category_limit}
 """
 
+_PROMPT_TEXT = "SELECT prompt_id, any_value(prompt) AS prompt FROM prompts GROUP BY prompt_id"
+
 _SFT = """
-SELECT run_id, round, prompt_id, prompt, response AS completion, raw_reward AS score, '{reward_name}' AS reward,
+SELECT run_id, round, prompt_id, p.prompt, response AS completion, raw_reward AS score, '{reward_name}' AS reward,
        candidate_id, category, n_tokens
-FROM cur_unique WHERE raw_reward >= {threshold}
+FROM cur_unique JOIN ({prompt_text}) p USING (prompt_id) WHERE raw_reward >= {threshold}
 QUALIFY row_number() OVER (PARTITION BY prompt_id ORDER BY reward DESC, candidate_id) = 1
 ORDER BY prompt_id
 """
@@ -120,7 +124,9 @@ ORDER BY prompt_id
 _FUNNEL = """
 SELECT
     (SELECT count(*) FROM candidates) AS candidates,
-    (SELECT count(*) FROM cur_scored) AS candidates_scored,
+    (SELECT count(*) FROM candidates c JOIN (SELECT candidate_id, {reward} AS reward FROM judgments
+                                           GROUP BY candidate_id) r USING (candidate_id)
+     WHERE r.reward IS NOT NULL) AS candidates_scored,
     (SELECT count(*) FROM cur_unique) AS candidates_unique,
     (SELECT count(DISTINCT prompt_id) FROM prompts) AS prompts,
     (SELECT count(*) FROM cur_spread) AS prompts_scored,
@@ -160,13 +166,15 @@ def curate(con: duckdb.DuckDBPyConnection, cfg: CurationConfig, seed: int = 0) -
     con.execute(_SCORED.format(length_penalty=_num(cfg.length_penalty), reward=REWARDS[cfg.reward]))
     con.execute(_UNIQUE.format(dedup=dedup))
     con.execute(_SIGNAL.format(min_margin=m))
-    con.execute("CREATE OR REPLACE TEMP VIEW cur_pairs AS "
+    con.execute("CREATE OR REPLACE TEMP TABLE cur_pairs AS "
                 + _RULES[cfg.rule].format(columns=columns, min_margin=m, seed=int(seed)))
     con.execute(_CAP_AND_BALANCE.format(pairs_per_prompt=int(cfg.pairs_per_prompt), seed=int(seed),
                                         category_limit=category_limit))
-    pairs = con.sql("SELECT * FROM cur_final ORDER BY prompt_id, chosen_id, rejected_id").to_arrow_table()
-    sft = con.sql(_SFT.format(reward_name=cfg.reward, threshold=_num(cfg.sft_threshold))).to_arrow_table()
-    funnel = con.sql(_FUNNEL.format(min_margin=m)).to_arrow_table().to_pylist()[0]
+    pairs = con.sql(f"SELECT f.*, p.prompt FROM cur_final f JOIN ({_PROMPT_TEXT}) p USING (prompt_id) "
+                    "ORDER BY prompt_id, chosen_id, rejected_id").to_arrow_table()
+    sft = con.sql(_SFT.format(reward_name=cfg.reward, threshold=_num(cfg.sft_threshold),
+                              prompt_text=_PROMPT_TEXT)).to_arrow_table()
+    funnel = con.sql(_FUNNEL.format(min_margin=m, reward=REWARDS[cfg.reward])).to_arrow_table().to_pylist()[0]
     return Curated(pairs.select(parquet.TABLES["pairs"].names).cast(parquet.TABLES["pairs"]),
                    sft.cast(parquet.TABLES["sft"]), {k: int(v) for k, v in funnel.items()})
 
