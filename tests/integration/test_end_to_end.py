@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.slow
 
 ROUND_METRICS = ("accuracy", "pairs", "mean_margin", "judge_verifier_agreement", "judge_parse_failure_rate",
-                 "generate_seconds", "judge_seconds", "train_seconds", "benchmark_seconds", "mean_response_tokens")
+                 "generate_seconds", "judge_seconds", "train_seconds", "benchmark_seconds", "mean_response_tokens",
+                 "pair_length_gap", "prompts_no_signal", "sft_examples", "decontaminated_prompts")
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,7 @@ def test_mlflow_parent_with_nested_rounds_and_registered_models(run):
         assert "loss" in child.data.metrics or "train_loss" in child.data.metrics  # TRL's own reporting
         assert child.data.params["cfg.sampling.n"] == "4"
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
-        assert {"samples", "pairs"} <= artifacts
+        assert {"samples", "pairs", "data_card"} <= artifacts
     versions = client.search_model_versions(f"name = '{config.name}'")
     assert sorted(int(v.version) for v in versions) == [1, 2]
     assert {v.run_id for v in versions} == {c.info.run_id for c in children}
@@ -121,10 +122,14 @@ def test_round_one_weights_differ_from_base(run):
     assert any("q_proj" in k or "v_proj" in k for k in changed)
 
 
-def test_plot_written(run):
+def test_plot_and_data_cards_written(run):
     ws, _, result = run
     png = ws / "runs" / result["run_id"] / "rounds.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for k in (1, 2):
+        card = ws / "runs" / result["run_id"] / f"round={k}" / "data_card.md"
+        assert "| candidates sampled | 32 |" in card.read_text()
+        assert card.with_name("data_card.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_registered_model_loads_and_answers(run):

@@ -48,3 +48,23 @@ def test_generation_is_seeded_and_records_token_stats(model_and_tokenizer):
     greedy = sampling.generate(model, tok, QUESTIONS, max_new_tokens=16, batch_size=2, do_sample=False)
     alone = sampling.generate(model, tok, QUESTIONS[1:], max_new_tokens=16, batch_size=1, do_sample=False)
     assert greedy[1].response == alone[0].response, "left padding must not change a greedy answer"
+
+
+def test_sft_round_trains_a_merged_checkpoint(tmp_path):
+    """train.method: sft — TRL's SFTTrainer with LoRA on prompt/completion rows, merged and saved whole."""
+    import torch
+    from safetensors.torch import load_file
+
+    from flywheel.config import load_config
+    from flywheel.models import trainer
+
+    base = loading.resolve("embedded:smollm2-135m-instruct")
+    cfg = load_config(None, {"train": {"method": "sft", "sft": {"max_steps": 2, "learning_rate": 1e-3}}}).train
+    rows = [{"prompt": q, "completion": a} for q, a in zip(QUESTIONS, ["7", "7"])] * 4
+    out = tmp_path / "round-model"
+    metrics = trainer.train(base, rows, cfg, out, base=base, seed=0, report_to=[])
+    assert metrics["train_steps"] == 2 and metrics["train_loss"] > 0
+    assert (out / "config.json").is_file() and not list(tmp_path.glob("sft-*")), "work dir cleaned up"
+    before, after = load_file(f"{base}/model.safetensors"), load_file(str(out / "model.safetensors"))
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before), "SFT left every weight unchanged"

@@ -176,3 +176,20 @@ def test_exported_pairs_train_one_dpo_step(ws, tmp_path):
     trainer.train()
     assert trainer.state.global_step == 1
     assert not torch.equal(before, model.model.layers[0].self_attn.q_proj.weight), "one DPO step changed the weights"
+
+
+@pytest.mark.parametrize("share, expected", [(0.0, 0), (0.2, 1), (0.5, 4), (0.9, 4)])
+def test_replay_mixes_a_share_of_earlier_rounds(ws, share, expected):
+    from flywheel.tasks.train import replay_count, training_rows
+
+    config = load_config(None, {"workspace": str(ws), "curation": {"replay": share}})
+    rows, n = training_rows(StageContext(config, RUN, 2))
+    assert n == expected == min(replay_count(4, share), 4)  # round 1 has 4 pairs to replay
+    assert [r["round"] for r in rows] == [2] * 4 + [1] * expected
+    assert len({r["pair_id"] for r in rows}) == len(rows), "a replayed pair appears once"
+    assert rows == training_rows(StageContext(config, RUN, 2))[0], "the replay sample is seeded"
+    first, n1 = training_rows(StageContext(config, RUN, 1))
+    assert n1 == 0 and {r["round"] for r in first} == {1}, "round 1 has nothing earlier to replay"
+    sft_cfg = load_config(None, {"workspace": str(ws), "train": {"method": "sft"}, "curation": {"replay": share}})
+    sft_rows, _ = training_rows(StageContext(sft_cfg, RUN, 2))
+    assert all("completion" in r for r in sft_rows)
