@@ -232,13 +232,15 @@ def main(argv: list[str] | None = None) -> int:
     from flywheel.config import ConfigError
     from flywheel.models.judges import RubricError
     from flywheel.models.loading import ModelNotFound
+    from flywheel.models.rewards import SourceError
     from flywheel.models.tasksource import TaskError
     from flywheel.storage.catalog import ReadOnlyError
     from flywheel.storage.export import ExportError
 
     try:
         return {"run": cmd_run, "sql": cmd_sql, "data": cmd_data, "export": cmd_export}[args.command](args)
-    except (ConfigError, TaskError, ModelNotFound, RubricError, FileNotFoundError, ReadOnlyError, ExportError) as e:
+    except (ConfigError, TaskError, ModelNotFound, RubricError, FileNotFoundError, ReadOnlyError, ExportError,
+            SourceError) as e:
         print(f"flywheel: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

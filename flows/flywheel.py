@@ -16,7 +16,7 @@ from prefect import flow
 
 from flywheel import __version__
 from flywheel.config import FlywheelConfig
-from flywheel.models import judges, loading
+from flywheel.models import loading, rewards
 from flywheel.models.decontam import Decontaminator
 from flywheel.models.tasksource import benchmark_items, make_source, train_items
 from flywheel.storage import catalog, datacard, parquet, plots, tracking
@@ -46,9 +46,12 @@ class Prepared:
 
 def prepare(config: FlywheelConfig) -> Prepared:
     source = make_source(config.task)
-    template_hash = judges.load_rubric(config.judge.template).hash if config.judge.llm_judge else None
+    sources = rewards.build(config.judge, source)  # bad templates, unimportable callables fail here
+    bench = benchmark_items(source, config.benchmark.size, config.seed)
+    rewards.probe(sources, bench[0].prompt, bench[0].answer, bench[0].metadata)
+    template_hash = next((s.rubric.hash for s in sources if isinstance(s, rewards.LLMJudge)), None)
     base = loading.resolve(config.model.name)
-    return Prepared(config, base, source, benchmark_items(source, config.benchmark.size, config.seed), template_hash)
+    return Prepared(config, base, source, bench, template_hash)
 
 
 def code_version() -> str:
@@ -95,12 +98,15 @@ def _round_row(ctx: StageContext, *, status: str, policy_in: str, started: datet
 
 @flow(name="flywheel-round")
 def one_round(config: FlywheelConfig, run_id: str, round: int, policy: str, base: str, parent_run_id: str,
-              experiment_id: str, champion_accuracy: float) -> dict:
+              experiment_id: str, champion_accuracy: float, previous: str | None = None,
+              policy_reference: str | None = None) -> dict:
     """generate → judge → curate → train → benchmark for one round; returns the round's metrics.
 
-    The round's model is promoted (becomes the champion the next round starts from) when it
-    was trained and its held-out accuracy is at least the champion's; otherwise the next
-    round starts again from the champion.
+    `previous` is the policy the previous round started from (judges with previous: true rank
+    this round's candidates with it too, for CREAM); `policy_reference` is the DPO reference
+    `policy` was trained against (for the implicit reward). The round's model is promoted
+    (becomes the champion the next round starts from) when it was trained and its held-out
+    accuracy is at least the champion's; otherwise the next round starts again from the champion.
     """
     prepared = prepare(config)
     items, removed = train_items(prepared.source, round, config.task.prompts_per_round, config.seed,
@@ -113,7 +119,7 @@ def one_round(config: FlywheelConfig, run_id: str, round: int, policy: str, base
     t0 = time.perf_counter()
     try:
         metrics: dict = generate_task(ctx, items, policy, [it for it, _ in removed])
-        metrics |= judge_task(ctx, policy)
+        metrics |= judge_task(ctx, policy, previous if previous != policy else None, policy_reference)
         metrics |= curate_task(ctx)
         trained = train_task(ctx, policy, base)
         policy_out = trained.pop("policy_out")
@@ -137,7 +143,9 @@ def one_round(config: FlywheelConfig, run_id: str, round: int, policy: str, base
         registered_version=version, base=base, promoted=promoted)])
     catalog.refresh(config.workspace)
     tracking.end_run(mlflow_run)
-    return {"round": round, "policy_out": policy_out, "registered_version": version, **metrics}
+    reference = base if config.train.reference == "base" else policy
+    return {"round": round, "policy_out": policy_out, "registered_version": version,
+            "reference_model": reference if trained["trained"] else policy_reference, **metrics}
 
 
 def _log_round_artifacts(ctx: StageContext, config: FlywheelConfig, metrics: dict, policy_out: str,
@@ -149,7 +157,7 @@ def _log_round_artifacts(ctx: StageContext, config: FlywheelConfig, metrics: dic
     tracking.log_table(run, candidates_sample(ctx).to_pandas(), "samples/candidates.json")
     pairs = parquet.table_path(config.workspace, "pairs", ctx.run_id, ctx.round)
     tracking.log_artifact(run, pairs, "pairs")
-    for f in (datacard.CARD, datacard.FIGURE):
+    for f in (datacard.CARD, datacard.FIGURE, "judge_scores.png"):
         tracking.log_artifact(run, datacard.card_dir(config.workspace, ctx.run_id, ctx.round) / f, "data_card")
     if not trained:
         return None
@@ -191,8 +199,13 @@ def flywheel(config: FlywheelConfig) -> dict:
         history.append({"round": 0, "promoted": True, **base_metrics})
         tracking.log_metrics(parent, _parent_metrics(base_metrics), step=0)
         policy, champion_accuracy = prepared.base, base_metrics["accuracy"]
+        references: dict[str, str | None] = {prepared.base: None}  # model → the DPO reference it was trained against
+        previous = None
         for k in range(1, config.rounds + 1):
-            result = one_round(config, run_id, k, policy, prepared.base, parent, experiment_id, champion_accuracy)
+            result = one_round(config, run_id, k, policy, prepared.base, parent, experiment_id, champion_accuracy,
+                               previous, references.get(policy))
+            references[result["policy_out"]] = result["reference_model"]
+            previous = policy
             history.append(result)
             tracking.log_metrics(parent, _parent_metrics(result), step=k)
             if result["promoted"]:  # a regressed round is not built on: the next starts from the champion

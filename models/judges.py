@@ -45,29 +45,36 @@ def extract_answer(response: str, reference: str | None = None) -> str | None:
 
 @dataclass(frozen=True)
 class Rubric:
-    user: str  # user turn, with {question} and {response}
-    prefill: str  # start of the judge's own turn, ending right before the score
+    user: str  # user turn, with {question} and {response} (pointwise) or {response_a} and {response_b} (pairwise)
+    prefill: str  # start of the judge's own turn, ending right before the verdict
     hash: str
 
-    def render(self, question: str, response: str) -> tuple[str, str]:
+    def render(self, question: str, **responses: str) -> tuple[str, str]:
         # str.replace, not str.format: responses contain braces.
-        return self.user.replace("{question}", question).replace("{response}", response), self.prefill
+        text = self.user.replace("{question}", question)
+        for key, value in responses.items():
+            text = text.replace("{" + key + "}", value)
+        return text, self.prefill
 
 
 class RubricError(ValueError):
     pass
 
 
-def load_rubric(path: Path | None = None) -> Rubric:
+PLACEHOLDERS = {"pointwise": ("{question}", "{response}"), "pairwise": ("{question}", "{response_a}", "{response_b}")}
+BUILTIN = {"pointwise": "self_rewarding.txt", "pairwise": "pairwise.txt"}
+
+
+def load_rubric(path: Path | None = None, kind: str = "pointwise") -> Rubric:
     if path is None:
-        text = resources.files("flywheel.models").joinpath("templates/self_rewarding.txt").read_text()
-        where = "built-in self_rewarding.txt"
+        text = resources.files("flywheel.models").joinpath(f"templates/{BUILTIN[kind]}").read_text()
+        where = f"built-in {BUILTIN[kind]}"
     else:
         path = Path(path)
         if not path.is_file():
             raise RubricError(f"judge template not found: {path}")
         text, where = path.read_text(), str(path)
-    for placeholder in ("{question}", "{response}"):
+    for placeholder in PLACEHOLDERS[kind]:
         if placeholder not in text:
             raise RubricError(f"judge template {where} lacks the {placeholder} placeholder")
     user, _, prefill = text.partition(ASSISTANT_MARK)
@@ -80,16 +87,22 @@ class JudgeResult:
     score: float | None
     parse_ok: bool
     raw: str
-    details: str  # JSON: probability of each score
+    details: str  # JSON: probability of each score (and the sampled verdicts, if any)
+    variance: float | None = None
 
 
-@lru_cache(maxsize=4)
-def _score_token_ids(tokenizer) -> dict[int, list[int]]:
-    ids: dict[int, list[int]] = {s: [] for s in SCORES}
+def token_groups(tokenizer, labels: Sequence[str]) -> dict[str, list[int]]:
+    """Token ids whose text (stripped) is exactly each label: "3" and " 3" both count as "3"."""
+    return _token_groups(tokenizer, tuple(labels))
+
+
+@lru_cache(maxsize=8)
+def _token_groups(tokenizer, labels: tuple[str, ...]) -> dict[str, list[int]]:
+    ids: dict[str, list[int]] = {label: [] for label in labels}
     for tok_id in range(len(tokenizer)):
         text = tokenizer.decode([tok_id]).strip()
-        if len(text) == 1 and text in "012345":
-            ids[int(text)].append(tok_id)
+        if text in ids:
+            ids[text].append(tok_id)
     return ids
 
 
@@ -116,19 +129,26 @@ def _left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
     return ids, mask
 
 
+@dataclass
+class NextToken:
+    mass: dict[str, float]  # probability of each label's tokens at the verdict position
+    top: str  # the most likely token over the whole vocabulary, decoded
+
+
 @torch.inference_mode()
-def llm_judge(model, tokenizer, rubric: Rubric, questions: Sequence[str], responses: Sequence[str], *,
-              batch_size: int, max_prompt_tokens: int, reuse_prefix: bool = True,
-              progress: Callable[[int], None] | None = None) -> list[JudgeResult]:
-    """Score every (question, response) with the rubric. With `reuse_prefix`, the rubric's shared
-    prefix is run through the model once and its KV cache reused for every batch."""
+def next_token(model, tokenizer, rubric: Rubric, renders: Sequence[dict[str, str]], labels: Sequence[str], *,
+               batch_size: int, max_prompt_tokens: int, reuse_prefix: bool = True,
+               progress: Callable[[int], None] | None = None) -> list[NextToken]:
+    """One forward pass per rendered rubric: the next-token probability of each label after the prefill.
+
+    With `reuse_prefix`, the rubric's shared prefix is run through the model once and its KV
+    cache reused for every batch."""
     import copy
 
-    score_ids = _score_token_ids(tokenizer)
-    all_score_ids = {i for v in score_ids.values() for i in v}
-    rendered = [rubric.render(q, r) for q, r in zip(questions, responses, strict=True)]
+    groups = token_groups(tokenizer, labels)
+    rendered = [rubric.render(**r) for r in renders]
     texts = [t + prefill for t, (_, prefill) in zip(chat_texts(tokenizer, [u for u, _ in rendered]), rendered)]
-    # Over-long prompts lose their start, never the "Score:" cue at the end.
+    # Over-long prompts lose their start, never the verdict cue at the end.
     token_ids = [ids[-max_prompt_tokens:] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     # The shared prefix is found on tokens, not text, so it is exactly what the full prompt would hold.
     n_prefix = common_prefix_len(token_ids) if reuse_prefix and len(token_ids) > 1 else 0
@@ -136,7 +156,7 @@ def llm_judge(model, tokenizer, rubric: Rubric, questions: Sequence[str], respon
     if n_prefix:
         prefix_ids = torch.tensor([token_ids[0][:n_prefix]], device=model.device)
         prefix_cache = model(input_ids=prefix_ids, use_cache=True).past_key_values
-    out: list[JudgeResult] = []
+    out: list[NextToken] = []
     for start in range(0, len(token_ids), batch_size):
         ids, mask = _left_pad([t[n_prefix:] for t in token_ids[start:start + batch_size]], tokenizer.pad_token_id)
         ids, mask = ids.to(model.device), mask.to(model.device)
@@ -153,13 +173,77 @@ def llm_judge(model, tokenizer, rubric: Rubric, questions: Sequence[str], respon
         probs = torch.softmax(logits, dim=-1)
         top = probs.argmax(dim=-1).tolist()
         for row, top_id in enumerate(top):
-            p = {s: float(probs[row, ids].sum()) for s, ids in score_ids.items()}
-            mass = sum(p.values())
-            ok = top_id in all_score_ids and mass > 0
-            score = sum(s * v for s, v in p.items()) / mass if ok else None
-            out.append(JudgeResult(score, ok, tokenizer.decode([top_id]),
-                                   json.dumps({"p": {str(k): round(v, 5) for k, v in p.items()},
-                                               "score_mass": round(mass, 5)})))
+            out.append(NextToken({label: float(probs[row, g].sum()) for label, g in groups.items()},
+                                 tokenizer.decode([top_id])))
         if progress:
             progress(ids.shape[0])
+    return out
+
+
+SCORE_LABELS = tuple(str(s) for s in SCORES)
+
+
+def pointwise_verdict(nt: NextToken, samples: int = 0, rng=None) -> JudgeResult:
+    """A rubric score from the judge's next-token distribution.
+
+    samples = 0: the expected score (G-Eval); the judge "parsed" when its most likely token over
+    the whole vocabulary is a score digit. samples = k: k verdicts drawn from the full
+    distribution (exactly what k sampled judge turns would start with); a draw that is not a
+    digit is an unparsed verdict, the score is the mean of the parsed ones, their variance kept."""
+    p = {int(k): v for k, v in nt.mass.items()}
+    mass = sum(p.values())
+    info: dict = {"p": {str(k): round(v, 5) for k, v in p.items()}, "score_mass": round(mass, 5)}
+    if samples == 0:
+        ok = nt.top.strip() in SCORE_LABELS and mass > 0
+        mean = sum(s * v for s, v in p.items()) / mass if ok else None
+        var = sum((s - mean) ** 2 * v for s, v in p.items()) / mass if ok else None
+        return JudgeResult(mean, ok, nt.top, json.dumps(info), var)
+    outcomes = [*p, -1]  # -1: any other token
+    weights = [*p.values(), max(0.0, 1.0 - mass)]
+    draws = rng.choices(outcomes, weights=weights, k=samples)
+    parsed = [d for d in draws if d >= 0]
+    info["draws"] = draws
+    if not parsed:
+        return JudgeResult(None, False, nt.top, json.dumps(info), None)
+    mean = sum(parsed) / len(parsed)
+    var = sum((d - mean) ** 2 for d in parsed) / len(parsed)
+    return JudgeResult(mean, True, ",".join(map(str, draws)), json.dumps(info), var)
+
+
+def llm_judge(model, tokenizer, rubric: Rubric, questions: Sequence[str], responses: Sequence[str], *,
+              batch_size: int, max_prompt_tokens: int, reuse_prefix: bool = True, samples: int = 0, seed: int = 0,
+              progress: Callable[[int], None] | None = None) -> list[JudgeResult]:
+    """Score every (question, response) with the pointwise rubric."""
+    import random
+
+    nts = next_token(model, tokenizer, rubric, [{"question": q, "response": r} for q, r in
+                                                zip(questions, responses, strict=True)],
+                     SCORE_LABELS, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens,
+                     reuse_prefix=reuse_prefix, progress=progress)
+    # One generator per candidate position, seeded: a verdict does not depend on its batch neighbours.
+    return [pointwise_verdict(nt, samples, random.Random(f"{seed}:{i}")) for i, nt in enumerate(nts)]
+
+
+@torch.inference_mode()
+def sequence_logprobs(model, tokenizer, prompts: Sequence[str], responses: Sequence[str], *, batch_size: int,
+                      progress: Callable[[int], None] | None = None) -> list[float]:
+    """log π(response | prompt) summed over the response's tokens (chat-formatted prompt, teacher-forced)."""
+    heads = chat_texts(tokenizer, prompts)
+    out: list[float] = []
+    for start in range(0, len(heads), batch_size):
+        rows, spans = [], []
+        for head, resp in zip(heads[start:start + batch_size], responses[start:start + batch_size]):
+            h = tokenizer(head, add_special_tokens=False)["input_ids"]
+            r = tokenizer(resp, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            rows.append(h + r)
+            spans.append(len(r))
+        ids, mask = _left_pad(rows, tokenizer.pad_token_id)
+        ids, mask = ids.to(model.device), mask.to(model.device)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, :-1].float(), -1)
+        tok = logp.gather(2, ids[:, 1:, None]).squeeze(2)
+        for i, n in enumerate(spans):
+            out.append(float(tok[i, -n:].sum()))
+        if progress:
+            progress(len(rows))
     return out

@@ -26,6 +26,8 @@ _FUNNEL_ROWS = (
     ("prompts_below_margin", "… whose spread is below min_margin (dropped)"),
     ("prompts_with_signal", "… with signal"),
     ("pairs_eligible", "pairs the rule proposes"),
+    ("pairs_consistent", "… whose order every `consistency` source agrees with (SCIR)"),
+    ("pairs_cream_kept", "… kept by CREAM (τ ≥ cream_min_tau, with cream: skip)"),
     ("pairs_capped", "… within pairs_per_prompt"),
     ("pairs", "… after category balance: the round's pairs"),
 )
@@ -55,11 +57,13 @@ def render(run_id: str, round_: int, cfg, funnel: dict[str, int], pairs: pa.Tabl
     chosen_len, rejected_len = [r["chosen_tokens"] for r in p], [r["rejected_tokens"] for r in p]
     gap = statistics.fmean(c - r for c, r in zip(chosen_len, rejected_len)) if p else 0.0
     lines = [f"# Data card: run {run_id}, round {round_}", "",
-             f"Rule `{cfg.rule}` on reward `{cfg.reward}`, min_margin {cfg.min_margin}, length_penalty "
+             f"Rule `{cfg.rule}` on reward `{cfg.reward_name()}` (normalize {cfg.normalize}), min_margin {cfg.min_margin}, length_penalty "
              f"{cfg.length_penalty}, dedup {cfg.dedup}, pairs_per_prompt {cfg.pairs_per_prompt}, "
              f"balance_categories {cfg.balance_categories}, max_pairs_per_category {cfg.max_pairs_per_category}.",
              "", "## What each filter kept", "", "| step | count |", "|---|---:|"]
     lines += [f"| {label} | {funnel.get(key, 0)} |" for key, label in _FUNNEL_ROWS]
+    if funnel.get("cream_tau") is not None:
+        lines.append(f"| CREAM: mean Kendall τ, this round's vs the previous round's judge | {funnel['cream_tau']:.3f} |")
     lines += [f"| SFT examples (best sample with reward ≥ {cfg.sft_threshold}) | {sft.num_rows} |",
               f"| training prompts dropped as benchmark overlaps | {len(removed)} |",
               "", "## Margins and lengths", "",

@@ -63,6 +63,26 @@ def data_card_plot(pairs: Sequence[dict], sft_categories: Sequence[str], out: Pa
     return _save(fig, out)
 
 
+def score_histograms(rows: Sequence[dict], out: Path) -> Path:
+    """One histogram of scores per reward source (NULL scores counted in the title)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sources = sorted({r["source"] for r in rows}) or ["(none)"]
+    fig, axes = plt.subplots(1, len(sources), figsize=(3.6 * len(sources), 3), squeeze=False)
+    for ax, source in zip(axes[0], sources):
+        scores = [r["score"] for r in rows if r["source"] == source]
+        kept = [s for s in scores if s is not None]
+        if kept:
+            ax.hist(kept, bins=20, color="tab:purple")
+        ax.set_title(f"{source} ({len(scores) - len(kept)} NULL)", fontsize=9)
+        ax.set_xlabel("score")
+    fig.tight_layout()
+    return _save(fig, out)
+
+
 def _save(fig, out: Path) -> Path:
     import matplotlib.pyplot as plt
 

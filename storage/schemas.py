@@ -44,7 +44,7 @@ JUDGMENTS = pa.schema(
     + [
         pa.field("candidate_id", pa.string(), nullable=False),
         pa.field("prompt_id", pa.string(), nullable=False),
-        pa.field("source", pa.string(), nullable=False),  # "verifier" | "llm_judge"
+        pa.field("source", pa.string(), nullable=False),  # the reward source's name (judge.sources)
         pa.field("spec_hash", pa.string(), nullable=False),  # hash of the source's spec (e.g. rubric template)
         pa.field("score", pa.float64()),  # NULL when the judge's output did not parse
         pa.field("parse_ok", pa.bool_(), nullable=False),
@@ -71,6 +71,18 @@ PAIRS = pa.schema(
         pa.field("category", pa.string(), nullable=False),
         pa.field("chosen_tokens", pa.int32(), nullable=False),
         pa.field("rejected_tokens", pa.int32(), nullable=False),
+        # CREAM: Kendall τ of the prompt's candidates ranked by this round's and the previous round's judge
+        pa.field("cream_tau", pa.float64()),
+    ]
+)
+
+# One judge-health figure of one reward source in one round (tasks/judge.py documents each metric).
+JUDGE_HEALTH = pa.schema(
+    _KEY
+    + [
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("metric", pa.string(), nullable=False),
+        pa.field("value", pa.float64()),
     ]
 )
 
@@ -129,6 +141,7 @@ TABLES: dict[str, pa.Schema] = {
     "prompts": PROMPTS,
     "candidates": CANDIDATES,
     "judgments": JUDGMENTS,
+    "judge_health": JUDGE_HEALTH,
     "pairs": PAIRS,
     "sft": SFT,
     "benchmarks": BENCHMARKS,

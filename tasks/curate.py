@@ -3,8 +3,10 @@
 The rule is a chain of views, one per filter, so that the data card can count what each
 filter kept (`funnel`):
 
-  cur_scored   every candidate with a non-NULL reward; reward = the configured reward source
-               minus length_penalty · n_tokens (RLHFlow's max_min_p when λ > 0)
+  cur_reward   per candidate, the configured reward: one source's score or a weighted sum of
+               several (each optionally min-max scaled within its prompt); NULL when any is NULL
+  cur_scored   every candidate with a non-NULL reward, minus length_penalty · n_tokens
+               (RLHFlow's max_min_p when λ > 0)
   cur_unique   identical responses (after whitespace normalisation) once per prompt (`dedup`)
   cur_signal   prompts whose rewards spread by at least min_margin: a prompt whose samples all
                score the same (all right, all wrong) teaches nothing and is dropped, and counted
@@ -12,6 +14,9 @@ filter kept (`funnel`):
                  max_min    k-th best vs k-th worst
                  max_random best vs a seeded-random candidate at least min_margin below it
                  max_second best vs the strongest candidate at least min_margin below it
+  cur_kept     SCIR's consistency filter: pairs that every `consistency` source orders the same
+               way; CREAM: each pair carries its prompt's Kendall τ between this round's and the
+               previous round's judge, and with cream: skip, pairs with τ < cream_min_tau go
   cur_capped   at most pairs_per_prompt pairs per prompt
   cur_final    per-category balance: at most as many pairs per category as the smallest
                category has (balance_categories) and at most max_pairs_per_category
@@ -36,15 +41,31 @@ from flywheel.config import CurationConfig
 from flywheel.storage import catalog, datacard, parquet
 from flywheel.tasks.common import StageContext
 
-# Per-candidate reward, from the judgments table (one row per candidate and source).
-# "verifier+llm_judge": the verifier decides; the judge (0–5, scaled into [0, 0.5)) only orders
-# candidates the verifier scored alike, so it can never outweigh a verifier difference.
-REWARDS = {
-    "verifier": "max(score) FILTER (WHERE source = 'verifier')",
-    "llm_judge": "max(score) FILTER (WHERE source = 'llm_judge')",
-    "verifier+llm_judge": "max(score) FILTER (WHERE source = 'verifier')"
-                          " + 0.099 * max(score) FILTER (WHERE source = 'llm_judge')",
-}
+# Per-candidate reward from the judgments table (one row per candidate and source).
+_REWARD = """
+CREATE OR REPLACE TEMP TABLE cur_reward AS
+WITH w(source, weight) AS (VALUES {weights}),
+j AS (SELECT j.candidate_id, j.prompt_id, j.source, w.weight, j.score FROM judgments j JOIN w USING (source)),
+n AS (SELECT *, {scaled} AS s FROM j WINDOW p AS (PARTITION BY prompt_id, source))
+SELECT candidate_id, CASE WHEN count(s) = {n_sources} THEN sum(weight * s) END AS reward
+FROM n GROUP BY candidate_id
+"""
+_MINMAX = """CASE WHEN score IS NULL THEN NULL ELSE coalesce(
+    (score - min(score) OVER p) / nullif(max(score) OVER p - min(score) OVER p, 0), 0) END"""
+
+# CREAM: per prompt, Kendall's τ-b between two rankings of the same candidates.
+_CREAM = """
+CREATE OR REPLACE TEMP TABLE cur_cream AS
+WITH x AS (
+    SELECT candidate_id, any_value(prompt_id) AS prompt_id,
+           max(score) FILTER (WHERE source = {now}) AS s1, max(score) FILTER (WHERE source = {before}) AS s2
+    FROM judgments GROUP BY candidate_id HAVING s1 IS NOT NULL AND s2 IS NOT NULL)
+SELECT a.prompt_id,
+       sum(sign(a.s1 - b.s1) * sign(a.s2 - b.s2))
+       / nullif(sqrt(sum(abs(sign(a.s1 - b.s1))) * sum(abs(sign(a.s2 - b.s2)))), 0) AS tau
+FROM x a JOIN x b ON a.prompt_id = b.prompt_id AND a.candidate_id < b.candidate_id
+GROUP BY a.prompt_id
+"""
 
 # The prompt text joins only the final pairs: carried through every candidate row, it would
 # multiply the memory of the steps by the samples per prompt. The steps that later steps read
@@ -56,7 +77,7 @@ SELECT c.run_id, c.round, c.prompt_id, p.category, c.candidate_id, c.response, c
        regexp_replace(trim(c.response), '\\s+', ' ', 'g') AS norm
 FROM candidates c
 JOIN (SELECT prompt_id, any_value(category) AS category FROM prompts GROUP BY prompt_id) p USING (prompt_id)
-JOIN (SELECT candidate_id, {reward} AS reward FROM judgments GROUP BY candidate_id) r USING (candidate_id)
+JOIN cur_reward r USING (candidate_id)
 WHERE r.reward IS NOT NULL
 """
 
@@ -101,9 +122,17 @@ FROM cur_signal b JOIN cur_signal w ON b.prompt_id = w.prompt_id AND b.best_rank
 WHERE b.reward - w.reward >= {min_margin} AND b.norm <> w.norm""",
 }
 
+_KEEP = """
+CREATE OR REPLACE TEMP TABLE cur_consistent AS
+SELECT p.* FROM cur_pairs p {consistency_joins} WHERE {consistency};
+CREATE OR REPLACE TEMP TABLE cur_kept AS
+SELECT p.*, c.tau AS cream_tau FROM cur_consistent p LEFT JOIN cur_cream c USING (prompt_id)
+WHERE {cream_keep}
+"""
+
 _CAP_AND_BALANCE = """
 CREATE OR REPLACE TEMP VIEW cur_capped AS
-SELECT * EXCLUDE (pair_rank) FROM cur_pairs WHERE pair_rank <= {pairs_per_prompt};
+SELECT * EXCLUDE (pair_rank) FROM cur_kept WHERE pair_rank <= {pairs_per_prompt};
 CREATE OR REPLACE TEMP TABLE cur_final AS
 SELECT * EXCLUDE (cat_rank) FROM (
     SELECT *, row_number() OVER (PARTITION BY category ORDER BY hash(pair_id || '{seed}'), pair_id) AS cat_rank
@@ -124,8 +153,7 @@ ORDER BY prompt_id
 _FUNNEL = """
 SELECT
     (SELECT count(*) FROM candidates) AS candidates,
-    (SELECT count(*) FROM candidates c JOIN (SELECT candidate_id, {reward} AS reward FROM judgments
-                                           GROUP BY candidate_id) r USING (candidate_id)
+    (SELECT count(*) FROM candidates c JOIN cur_reward r USING (candidate_id)
      WHERE r.reward IS NOT NULL) AS candidates_scored,
     (SELECT count(*) FROM cur_unique) AS candidates_unique,
     (SELECT count(DISTINCT prompt_id) FROM prompts) AS prompts,
@@ -134,6 +162,9 @@ SELECT
     (SELECT count(*) FROM cur_spread WHERE spread > 0 AND spread < {min_margin}) AS prompts_below_margin,
     (SELECT count(*) FROM cur_spread WHERE spread >= {min_margin}) AS prompts_with_signal,
     (SELECT count(*) FROM cur_pairs) AS pairs_eligible,
+    (SELECT count(*) FROM cur_consistent) AS pairs_consistent,
+    (SELECT count(*) FROM cur_kept) AS pairs_cream_kept,
+    (SELECT avg(tau) FROM cur_cream) AS cream_tau,
     (SELECT count(*) FROM cur_capped) AS pairs_capped,
     (SELECT count(*) FROM cur_final) AS pairs
 """
@@ -154,6 +185,12 @@ class Curated:
 def curate(con: duckdb.DuckDBPyConnection, cfg: CurationConfig, seed: int = 0) -> Curated:
     """Pairs and the SFT set from the relations `prompts`, `candidates`, `judgments` on `con`."""
     m = _num(cfg.min_margin)
+    weights = cfg.weights()
+    con.execute(_REWARD.format(
+        weights=", ".join(f"({catalog.sql_str(n)}, {_num(w)})" for n, w in weights.items()), n_sources=len(weights),
+        scaled=_MINMAX if cfg.normalize == "prompt_minmax" else "score"))
+    con.execute(_CREAM.format(now=catalog.sql_str(cfg.cream_source),
+                              before=catalog.sql_str(f"{cfg.cream_source}@previous")))
     dedup = ("QUALIFY row_number() OVER (PARTITION BY prompt_id, norm ORDER BY reward DESC, candidate_id) = 1"
              if cfg.dedup else "")
     limits = []
@@ -162,21 +199,32 @@ def curate(con: duckdb.DuckDBPyConnection, cfg: CurationConfig, seed: int = 0) -
     if cfg.max_pairs_per_category is not None:
         limits.append(str(int(cfg.max_pairs_per_category)))
     category_limit = f"least({', '.join(limits)})" if len(limits) > 1 else (limits[0] if limits else "9223372036854775807")
-    columns = _PAIR_COLUMNS.format(rule=cfg.rule, reward_name=cfg.reward)
-    con.execute(_SCORED.format(length_penalty=_num(cfg.length_penalty), reward=REWARDS[cfg.reward]))
+    columns = _PAIR_COLUMNS.format(rule=cfg.rule, reward_name=cfg.reward_name().replace("'", "''"))
+    con.execute(_SCORED.format(length_penalty=_num(cfg.length_penalty)))
     con.execute(_UNIQUE.format(dedup=dedup))
     con.execute(_SIGNAL.format(min_margin=m))
     con.execute("CREATE OR REPLACE TEMP TABLE cur_pairs AS "
                 + _RULES[cfg.rule].format(columns=columns, min_margin=m, seed=int(seed)))
+    joins, conditions = [], ["true"]
+    for i, source in enumerate(cfg.consistency):
+        name = catalog.sql_str(source)
+        for side, cid in (("b", "chosen_id"), ("w", "rejected_id")):
+            joins.append(f"LEFT JOIN (SELECT candidate_id, score FROM judgments WHERE source = {name}) {side}{i} "
+                         f"ON {side}{i}.candidate_id = p.{cid}")
+        conditions.append(f"coalesce(b{i}.score > w{i}.score, false)")
+    cream_keep = f"(c.tau IS NULL OR c.tau >= {_num(cfg.cream_min_tau)})" if cfg.cream == "skip" else "true"
+    con.execute(_KEEP.format(consistency_joins=" ".join(joins), consistency=" AND ".join(conditions),
+                             cream_keep=cream_keep))
     con.execute(_CAP_AND_BALANCE.format(pairs_per_prompt=int(cfg.pairs_per_prompt), seed=int(seed),
                                         category_limit=category_limit))
     pairs = con.sql(f"SELECT f.*, p.prompt FROM cur_final f JOIN ({_PROMPT_TEXT}) p USING (prompt_id) "
                     "ORDER BY prompt_id, chosen_id, rejected_id").to_arrow_table()
-    sft = con.sql(_SFT.format(reward_name=cfg.reward, threshold=_num(cfg.sft_threshold),
+    sft = con.sql(_SFT.format(reward_name=cfg.reward_name().replace("'", "''"), threshold=_num(cfg.sft_threshold),
                               prompt_text=_PROMPT_TEXT)).to_arrow_table()
-    funnel = con.sql(_FUNNEL.format(min_margin=m, reward=REWARDS[cfg.reward])).to_arrow_table().to_pylist()[0]
+    funnel = con.sql(_FUNNEL.format(min_margin=m)).to_arrow_table().to_pylist()[0]
     return Curated(pairs.select(parquet.TABLES["pairs"].names).cast(parquet.TABLES["pairs"]),
-                   sft.cast(parquet.TABLES["sft"]), {k: int(v) for k, v in funnel.items()})
+                   sft.cast(parquet.TABLES["sft"]),
+                   {k: (v if k == "cream_tau" else int(v)) for k, v in funnel.items()})
 
 
 def pair_metrics(curated: Curated) -> dict[str, float]:
@@ -188,6 +236,8 @@ def pair_metrics(curated: Curated) -> dict[str, float]:
             "prompts_with_pair": len({*pairs.column("prompt_id").to_pylist()}) / f["prompts"] if f["prompts"] else 0.0,
             "pair_length_gap": sum(gaps) / len(gaps) if gaps else 0.0,
             "prompts_no_signal": f["prompts_uniform"], "duplicates_removed": f["candidates_scored"] - f["candidates_unique"],
+            "pairs_inconsistent": f["pairs_eligible"] - f["pairs_consistent"],
+            "pairs_cream_skipped": f["pairs_consistent"] - f["pairs_cream_kept"], "cream_tau": f["cream_tau"],
             "sft_examples": curated.sft.num_rows}
 
 

@@ -1,96 +1,184 @@
-"""Stage 2, self-evaluation: every candidate gets the verifier's score (where the task has
-one) and the policy's own LLM-as-a-judge score. Unparsed judge outputs stay as rows with
-score NULL."""
+"""Stage 2, self-evaluation: every configured reward source scores every candidate (one
+judgments row per candidate and source; an unparsed verdict stays as a row with score NULL),
+and the judge's health is measured for the round (the judge_health table and MLflow)."""
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Sequence
+from itertools import combinations
 
 import pyarrow as pa
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from flywheel import progress
-from flywheel.models import judges, loading
+from flywheel.models import rewards
 from flywheel.models.tasksource import make_source
-from flywheel.storage import catalog, parquet
-from flywheel.tasks.common import StageContext, short_hash
+from flywheel.storage import catalog, parquet, plots
+from flywheel.storage.datacard import card_dir
+from flywheel.tasks.common import StageContext
 
 VERIFIER_THRESHOLD = 1.0  # a verifier score counts as "correct" at this value
-JUDGE_THRESHOLD = 2.5  # an expected judge score (0–5) at or above this counts as "good"
+# A score at or above this counts as "good" when compared with the verifier's verdict.
+THRESHOLDS = {"llm_judge": 2.5, "majority_vote": 0.5, "pairwise_judge": 0.5, "verifier": VERIFIER_THRESHOLD}
 
 
-def verifier_rows(prompts: dict[str, dict], candidates: Sequence[dict], source, spec_hash: str) -> list[dict]:
-    rows = []
-    for c in candidates:
-        p = prompts[c["prompt_id"]]
-        extracted = judges.extract_answer(c["response"], p["answer"])
-        score = source.score(extracted, p["answer"], json.loads(p["metadata"] or "{}"))
-        rows.append(dict(run_id=c["run_id"], round=c["round"], candidate_id=c["candidate_id"],
-                         prompt_id=c["prompt_id"], source="verifier", spec_hash=spec_hash, score=score,
-                         parse_ok=score is not None, raw=extracted, details=None))
-    return rows
+def judgment_rows(ctx: StageContext, source: rewards.Source, candidates: Sequence[dict],
+                  verdicts: Sequence[rewards.Verdict]) -> list[dict]:
+    return [dict(run_id=ctx.run_id, round=ctx.round, candidate_id=c["candidate_id"], prompt_id=c["prompt_id"],
+                 source=source.name, spec_hash=source.spec_hash, score=v.score, parse_ok=v.parse_ok, raw=v.raw,
+                 details=json.dumps(v.details) if v.details else None)
+            for c, v in zip(candidates, verdicts, strict=True)]
 
 
-def judge_metrics(rows: Sequence[dict]) -> dict[str, float | None]:
-    """Parse-failure rate of the LLM judge and its agreement with the verifier (where both scored)."""
-    by_source: dict[str, dict[str, float | None]] = {}
+def contested(candidates: Sequence[dict], cheap_rows: Sequence[dict]) -> list[dict]:
+    """Candidates of prompts that some cheap decider (verifier, majority vote) does not score all
+    alike: elsewhere no pair can form on those sources' verdicts. With no decider, all of them."""
+    if not cheap_rows:
+        return list(candidates)
+    spread: dict[tuple[str, str], set] = {}
+    for r in cheap_rows:
+        spread.setdefault((r["source"], r["prompt_id"]), set()).add(r["score"])
+    keep = {pid for (_, pid), scores in spread.items() if len(scores - {None}) > 1}
+    return [c for c in candidates if c["prompt_id"] in keep]
+
+
+def _pearson(xs: Sequence[float], ys: Sequence[float]) -> float | None:
+    if len(xs) < 3:
+        return None
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sx = math.sqrt(sum((x - mx) ** 2 for x in xs))
+    sy = math.sqrt(sum((y - my) ** 2 for y in ys))
+    if sx == 0 or sy == 0:
+        return None
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / (sx * sy)
+
+
+def health(rows: Sequence[dict], candidates: Sequence[dict], prompts: dict[str, dict],
+           types: dict[str, str]) -> list[dict]:
+    """Per source: parse failures, score–length correlation, mean sample variance, position bias,
+    and, where a verifier scored the same candidates, agreement with it (pointwise accuracy and
+    pairwise accuracy on candidate pairs the verifier orders)."""
+    tokens = {c["candidate_id"]: c["n_tokens"] for c in candidates}
+    by_source: dict[str, dict[str, dict]] = {}
     for r in rows:
-        by_source.setdefault(r["source"], {})[r["candidate_id"]] = r["score"]
-    judge = by_source.get("llm_judge", {})
-    verifier = by_source.get("verifier", {})
-    both = [(judge[c], verifier[c]) for c in judge if judge[c] is not None and verifier.get(c) is not None]
-    out: dict[str, float | None] = {
-        "judge_parse_failure_rate": (sum(v is None for v in judge.values()) / len(judge)) if judge else None,
-        "judge_verifier_agreement": (sum((j >= JUDGE_THRESHOLD) == (v >= VERIFIER_THRESHOLD) for j, v in both)
-                                     / len(both)) if both else None,
-        "verifier_mean_score": (sum(v for v in verifier.values() if v is not None) / len(verifier))
-        if verifier else None,
-    }
+        by_source.setdefault(r["source"], {})[r["candidate_id"]] = r
+    verifier = next((s for s, t in types.items() if t == "verifier" and s in by_source), None)
+    truth = {cid: r["score"] for cid, r in by_source.get(verifier, {}).items() if r["score"] is not None}
+    out: list[dict] = []
+
+    def put(source: str, metric: str, value: float | None) -> None:
+        out.append({"source": source, "metric": metric, "value": None if value is None else float(value)})
+
+    for source, judged in by_source.items():
+        kind = types.get(source.split("@")[0], source)
+        scored = {cid: r["score"] for cid, r in judged.items() if r["score"] is not None}
+        put(source, "judged", len(judged))
+        put(source, "parse_failure_rate", sum(not r["parse_ok"] for r in judged.values()) / len(judged))
+        put(source, "mean_score", sum(scored.values()) / len(scored) if scored else None)
+        put(source, "length_correlation", _pearson([scored[c] for c in scored], [tokens[c] for c in scored]))
+        details = [json.loads(r["details"]) for r in judged.values() if r["details"]]
+        variances = [d["variance"] for d in details if d.get("variance") is not None]
+        if kind == "llm_judge":
+            put(source, "mean_sample_variance", sum(variances) / len(variances) if variances else None)
+        if kind == "pairwise_judge":
+            comps = sum(d.get("comparisons", 0) for d in details)
+            put(source, "position_bias_rate", sum(d.get("inconsistent", 0) for d in details) / comps if comps else None)
+        if kind == "majority_vote":
+            labels = {r["prompt_id"]: json.loads(r["details"] or "{}").get("label") for r in judged.values()}
+            known = [(pid, lab) for pid, lab in labels.items() if prompts[pid]["answer"] is not None]
+            right = [lab == rewards.extracted_answer(prompts[pid]["answer"], prompts[pid]["answer"]) for pid, lab in known]
+            put(source, "pseudo_label_accuracy", sum(right) / len(right) if right else None)
+        if source == verifier or not truth:
+            continue
+        both = [c for c in scored if c in truth]
+        if kind in THRESHOLDS and both:
+            agree = [(scored[c] >= THRESHOLDS[kind]) == (truth[c] >= VERIFIER_THRESHOLD) for c in both]
+            put(source, "verifier_agreement", sum(agree) / len(agree))
+        by_prompt: dict[str, list[str]] = {}
+        for c in candidates:
+            if c["candidate_id"] in both:
+                by_prompt.setdefault(c["prompt_id"], []).append(c["candidate_id"])
+        hits = total = 0.0
+        for cids in by_prompt.values():
+            for a, b in combinations(cids, 2):
+                if truth[a] == truth[b]:
+                    continue
+                total += 1
+                s = (scored[a] - scored[b]) * (truth[a] - truth[b])
+                hits += 1.0 if s > 0 else 0.5 if s == 0 else 0.0
+        put(source, "verifier_pairwise_accuracy", hits / total if total else None)
     return out
 
 
+def headline(health_rows: Sequence[dict], types: dict[str, str]) -> dict[str, float | None]:
+    """The first LLM judge's numbers under the names the round table and plots use."""
+    judge = next((s for s, t in types.items() if t == "llm_judge"), None)
+    get = {(h["source"], h["metric"]): h["value"] for h in health_rows}
+    verifier = next((s for s, t in types.items() if t == "verifier"), None)
+    return {"judge_parse_failure_rate": get.get((judge, "parse_failure_rate")),
+            "judge_verifier_agreement": get.get((judge, "verifier_agreement")),
+            "verifier_mean_score": get.get((verifier, "mean_score"))}
+
+
 @task(name="judge", cache_policy=NO_CACHE)
-def judge_task(ctx: StageContext, policy: str) -> dict:
+def judge_task(ctx: StageContext, policy: str, previous: str | None = None, reference: str | None = None) -> dict:
+    """`previous`: the previous round's policy (for judges with previous: true); `reference`: the
+    DPO reference `policy` was trained against (for the implicit reward)."""
     cfg = ctx.config
     prompts = {p["prompt_id"]: p for p in
                parquet.read_table(ctx.workspace, "prompts", ctx.run_id, ctx.round, part="train").to_pylist()}
     candidates = parquet.read_table(ctx.workspace, "candidates", ctx.run_id, ctx.round).to_pylist()
+    sources = rewards.build(cfg.judge, make_source(cfg.task))
+    models = rewards.Models(policy, previous, reference, cfg.model.dtype, cfg.judge.batch_size,
+                            cfg.judge.max_prompt_tokens, cfg.seed * 1000 + ctx.round)
     rows: list[dict] = []
-    t0 = time.perf_counter()
-    if cfg.judge.verifier:
-        source = make_source(cfg.task)
-        rows += verifier_rows(prompts, candidates, source, short_hash("verifier", cfg.task.model_dump(mode="json")))
-    template_hash = None
-    if cfg.judge.llm_judge:
-        rubric = judges.load_rubric(cfg.judge.template)
-        template_hash = rubric.hash
-        model, tok = loading.load(policy, cfg.model.dtype)
-        with progress.stage("judge", len(candidates), "candidates") as advance:
-            results = judges.llm_judge(model, tok, rubric, [prompts[c["prompt_id"]]["prompt"] for c in candidates],
-                                       [c["response"] for c in candidates], batch_size=cfg.judge.batch_size,
-                                       max_prompt_tokens=cfg.judge.max_prompt_tokens, progress=advance)
-        rows += [dict(run_id=ctx.run_id, round=ctx.round, candidate_id=c["candidate_id"], prompt_id=c["prompt_id"],
-                      source="llm_judge", spec_hash=rubric.hash, score=r.score, parse_ok=r.parse_ok, raw=r.raw,
-                      details=r.details) for c, r in zip(candidates, results, strict=True)]
+    metrics: dict = {}
+    t_all = time.perf_counter()
+    for source in sources:
+        cands = candidates
+        if source.model_based and cfg.judge.subset == "contested":
+            cheap = {s.name for s in sources if s.cheap_decider}
+            cands = contested(candidates, [r for r in rows if r["source"] in cheap])
+            metrics[f"judge_skipped.{source.name}"] = len(candidates) - len(cands)
+        t0 = time.perf_counter()
+        unit = "comparisons" if isinstance(source, rewards.PairwiseJudge) else "candidates"
+        total = len(cands)
+        if isinstance(source, rewards.PairwiseJudge):
+            total = 2 * len(source.comparisons(rewards.Batch(prompts, cands), models.seed)[2])
+        elif source.model_based:
+            total = len(rewards.Batch(prompts, cands).unique()[0]) * (2 if isinstance(source, rewards.ImplicitReward)
+                                                                      else 1)
+        with progress.stage(f"judge:{source.name}", max(total, 1), unit) as advance:
+            verdicts = source.judge(rewards.Batch(prompts, cands), models, advance)
+        rows += judgment_rows(ctx, source, cands, verdicts)
+        seconds = time.perf_counter() - t0
+        metrics[f"judge_seconds.{source.name}"] = seconds
+        metrics[f"judge_rate.{source.name}"] = len(cands) / seconds if seconds > 0 else None
     parquet.write_table(ctx.workspace, "judgments", ctx.run_id, ctx.round, rows)
+    types = {s.spec.key(): s.spec.type for s in sources}
+    health_rows = [dict(run_id=ctx.run_id, round=ctx.round, **h) for h in health(rows, candidates, prompts, types)]
+    parquet.write_table(ctx.workspace, "judge_health", ctx.run_id, ctx.round, health_rows)
+    plots.score_histograms(rows, card_dir(ctx.workspace, ctx.run_id, ctx.round) / "judge_scores.png")
     catalog.refresh(ctx.workspace)
-    return {"judge_seconds": time.perf_counter() - t0, "judge_template_hash": template_hash, **judge_metrics(rows)}
+    metrics |= {f"judge.{h['source'].replace('@', '_at_')}.{h['metric']}": h["value"] for h in health_rows}
+    llm = next((s for s in sources if isinstance(s, rewards.LLMJudge)), None)
+    return {"judge_seconds": time.perf_counter() - t_all, "judge_template_hash": llm.rubric.hash if llm else None,
+            **headline(health_rows, types), **metrics}
 
 
 def candidates_sample(ctx: StageContext, limit: int = 64) -> pa.Table:
-    """Candidates with their scores, for an MLflow table artifact."""
+    """Candidates with every source's score, for an MLflow table artifact."""
     root = ctx.workspace
     c, j, p = (catalog.sql_str(str(parquet.table_path(root, t, ctx.run_id, ctx.round, part))) for t, part in
                (("candidates", "data"), ("judgments", "data"), ("prompts", "train")))
     import duckdb
 
     return duckdb.sql(f"""
-        SELECT p.prompt, c.response, c.n_tokens,
-               max(j.score) FILTER (WHERE j.source = 'verifier') AS verifier_score,
-               max(j.score) FILTER (WHERE j.source = 'llm_judge') AS judge_score
-        FROM read_parquet({c}) c JOIN read_parquet({p}) p USING (prompt_id)
-        LEFT JOIN read_parquet({j}) j USING (candidate_id)
-        GROUP BY ALL ORDER BY p.prompt, c.response LIMIT {int(limit)}""").to_arrow_table()
+        PIVOT (SELECT p.prompt, c.response, c.n_tokens, j.source, j.score
+               FROM read_parquet({c}) c JOIN read_parquet({p}) p USING (prompt_id)
+               LEFT JOIN read_parquet({j}) j USING (candidate_id))
+        ON source USING max(score) ORDER BY prompt, response LIMIT {int(limit)}""").to_arrow_table()

@@ -43,6 +43,16 @@ def training_rows(ctx: StageContext) -> tuple[list[dict], int]:
     return current + replayed.to_pylist(), replayed.num_rows
 
 
+def cream_label_smoothing(rows: list[dict]) -> float | None:
+    """CREAM: trust the round's labels as much as the two rankings agree. The consistency rate
+    (1 + τ̄)/2 of the pairs' prompts becomes DPO's label smoothing 1 − (1 + τ̄)/2 (robust/cDPO);
+    None when no pair has a τ (round 1: there is no previous ranking)."""
+    taus = [r["cream_tau"] for r in rows if r.get("cream_tau") is not None]
+    if not taus:
+        return None
+    return min(0.5, max(0.0, 1 - (1 + sum(taus) / len(taus)) / 2))
+
+
 @task(name="train", cache_policy=NO_CACHE)
 def train_task(ctx: StageContext, policy: str, base: str) -> dict:
     method = ctx.config.train.method
@@ -54,10 +64,15 @@ def train_task(ctx: StageContext, policy: str, base: str) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     progress.console.print(f"[train] {method.upper()} on {len(rows)} rows ({n_replay} replayed) from {policy}")
+    train_cfg, extra = ctx.config.train, {}
+    smoothing = cream_label_smoothing(rows) if ctx.config.curation.cream == "weight" else None
+    if smoothing is not None:
+        train_cfg = train_cfg.model_copy(update={"dpo": {**train_cfg.dpo, "label_smoothing": smoothing}})
+        extra["dpo_label_smoothing"] = smoothing
     # TRL's own MLflow callback logs loss and reward margins into the round's run.
     tracked = ctx.mlflow_run_id is not None
     with tracking.active(ctx.mlflow_run_id) if tracked else contextlib.nullcontext():
-        metrics = trainer.train(policy, rows, ctx.config.train, out, base=base, seed=ctx.config.seed + ctx.round,
+        metrics = trainer.train(policy, rows, train_cfg, out, base=base, seed=ctx.config.seed + ctx.round,
                                 report_to=["mlflow"] if tracked else [], dtype=ctx.config.model.dtype)
     return {"train_seconds": time.perf_counter() - t0, "policy_out": str(out), "trained": True,
-            "train_rows": len(rows), "replayed_rows": n_replay, **metrics}
+            "train_rows": len(rows), "replayed_rows": n_replay, **extra, **metrics}

@@ -53,12 +53,12 @@ def test_duckdb_views_answer(run):
     ws, config, result = run
     rounds = catalog.query(ws, "SELECT * FROM rounds ORDER BY round").to_pylist()
     assert [r["round"] for r in rounds] == [0, 1, 2] and {r["status"] for r in rounds} == {"completed"}
-    # lineage: a round starts from the champion (the last promoted model), which is also its DPO reference;
+    # lineage: a round starts from the champion (the last promoted model); its DPO reference is the base;
     # a round is promoted when its accuracy is at least the champion's
     assert rounds[1]["policy_in"] == rounds[0]["policy_out"] == rounds[0]["policy_in"]
     assert rounds[1]["promoted"] == (rounds[1]["accuracy"] >= rounds[0]["accuracy"])
     champion = rounds[1] if rounds[1]["promoted"] else rounds[0]
-    assert rounds[2]["policy_in"] == champion["policy_out"] and rounds[2]["reference_model"] == rounds[2]["policy_in"]
+    assert rounds[2]["policy_in"] == champion["policy_out"] and rounds[2]["reference_model"] == rounds[0]["policy_in"]
     assert rounds[2]["promoted"] == (rounds[2]["accuracy"] >= champion["accuracy"])
     assert {r["config_hash"] for r in rounds} == {config.hash()}
     assert rounds[1]["judge_template_hash"] and rounds[1]["registered_version"] == "1"

@@ -44,9 +44,28 @@ def test_missing_and_malformed_yaml(tmp_path):
         load_config(bad)
 
 
-def test_reward_needs_its_source():
-    with pytest.raises(ConfigError, match="needs judge.verifier"):
-        load_config(None, {"judge": {"verifier": False}})
+@pytest.mark.parametrize("overrides, message", [
+    ({"judge": {"sources": ["llm_judge"]}}, "curation.reward names 'verifier', which is not among judge.sources"),
+    ({"curation": {"reward": {"verifier": 1.0, "majority_vote": 0.5}}}, "curation.reward names 'majority_vote'"),
+    ({"curation": {"reward": {"verifier": 0.0}}}, "curation.reward: a weighted reward needs at least one non-zero"),
+    ({"curation": {"consistency": ["verifier", "pairwise_judge"]}}, "curation.consistency names 'pairwise_judge'"),
+    ({"judge": {"sources": ["verifier", "verifier"]}}, "two sources named 'verifier'"),
+    ({"judge": {"sources": ["verifier", "telepathy"]}}, "judge.sources.1: unknown type 'telepathy'"),
+    ({"judge": {"sources": [{"type": "verifier", "match": "callable"}]}}, "match: callable needs callable"),
+    ({"curation": {"cream": "skip"}}, "curation.cream needs the 'llm_judge' judge with previous: true"),
+])
+def test_reward_sources_and_their_uses_are_checked(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_source_shorthand_and_names():
+    c = load_config(None, {"judge": {"sources": ["verifier", "majority_vote", {"type": "llm_judge", "previous": True},
+                                                 {"type": "verifier", "name": "exact", "match": "exact"}]},
+                           "curation": {"reward": {"majority_vote": 1.0, "exact": 0.5}}})
+    assert c.judge.names() == ["verifier", "majority_vote", "llm_judge", "llm_judge@previous", "exact"]
+    assert c.curation.reward_name() == "1*majority_vote+0.5*exact"
 
 
 def test_hash_ignores_workspace_but_not_meaning():

@@ -9,19 +9,20 @@ from flywheel.storage.parquet import to_table
 from flywheel.tasks.curate import curate
 
 
-def make_con(prompts: dict[str, list[tuple[str, float | None, float | None]]]) -> duckdb.DuckDBPyConnection:
-    """prompt text → [(response, verifier score, judge score)]."""
+def make_con(prompts: dict[str, list[tuple]]) -> duckdb.DuckDBPyConnection:
+    """prompt text → [(response, verifier score, judge score)] or [(response, {source: score})]."""
     p_rows, c_rows, j_rows = [], [], []
     for pi, (prompt, cands) in enumerate(prompts.items()):
         pid = f"p{pi}"
         p_rows.append(dict(run_id="r", round=1, prompt_id=pid, split="train", task="t", category=category(prompt),
                            seed=None, prompt=prompt, answer=None, metadata=None))
-        for ci, (resp, v, j) in enumerate(cands):
+        for ci, (resp, *scores) in enumerate(cands):
             cid = f"{pid}c{ci}"
+            by_source = scores[0] if isinstance(scores[0], dict) else {"verifier": scores[0], "llm_judge": scores[1]}
             c_rows.append(dict(run_id="r", round=1, candidate_id=cid, prompt_id=pid, policy="m", sample_index=ci,
                                seed=0, response=resp, n_tokens=1, finish_reason="stop", mean_logprob=None,
                                self_certainty=None, sampling="{}"))
-            for source, score in (("verifier", v), ("llm_judge", j)):
+            for source, score in by_source.items():
                 j_rows.append(dict(run_id="r", round=1, candidate_id=cid, prompt_id=pid, source=source,
                                    spec_hash="h", score=score, parse_ok=score is not None, raw=None, details=None))
     con = duckdb.connect()
@@ -74,9 +75,10 @@ def test_judge_reward_and_combined_reward():
     cands = {"q": [("a", 1.0, 1.0), ("b", 1.0, 4.0), ("c", 0.0, 5.0)]}
     judge = pairs_of(cands, reward="llm_judge", min_margin=1.0)
     assert [(p["chosen"], p["rejected"]) for p in judge] == [("c", "a")]
-    combined = pairs_of(cands, reward="verifier+llm_judge", min_margin=0.5)
+    combined = pairs_of(cands, reward={"verifier": 1.0, "llm_judge": 0.099}, min_margin=0.5)
     # the verifier decides (a or b over c); the judge orders a and b: b is chosen
     assert [(p["chosen"], p["rejected"]) for p in combined] == [("b", "c")]
+    assert combined[0]["reward"] == "1*verifier+0.099*llm_judge"
 
 
 def test_every_pair_is_strictly_ordered_and_one_per_prompt():
@@ -91,7 +93,7 @@ def test_deterministic():
     assert pairs_of(prompts) == pairs_of(prompts)
 
 
-@pytest.mark.parametrize("reward", ["verifier", "llm_judge", "verifier+llm_judge"])
+@pytest.mark.parametrize("reward", ["verifier", "llm_judge", {"verifier": 1.0, "llm_judge": 0.1}])
 def test_output_matches_pairs_schema(reward):
     from flywheel.storage.schemas import PAIRS
 
@@ -196,3 +198,53 @@ def test_sft_set_is_the_best_sample_above_the_threshold():
     assert len(curated(prompts, sft_threshold=0.5).sft) == 3
     from flywheel.storage.schemas import SFT
     assert curated(prompts).sft.schema.equals(SFT)
+
+
+def test_weighted_ensemble_and_prompt_minmax():
+    # self_certainty in nats (large), majority_vote 0/1: raw weights let certainty dominate
+    prompts = {"q": [("a", {"majority_vote": 1.0, "self_certainty": 10.0}),
+                     ("b", {"majority_vote": 0.0, "self_certainty": 14.0}),
+                     ("c", {"majority_vote": 1.0, "self_certainty": 12.0})]}
+    w = {"majority_vote": 1.0, "self_certainty": 0.5}
+    raw = pairs_of(prompts, reward=w, min_margin=0.5)
+    assert chosen_rejected(raw) == [("b", "a")]  # 7.0 vs 6.0: certainty decides
+    scaled = pairs_of(prompts, reward=w, normalize="prompt_minmax", min_margin=0.5)
+    # scaled certainty: a 0, b 1, c 0.5 → rewards a 1.0, b 0.5, c 1.25
+    assert chosen_rejected(scaled) == [("c", "b")]
+    assert scaled[0]["margin"] == pytest.approx(0.75)
+
+
+def test_a_null_in_any_weighted_source_excludes_the_candidate():
+    prompts = {"q": [("a", {"verifier": 1.0, "llm_judge": None}), ("b", {"verifier": 0.0, "llm_judge": 1.0}),
+                     ("c", {"verifier": 1.0, "llm_judge": 2.0})]}
+    pairs = pairs_of(prompts, reward={"verifier": 1.0, "llm_judge": 0.1})
+    assert chosen_rejected(pairs) == [("c", "b")]
+
+
+def test_consistency_filter_keeps_only_pairs_every_source_orders_alike():
+    # q1: verifier and judge agree on a over b; q2: they disagree (judge prefers the wrong answer)
+    prompts = {"q1": [("a", {"verifier": 1.0, "llm_judge": 4.0}), ("b", {"verifier": 0.0, "llm_judge": 1.0})],
+               "q2": [("c", {"verifier": 1.0, "llm_judge": 1.0}), ("d", {"verifier": 0.0, "llm_judge": 5.0})],
+               "q3": [("e", {"verifier": 1.0, "llm_judge": None}), ("f", {"verifier": 0.0, "llm_judge": 2.0})]}
+    assert len(pairs_of(prompts)) == 3
+    c = curated(prompts, consistency=["verifier", "llm_judge"])
+    assert chosen_rejected(c.pairs.to_pylist()) == [("a", "b")]  # a NULL judge score is no agreement
+    assert c.funnel["pairs_eligible"] == 3 and c.funnel["pairs_consistent"] == 1
+
+
+def test_cream_tau_per_prompt_and_skip():
+    def cand(r, v, now, before):
+        return (r, {"verifier": v, "llm_judge": now, "llm_judge@previous": before})
+    prompts = {"agree": [cand("a", 1.0, 3.0, 4.0), cand("b", 0.0, 2.0, 3.0), cand("c", 0.0, 1.0, 2.0)],
+               "reverse": [cand("d", 1.0, 1.0, 3.0), cand("e", 0.0, 2.0, 2.0), cand("f", 0.0, 3.0, 1.0)]}
+    off = curated(prompts)
+    taus = {p["chosen"]: p["cream_tau"] for p in off.pairs.to_pylist()}
+    assert taus == {"a": pytest.approx(1.0), "d": pytest.approx(-1.0)}
+    assert off.funnel["cream_tau"] == pytest.approx(0.0)
+    skip = curated(prompts, cream="skip", cream_min_tau=0.0)
+    assert [p["chosen"] for p in skip.pairs.to_pylist()] == ["a"]
+    assert skip.funnel["pairs_cream_kept"] == 1
+    # no previous-round scores (round 1): τ is NULL and nothing is skipped
+    first = {k: [(r, {"verifier": s["verifier"], "llm_judge": 1.0}) for r, s in v] for k, v in prompts.items()}
+    c = curated(first, cream="skip")
+    assert len(c.pairs) == 2 and all(p["cream_tau"] is None for p in c.pairs.to_pylist())

@@ -21,7 +21,7 @@ def test_builtin_rubric_is_self_rewarding_additive():
     r = load_rubric()
     assert "additive 5-point" in r.user and "{question}" in r.user and "{response}" in r.user
     assert r.prefill == "Score: "  # trailing space kept: the next token is the digit
-    user, _ = r.render("What is {x}?", "It is {y}")
+    user, _ = r.render("What is {x}?", response="It is {y}")
     assert "What is {x}?" in user and "It is {y}" in user  # braces in data survive
 
 

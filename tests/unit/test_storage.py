@@ -59,8 +59,11 @@ def test_catalog_missing_is_a_clear_error(tmp_path):
 
 def test_catalog_is_opened_read_only(tmp_path):
     catalog.refresh(tmp_path)
-    with pytest.raises(duckdb.Error):
+    with pytest.raises(catalog.ReadOnlyError, match="CREATE statements are refused"):
         catalog.query(tmp_path, "CREATE TABLE x (a INT)")
+    # and the connection itself is read-only, behind the statement check
+    with catalog.connect(tmp_path) as con, pytest.raises(duckdb.Error):
+        con.execute("CREATE TABLE x (a INT)")
 
 
 def test_two_workspaces_in_one_process_keep_their_own_mlflow_stores(tmp_path, monkeypatch):
