@@ -368,19 +368,37 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return out
 
 
-def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> FlywheelConfig:
-    """YAML file (optional) + overrides (CLI flags, nested dicts) → validated config."""
+def presets() -> dict[str, Path]:
+    """The shipped configs (configs/*.yaml), by name: `flywheel run --preset label_free`."""
+    from importlib import resources
+
+    root = resources.files("flywheel").joinpath("configs")
+    return {Path(f.name).stem: Path(str(f)) for f in root.iterdir() if f.name.endswith(".yaml")}
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None,
+                preset: str | None = None) -> FlywheelConfig:
+    """Preset (optional) < YAML file (optional) < overrides (CLI flags, nested dicts) → validated config."""
     data: dict[str, Any] = {}
+    if preset is not None:
+        known = presets()
+        if preset not in known:
+            raise ConfigError(f"unknown preset {preset!r} (known: {', '.join(sorted(known))})")
+        data = _read_yaml(known[preset])
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        data = deep_merge(data, _read_yaml(Path(path)))
     data = deep_merge(data, overrides or {})
     try:
         return FlywheelConfig.model_validate(data)

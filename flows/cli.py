@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a flywheel (defaults: 3 rounds of the embedded SmolLM2-135M on arithmetic)")
-    run.add_argument("--config", type=Path, help="YAML config file; flags below override it")
+    run.add_argument("--preset", help="a shipped config: default, label_free (no verifier in the loop)")
+    run.add_argument("--config", type=Path, help="YAML config file (over the preset); flags below override it")
     run.add_argument("--model", help="transformers model id, local checkpoint dir, or embedded:NAME")
     run.add_argument("--task", help="reasoning-gym dataset name, e.g. chain_sum, basic_arithmetic")
     run.add_argument("--task-option", action="append", type=_parse_option, default=[], metavar="KEY=VALUE",
@@ -94,7 +95,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_run(args: argparse.Namespace) -> int:
     from flywheel.config import load_config
 
-    config = load_config(args.config, overrides_from_args(args))
+    config = load_config(args.config, overrides_from_args(args), preset=args.preset)
     if not args.verbose:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     from flywheel.flows.flywheel import flywheel, prepare

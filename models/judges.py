@@ -77,9 +77,13 @@ def load_rubric(path: Path | None = None, kind: str = "pointwise") -> Rubric:
     for placeholder in PLACEHOLDERS[kind]:
         if placeholder not in text:
             raise RubricError(f"judge template {where} lacks the {placeholder} placeholder")
-    user, _, prefill = text.partition(ASSISTANT_MARK)
+    user, mark, prefill = text.partition(ASSISTANT_MARK)
     # Only newlines are trimmed: the prefill's trailing space matters ("Score: " makes the next token the digit).
-    return Rubric(user.strip(), prefill.strip("\n") or "Score: ", hashlib.sha256(text.encode()).hexdigest()[:16])
+    prefill = prefill.strip("\n")
+    if not mark or not prefill.strip():
+        raise RubricError(f"judge template {where} lacks the verdict cue: a line '{ASSISTANT_MARK}' followed by "
+                          "the start of the judge's answer, right before the score (e.g. 'Score: ')")
+    return Rubric(user.strip(), prefill, hashlib.sha256(text.encode()).hexdigest()[:16])
 
 
 @dataclass

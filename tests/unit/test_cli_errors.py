@@ -54,3 +54,28 @@ def test_bad_prompts_file(tmp_path, content, message):
 def test_sql_without_catalog(tmp_path):
     p, _ = run_cli(["sql", "SELECT 1"], tmp_path)
     assert p.returncode == 2 and "no catalog" in p.stderr
+
+
+@pytest.mark.parametrize("config, files, message", [
+    ("judge:\n  sources: [verifier, telepathy]\n", {}, "judge.sources.1: unknown type 'telepathy'"),
+    ("curation:\n  reward: {verifier: 1.0, llm_judge: 0.5, majority_vote: 1.0}\n", {},
+     "curation.reward names 'majority_vote', which is not among judge.sources"),
+    ("judge:\n  sources: [verifier, {type: llm_judge, template: rubric.txt}]\n",
+     {"rubric.txt": "Rate it: {question}\n<|assistant|>\nScore: "}, "lacks the {response} placeholder"),
+    ("judge:\n  sources: [verifier, {type: llm_judge, template: rubric.txt}]\n",
+     {"rubric.txt": "Rate {question} / {response} from 0 to 5."}, "lacks the verdict cue"),
+    ("judge:\n  sources: [verifier, {type: verifier, name: mine, match: callable, callable: 'nowhere_xyz:check'}]\n",
+     {}, "verifier callable 'nowhere_xyz:check' cannot be imported"),
+    ("judge:\n  sources: [verifier, {type: verifier, name: mine, match: callable, callable: 'checks:boom'}]\n",
+     {"checks.py": "def boom(prompt, response, answer, metadata):\n    raise ValueError('bad check')\n"},
+     "verifier callable 'checks:boom' failed on a probe item: ValueError: bad check"),
+])
+def test_bad_reward_sources_fail_before_generation(tmp_path, config, files, message):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    (tmp_path / "c.yaml").write_text(config)
+    p, ws = run_cli(["run", "--config", "c.yaml"], tmp_path)
+    assert p.returncode == 2, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("flywheel: error:")]
+    assert len(lines) == 1 and message in lines[0], p.stderr
+    assert "Traceback" not in p.stderr and not ws.exists()

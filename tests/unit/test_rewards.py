@@ -1,0 +1,172 @@
+"""Each reward source on fixed toy inputs with known answers (no model where none is needed)."""
+
+import json
+import random
+import sys
+
+import pytest
+
+from flywheel import config as C
+from flywheel.models import judges, rewards
+from flywheel.models.tasksource import ReasoningGymSource
+from flywheel.tasks.curate import curate
+
+EASY = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
+
+
+def batch(prompts: dict[str, tuple[str | None, list[str]]], certainty=None) -> rewards.Batch:
+    """prompt text → (reference answer, responses)."""
+    p_rows, c_rows = {}, []
+    for pi, (text, (answer, responses)) in enumerate(prompts.items()):
+        pid = f"p{pi}"
+        p_rows[pid] = dict(prompt_id=pid, prompt=text, answer=answer, metadata="{}")
+        for k, r in enumerate(responses):
+            c_rows.append(dict(candidate_id=f"{pid}c{k}", prompt_id=pid, sample_index=k, response=r,
+                               n_tokens=len(r.split()), self_certainty=None if certainty is None else certainty[k]))
+    return rewards.Batch(p_rows, c_rows)
+
+
+def scores(source, b, models=None):
+    return [v.score for v in source.judge(b, models or rewards.Models("unused"))]
+
+
+def verifier(**spec):
+    return rewards.Verifier(C.VerifierSource(**spec), ReasoningGymSource("chain_sum", EASY))
+
+
+def test_verifier_task_uses_reasoning_gym_score_answer():
+    src = ReasoningGymSource("chain_sum", EASY)
+    item = src.items(3, 1)[0]
+    right, wrong = item.answer, str(int(item.answer) + 1)
+    b = rewards.Batch({"p": dict(prompt_id="p", prompt=item.prompt, answer=item.answer,
+                                 metadata=json.dumps(item.metadata))},
+                      [dict(candidate_id=f"c{k}", prompt_id="p", sample_index=k, response=r, n_tokens=1)
+                       for k, r in enumerate([f"The answer is {right}.", wrong, "no idea"])])
+    assert scores(verifier(), b) == [1.0, 0.0, 0.0]
+
+
+def test_verifier_exact_numeric_regex():
+    b = batch({"q": ("12", ["It is 12.", "12.0000001", "13", "twelve"]), "open": (None, ["12"])})
+    assert scores(verifier(match="exact"), b) == [1.0, 0.0, 0.0, 0.0, None]
+    assert scores(verifier(match="numeric", tolerance=1e-3), b) == [1.0, 1.0, 0.0, 0.0, None]
+    assert scores(verifier(match="regex", pattern=r"\b{answer}\b"), b) == [1.0, 1.0, 0.0, 0.0, None]
+    assert scores(verifier(match="regex", pattern=r"^\d+$"), batch({"q": ("1", ["42", "4 2"])})) == [1.0, 0.0]
+
+
+def test_verifier_callable(tmp_path, monkeypatch):
+    (tmp_path / "my_checks.py").write_text(
+        "def length_ok(prompt, response, answer, metadata):\n    return float(len(response) <= 3)\n"
+        "def broken(prompt, response, answer, metadata):\n    raise RuntimeError('boom')\n"
+        "not_callable = 3\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    b = batch({"q": ("1", ["abc", "abcd"])})
+    assert scores(verifier(match="callable", callable="my_checks:length_ok"), b) == [1.0, 0.0]
+    broken = verifier(match="callable", callable="my_checks:broken")
+    verdicts = broken.judge(b, rewards.Models("unused"))
+    assert [v.score for v in verdicts] == [None, None] and verdicts[0].raw == "RuntimeError: boom"
+    with pytest.raises(rewards.SourceError, match="failed on a probe item: RuntimeError: boom"):
+        rewards.probe([broken], "q", "1", {})
+    with pytest.raises(rewards.SourceError, match="cannot be imported"):
+        verifier(match="callable", callable="no_such_module_xyz:f")
+    with pytest.raises(rewards.SourceError, match="is not callable"):
+        verifier(match="callable", callable="my_checks:not_callable")
+    sys.modules.pop("my_checks", None)
+
+
+def test_majority_vote_pseudo_label_and_vote_share():
+    b = batch({"q1": ("7", ["7", "The answer is 7", "8", "no answer", "6"]),
+               "tie": (None, ["3", "4", "4", "3"])})
+    verdicts = rewards.MajorityVote(C.MajorityVoteSource(), None).judge(b, rewards.Models("unused"))
+    assert [v.score for v in verdicts] == [1.0, 1.0, 0.0, None, 0.0, 1.0, 0.0, 0.0, 1.0]
+    assert verdicts[0].details == {"label": "7", "vote_share": 0.4}
+    assert verdicts[5].details["label"] == "3", "a tie goes to the answer sampled first"
+    assert not verdicts[3].parse_ok
+
+
+def test_self_certainty_is_the_generation_statistic():
+    b = batch({"q": (None, ["a", "b", "c"])}, certainty=[2.5, None, 0.1])
+    assert scores(rewards.SelfCertainty(C.SelfCertaintySource(), None), b) == [2.5, None, 0.1]
+
+
+def test_pointwise_verdict_expected_and_sampled():
+    nt = judges.NextToken({"0": 0.0, "1": 0.0, "2": 0.0, "3": 0.5, "4": 0.0, "5": 0.3}, "3")
+    r = judges.pointwise_verdict(nt)
+    assert r.parse_ok and r.score == pytest.approx((3 * 0.5 + 5 * 0.3) / 0.8)
+    assert r.variance == pytest.approx(((3 - r.score) ** 2 * 0.5 + (5 - r.score) ** 2 * 0.3) / 0.8)
+    k = judges.pointwise_verdict(nt, samples=200, rng=random.Random(0))
+    draws = json.loads(k.details)["draws"]
+    assert len(draws) == 200 and set(draws) <= {3, 5, -1}
+    parsed = [d for d in draws if d >= 0]
+    assert k.score == pytest.approx(sum(parsed) / len(parsed)) and 0.15 < draws.count(-1) / 200 < 0.25
+    assert k.variance > 0
+    assert judges.pointwise_verdict(nt, samples=5, rng=random.Random(1)).score == \
+        judges.pointwise_verdict(nt, samples=5, rng=random.Random(1)).score, "seeded"
+    unparsed = judges.pointwise_verdict(judges.NextToken({str(s): 0.0 for s in range(6)}, "I"))
+    assert unparsed.score is None and not unparsed.parse_ok and unparsed.raw == "I"
+
+
+def test_pairwise_outcomes_and_scores():
+    a_better, b_better = {"A": 0.9, "B": 0.1}, {"A": 0.2, "B": 0.8}
+    assert rewards.pairwise_outcome(a_better, b_better) == "x"  # x first: A; y first: B → x both times
+    assert rewards.pairwise_outcome(b_better, a_better) == "y"
+    assert rewards.pairwise_outcome(a_better, a_better) == "inconsistent"  # always "A": position, not content
+    assert rewards.pairwise_outcome({"A": 0.0, "B": 0.0}, a_better) is None
+    s = rewards.pairwise_scores(3, [(0, 1, "x"), (1, 2, "inconsistent"), (0, 2, "x")])
+    assert [v.score for v in s] == [1.0, 0.0, 0.0]
+    assert s[1].details == {"comparisons": 2, "wins": 0, "inconsistent": 1, "unparsed": 0}
+
+
+def test_ring_pairs_cover_every_pair_at_half_n():
+    rng = random.Random(0)
+    assert len(rewards.ring_pairs(8, 1, rng)) == 8
+    assert len(rewards.ring_pairs(8, 4, random.Random(0))) == 28  # every pair once
+    assert rewards.ring_pairs(2, 1, rng) == [(0, 1)] and rewards.ring_pairs(1, 3, rng) == []
+
+
+def test_always_A_pairwise_judge_is_fully_position_biased_and_yields_no_pairs(monkeypatch):
+    """A judge forced to answer "A" whatever it is shown: every comparison flips with the order."""
+    from flywheel.tasks.judge import health, judgment_rows
+    from flywheel.tasks.common import StageContext
+
+    def always_a(model, tok, rubric, renders, labels, **kw):
+        return [judges.NextToken({"A": 0.99, "B": 0.01}, "A") for _ in renders]
+
+    monkeypatch.setattr(judges, "next_token", always_a)
+    monkeypatch.setattr(rewards.Models, "load", lambda self, ref: (None, None))
+    src = rewards.PairwiseJudge(C.PairwiseJudgeSource(opponents=3), None)
+    b = batch({"q1": ("7", ["7", "8", "9", "6"]), "q2": ("1", ["1", "2"])})
+    verdicts = src.judge(b, rewards.Models("policy"))
+    assert all(v.score == 0.0 for v in verdicts)
+    ctx = StageContext(C.FlywheelConfig(), "r", 1)
+    rows = judgment_rows(ctx, src, b.candidates, verdicts)
+    h = {x["metric"]: x["value"] for x in health(rows, b.candidates, b.prompts, {"pairwise_judge": "pairwise_judge"})}
+    assert h["position_bias_rate"] == 1.0
+    import duckdb
+
+    from flywheel.storage.parquet import to_table
+
+    con = duckdb.connect()
+    con.register("judgments", to_table("judgments", rows))
+    con.register("candidates", to_table("candidates", [dict(c, run_id="r", round=1, policy="m", seed=0,
+                                                            finish_reason="stop", mean_logprob=None,
+                                                            sampling="{}") for c in b.candidates]))
+    con.register("prompts", to_table("prompts", [dict(p, run_id="r", round=1, split="train", task="t", category="t",
+                                                      seed=None) for p in b.prompts.values()]))
+    curated = curate(con, C.CurationConfig(reward="pairwise_judge", min_margin=0.1))
+    assert curated.pairs.num_rows == 0 and curated.funnel["prompts_uniform"] == 2
+
+
+def test_health_against_the_verifier():
+    from flywheel.tasks.judge import health
+
+    cands = [dict(candidate_id=c, prompt_id="p", n_tokens=n) for c, n in (("a", 1), ("b", 5), ("c", 9))]
+    rows = [dict(candidate_id=c, prompt_id="p", source=s, score=v, parse_ok=v is not None, details=None)
+            for s, vals in (("verifier", (1.0, 0.0, 0.0)), ("llm_judge", (4.0, 3.0, None)))
+            for c, v in zip("abc", vals)]
+    h = {(x["source"], x["metric"]): x["value"] for x in
+         health(rows, cands, {"p": {"answer": "1"}}, {"verifier": "verifier", "llm_judge": "llm_judge"})}
+    assert h[("llm_judge", "parse_failure_rate")] == pytest.approx(1 / 3)
+    assert h[("llm_judge", "verifier_agreement")] == 0.5  # a: 4 ≥ 2.5 & right; b: 3 ≥ 2.5 but wrong
+    assert h[("llm_judge", "verifier_pairwise_accuracy")] == 1.0  # the one verifier-ordered pair (a, b): 4 > 3
+    assert h[("verifier", "mean_score")] == pytest.approx(1 / 3)
+    assert ("verifier", "verifier_agreement") not in h
