@@ -170,3 +170,15 @@ def test_health_against_the_verifier():
     assert h[("llm_judge", "verifier_pairwise_accuracy")] == 1.0  # the one verifier-ordered pair (a, b): 4 > 3
     assert h[("verifier", "mean_score")] == pytest.approx(1 / 3)
     assert ("verifier", "verifier_agreement") not in h
+
+
+def test_contested_subset_skips_prompts_the_cheap_sources_score_alike():
+    from flywheel.tasks.judge import contested
+
+    cands = [dict(candidate_id=f"{p}{k}", prompt_id=p) for p in "abc" for k in range(2)]
+    cheap = [dict(source="verifier", prompt_id="a", score=s) for s in (1.0, 0.0)] + \
+            [dict(source="verifier", prompt_id="b", score=s) for s in (1.0, 1.0)] + \
+            [dict(source="verifier", prompt_id="c", score=s) for s in (0.0, None)] + \
+            [dict(source="majority_vote", prompt_id="c", score=s) for s in (1.0, 0.0)]
+    assert [c["candidate_id"] for c in contested(cands, cheap)] == ["a0", "a1", "c0", "c1"]
+    assert contested(cands, []) == cands, "with no cheap source, every candidate is judged"
