@@ -290,10 +290,39 @@ class TrainConfig(_Strict):
         return _trl_fields("SFTConfig", SFT_DEFAULTS, v)
 
 
+class GuardSuite(_Strict):
+    """An out-of-domain suite the promotion gate watches: a reasoning-gym task that must not drop."""
+    task: str
+    options: dict[str, Any] = Field(default_factory=dict)
+    size: int = Field(50, ge=1)
+    max_drop: float = Field(0.05, ge=0, le=1, description="accuracy (0–1) it may lose against the champion")
+
+
 class BenchmarkConfig(_Strict):
     size: int = Field(200, ge=1, description="held-out items")
     max_new_tokens: int = Field(48, ge=1)
     batch_size: int = Field(64, ge=1)
+    guards: list[GuardSuite] = Field(default_factory=list)
+
+
+class PromotionConfig(_Strict):
+    """When a round's model becomes the champion (registry alias `champion`) that the next round
+    starts from: it beats the champion's held-out accuracy by min_improvement, its mean response
+    length grows at most max_length_growth, and no guard suite drops more than its max_drop."""
+    min_improvement: float = Field(0.0, ge=-1, le=1)
+    max_length_growth: float | None = Field(0.5, ge=0, description="0.5: at most 50% longer than the champion's")
+    # Stop the run after this many rounds in a row without a promotion (None: run every round).
+    stop_after: int | None = Field(None, ge=1)
+
+
+class StagesConfig(_Strict):
+    """How stages run under Prefect: transient failures (I/O, network) are retried with
+    exponential backoff; a stage that runs past its timeout fails the round."""
+    retries: int = Field(2, ge=0)
+    retry_delay_s: float = Field(10, ge=0)
+    timeout_s: float = Field(6 * 3600, gt=0)
+    # Training writes a resumable checkpoint every this many optimizer steps.
+    checkpoint_steps: int = Field(5, ge=1)
 
 
 class FlywheelConfig(_Strict):
@@ -308,6 +337,8 @@ class FlywheelConfig(_Strict):
     curation: CurationConfig = Field(default_factory=CurationConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+    stages: StagesConfig = Field(default_factory=StagesConfig)
 
     @model_validator(mode="after")
     def _curation_names_configured_sources(self) -> FlywheelConfig:
@@ -325,10 +356,12 @@ class FlywheelConfig(_Strict):
         return self
 
     def hash(self) -> str:
-        """Hash of what the settings mean: not the workspace location, not batch sizes (speed knobs)."""
+        """Hash of what the settings mean: not the workspace location, not batch sizes (speed knobs),
+        not how many rounds to run or when to stop, not retries and timeouts."""
         speed = {"batch_size"}
-        payload = self.model_dump(mode="json", exclude={"workspace": True, "sampling": speed, "judge": speed,
-                                                        "benchmark": speed})
+        payload = self.model_dump(mode="json", exclude={"workspace": True, "rounds": True, "sampling": speed,
+                                                        "judge": speed, "benchmark": speed, "stages": True,
+                                                        "promotion": {"stop_after"}})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def flat(self) -> dict[str, str]:

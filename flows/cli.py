@@ -30,7 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--task-option", action="append", type=_parse_option, default=[], metavar="KEY=VALUE",
                      help="reasoning-gym difficulty option (repeatable), e.g. --task-option max_digits=2")
     run.add_argument("--prompts", type=Path, help="JSONL/Parquet prompts file ('prompt', optional 'answer')")
-    run.add_argument("--rounds", type=int)
+    run.add_argument("--rounds", "--max-rounds", type=int, dest="rounds", help="rounds to run (at most)")
+    run.add_argument("--until-no-improvement", type=int, metavar="K",
+                     help="stop after K rounds in a row whose model was not promoted")
+    run.add_argument("--resume", metavar="RUN_ID", help="continue this run where it stopped")
+    run.add_argument("--force-from-stage", choices=["generate", "judge", "curate", "train", "benchmark"],
+                     help="with --resume: redo this stage and the ones after it, even if the config changed")
     run.add_argument("--samples", type=int, help="samples per prompt")
     run.add_argument("--prompts-per-round", type=int)
     run.add_argument("--benchmark-size", type=int)
@@ -44,6 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
     sql.add_argument("--workspace", type=Path, default=Path("flywheel-data"))
     sql.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
     sql.add_argument("--out", type=Path, help="write the result to this file instead of standard output")
+
+    runs = sub.add_parser("runs", help="list the workspace's runs with their status")
+    runs.add_argument("--workspace", type=Path, default=Path("flywheel-data"))
+
+    compare = sub.add_parser("compare", help="compare runs round by round (from MLflow) and plot them")
+    compare.add_argument("run_ids", nargs="+", metavar="RUN")
+    compare.add_argument("--workspace", type=Path, default=Path("flywheel-data"))
+    compare.add_argument("--name", default=None, help="MLflow experiment (default: the runs' own)")
+    compare.add_argument("--out", type=Path, help="plot file (default: <workspace>/compare-<runs>.png)")
 
     data = sub.add_parser("data", help="look at curated data")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -83,6 +97,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         put("task.options", dict(args.task_option))
     put("task.prompts_file", str(args.prompts) if args.prompts else None)
     put("rounds", args.rounds)
+    put("promotion.stop_after", args.until_no_improvement)
     put("sampling.n", args.samples)
     put("task.prompts_per_round", args.prompts_per_round)
     put("benchmark.size", args.benchmark_size)
@@ -93,9 +108,17 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from flywheel.config import load_config
+    from flywheel.config import deep_merge, load_config
 
-    config = load_config(args.config, overrides_from_args(args), preset=args.preset)
+    overrides = overrides_from_args(args)
+    if args.resume and args.config is None and args.preset is None:
+        # Resuming means the run's own settings; flags given beside --resume still apply on top.
+        from flywheel.flows.flywheel import saved_config
+
+        saved = saved_config(args.workspace or Path("flywheel-data"), args.resume)
+        config = load_config(None, deep_merge(saved.model_dump(mode="json"), overrides))
+    else:
+        config = load_config(args.config, overrides, preset=args.preset)
     if not args.verbose:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     from flywheel.flows.flywheel import flywheel, prepare
@@ -104,7 +127,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     prepare(config)  # bad input fails here, before Prefect starts or anything is written
     console.print(f"[bold]flywheel[/bold] {config.rounds} round(s) of {config.model.name} on "
                   f"{config.task.prompts_file or config.task.name} → {Path(config.workspace).resolve()}")
-    result = flywheel(config)
+    result = flywheel(config, resume=args.resume, force_from_stage=args.force_from_stage)
     print_summary(result)
     return 0
 
@@ -184,6 +207,78 @@ def write_result(table, fmt: str, out) -> None:
     out.flush()
 
 
+def cmd_runs(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from flywheel.progress import console
+    from flywheel.storage import catalog, lock
+
+    rows = catalog.query(args.workspace, """
+        SELECT run_id, count(*) FILTER (WHERE status = 'completed') - 1 AS rounds,
+               max(round) AS last_round, arg_max(status, round) AS last_status,
+               max(accuracy) FILTER (WHERE round = 0) AS start_accuracy,
+               arg_max(accuracy, round) FILTER (WHERE promoted) AS champion_accuracy,
+               max(finished_at) AS updated
+        FROM rounds GROUP BY run_id ORDER BY run_id""").to_pylist()
+    busy = False
+    try:
+        with lock.workspace_lock(args.workspace):
+            pass
+    except lock.WorkspaceBusy:
+        busy = True
+    t = Table(title=f"runs in {args.workspace}")
+    for col in ("run", "rounds done", "last round", "start acc.", "champion acc.", "status", "updated"):
+        t.add_column(col)
+    for i, r in enumerate(rows):
+        done = (args.workspace / "runs" / r["run_id"] / f"round={r['last_round']}" / "round.done.json").is_file()
+        status = ("failed" if r["last_status"] == "failed" else "completed" if done else "interrupted")
+        if busy and i == len(rows) - 1 and status != "completed":
+            status = "running?"
+        fmt = lambda v: "–" if v is None else f"{v:.1%}"  # noqa: E731
+        t.add_row(r["run_id"], str(r["rounds"]), str(r["last_round"]), fmt(r["start_accuracy"]),
+                  fmt(r["champion_accuracy"]), status, str(r["updated"])[:19])
+    console.print(t)
+    if any(r["last_status"] == "failed" for r in rows) or busy:
+        console.print("resume an interrupted or failed run: flywheel run --resume RUN")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from flywheel.progress import console
+    from flywheel.storage import compare, plots, tracking
+
+    name = args.name
+    if name is None:
+        from flywheel.flows.flywheel import saved_config
+
+        name = saved_config(args.workspace, args.run_ids[0]).name
+    rows = compare.collect(args.workspace, name, args.run_ids)
+    t = Table(title=f"compare {', '.join(args.run_ids)}")
+    heads = ("run", "round", "accuracy", "promoted", "pairs", "judge≈verifier", "mean length", "gen s", "judge s",
+             "train s", "bench s")
+    for h in heads:
+        t.add_column(h, justify="right")
+    fmt = lambda v, p: "–" if v is None else p.format(v)  # noqa: E731
+    for r in rows:
+        t.add_row(r["run"], str(r["round"]), fmt(r.get("accuracy"), "{:.1%}"),
+                  "yes" if r.get("promoted") else "no", fmt(r.get("pairs"), "{:.0f}"),
+                  fmt(r.get("judge_verifier_agreement"), "{:.1%}"), fmt(r.get("mean_response_tokens"), "{:.1f}"),
+                  *(fmt(r.get(f"{s}_seconds"), "{:.0f}") for s in ("generate", "judge", "train", "benchmark")))
+    console.print(t)
+    out = args.out or args.workspace / f"compare-{'-'.join(r[-6:] for r in args.run_ids)}.png"
+    plots.compare_plot(rows, out)
+    import mlflow
+
+    exp = mlflow.MlflowClient().get_experiment_by_name(name)
+    for run_id in args.run_ids:
+        parent = tracking.find_run(exp.experiment_id, {"flywheel.run_id": run_id, "flywheel.kind": "run"})
+        tracking.log_artifact(parent, out, "compare")
+    console.print(f"plot: {out} (also logged to each run's MLflow artifacts under compare/)")
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from rich.panel import Panel
 
@@ -233,15 +328,21 @@ def main(argv: list[str] | None = None) -> int:
     from flywheel.config import ConfigError
     from flywheel.models.judges import RubricError
     from flywheel.models.loading import ModelNotFound
+    from flywheel.flows.flywheel import ResumeError
     from flywheel.models.rewards import SourceError
+    from flywheel.storage.lock import WorkspaceBusy
+    from flywheel.storage.compare import CompareError
+    from flywheel.storage.tracking import TrackingError
     from flywheel.models.tasksource import TaskError
     from flywheel.storage.catalog import ReadOnlyError
     from flywheel.storage.export import ExportError
 
     try:
-        return {"run": cmd_run, "sql": cmd_sql, "data": cmd_data, "export": cmd_export}[args.command](args)
+        commands = {"run": cmd_run, "sql": cmd_sql, "data": cmd_data, "export": cmd_export, "runs": cmd_runs,
+                    "compare": cmd_compare}
+        return commands[args.command](args)
     except (ConfigError, TaskError, ModelNotFound, RubricError, FileNotFoundError, ReadOnlyError, ExportError,
-            SourceError) as e:
+            SourceError, ResumeError, WorkspaceBusy, TrackingError, CompareError, OSError) as e:
         print(f"flywheel: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,8 +1,16 @@
-"""Prefect flows: `flywheel` loops rounds, `one_round` chains the stages. No ML logic here."""
+"""Prefect flows: `flywheel` loops rounds, `one_round` chains the stages, `next_round` continues
+the latest run by one round (for schedules). No ML logic here.
+
+Every stage is idempotent: its result is recorded in a manifest, written last, keyed by a
+fingerprint of its inputs and of the config's meaning (storage/manifest.py). A resumed run
+reuses every completed stage and redoes the one that was interrupted; its tables are
+overwritten whole (one file per table, run, round and part), so nothing is duplicated.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import secrets
 import subprocess
@@ -13,15 +21,17 @@ from importlib import metadata
 from pathlib import Path
 
 from prefect import flow
+from prefect.tasks import exponential_backoff
 
 from flywheel import __version__
-from flywheel.config import FlywheelConfig
+from flywheel.config import FlywheelConfig, load_config
 from flywheel.models import loading, rewards
 from flywheel.models.decontam import Decontaminator
 from flywheel.models.tasksource import benchmark_items, make_source, train_items
-from flywheel.storage import catalog, datacard, parquet, plots, tracking
+from flywheel.storage import catalog, datacard, lock, manifest, parquet, plots, tracking
+from flywheel.tasks import promote
 from flywheel.tasks.benchmark import benchmark_task
-from flywheel.tasks.common import StageContext
+from flywheel.tasks.common import StageContext, short_hash
 from flywheel.tasks.curate import curate_task
 from flywheel.tasks.generate import generate_task
 from flywheel.tasks.judge import candidates_sample, judge_task
@@ -82,7 +92,7 @@ def new_run_id() -> str:
 def _round_row(ctx: StageContext, *, status: str, policy_in: str, started: datetime, policy_out: str | None = None,
                accuracy: float | None = None, n_pairs: int | None = None, error: str | None = None,
                template_hash: str | None = None, registered_version: str | None = None,
-               base: str | None = None, promoted: bool = False) -> dict:
+               base: str | None = None, promoted: bool = False, reasons: list[str] | None = None) -> dict:
     cfg = ctx.config
     reference = None
     if ctx.round > 0:  # which model DPO measured against: this round's start ("previous") or the base
@@ -92,42 +102,107 @@ def _round_row(ctx: StageContext, *, status: str, policy_in: str, started: datet
                 config_hash=cfg.hash(), judge_template_hash=template_hash, seed=cfg.seed,
                 code_version=code_version(), package_versions=json.dumps(package_versions()),
                 mlflow_run_id=ctx.mlflow_run_id, registered_version=registered_version,
-                promoted=promoted, accuracy=accuracy, n_pairs=n_pairs,
+                promoted=promoted, promotion_reasons="; ".join(reasons) if reasons else None,
+                accuracy=accuracy, n_pairs=n_pairs,
                 started_at=started, finished_at=datetime.now(timezone.utc), error=error)
 
 
-@flow(name="flywheel-round")
-def one_round(config: FlywheelConfig, run_id: str, round: int, policy: str, base: str, parent_run_id: str,
-              experiment_id: str, champion_accuracy: float, previous: str | None = None,
-              policy_reference: str | None = None) -> dict:
-    """generate → judge → curate → train → benchmark for one round; returns the round's metrics.
+STAGES = ("generate", "judge", "curate", "train", "benchmark")
 
-    `previous` is the policy the previous round started from (judges with previous: true rank
-    this round's candidates with it too, for CREAM); `policy_reference` is the DPO reference
-    `policy` was trained against (for the implicit reward). The round's model is promoted
-    (becomes the champion the next round starts from) when it was trained and its held-out
-    accuracy is at least the champion's; otherwise the next round starts again from the champion.
+
+class ResumeError(ValueError):
+    """A run that cannot be resumed as asked: unknown, or computed from other inputs."""
+
+
+# Only failures that may pass on their own are retried: a full disk or a lost connection, not a bug.
+TRANSIENT = (OSError, ConnectionError, TimeoutError)
+
+
+def _retry_transient(task, task_run, state) -> bool:
+    try:
+        state.result()
+    except TRANSIENT:
+        return True
+    except BaseException:  # noqa: BLE001 - anything else is not worth retrying
+        return False
+    return False
+
+
+def _with_policy(task, config: FlywheelConfig):
+    st = config.stages
+    return task.with_options(retries=st.retries, retry_delay_seconds=exponential_backoff(st.retry_delay_s),
+                             retry_condition_fn=_retry_transient, timeout_seconds=st.timeout_s)
+
+
+@dataclass
+class Stages:
+    """Runs a round's stages through their manifests: a completed stage is reused, not rerun."""
+    ctx: StageContext
+    force_from: str | None = None
+    reused: list[str] = field(default_factory=list)
+
+    def run(self, stage: str, fingerprint: str, fn, *args, **kwargs) -> tuple[dict, str]:
+        """(result, the fingerprint it was computed under)."""
+        root, run_id, k = self.ctx.workspace, self.ctx.run_id, self.ctx.round
+        done = manifest.read(root, run_id, k, stage)
+        if done is not None:
+            if done["fingerprint"] == fingerprint:
+                self.reused.append(stage)
+                return done["result"], fingerprint
+            if self.force_from is None:
+                raise ResumeError(f"run {run_id} round {k}: stage {stage} was computed from other inputs (the "
+                                  f"config changed); use --force-from-stage {stage} to redo it and what follows")
+            if STAGES.index(stage) < STAGES.index(self.force_from):
+                self.reused.append(stage)
+                return done["result"], done["fingerprint"]
+        result = _with_policy(fn, self.ctx.config)(self.ctx, *args, **kwargs)
+        manifest.write(root, run_id, k, stage, fingerprint, result)
+        return result, fingerprint
+
+
+@flow(name="flywheel-round")
+def one_round(config: FlywheelConfig, run_id: str, round: int, champion: dict, base: str, parent_run_id: str,
+              experiment_id: str, previous: str | None = None, policy_reference: str | None = None,
+              force_from_stage: str | None = None) -> dict:
+    """generate → judge → curate → train → benchmark → promotion gate, for one round.
+
+    The round starts from `champion` (its policy and benchmark figures). `previous` is the policy
+    the previous round started from (judges with previous: true rank this round's candidates
+    with it too, for CREAM); `policy_reference` is the DPO reference the champion was trained
+    against (for the implicit reward).
     """
+    champ = promote.Champion(**champion)
+    policy = champ.policy
     prepared = prepare(config)
     items, removed = train_items(prepared.source, round, config.task.prompts_per_round, config.seed,
                                  prepared.decontaminator())
-    mlflow_run = tracking.start_run(experiment_id, f"round-{round}", parent_run_id,
-                                    tags={"flywheel.run_id": run_id, "flywheel.round": str(round)})
+    mlflow_run = tracking.find_or_start_run(experiment_id, f"round-{round}", parent_run_id, tags={
+        "flywheel.run_id": run_id, "flywheel.round": str(round)})
     tracking.log_params(mlflow_run, config.flat() | {"round": round, "policy_in": policy, "base_model": base})
     ctx = StageContext(config, run_id, round, mlflow_run)
+    stages = Stages(ctx, force_from_stage)
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     try:
-        metrics: dict = generate_task(ctx, items, policy, [it for it, _ in removed])
-        metrics |= judge_task(ctx, policy, previous if previous != policy else None, policy_reference)
-        metrics |= curate_task(ctx)
-        trained = train_task(ctx, policy, base)
+        fp = short_hash("generate", config.hash(), round, policy)
+        metrics, fp = stages.run("generate", fp, generate_task, items, policy, [it for it, _ in removed])
+        prev = previous if previous != policy else None
+        fp = short_hash("judge", fp, prev, policy_reference)
+        result, fp = stages.run("judge", fp, judge_task, policy, prev, policy_reference)
+        metrics |= result
+        result, fp = stages.run("curate", short_hash("curate", fp), curate_task)
+        metrics |= result
+        fp = short_hash("train", fp, base)
+        trained, fp = stages.run("train", fp, train_task, policy, base, fp)
+        trained = dict(trained)
         policy_out = trained.pop("policy_out")
         metrics |= trained
-        metrics |= benchmark_task(ctx, prepared.benchmark, policy_out)
+        result, fp = stages.run("benchmark", short_hash("benchmark", fp), benchmark_task, prepared.benchmark,
+                                policy_out)
+        metrics |= result
         metrics["round_seconds"] = time.perf_counter() - t0
-        promoted = bool(trained["trained"]) and metrics["accuracy"] >= champion_accuracy
-        metrics["promoted"] = promoted
+        promoted, reasons = promote.decide(metrics, champ, config.promotion, bool(trained["trained"]))
+        metrics |= {"promoted": promoted, "promotion_reasons": reasons, "reused_stages": stages.reused}
         version = _log_round_artifacts(ctx, config, metrics, policy_out, trained["trained"], promoted)
     except BaseException as e:
         parquet.write_table(config.workspace, "rounds", run_id, round, [_round_row(
@@ -140,11 +215,11 @@ def one_round(config: FlywheelConfig, run_id: str, round: int, policy: str, base
     parquet.write_table(config.workspace, "rounds", run_id, round, [_round_row(
         ctx, status="completed", policy_in=policy, started=started, policy_out=policy_out,
         accuracy=metrics["accuracy"], n_pairs=metrics["pairs"], template_hash=metrics.get("judge_template_hash"),
-        registered_version=version, base=base, promoted=promoted)])
+        registered_version=version, base=base, promoted=promoted, reasons=reasons)])
     catalog.refresh(config.workspace)
     tracking.end_run(mlflow_run)
     reference = base if config.train.reference == "base" else policy
-    return {"round": round, "policy_out": policy_out, "registered_version": version,
+    return {"round": round, "policy_in": policy, "policy_out": policy_out, "registered_version": version,
             "reference_model": reference if trained["trained"] else policy_reference, **metrics}
 
 
@@ -153,7 +228,8 @@ def _log_round_artifacts(ctx: StageContext, config: FlywheelConfig, metrics: dic
     run = ctx.mlflow_run_id
     numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     tracking.log_metrics(run, numeric | {"promoted": float(promoted)}, step=ctx.round)
-    tracking.set_tags(run, {"flywheel.promoted": str(promoted).lower()})
+    tracking.set_tags(run, {"flywheel.promoted": str(promoted).lower(),
+                            "flywheel.promotion_reasons": "; ".join(metrics["promotion_reasons"])[:5000]})
     tracking.log_table(run, candidates_sample(ctx).to_pandas(), "samples/candidates.json")
     pairs = parquet.table_path(config.workspace, "pairs", ctx.run_id, ctx.round)
     tracking.log_artifact(run, pairs, "pairs")
@@ -167,16 +243,83 @@ def _log_round_artifacts(ctx: StageContext, config: FlywheelConfig, metrics: dic
     return version
 
 
+def saved_config(workspace: Path, run_id: str) -> FlywheelConfig:
+    path = Path(workspace) / "runs" / run_id / "config.yaml"
+    if not path.is_file():
+        known = sorted(p.name for p in (Path(workspace) / "runs").glob("*") if p.is_dir())
+        raise ResumeError(f"no run {run_id!r} in {workspace} (known: {', '.join(known[-5:]) or 'none'})")
+    return load_config(path, {"workspace": str(workspace)})
+
+
+def check_resumable(config: FlywheelConfig, run_id: str, force_from_stage: str | None) -> None:
+    """A resumed run must mean the same as it did; which setting differs is named."""
+    saved = saved_config(config.workspace, run_id)
+    if saved.hash() == config.hash() or force_from_stage is not None:
+        return
+    a, b = saved.flat(), config.flat()
+    changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k)
+                     and k.split(".")[1] not in ("workspace", "rounds", "stages"))
+    raise ResumeError(f"run {run_id} was made with other settings ({', '.join(c[4:] for c in changed[:3])} "
+                      "differ); resume it with its own config, or use --force-from-stage STAGE")
+
+
+def preflight(root: Path) -> None:
+    """Fail before any work when the workspace cannot take it: read-only, or nearly full."""
+    import shutil
+
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"x" * 4096)
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"workspace {root} is not writable: {e.strerror or e}") from None
+    free = shutil.disk_usage(root).free
+    if free < MIN_FREE_BYTES:
+        raise OSError(f"workspace {root} has only {free / 2**20:.0f} MiB free; a round needs about "
+                      f"{MIN_FREE_BYTES / 2**20:.0f} MiB (checkpoints, tables, MLflow artifacts)")
+
+
+MIN_FREE_BYTES = 2 * 2**30
+
+
+def _history(root: Path, run_id: str) -> list[dict]:
+    """The results of a run's completed rounds, in order (round 0: the base model's benchmark)."""
+    out = []
+    for k in range(0, 10_000):
+        done = manifest.read(root, run_id, k, "round")
+        if done is None:
+            break
+        out.append(done["result"])
+    return out
+
+
 @flow(name="flywheel")
-def flywheel(config: FlywheelConfig) -> dict:
-    """Benchmark the starting model (round 0), then run `config.rounds` rounds, each from the
-    champion: the last round's model if it did not regress, else the best model so far."""
-    prepared = prepare(config)  # fails on bad input before anything is written
-    run_id = new_run_id()
+def flywheel(config: FlywheelConfig, resume: str | None = None, force_from_stage: str | None = None) -> dict:
+    """Benchmark the starting model (round 0), then run rounds up to `config.rounds`, each from
+    the champion: the last round's model if it passed the promotion gate, else the best so far.
+    Stops early after `promotion.stop_after` rounds in a row without a promotion.
+
+    `resume`: a run id of this workspace to continue where it stopped (completed stages are
+    reused, the interrupted one is redone, training restarts from its last checkpoint).
+    """
+    if force_from_stage is not None and force_from_stage not in STAGES:
+        raise ResumeError(f"unknown stage {force_from_stage!r} (stages: {', '.join(STAGES)})")
     root = Path(config.workspace)
-    root.mkdir(parents=True, exist_ok=True)
+    if resume is not None:
+        check_resumable(config, resume, force_from_stage)
+    prepared = prepare(config)  # fails on bad input before anything is written
+    preflight(root)
+    with lock.workspace_lock(root):
+        return _flywheel(config, prepared, resume, force_from_stage)
+
+
+def _flywheel(config: FlywheelConfig, prepared: Prepared, resume: str | None, force_from_stage: str | None) -> dict:
+    root = Path(config.workspace)
+    run_id = resume or new_run_id()
     experiment_id = tracking.setup(root, config.name)
-    parent = tracking.start_run(experiment_id, f"flywheel-{run_id}", tags={"flywheel.run_id": run_id})
+    parent = tracking.find_or_start_run(experiment_id, f"flywheel-{run_id}", None,
+                                        tags={"flywheel.run_id": run_id, "flywheel.kind": "run"})
     tracking.log_params(parent, config.flat() | {"run_id": run_id, "base_model": prepared.base,
                                                  "code_version": code_version()})
     config_file = root / "runs" / run_id / "config.yaml"
@@ -186,30 +329,23 @@ def flywheel(config: FlywheelConfig) -> dict:
     config_file.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     tracking.log_artifact(parent, config_file)
     tracking.set_tags(parent, {"flywheel.config_hash": config.hash(), "flywheel.code_version": code_version()})
-    history: list[dict] = []
+    history = _history(root, run_id)
     try:
-        ctx0 = StageContext(config, run_id, 0, parent)
-        started = datetime.now(timezone.utc)
-        t0 = time.perf_counter()
-        base_metrics = benchmark_task(ctx0, prepared.benchmark, prepared.base)
-        base_metrics["round_seconds"] = time.perf_counter() - t0
-        parquet.write_table(root, "rounds", run_id, 0, [_round_row(
-            ctx0, status="completed", policy_in=prepared.base, policy_out=prepared.base, started=started,
-            accuracy=base_metrics["accuracy"], n_pairs=0, promoted=True)])
-        history.append({"round": 0, "promoted": True, **base_metrics})
-        tracking.log_metrics(parent, _parent_metrics(base_metrics), step=0)
-        policy, champion_accuracy = prepared.base, base_metrics["accuracy"]
-        references: dict[str, str | None] = {prepared.base: None}  # model → the DPO reference it was trained against
-        previous = None
-        for k in range(1, config.rounds + 1):
-            result = one_round(config, run_id, k, policy, prepared.base, parent, experiment_id, champion_accuracy,
-                               previous, references.get(policy))
-            references[result["policy_out"]] = result["reference_model"]
-            previous = policy
+        if not history:
+            history.append(_round_zero(config, prepared, run_id, parent))
+        champion, references, previous, since = _replay(history, prepared.base)
+        for k in range(len(history), config.rounds + 1):
+            if config.promotion.stop_after is not None and since >= config.promotion.stop_after:
+                from flywheel.progress import console
+
+                console.print(f"stopping: {since} round(s) in a row without a promotion")
+                break
+            result = one_round(config, run_id, k, champion.__dict__, prepared.base, parent, experiment_id,
+                               previous, references.get(champion.policy), force_from_stage)
+            manifest.write(root, run_id, k, "round", short_hash("round", config.hash(), k), result)
             history.append(result)
             tracking.log_metrics(parent, _parent_metrics(result), step=k)
-            if result["promoted"]:  # a regressed round is not built on: the next starts from the champion
-                policy, champion_accuracy = result["policy_out"], result["accuracy"]
+            champion, references, previous, since = _replay(history, prepared.base)
     except BaseException:
         tracking.end_run(parent, "FAILED")
         raise
@@ -219,11 +355,60 @@ def flywheel(config: FlywheelConfig) -> dict:
             tracking.log_artifact(parent, plot)
         catalog.refresh(root)
     tracking.log_metrics(parent, {"accuracy_gain": history[-1]["accuracy"] - history[0]["accuracy"],
-                                  "champion_accuracy": champion_accuracy})
-    tracking.set_tags(parent, {"flywheel.champion": policy})
+                                  "champion_accuracy": champion.accuracy})
+    tracking.set_tags(parent, {"flywheel.champion": champion.policy})
     tracking.end_run(parent)
     return {"run_id": run_id, "mlflow_run_id": parent, "experiment_id": experiment_id, "rounds": history,
-            "champion": policy, "champion_accuracy": champion_accuracy}
+            "champion": champion.policy, "champion_accuracy": champion.accuracy}
+
+
+def _round_zero(config: FlywheelConfig, prepared: Prepared, run_id: str, parent: str) -> dict:
+    root = Path(config.workspace)
+    ctx0 = StageContext(config, run_id, 0, parent)
+    started = datetime.now(timezone.utc)
+    t0 = time.perf_counter()
+    metrics, _ = Stages(ctx0).run("benchmark", short_hash("benchmark", config.hash(), 0, prepared.base),
+                                  benchmark_task, prepared.benchmark, prepared.base)
+    metrics = dict(metrics, round_seconds=time.perf_counter() - t0)
+    parquet.write_table(root, "rounds", run_id, 0, [_round_row(
+        ctx0, status="completed", policy_in=prepared.base, policy_out=prepared.base, started=started,
+        accuracy=metrics["accuracy"], n_pairs=0, promoted=True, reasons=["the starting model"])])
+    result = {"round": 0, "policy_in": prepared.base, "policy_out": prepared.base, "promoted": True,
+              "reference_model": None, **metrics}
+    manifest.write(root, run_id, 0, "round", short_hash("round", config.hash(), 0), result)
+    tracking.log_metrics(parent, _parent_metrics(result), step=0)
+    return result
+
+
+def _replay(history: list[dict], base: str) -> tuple[promote.Champion, dict, str | None, int]:
+    """From the completed rounds: the champion, each model's DPO reference, the policy the last
+    round started from, and how many rounds in a row went without a promotion."""
+    champion = promote.Champion.of(base, 0, history[0])
+    references: dict[str, str | None] = {base: None}
+    since = 0
+    for r in history[1:]:
+        references[r["policy_out"]] = r["reference_model"]
+        if r["promoted"]:
+            champion, since = promote.Champion.of(r["policy_out"], r["round"], r), 0
+        else:
+            since += 1
+    previous = history[-1]["policy_in"] if len(history) > 1 else None
+    return champion, references, previous, since
+
+
+@flow(name="flywheel-next-round")
+def next_round(workspace: str = "flywheel-data", config_file: str | None = None) -> dict:
+    """Continue the workspace's latest run by one round (a schedule's unit of work). With no run
+    yet, start one from `config_file` (or the defaults) with its round 0 and round 1."""
+    root = Path(workspace)
+    runs = sorted(p.parent.name for p in (root / "runs").glob("*/config.yaml")) if (root / "runs").is_dir() else []
+    if not runs:
+        config = load_config(Path(config_file) if config_file else None, {"workspace": workspace, "rounds": 1})
+        return flywheel(config)
+    run_id = runs[-1]
+    done = len(_history(root, run_id))
+    config = saved_config(root, run_id).model_copy(update={"rounds": max(done, 1)})
+    return flywheel(config, resume=run_id)
 
 
 def _parent_metrics(m: dict) -> dict:

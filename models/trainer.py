@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,12 +30,15 @@ def dataset(method: str, rows: Sequence[dict]):
     return Dataset.from_list(export.conversational("sft" if method == "sft" else "pairs", rows))
 
 
-def trainer_args(method: str, cfg: TrainConfig, output_dir: Path, seed: int, report_to: list[str]) -> Any:
+def trainer_args(method: str, cfg: TrainConfig, output_dir: Path, seed: int, report_to: list[str],
+                 checkpoint_steps: int = 5) -> Any:
     import trl
 
     on_gpu = torch.cuda.is_available()
     defaults = dict(
-        output_dir=str(output_dir), seed=seed, report_to=report_to, save_strategy="no",
+        output_dir=str(output_dir), seed=seed, report_to=report_to,
+        # Checkpoints make a killed training resumable; only the last one is kept.
+        save_strategy="steps", save_steps=checkpoint_steps, save_total_limit=1,
         bf16=on_gpu and torch.cuda.is_bf16_supported(),
         # Activation checkpointing trades compute for memory: worth it on a GPU, not for a small CPU model.
         activation_checkpointing=on_gpu, use_cpu=not on_gpu, dataloader_num_workers=0,
@@ -73,10 +75,26 @@ def _progress_callback():
     return StageProgress()
 
 
+def work_dir(out: Path, fingerprint: str) -> Path:
+    """Where a training keeps its checkpoints until it has finished: kept across a crash so a
+    rerun resumes from the last one, unless that was written for other inputs."""
+    work = out.parent / f".{out.name}.work"
+    stamp = work / "fingerprint"
+    if work.exists() and (not stamp.is_file() or stamp.read_text() != fingerprint):
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(fingerprint)
+    return work
+
+
 def train(policy: str, rows: Sequence[dict], cfg: TrainConfig, out: Path, *, base: str, seed: int,
-          report_to: list[str], dtype: str = "auto") -> dict[str, float]:
+          report_to: list[str], dtype: str = "auto", fingerprint: str = "", checkpoint_steps: int = 5
+          ) -> dict[str, float]:
     """Train from `policy` on `rows` (pairs for DPO, prompt/completion for SFT, by `cfg.method`),
-    write a merged checkpoint to `out`, return final train metrics."""
+    write a merged checkpoint to `out`, return final train metrics. A training killed midway
+    resumes from its last checkpoint when called again with the same fingerprint."""
+    from transformers.trainer_utils import get_last_checkpoint
+
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOTrainer, SFTTrainer
@@ -90,30 +108,34 @@ def train(policy: str, rows: Sequence[dict], cfg: TrainConfig, out: Path, *, bas
     if cfg.lora:
         peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                  target_modules="all-linear", task_type="CAUSAL_LM")
-    work = Path(tempfile.mkdtemp(prefix=f"{cfg.method}-", dir=out.parent))
-    try:
-        common = dict(model=model, args=trainer_args(cfg.method, cfg, work / "trainer", seed, report_to),
-                      processing_class=tok, peft_config=peft_config, callbacks=[_progress_callback()])
-        if cfg.method == "sft":
-            trainer = SFTTrainer(train_dataset=dataset("sft", rows), **common)
-        else:
-            ref_model = None
-            if cfg.reference == "base" and (base != policy or not cfg.lora):
-                ref_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype)
-            trainer = DPOTrainer(ref_model=ref_model, train_dataset=dataset("dpo", rows), **common)
-        from transformers.trainer_callback import PrinterCallback
+    work = work_dir(out, fingerprint or f"{policy}:{seed}:{len(rows)}")
+    resume = get_last_checkpoint(str(work / "trainer")) if (work / "trainer").is_dir() else None
+    if resume:
+        from flywheel import progress
 
-        trainer.remove_callback(PrinterCallback)  # raw log dicts; the metrics go to MLflow instead
-        result = trainer.train()
-        history = [h for h in trainer.state.log_history if "loss" in h]
-        merged = trainer.model.merge_and_unload() if cfg.lora else trainer.model
-        merged.save_pretrained(work / "model")
-        tok.save_pretrained(work / "model")
-        if out.exists():  # a re-run of the stage replaces its own earlier output
-            shutil.rmtree(out)
-        os.replace(work / "model", out)  # the checkpoint appears whole or not at all
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        progress.console.print(f"[train] resuming from {Path(resume).name}")
+    common = dict(model=model, args=trainer_args(cfg.method, cfg, work / "trainer", seed, report_to, checkpoint_steps),
+                  processing_class=tok, peft_config=peft_config, callbacks=[_progress_callback()])
+    if cfg.method == "sft":
+        trainer = SFTTrainer(train_dataset=dataset("sft", rows), **common)
+    else:
+        ref_model = None
+        if cfg.reference == "base" and (base != policy or not cfg.lora):
+            ref_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype)
+        trainer = DPOTrainer(ref_model=ref_model, train_dataset=dataset("dpo", rows), **common)
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # raw log dicts; the metrics go to MLflow instead
+    result = trainer.train(resume_from_checkpoint=resume)
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    merged = trainer.model.merge_and_unload() if cfg.lora else trainer.model
+    shutil.rmtree(work / "model", ignore_errors=True)
+    merged.save_pretrained(work / "model")
+    tok.save_pretrained(work / "model")
+    if out.exists():  # a re-run of the stage replaces its own earlier output
+        shutil.rmtree(out)
+    os.replace(work / "model", out)  # the checkpoint appears whole or not at all
+    shutil.rmtree(work, ignore_errors=True)
     last = history[-1] if history else {}
     metrics = {"train_loss": result.training_loss, "train_steps": result.global_step}
     for key in ("rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected"):

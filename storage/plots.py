@@ -92,3 +92,32 @@ def _save(fig, out: Path) -> Path:
     plt.close(fig)
     tmp.replace(out)
     return out
+
+
+def compare_plot(rows: Sequence[dict], out: Path) -> Path:
+    """Each run a line, per round: accuracy, pairs, judge–verifier agreement, mean length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.4))
+    runs = list(dict.fromkeys(r["run"] for r in rows))
+    for ax, (key, title) in zip(axes, PANELS):
+        for run in runs:
+            pts = [(r["round"], r[key]) for r in rows if r["run"] == run and isinstance(r.get(key), (int, float))]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker="o", label=run)
+                promoted = [(r["round"], r[key]) for r in rows if r["run"] == run and r.get("promoted")
+                            and isinstance(r.get(key), (int, float))]
+                if promoted and key == "accuracy":
+                    ax.scatter(*zip(*promoted), s=80, facecolors="none", edgecolors="k", zorder=3)
+        if key in ("accuracy", "judge_verifier_agreement"):
+            ax.set_ylim(0, 1)
+        ax.set_title(title + (" (○ promoted)" if key == "accuracy" else ""))
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, out)

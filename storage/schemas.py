@@ -129,6 +129,7 @@ ROUNDS = pa.schema(
         pa.field("mlflow_run_id", pa.string()),
         pa.field("registered_version", pa.string()),
         pa.field("promoted", pa.bool_(), nullable=False),
+        pa.field("promotion_reasons", pa.string()),  # the promotion gate's checks, "; "-separated
         pa.field("accuracy", pa.float64()),
         pa.field("n_pairs", pa.int32()),
         pa.field("started_at", pa.timestamp("us", tz="UTC"), nullable=False),

@@ -34,8 +34,22 @@ def tracking_uri(workspace: Path) -> str:
     return user_tracking_uri() or f"sqlite:///{Path(workspace).resolve() / 'mlflow.db'}"
 
 
+class TrackingError(RuntimeError):
+    pass
+
+
 def setup(workspace: Path, experiment: str) -> str:
-    """Point MLflow at the store and return the experiment id (created on first use)."""
+    """Point MLflow at the store and return the experiment id (created on first use). An
+    unreachable store fails here, before any work, with the URI (credentials masked)."""
+    try:
+        return _setup(workspace, experiment)
+    except Exception as e:  # noqa: BLE001 - sqlalchemy, requests, … all mean the same to the user
+        uri = re.sub(r"//[^@/]*@", "//***@", tracking_uri(workspace))
+        raise TrackingError(f"MLflow tracking store {uri} is unreachable: {type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:300] if str(e) else ''}") from None
+
+
+def _setup(workspace: Path, experiment: str) -> str:
     import mlflow
 
     uri = tracking_uri(workspace)
@@ -68,12 +82,33 @@ def start_run(experiment_id: str, name: str, parent_run_id: str | None = None,
     return run.info.run_id
 
 
+def find_run(experiment_id: str, tags: Mapping[str, str]) -> str | None:
+    """The run carrying all these tags (a resumed flywheel reuses its runs instead of adding new ones)."""
+    import mlflow
+
+    query = " AND ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = mlflow.MlflowClient().search_runs([experiment_id], query, max_results=2)
+    return runs[0].info.run_id if runs else None
+
+
+def find_or_start_run(experiment_id: str, name: str, parent_run_id: str | None, tags: Mapping[str, str]) -> str:
+    """Reopen the run with these tags (status RUNNING again) or start it."""
+    import mlflow
+
+    run_id = find_run(experiment_id, tags)
+    if run_id is None:
+        return start_run(experiment_id, name, parent_run_id, tags)
+    mlflow.MlflowClient().update_run(run_id, status="RUNNING")
+    return run_id
+
+
 def log_params(run_id: str, params: Mapping[str, Any]) -> None:
     import mlflow
     from mlflow.entities import Param
 
-    items = [Param(k, v) for k, v in redact(params).items()]
     client = mlflow.MlflowClient()
+    logged = client.get_run(run_id).data.params  # a resumed run already has them; MLflow refuses to rewrite
+    items = [Param(k, v) for k, v in redact(params).items() if k not in logged]
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=items[i:i + 100])
 
@@ -140,6 +175,10 @@ def log_and_register_model(run_id: str, checkpoint: Path, registered_name: str) 
 
     from flywheel.models.pyfunc import CausalLMPyfunc
 
+    client = mlflow.MlflowClient()
+    done = client.search_model_versions(f"name = '{registered_name}' and run_id = '{run_id}'")
+    if done:  # a resumed round registered its model before it was interrupted
+        return str(done[0].version)
     with active(run_id):
         info = mlflow.pyfunc.log_model(
             name="model", python_model=CausalLMPyfunc(), artifacts={"checkpoint": str(checkpoint)},

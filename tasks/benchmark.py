@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flywheel import progress
 from flywheel.models import judges, loading, sampling
-from flywheel.models.tasksource import Item, make_source
+from flywheel.models.tasksource import BENCHMARK_SEED_BASE, Item, ReasoningGymSource, make_source
 from flywheel.storage import catalog, parquet
 from flywheel.tasks.common import StageContext
 from flywheel.tasks.generate import prompt_rows
@@ -33,22 +33,41 @@ def summarize(rows: Sequence[dict]) -> dict[str, float]:
             "mean_response_tokens": sum(r["n_tokens"] for r in rows) / len(rows)}
 
 
+def guard_suites(cfg, seed: int) -> list[tuple[str, ReasoningGymSource, list[Item]]]:
+    """The promotion gate's out-of-domain suites: (name, scorer, items), from benchmark seeds."""
+    out = []
+    for g in cfg.benchmark.guards:
+        source = ReasoningGymSource(g.task, g.options)
+        out.append((g.task, source, source.items(BENCHMARK_SEED_BASE + seed * 100_000, g.size)))
+    return out
+
+
 @task(name="benchmark", cache_policy=NO_CACHE)
 def benchmark_task(ctx: StageContext, items: list[Item], model_ref: str) -> dict:
+    """The held-out suite (accuracy, mean length) and every guard suite (accuracy), greedy."""
     cfg = ctx.config
     if ctx.round == 0:
         parquet.write_table(ctx.workspace, "prompts", ctx.run_id, 0, prompt_rows(items, ctx.run_id, 0, "benchmark"),
                             part="benchmark")
     model, tok = loading.load(model_ref, cfg.model.dtype)
-    t0 = time.perf_counter()
-    with progress.stage("benchmark", len(items), "items") as advance:
-        gens = sampling.generate(model, tok, [it.prompt for it in items], max_new_tokens=cfg.benchmark.max_new_tokens,
-                                 batch_size=cfg.benchmark.batch_size, do_sample=False, progress=advance)
-    seconds = time.perf_counter() - t0
     suite = f"{cfg.task.name if cfg.task.prompts_file is None else cfg.task.prompts_file.name}-heldout"
-    rows = score_rows(items, gens, make_source(cfg.task), run_id=ctx.run_id, round_=ctx.round, model=model_ref,
-                      suite=suite)
-    parquet.write_table(ctx.workspace, "benchmarks", ctx.run_id, ctx.round, rows)
+    suites = [(suite, make_source(cfg.task), items, "data")] + [
+        (f"guard:{name}", source, guard_items, f"guard-{i}")
+        for i, (name, source, guard_items) in enumerate(guard_suites(cfg, cfg.seed))]
+    out: dict = {"guard_limits": {g.task: g.max_drop for g in cfg.benchmark.guards}}
+    t0 = time.perf_counter()
+    for name, source, suite_items, part in suites:
+        with progress.stage("benchmark" if part == "data" else name, len(suite_items), "items") as advance:
+            gens = sampling.generate(model, tok, [it.prompt for it in suite_items],
+                                     max_new_tokens=cfg.benchmark.max_new_tokens, batch_size=cfg.benchmark.batch_size,
+                                     do_sample=False, progress=advance)
+        rows = score_rows(suite_items, gens, source, run_id=ctx.run_id, round_=ctx.round, model=model_ref, suite=name)
+        parquet.write_table(ctx.workspace, "benchmarks", ctx.run_id, ctx.round, rows, part=part)
+        if part == "data":
+            seconds = time.perf_counter() - t0
+            out |= {"benchmark_seconds": seconds, "benchmark_tokens_per_s": sampling.tokens_per_second(gens, seconds),
+                    **summarize(rows), "suite": json.dumps({"name": suite, "size": len(items)})}
+        else:
+            out[f"guard_accuracy.{name.removeprefix('guard:')}"] = summarize(rows)["accuracy"]
     catalog.refresh(ctx.workspace)
-    return {"benchmark_seconds": seconds, "benchmark_tokens_per_s": sampling.tokens_per_second(gens, seconds),
-            **summarize(rows), "suite": json.dumps({"name": suite, "size": len(items)})}
+    return out

@@ -54,7 +54,9 @@ def cream_label_smoothing(rows: list[dict]) -> float | None:
 
 
 @task(name="train", cache_policy=NO_CACHE)
-def train_task(ctx: StageContext, policy: str, base: str) -> dict:
+def train_task(ctx: StageContext, policy: str, base: str, fingerprint: str = "") -> dict:
+    """`fingerprint` identifies the training's inputs: a rerun with the same one resumes from
+    the last checkpoint of a training that was killed."""
     method = ctx.config.train.method
     rows, n_replay = training_rows(ctx)
     if len(rows) == n_replay:
@@ -73,6 +75,7 @@ def train_task(ctx: StageContext, policy: str, base: str) -> dict:
     tracked = ctx.mlflow_run_id is not None
     with tracking.active(ctx.mlflow_run_id) if tracked else contextlib.nullcontext():
         metrics = trainer.train(policy, rows, train_cfg, out, base=base, seed=ctx.config.seed + ctx.round,
-                                report_to=["mlflow"] if tracked else [], dtype=ctx.config.model.dtype)
+                                report_to=["mlflow"] if tracked else [], dtype=ctx.config.model.dtype,
+                                fingerprint=fingerprint, checkpoint_steps=ctx.config.stages.checkpoint_steps)
     return {"train_seconds": time.perf_counter() - t0, "policy_out": str(out), "trained": True,
             "train_rows": len(rows), "replayed_rows": n_replay, **extra, **metrics}

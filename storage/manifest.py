@@ -1,0 +1,42 @@
+"""Stage manifests: what makes a stage idempotent and a run resumable.
+
+A stage writes its tables first and its manifest last, so the manifest's existence means the
+stage completed. The manifest holds the stage's fingerprint (a hash of its inputs and of the
+config's meaning) and its result, so a resumed run reuses a completed stage without running
+it, and recognises one that was computed from other inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+
+def path(root: Path, run_id: str, round_: int, stage: str) -> Path:
+    return Path(root) / "runs" / run_id / f"round={round_}" / f"{stage}.done.json"
+
+
+def read(root: Path, run_id: str, round_: int, stage: str) -> dict[str, Any] | None:
+    p = path(root, run_id, round_, stage)
+    if not p.is_file():
+        return None
+    return json.loads(p.read_text())
+
+
+def write(root: Path, run_id: str, round_: int, stage: str, fingerprint: str, result: dict[str, Any]) -> Path:
+    p = path(root, run_id, round_, stage)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp")
+    tmp.write_text(json.dumps({"stage": stage, "fingerprint": fingerprint, "result": result,
+                               "finished_at": datetime.now(timezone.utc).isoformat()}, default=str, indent=1))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, p)
+    return p
+
+
+def remove(root: Path, run_id: str, round_: int, stage: str) -> None:
+    path(root, run_id, round_, stage).unlink(missing_ok=True)
