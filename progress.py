@@ -17,33 +17,39 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 console = Console(stderr=True)
 
 
+def say(text: str) -> None:
+    """A plain status line (no rich markup: "[train]" is text, not a style)."""
+    console.print(text, markup=False, highlight=False)
+
+
 @contextlib.contextmanager
-def stage(name: str, total: int, unit: str = "items") -> Iterator[Callable[[int], None]]:
+def stage(name: str, total: int, unit: str = "items", done: int = 0) -> Iterator[Callable[[int], None]]:
+    """`done`: items already done before this call (a resumed stage); the rate counts only new ones."""
     start = time.perf_counter()
-    done = 0
+    already = done
     if console.is_terminal:
         with Progress(TextColumn(f"[bold]{name:<10}"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=console,
                       transient=False) as bar:
-            task = bar.add_task(name, total=total, rate="")
+            task = bar.add_task(name, total=total, rate="", completed=done)
 
             def advance(n: int) -> None:
                 nonlocal done
                 done += n
-                rate = done / max(time.perf_counter() - start, 1e-9)
+                rate = (done - already) / max(time.perf_counter() - start, 1e-9)
                 bar.update(task, advance=n, rate=f"{rate:.1f} {unit}/s")
 
             yield advance
         return
 
     step = max(1, total // 10)
-    next_report = step
+    next_report = done + step
 
     def advance(n: int) -> None:
         nonlocal done, next_report
         done += n
         if done >= next_report or done >= total:
-            rate = done / max(time.perf_counter() - start, 1e-9)
+            rate = (done - already) / max(time.perf_counter() - start, 1e-9)
             print(f"[{name}] {done}/{total} {unit} ({rate:.1f} {unit}/s)", file=sys.stderr, flush=True)
             while next_report <= done:
                 next_report += step

@@ -71,17 +71,18 @@ def run_pandas(root: Path) -> dict:
 
     t0 = time.perf_counter()
     prompts = pd.read_parquet(root / "prompts.parquet", columns=["prompt_id", "prompt"])
-    cands = pd.read_parquet(root / "candidates.parquet", columns=["candidate_id", "prompt_id", "response"])
+    cands = pd.read_parquet(root / "candidates.parquet", columns=["candidate_id", "prompt_id", "sample_index",
+                                                                  "response"])
     judg = pd.read_parquet(root / "judgments.parquet", columns=["candidate_id", "source", "score"])
     reward = judg[judg.source == "verifier"].groupby("candidate_id", sort=False)["score"].max().rename("reward")
     df = cands.merge(reward, left_on="candidate_id", right_index=True).dropna(subset=["reward"])
     df["norm"] = df["response"].str.strip().str.replace(r"\s+", " ", regex=True)
-    df = df.sort_values(["prompt_id", "norm", "reward", "candidate_id"], ascending=[True, True, False, True])
+    df = df.sort_values(["prompt_id", "norm", "reward", "sample_index", "candidate_id"],
+                        ascending=[True, True, False, True, True])
     df = df.drop_duplicates(["prompt_id", "norm"])
-    best = df.sort_values(["prompt_id", "reward", "candidate_id"], ascending=[True, False, True]) \
-        .drop_duplicates("prompt_id")
-    worst = df.sort_values(["prompt_id", "reward", "candidate_id"], ascending=[True, True, True]) \
-        .drop_duplicates("prompt_id")
+    order = ["prompt_id", "reward", "sample_index", "candidate_id"]
+    best = df.sort_values(order, ascending=[True, False, True, True]).drop_duplicates("prompt_id")
+    worst = df.sort_values(order, ascending=[True, True, True, True]).drop_duplicates("prompt_id")
     pairs = best.merge(worst, on="prompt_id", suffixes=("_c", "_r"))
     pairs = pairs[(pairs.reward_c - pairs.reward_r >= 0.5) & (pairs.norm_c != pairs.norm_r)]
     pairs = pairs.merge(prompts, on="prompt_id")

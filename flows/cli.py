@@ -121,6 +121,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         config = load_config(args.config, overrides, preset=args.preset)
     if not args.verbose:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        import logging
+
+        import mlflow  # noqa: F401 - configures its loggers on import; quiet them after that
+
+        # MLflow's notices (model registered, CloudPickle) bury the progress lines; --verbose keeps them.
+        logging.getLogger("mlflow").setLevel(logging.ERROR)
     from flywheel.flows.flywheel import flywheel, prepare
     from flywheel.progress import console
 

@@ -63,7 +63,8 @@ def _progress_callback():
             self.advance = None
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self.advance = self.stack.enter_context(progress.stage("train", state.max_steps, "steps"))
+            self.advance = self.stack.enter_context(
+                progress.stage("train", state.max_steps, "steps", done=state.global_step))
 
         def on_step_end(self, args, state, control, **kwargs):
             if self.advance:
@@ -113,7 +114,7 @@ def train(policy: str, rows: Sequence[dict], cfg: TrainConfig, out: Path, *, bas
     if resume:
         from flywheel import progress
 
-        progress.console.print(f"[train] resuming from {Path(resume).name}")
+        progress.say(f"[train] resuming from {Path(resume).name}")
     common = dict(model=model, args=trainer_args(cfg.method, cfg, work / "trainer", seed, report_to, checkpoint_steps),
                   processing_class=tok, peft_config=peft_config, callbacks=[_progress_callback()])
     if cfg.method == "sft":

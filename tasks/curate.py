@@ -22,8 +22,8 @@ filter kept (`funnel`):
                category has (balance_categories) and at most max_pairs_per_category
 
 Pairs never tie (chosen − rejected ≥ min_margin > 0), NULL rewards never take part, identical
-texts are never paired, and every tie inside a ranking is broken by candidate_id, so the
-result is deterministic. The SFT set (STaR / rejection sampling) is each prompt's best unique
+texts are never paired, and every tie inside a ranking is broken by sample index (the earlier
+sample first), so the result is deterministic and the same for two runs with the same seed. The SFT set (STaR / rejection sampling) is each prompt's best unique
 sample whose reward reaches sft_threshold.
 """
 
@@ -72,7 +72,7 @@ GROUP BY a.prompt_id
 # more than once are temp tables, computed once.
 _SCORED = """
 CREATE OR REPLACE TEMP VIEW cur_scored AS
-SELECT c.run_id, c.round, c.prompt_id, p.category, c.candidate_id, c.response, c.n_tokens,
+SELECT c.run_id, c.round, c.prompt_id, p.category, c.candidate_id, c.sample_index, c.response, c.n_tokens,
        r.reward AS raw_reward, r.reward - {length_penalty} * c.n_tokens AS reward,
        regexp_replace(trim(c.response), '\\s+', ' ', 'g') AS norm
 FROM candidates c
@@ -92,8 +92,8 @@ CREATE OR REPLACE TEMP TABLE cur_spread AS
 SELECT prompt_id, max(reward) - min(reward) AS spread FROM cur_unique GROUP BY prompt_id;
 CREATE OR REPLACE TEMP TABLE cur_signal AS
 SELECT u.*,
-       row_number() OVER (PARTITION BY prompt_id ORDER BY reward DESC, candidate_id) AS best_rank,
-       row_number() OVER (PARTITION BY prompt_id ORDER BY reward ASC, candidate_id) AS worst_rank
+       row_number() OVER (PARTITION BY prompt_id ORDER BY reward DESC, sample_index, candidate_id) AS best_rank,
+       row_number() OVER (PARTITION BY prompt_id ORDER BY reward ASC, sample_index, candidate_id) AS worst_rank
 FROM cur_unique u JOIN cur_spread s USING (prompt_id)
 WHERE s.spread >= {min_margin}
 """
@@ -112,12 +112,13 @@ SELECT {columns}, b.best_rank AS pair_rank
 FROM cur_signal b JOIN cur_signal w ON b.prompt_id = w.prompt_id AND b.best_rank = w.worst_rank
 WHERE b.reward - w.reward >= {min_margin} AND b.norm <> w.norm""",
     "max_random": """
-SELECT {columns}, row_number() OVER (PARTITION BY b.prompt_id ORDER BY hash(w.candidate_id || '{seed}'),
-                                      w.candidate_id) AS pair_rank
+SELECT {columns}, row_number() OVER (PARTITION BY b.prompt_id ORDER BY hash(w.prompt_id || ':' || w.sample_index
+                                      || ':{seed}'), w.sample_index, w.candidate_id) AS pair_rank
 FROM cur_signal b JOIN cur_signal w ON b.prompt_id = w.prompt_id AND b.best_rank = 1
 WHERE b.reward - w.reward >= {min_margin} AND b.norm <> w.norm""",
     "max_second": """
-SELECT {columns}, row_number() OVER (PARTITION BY b.prompt_id ORDER BY w.reward DESC, w.candidate_id) AS pair_rank
+SELECT {columns}, row_number() OVER (PARTITION BY b.prompt_id ORDER BY w.reward DESC, w.sample_index,
+                                      w.candidate_id) AS pair_rank
 FROM cur_signal b JOIN cur_signal w ON b.prompt_id = w.prompt_id AND b.best_rank = 1
 WHERE b.reward - w.reward >= {min_margin} AND b.norm <> w.norm""",
 }
@@ -135,7 +136,7 @@ CREATE OR REPLACE TEMP VIEW cur_capped AS
 SELECT * EXCLUDE (pair_rank) FROM cur_kept WHERE pair_rank <= {pairs_per_prompt};
 CREATE OR REPLACE TEMP TABLE cur_final AS
 SELECT * EXCLUDE (cat_rank) FROM (
-    SELECT *, row_number() OVER (PARTITION BY category ORDER BY hash(pair_id || '{seed}'), pair_id) AS cat_rank
+    SELECT *, row_number() OVER (PARTITION BY category ORDER BY hash(prompt_id || '{seed}'), pair_id) AS cat_rank
     FROM cur_capped)
 WHERE cat_rank <= {category_limit}
 """
@@ -146,7 +147,7 @@ _SFT = """
 SELECT run_id, round, prompt_id, p.prompt, response AS completion, raw_reward AS score, '{reward_name}' AS reward,
        candidate_id, category, n_tokens
 FROM cur_unique JOIN ({prompt_text}) p USING (prompt_id) WHERE raw_reward >= {threshold}
-QUALIFY row_number() OVER (PARTITION BY prompt_id ORDER BY reward DESC, candidate_id) = 1
+QUALIFY row_number() OVER (PARTITION BY prompt_id ORDER BY reward DESC, sample_index, candidate_id) = 1
 ORDER BY prompt_id
 """
 
@@ -191,7 +192,8 @@ def curate(con: duckdb.DuckDBPyConnection, cfg: CurationConfig, seed: int = 0) -
         scaled=_MINMAX if cfg.normalize == "prompt_minmax" else "score"))
     con.execute(_CREAM.format(now=catalog.sql_str(cfg.cream_source),
                               before=catalog.sql_str(f"{cfg.cream_source}@previous")))
-    dedup = ("QUALIFY row_number() OVER (PARTITION BY prompt_id, norm ORDER BY reward DESC, candidate_id) = 1"
+    dedup = ("QUALIFY row_number() OVER (PARTITION BY prompt_id, norm ORDER BY reward DESC, sample_index, "
+             "candidate_id) = 1"
              if cfg.dedup else "")
     limits = []
     if cfg.balance_categories:

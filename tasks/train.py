@@ -65,7 +65,7 @@ def train_task(ctx: StageContext, policy: str, base: str, fingerprint: str = "")
     out = checkpoint_dir(ctx)
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    progress.console.print(f"[train] {method.upper()} on {len(rows)} rows ({n_replay} replayed) from {policy}")
+    progress.say(f"[train] {method.upper()} on {len(rows)} rows ({n_replay} replayed) from {policy}")
     train_cfg, extra = ctx.config.train, {}
     smoothing = cream_label_smoothing(rows) if ctx.config.curation.cream == "weight" else None
     if smoothing is not None:
