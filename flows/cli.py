@@ -127,10 +127,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         # MLflow's notices (model registered, CloudPickle) bury the progress lines; --verbose keeps them.
         logging.getLogger("mlflow").setLevel(logging.ERROR)
-    from flywheel.flows.flywheel import flywheel, prepare
+    from flywheel.flows.flywheel import check, flywheel
     from flywheel.progress import console
+    from flywheel.storage import lock, tracking
 
-    prepare(config)  # bad input fails here, before Prefect starts or anything is written
+    # Bad input, a busy workspace, an unreachable MLflow store: each fails here, as one line,
+    # before Prefect starts (the flow checks again, for deployments).
+    check(config, args.resume, args.force_from_stage)
+    with lock.workspace_lock(config.workspace):
+        pass
+    tracking.setup(config.workspace, config.name)
     console.print(f"[bold]flywheel[/bold] {config.rounds} round(s) of {config.model.name} on "
                   f"{config.task.prompts_file or config.task.name} → {Path(config.workspace).resolve()}")
     result = flywheel(config, resume=args.resume, force_from_stage=args.force_from_stage)

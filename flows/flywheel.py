@@ -303,15 +303,21 @@ def flywheel(config: FlywheelConfig, resume: str | None = None, force_from_stage
     `resume`: a run id of this workspace to continue where it stopped (completed stages are
     reused, the interrupted one is redone, training restarts from its last checkpoint).
     """
+    prepared = check(config, resume, force_from_stage)
+    with lock.workspace_lock(Path(config.workspace)):
+        return _flywheel(config, prepared, resume, force_from_stage)
+
+
+def check(config: FlywheelConfig, resume: str | None = None, force_from_stage: str | None = None) -> Prepared:
+    """Everything that can fail before work starts, in the order a user would fix it: the
+    resume request, the inputs (nothing is written for bad input), the workspace's disk."""
     if force_from_stage is not None and force_from_stage not in STAGES:
         raise ResumeError(f"unknown stage {force_from_stage!r} (stages: {', '.join(STAGES)})")
-    root = Path(config.workspace)
     if resume is not None:
         check_resumable(config, resume, force_from_stage)
-    prepared = prepare(config)  # fails on bad input before anything is written
-    preflight(root)
-    with lock.workspace_lock(root):
-        return _flywheel(config, prepared, resume, force_from_stage)
+    prepared = prepare(config)
+    preflight(Path(config.workspace))
+    return prepared
 
 
 def _flywheel(config: FlywheelConfig, prepared: Prepared, resume: str | None, force_from_stage: str | None) -> dict:

@@ -44,9 +44,14 @@ def setup(workspace: Path, experiment: str) -> str:
     try:
         return _setup(workspace, experiment)
     except Exception as e:  # noqa: BLE001 - sqlalchemy, requests, … all mean the same to the user
-        uri = re.sub(r"//[^@/]*@", "//***@", tracking_uri(workspace))
-        raise TrackingError(f"MLflow tracking store {uri} is unreachable: {type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:300] if str(e) else ''}") from None
+        detail = str(e).splitlines()[0][:300] if str(e) else ""
+        raise TrackingError(mask_credentials(f"MLflow tracking store {tracking_uri(workspace)} is unreachable: "
+                                             f"{type(e).__name__}: {detail}")) from None
+
+
+def mask_credentials(text: str) -> str:
+    """user:password@ in any URL → ***@ (tracking URIs may carry credentials)."""
+    return re.sub(r"//[^@/\s]*@", "//***@", text)
 
 
 def _setup(workspace: Path, experiment: str) -> str:

@@ -1,0 +1,108 @@
+"""Run lifecycle without a model: the promotion gate, the champion across rounds, the workspace
+lock, and the checks that fail a run before any work."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from flywheel.config import PromotionConfig
+from flywheel.flows.flywheel import _replay
+from flywheel.storage import lock
+from flywheel.tasks.promote import Champion, decide
+
+CHAMP = Champion("m0", 0, accuracy=0.50, mean_tokens=10.0, guards={"basic_arithmetic": 0.40})
+
+
+def metrics(acc, tokens=10.0, guard=0.40):
+    return {"accuracy": acc, "mean_response_tokens": tokens, "guard_accuracy.basic_arithmetic": guard,
+            "guard_limits": {"basic_arithmetic": 0.05}}
+
+
+@pytest.mark.parametrize("m, cfg, promoted, why", [
+    (metrics(0.55), PromotionConfig(), True, "accuracy 55.0% vs champion (round 0) 50.0%: +5.0 points"),
+    (metrics(0.50), PromotionConfig(), True, "+0.0 points, needs ≥ +0.0"),
+    (metrics(0.49), PromotionConfig(), False, "accuracy 49.0% vs champion (round 0) 50.0%: -1.0 points"),
+    (metrics(0.52), PromotionConfig(min_improvement=0.05), False, "needs ≥ +5.0"),
+    (metrics(0.60, tokens=16.0), PromotionConfig(max_length_growth=0.5), False, "mean length 16.0 vs 10.0 tokens: +60%"),
+    (metrics(0.60, tokens=16.0), PromotionConfig(max_length_growth=None), True, "accuracy 60.0%"),
+    (metrics(0.60, guard=0.30), PromotionConfig(), False, "guard basic_arithmetic 30.0% vs 40.0%: -10.0 points"),
+    (metrics(0.60, guard=0.37), PromotionConfig(), True, "guard basic_arithmetic 37.0% vs 40.0%"),
+])
+def test_promotion_gate(m, cfg, promoted, why):
+    ok, reasons = decide(m, CHAMP, cfg, trained=True)
+    assert ok is promoted
+    assert any(why in r for r in reasons), reasons
+
+
+def test_untrained_round_is_never_promoted():
+    ok, reasons = decide(metrics(0.9), CHAMP, PromotionConfig(), trained=False)
+    assert not ok and "no model was trained" in reasons[0]
+
+
+def test_champion_and_streak_follow_the_rounds():
+    def r(k, acc, promoted, ref="base"):
+        return {"round": k, "accuracy": acc, "mean_response_tokens": 10.0, "promoted": promoted,
+                "policy_in": f"m{k - 1}", "policy_out": f"m{k}", "reference_model": ref}
+    history = [{"round": 0, "accuracy": 0.4, "mean_response_tokens": 10.0, "promoted": True, "policy_in": "base",
+                "policy_out": "base", "reference_model": None}, r(1, 0.5, True), r(2, 0.45, False), r(3, 0.44, False)]
+    champion, refs, previous, since = _replay(history, "base")
+    assert (champion.policy, champion.round, champion.accuracy) == ("m1", 1, 0.5)
+    assert since == 2 and previous == "m2" and refs["m1"] == "base" and refs["base"] is None
+
+
+def _cli(tmp_path, *args, env=None):
+    e = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    e.pop("MLFLOW_TRACKING_URI", None)
+    if env and "MLFLOW_TRACKING_URI" in env:
+        e["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
+    return subprocess.run([sys.executable, "-m", "flywheel.flows.cli", *args], capture_output=True, text=True,
+                          env=e, cwd=tmp_path, timeout=300)
+
+
+def _one_error_line(p):
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("flywheel: error:")]
+    assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    return lines[0]
+
+
+def test_a_second_run_on_a_busy_workspace_is_refused(tmp_path):
+    ws = tmp_path / "ws"
+    with lock.workspace_lock(ws):
+        p = _cli(tmp_path, "run", "--workspace", str(ws), "--rounds", "1")
+        assert "is in use by another flywheel run (pid " in _one_error_line(p)
+    assert not (ws / "tables").exists() and not (ws / "mlflow.db").exists()
+    with lock.workspace_lock(ws):  # released when its holder is done
+        pass
+
+
+def test_read_only_workspace_fails_before_work(tmp_path):
+    if os.geteuid() == 0:
+        # root ignores permission bits: a read-only bind is what a user sees; simulate with a file in the way
+        ws = tmp_path / "ws"
+        ws.write_text("not a directory")
+    else:
+        ws = tmp_path / "ro"
+        ws.mkdir()
+        ws.chmod(0o500)
+    p = _cli(tmp_path, "run", "--workspace", str(ws), "--rounds", "1")
+    assert f"workspace {ws} is not writable" in _one_error_line(p)
+
+
+def test_unreachable_mlflow_store_fails_before_work(tmp_path):
+    ws = tmp_path / "ws"
+    uri = "http://flywheel:s3cret@127.0.0.1:9"  # nothing listens on port 9
+    p = _cli(tmp_path, "run", "--workspace", str(ws), "--rounds", "1", env={
+        "MLFLOW_TRACKING_URI": uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"})
+    line = _one_error_line(p)
+    assert "MLflow tracking store http://***@127.0.0.1:9 is unreachable" in line
+    assert "s3cret" not in p.stderr and "s3cret" not in p.stdout, "credentials never reach the logs"
+    assert not (ws / "tables").exists()
+
+
+def test_unknown_resume_and_stage(tmp_path):
+    p = _cli(tmp_path, "run", "--workspace", str(tmp_path / "ws"), "--resume", "20990101-nope")
+    assert "no run '20990101-nope'" in _one_error_line(p)
+    p = _cli(tmp_path, "run", "--resume", "x", "--force-from-stage", "dance")
+    assert p.returncode == 2 and "invalid choice: 'dance'" in p.stderr
