@@ -14,7 +14,10 @@ from collections.abc import Callable, Iterator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-console = Console(stderr=True)
+# Progress and status go to stderr; results (tables) to stdout, so they can be piped. Off a
+# terminal, lines are not wrapped at 80 columns (run ids and paths stay whole in logs).
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+results = Console(width=None if sys.stdout.isatty() else 200)
 
 
 def say(text: str) -> None:

@@ -160,7 +160,9 @@ def print_summary(result: dict) -> None:
         t.add_row(str(r["round"]), fmt(r.get("accuracy"), "{:.1%}"), fmt(r.get("pairs"), "{:d}"),
                   fmt(r.get("judge_verifier_agreement"), "{:.1%}"), fmt(r.get("mean_response_tokens"), "{:.1f} tok"),
                   fmt(r.get("round_seconds"), "{:.0f} s"), "yes" if r.get("promoted") else "no")
-    console.print(t)
+    from flywheel.progress import results
+
+    results.print(t)
     first, last = result["rounds"][0]["accuracy"], result["rounds"][-1]["accuracy"]
     console.print(f"held-out accuracy {first:.1%} → {last:.1%} after the last round "
                   f"({(last - first) * 100:+.1f} points); champion {result['champion_accuracy']:.1%}: "
@@ -238,6 +240,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
             pass
     except lock.WorkspaceBusy:
         busy = True
+    from flywheel.progress import results
+
     t = Table(title=f"runs in {args.workspace}")
     for col in ("run", "rounds done", "last round", "start acc.", "champion acc.", "status", "updated"):
         t.add_column(col)
@@ -249,7 +253,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
         fmt = lambda v: "–" if v is None else f"{v:.1%}"  # noqa: E731
         t.add_row(r["run_id"], str(r["rounds"]), str(r["last_round"]), fmt(r["start_accuracy"]),
                   fmt(r["champion_accuracy"]), status, str(r["updated"])[:19])
-    console.print(t)
+    results.print(t)
     if any(r["last_status"] == "failed" for r in rows) or busy:
         console.print("resume an interrupted or failed run: flywheel run --resume RUN")
     return 0
@@ -278,7 +282,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
                   "yes" if r.get("promoted") else "no", fmt(r.get("pairs"), "{:.0f}"),
                   fmt(r.get("judge_verifier_agreement"), "{:.1%}"), fmt(r.get("mean_response_tokens"), "{:.1f}"),
                   *(fmt(r.get(f"{s}_seconds"), "{:.0f}") for s in ("generate", "judge", "train", "benchmark")))
-    console.print(t)
+    from flywheel.progress import results
+
+    results.print(t)
     out = args.out or args.workspace / f"compare-{'-'.join(r[-6:] for r in args.run_ids)}.png"
     plots.compare_plot(rows, out)
     import mlflow

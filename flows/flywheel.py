@@ -118,11 +118,15 @@ class ResumeError(ValueError):
 TRANSIENT = (OSError, ConnectionError, TimeoutError)
 
 
+class StageTimeout(TimeoutError):
+    """A stage ran past stages.timeout_s."""
+
+
 def _retry_transient(task, task_run, state) -> bool:
     try:
         state.result()
-    except TRANSIENT:
-        return True
+    except TRANSIENT as e:
+        return type(e).__name__ != "TaskRunTimeoutError"  # a stage too slow for its timeout stays too slow
     except BaseException:  # noqa: BLE001 - anything else is not worth retrying
         return False
     return False
@@ -155,7 +159,13 @@ class Stages:
             if STAGES.index(stage) < STAGES.index(self.force_from):
                 self.reused.append(stage)
                 return done["result"], done["fingerprint"]
-        result = _with_policy(fn, self.ctx.config)(self.ctx, *args, **kwargs)
+        try:
+            result = _with_policy(fn, self.ctx.config)(self.ctx, *args, **kwargs)
+        except TimeoutError as e:
+            if type(e).__name__ != "TaskRunTimeoutError":
+                raise
+            raise StageTimeout(f"round {k}: stage {stage} ran past its timeout "
+                               f"(stages.timeout_s = {self.ctx.config.stages.timeout_s:g} s)") from None
         manifest.write(root, run_id, k, stage, fingerprint, result)
         return result, fingerprint
 
@@ -352,7 +362,8 @@ def _flywheel(config: FlywheelConfig, prepared: Prepared, resume: str | None, fo
             history.append(result)
             tracking.log_metrics(parent, _parent_metrics(result), step=k)
             champion, references, previous, since = _replay(history, prepared.base)
-    except BaseException:
+    except BaseException as e:
+        tracking.set_tags(parent, {"flywheel.error": f"{type(e).__name__}: {e}"[:5000]})
         tracking.end_run(parent, "FAILED")
         raise
     finally:
@@ -373,8 +384,14 @@ def _round_zero(config: FlywheelConfig, prepared: Prepared, run_id: str, parent:
     ctx0 = StageContext(config, run_id, 0, parent)
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
-    metrics, _ = Stages(ctx0).run("benchmark", short_hash("benchmark", config.hash(), 0, prepared.base),
-                                  benchmark_task, prepared.benchmark, prepared.base)
+    try:
+        metrics, _ = Stages(ctx0).run("benchmark", short_hash("benchmark", config.hash(), 0, prepared.base),
+                                      benchmark_task, prepared.benchmark, prepared.base)
+    except BaseException as e:
+        parquet.write_table(root, "rounds", run_id, 0, [_round_row(
+            ctx0, status="failed", policy_in=prepared.base, started=started, error=f"{type(e).__name__}: {e}"[:2000])])
+        catalog.refresh(root)
+        raise
     metrics = dict(metrics, round_seconds=time.perf_counter() - t0)
     parquet.write_table(root, "rounds", run_id, 0, [_round_row(
         ctx0, status="completed", policy_in=prepared.base, policy_out=prepared.base, started=started,
