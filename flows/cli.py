@@ -120,7 +120,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         config = load_config(args.config, overrides, preset=args.preset)
     if not args.verbose:
-        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
         import logging
 
         import mlflow  # noqa: F401 - configures its loggers on import; quiet them after that
@@ -343,6 +342,9 @@ def quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_libraries()
+    if not getattr(args, "verbose", False):
+        # before anything imports prefect: it reads its settings once
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     from flywheel.config import ConfigError
     from flywheel.models.judges import RubricError
     from flywheel.models.loading import ModelNotFound
