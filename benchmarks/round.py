@@ -21,7 +21,7 @@ def generation_speed(n_prompts: int) -> None:
 
     cfg = FlywheelConfig()
     model, tok = loading.load(loading.resolve(cfg.model.name))
-    prompts = [it.prompt for it in train_items(make_source(cfg.task), 1, n_prompts, 0, set())[0]]
+    prompts = [it.prompt for it in train_items(make_source(cfg.task), 1, n_prompts, 0, None)[0]]
     kw = dict(max_new_tokens=cfg.sampling.max_new_tokens, do_sample=False)
     sampling.generate(model, tok, prompts[:2], batch_size=2, **kw)  # warm-up
     t0 = time.perf_counter()

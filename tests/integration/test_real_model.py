@@ -68,3 +68,36 @@ def test_sft_round_trains_a_merged_checkpoint(tmp_path):
     before, after = load_file(f"{base}/model.safetensors"), load_file(str(out / "model.safetensors"))
     assert before.keys() == after.keys()
     assert any(not torch.equal(before[k], after[k]) for k in before), "SFT left every weight unchanged"
+
+
+def test_sequence_logprobs_batched_and_meaningful(model_and_tokenizer):
+    """The implicit reward's building block: log π(response | prompt), independent of batching."""
+    model, tok = model_and_tokenizer
+    qs = [QUESTIONS[0]] * 3
+    rs = ["7", "Seven hundred purple elephants.", "The answer is 7."]
+    batched = judges.sequence_logprobs(model, tok, qs, rs, batch_size=3)
+    alone = [judges.sequence_logprobs(model, tok, [q], [r], batch_size=1)[0] for q, r in zip(qs, rs)]
+    assert batched == pytest.approx(alone, abs=1e-3), "left padding must not change a sequence's log-prob"
+    assert all(lp < 0 for lp in batched)
+    assert batched[0] > batched[1], "the right short answer is likelier than nonsense"
+
+
+def test_pairwise_judge_on_the_real_model(model_and_tokenizer):
+    """Both orders are asked; every comparison ends as a win, a loss or an inconsistency."""
+    from flywheel import config as C
+    from flywheel.models import rewards
+
+    model, tok = model_and_tokenizer
+    src = rewards.PairwiseJudge(C.PairwiseJudgeSource(opponents=2), None)
+    batch = rewards.Batch({"p": dict(prompt_id="p", prompt=QUESTIONS[0], answer="7", metadata="{}")},
+                          [dict(candidate_id=f"c{k}", prompt_id="p", sample_index=k, response=r, n_tokens=3)
+                           for k, r in enumerate(["7", "The answer is 7.", "12", "I like turtles."])])
+    models = rewards.Models(loading.resolve("embedded:smollm2-135m-instruct"))
+    verdicts = src.judge(batch, models)
+    assert len(verdicts) == 4 and all(v.parse_ok and 0.0 <= v.score <= 1.0 for v in verdicts)
+    d = [v.details for v in verdicts]
+    n_pairs = 6  # opponents = n // 2: every pair of the 4 responses, once
+    assert sum(x["comparisons"] for x in d) == 2 * n_pairs  # each comparison counts for both responses
+    # every comparison is a consistent win for one side or an inconsistency (counted on both sides)
+    assert sum(x["wins"] for x in d) + sum(x["inconsistent"] for x in d) // 2 + \
+        sum(x["unparsed"] for x in d) // 2 == n_pairs

@@ -106,3 +106,42 @@ def test_unknown_resume_and_stage(tmp_path):
     assert "no run '20990101-nope'" in _one_error_line(p)
     p = _cli(tmp_path, "run", "--resume", "x", "--force-from-stage", "dance")
     assert p.returncode == 2 and "invalid choice: 'dance'" in p.stderr
+
+
+def test_nearly_full_disk_fails_preflight(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from flywheel.flows import flywheel as fw
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 * 2**30, 10 * 2**30 - 300 * 2**20, 300 * 2**20))
+    with pytest.raises(OSError, match=r"has only 300 MiB free; a round needs about 2048 MiB"):
+        fw.preflight(tmp_path / "ws")
+    assert not list((tmp_path / "ws").iterdir()), "the probe file is gone"
+
+
+@pytest.mark.parametrize("error, retried", [
+    (OSError("disk hiccup"), True), (ConnectionError("reset"), True), (TimeoutError("slow nfs"), True),
+    (ValueError("a bug"), False), (KeyError("a bug"), False),
+])
+def test_only_transient_failures_are_retried(error, retried):
+    from flywheel.flows.flywheel import _retry_transient
+
+    class State:
+        def result(self):
+            raise error
+
+    assert _retry_transient(None, None, State()) is retried
+
+
+def test_a_stage_timeout_is_not_retried():
+    from prefect.task_engine import TaskRunTimeoutError
+
+    from flywheel.flows.flywheel import _retry_transient
+
+    class State:
+        def result(self):
+            raise TaskRunTimeoutError("Scope timed out after 1 second(s).")
+
+    assert _retry_transient(None, None, State()) is False
