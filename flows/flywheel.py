@@ -216,10 +216,10 @@ def one_round(config: FlywheelConfig, run_id: str, round: int, champion: dict, b
         version = _log_round_artifacts(ctx, config, metrics, policy_out, trained["trained"], promoted)
     except BaseException as e:
         parquet.write_table(config.workspace, "rounds", run_id, round, [_round_row(
-            ctx, status="failed", policy_in=policy, started=started, error=f"{type(e).__name__}: {e}"[:2000],
+            ctx, status="failed", policy_in=policy, started=started, error=_error_text(e)[:2000],
             base=base)])
         catalog.refresh(config.workspace)
-        tracking.set_tags(mlflow_run, {"flywheel.error": f"{type(e).__name__}: {e}"[:5000]})
+        tracking.set_tags(mlflow_run, {"flywheel.error": _error_text(e)[:5000]})
         tracking.end_run(mlflow_run, "FAILED")
         raise
     parquet.write_table(config.workspace, "rounds", run_id, round, [_round_row(
@@ -363,7 +363,7 @@ def _flywheel(config: FlywheelConfig, prepared: Prepared, resume: str | None, fo
             tracking.log_metrics(parent, _parent_metrics(result), step=k)
             champion, references, previous, since = _replay(history, prepared.base)
     except BaseException as e:
-        tracking.set_tags(parent, {"flywheel.error": f"{type(e).__name__}: {e}"[:5000]})
+        tracking.set_tags(parent, {"flywheel.error": _error_text(e)[:5000]})
         tracking.end_run(parent, "FAILED")
         raise
     finally:
@@ -389,7 +389,7 @@ def _round_zero(config: FlywheelConfig, prepared: Prepared, run_id: str, parent:
                                       benchmark_task, prepared.benchmark, prepared.base)
     except BaseException as e:
         parquet.write_table(root, "rounds", run_id, 0, [_round_row(
-            ctx0, status="failed", policy_in=prepared.base, started=started, error=f"{type(e).__name__}: {e}"[:2000])])
+            ctx0, status="failed", policy_in=prepared.base, started=started, error=_error_text(e)[:2000])])
         catalog.refresh(root)
         raise
     metrics = dict(metrics, round_seconds=time.perf_counter() - t0)
@@ -432,6 +432,11 @@ def next_round(workspace: str = "flywheel-data", config_file: str | None = None)
     done = len(_history(root, run_id))
     config = saved_config(root, run_id).model_copy(update={"rounds": max(done, 1)})
     return flywheel(config, resume=run_id)
+
+
+def _error_text(e: BaseException) -> str:
+    """An error as it goes into the rounds table and MLflow tags: credentials in URLs masked."""
+    return tracking.mask_credentials(f"{type(e).__name__}: {e}")
 
 
 def _parent_metrics(m: dict) -> dict:

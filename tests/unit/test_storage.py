@@ -82,3 +82,14 @@ def test_two_workspaces_in_one_process_keep_their_own_mlflow_stores(tmp_path, mo
     # a user's own URI still wins
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'user.db'}")
     assert tracking.tracking_uri(tmp_path / "c") == f"sqlite:///{tmp_path / 'user.db'}"
+
+
+def test_secrets_are_masked_in_params_and_errors():
+    from flywheel.storage import tracking
+
+    assert tracking.redact({"cfg.hub_token": "hf_abc", "cfg.api_key": "k", "cfg.rounds": 3}) == \
+        {"cfg.hub_token": "***", "cfg.api_key": "***", "cfg.rounds": "3"}
+    text = "OperationalError: could not connect to postgresql://me:pa55@db:5432/mlflow and https://u:p@x.org/a"
+    masked = tracking.mask_credentials(text)
+    assert "pa55" not in masked and "u:p@" not in masked
+    assert "postgresql://***@db:5432/mlflow" in masked and "https://***@x.org/a" in masked
