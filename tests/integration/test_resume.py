@@ -136,3 +136,12 @@ def test_resume_errors(tmp_path, reference):
     rc, out = cli(ws, "--resume", run_id)
     assert rc == 2 and "sampling.n differ" in out and "--force-from-stage" in out, out[-2000:]
     assert not (ws / "runs" / run_id / "round=1" / "generate.done.json").exists()
+    # told where to start over, the run goes on with the new settings; round 0 is kept as it was
+    before = (ws / "runs" / run_id / "round=0" / "benchmark.done.json").read_text()
+    rc, out = cli(ws, "--resume", run_id, "--force-from-stage", "generate")
+    assert rc == 0, out[-3000:]
+    assert (ws / "runs" / run_id / "round=0" / "benchmark.done.json").read_text() == before
+    per_prompt = {}
+    for c in table(ws, "candidates"):
+        per_prompt[c["prompt_id"]] = per_prompt.get(c["prompt_id"], 0) + 1
+    assert set(per_prompt.values()) == {6}
