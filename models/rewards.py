@@ -103,6 +103,12 @@ class Source:
     def judge(self, batch: Batch, models: Models, progress: Progress | None = None) -> list[Verdict]:
         raise NotImplementedError
 
+    def work(self, batch: Batch, seed: int) -> tuple[int, str]:
+        """How many units `judge` will report progress in, and their name."""
+        if self.model_based:  # identical responses are judged once
+            return len(batch.unique()[0]), "candidates"
+        return len(batch.candidates), "candidates"
+
 
 def _numeric(x: str) -> float | None:
     try:
@@ -315,6 +321,9 @@ class PairwiseJudge(Source):
                 pairs.append((members[a], members[b]))
         return reps, index, pairs
 
+    def work(self, batch: Batch, seed: int) -> tuple[int, str]:
+        return 2 * len(self.comparisons(batch, seed)[2]), "comparisons"  # both orders
+
     def judge(self, batch: Batch, models: Models, progress: Progress | None = None) -> list[Verdict]:
         reps, index, pairs = self.comparisons(batch, models.seed)
         renders = []
@@ -334,6 +343,9 @@ class PairwiseJudge(Source):
 
 class ImplicitReward(Source):
     model_based = True
+
+    def work(self, batch: Batch, seed: int) -> tuple[int, str]:
+        return 2 * len(batch.unique()[0]), "sequences"  # under the policy, then the reference
 
     def judge(self, batch: Batch, models: Models, progress: Progress | None = None) -> list[Verdict]:
         if models.reference is None or models.reference == models.policy:

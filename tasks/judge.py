@@ -145,15 +145,10 @@ def judge_task(ctx: StageContext, policy: str, previous: str | None = None, refe
             cands = contested(candidates, [r for r in rows if r["source"] in cheap])
             metrics[f"judge_skipped.{source.name}"] = len(candidates) - len(cands)
         t0 = time.perf_counter()
-        unit = "comparisons" if isinstance(source, rewards.PairwiseJudge) else "candidates"
-        total = len(cands)
-        if isinstance(source, rewards.PairwiseJudge):
-            total = 2 * len(source.comparisons(rewards.Batch(prompts, cands), models.seed)[2])
-        elif source.model_based:
-            total = len(rewards.Batch(prompts, cands).unique()[0]) * (2 if isinstance(source, rewards.ImplicitReward)
-                                                                      else 1)
+        batch = rewards.Batch(prompts, cands)
+        total, unit = source.work(batch, models.seed)
         with progress.stage(f"judge:{source.name}", max(total, 1), unit) as advance:
-            verdicts = source.judge(rewards.Batch(prompts, cands), models, advance)
+            verdicts = source.judge(batch, models, advance)
         rows += judgment_rows(ctx, source, cands, verdicts)
         seconds = time.perf_counter() - t0
         metrics[f"judge_seconds.{source.name}"] = seconds
