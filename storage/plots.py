@@ -21,6 +21,11 @@ def rounds_plot(history: Sequence[dict], out: Path) -> Path:
         if pts:
             xs, ys = zip(*pts)
             ax.plot(xs, ys, marker="o")
+        rejected = [(h["round"], h[key]) for h in history if not h.get("promoted", True)
+                    and isinstance(h.get(key), (int, float))]
+        if key == "accuracy" and rejected:  # the next round started from the champion instead
+            ax.scatter(*zip(*rejected), marker="x", s=90, color="tab:red", zorder=3, label="not promoted")
+            ax.legend(fontsize=8, loc="lower right")
         if key in ("accuracy", "judge_verifier_agreement"):
             ax.set_ylim(0, 1)  # shares: a fixed scale keeps small wobbles from looking like trends
         ax.set_title(title)
