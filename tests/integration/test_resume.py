@@ -42,14 +42,16 @@ VALUES = {"candidates": ("response",), "judgments": ("score",), "pairs": ("margi
 def cli(ws: Path, *args: str, kill_at=None, env_extra=None) -> tuple[int, str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PREFECT_LOGGING_LEVEL": "WARNING", **(env_extra or {})}
     env.pop("MLFLOW_TRACKING_URI", None)  # exported by mlflow.set_tracking_uri in this test process
+    # Its own process group, so that the kill takes everything it started (Prefect's temporary
+    # API server too), as a crash of the machine would.
     proc = subprocess.Popen([sys.executable, "-m", "flywheel.flows.cli", "run", "--config", str(ws.parent / "c.yaml"),
                              "--workspace", str(ws), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env)
+                            text=True, env=env, start_new_session=True)
     seen = []
     for line in proc.stdout:
         seen.append(line)
         if kill_at is not None and kill_at("".join(seen), line):
-            proc.send_signal(signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             return -9, "".join(seen)
     return proc.wait(), "".join(seen)
