@@ -47,7 +47,6 @@ class Prepared:
     base: str
     source: object
     benchmark: list = field(default_factory=list)
-    judge_template_hash: str | None = None
 
     def decontaminator(self) -> Decontaminator:
         cur = self.config.curation
@@ -59,9 +58,8 @@ def prepare(config: FlywheelConfig) -> Prepared:
     sources = rewards.build(config.judge, source)  # bad templates, unimportable callables fail here
     bench = benchmark_items(source, config.benchmark.size, config.seed)
     rewards.probe(sources, bench[0].prompt, bench[0].answer, bench[0].metadata)
-    template_hash = next((s.rubric.hash for s in sources if isinstance(s, rewards.LLMJudge)), None)
     base = loading.resolve(config.model.name)
-    return Prepared(config, base, source, bench, template_hash)
+    return Prepared(config, base, source, bench)
 
 
 def code_version() -> str:
