@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from flywheel.config import load_config
-from flywheel.storage import catalog, parquet
+from flywheel.storage import parquet
 from flywheel.tasks.common import StageContext
 
 RUN = "20260101-000000-abcdef"
