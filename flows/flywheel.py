@@ -9,6 +9,7 @@ overwritten whole (one file per table, run, round and part), so nothing is dupli
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
@@ -17,6 +18,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from prefect.tasks import exponential_backoff
 
 from flywheel import __version__
 from flywheel.config import FlywheelConfig, load_config
-from flywheel.models import loading, rewards
+from flywheel.models import loading, rewards, trainer
 from flywheel.models.decontam import Decontaminator
 from flywheel.models.tasksource import benchmark_items, make_source, train_items
 from flywheel.storage import catalog, datacard, lock, manifest, parquet, plots, tracking
@@ -58,19 +60,48 @@ def prepare(config: FlywheelConfig) -> Prepared:
     sources = rewards.build(config.judge, source)  # bad templates, unimportable callables fail here
     bench = benchmark_items(source, config.benchmark.size, config.seed)
     rewards.probe(sources, bench[0].prompt, bench[0].answer, bench[0].metadata)
+    trainer.check_args(config.train, config.stages.checkpoint_steps)
     base = loading.resolve(config.model.name)
     return Prepared(config, base, source, bench)
 
 
-def code_version() -> str:
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+
+
+@lru_cache(maxsize=4)
+def code_version(root: Path = PACKAGE_ROOT) -> str:
+    """Exactly what ran: `0.1.0+g<sha>` from flywheel's own git checkout, `+dirty` when its tracked
+    files differ from that commit; from an installed package, its version (and the commit a VCS
+    install recorded). A git repository that merely contains an installed copy (a project with
+    its venv inside) is not flywheel's checkout, and its HEAD is never recorded."""
+
+    def git(*args: str) -> str | None:
+        try:
+            p = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=root)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return p.stdout.strip() if p.returncode == 0 else None
+
+    top = git("rev-parse", "--show-toplevel")
+    if top is not None and Path(top).resolve() == Path(root).resolve():
+        sha = git("rev-parse", "--short=12", "HEAD")
+        if sha:
+            dirty = git("status", "--porcelain", "--untracked-files=no")
+            return f"{__version__}+g{sha}" + (".dirty" if dirty else "")
+    return _installed_version()
+
+
+def _installed_version() -> str:
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        if rev.returncode == 0:
-            return f"{__version__}+g{rev.stdout.strip()}"
-    except (OSError, subprocess.SubprocessError):
+        dist = metadata.distribution("flywheel")
+    except metadata.PackageNotFoundError:
+        return f"{__version__}+unknown"
+    commit = None
+    try:
+        commit = json.loads(dist.read_text("direct_url.json") or "{}").get("vcs_info", {}).get("commit_id")
+    except (json.JSONDecodeError, OSError):
         pass
-    return __version__
+    return f"{dist.version}+g{commit[:12]}" if commit else dist.version
 
 
 def package_versions() -> dict[str, str]:
@@ -112,8 +143,27 @@ class ResumeError(ValueError):
     """A run that cannot be resumed as asked: unknown, or computed from other inputs."""
 
 
-# Only failures that may pass on their own are retried: a full disk or a lost connection, not a bug.
-TRANSIENT = (OSError, ConnectionError, TimeoutError)
+# Only failures that may pass on their own are retried: a lost connection, a timed-out request, a
+# busy or briefly failing (network) filesystem. A missing file, a denied permission or a path
+# that is a directory stay what they are on every try, and neither is a bug in our code retried.
+TRANSIENT_ERRNOS = frozenset(getattr(errno, name) for name in (
+    "EAGAIN", "EBUSY", "EINTR", "EIO", "ETIMEDOUT", "ECONNRESET", "ECONNREFUSED", "ECONNABORTED", "EPIPE",
+    "EHOSTUNREACH", "ENETUNREACH", "ENETDOWN", "ESTALE", "ENOLCK", "EREMOTEIO") if hasattr(errno, name))
+
+
+def is_transient(e: BaseException) -> bool:
+    if type(e).__name__ == "TaskRunTimeoutError":  # a stage too slow for its timeout stays too slow
+        return False
+    if isinstance(e, (ConnectionError, TimeoutError)):
+        return True
+    # HTTP clients' own network errors (requests, httpx: MLflow and Prefect servers) by class name,
+    # so that neither library has to be imported to classify an error.
+    if any(cls.__name__ in _TRANSIENT_HTTP for cls in type(e).__mro__):
+        return True
+    return isinstance(e, OSError) and e.errno in TRANSIENT_ERRNOS
+
+
+_TRANSIENT_HTTP = frozenset({"ConnectionError", "Timeout", "TimeoutException", "NetworkError", "RemoteProtocolError"})
 
 
 class StageTimeout(TimeoutError):
@@ -123,10 +173,8 @@ class StageTimeout(TimeoutError):
 def _retry_transient(task, task_run, state) -> bool:
     try:
         state.result()
-    except TRANSIENT as e:
-        return type(e).__name__ != "TaskRunTimeoutError"  # a stage too slow for its timeout stays too slow
-    except BaseException:  # noqa: BLE001 - anything else is not worth retrying
-        return False
+    except BaseException as e:  # noqa: BLE001 - classified, not swallowed: the state keeps the error
+        return is_transient(e)
     return False
 
 

@@ -1,6 +1,7 @@
 """Run lifecycle without a model: the promotion gate, the champion across rounds, the workspace
 lock, and the checks that fail a run before any work."""
 
+import errno
 import os
 import subprocess
 import sys
@@ -121,9 +122,19 @@ def test_nearly_full_disk_fails_preflight(tmp_path, monkeypatch):
     assert not list((tmp_path / "ws").iterdir()), "the probe file is gone"
 
 
+def _requests_error():
+    import requests
+
+    return requests.exceptions.ConnectionError("MLflow server went away")
+
+
 @pytest.mark.parametrize("error, retried", [
-    (OSError("disk hiccup"), True), (ConnectionError("reset"), True), (TimeoutError("slow nfs"), True),
-    (ValueError("a bug"), False), (KeyError("a bug"), False),
+    (OSError(errno.EIO, "disk hiccup"), True), (OSError(errno.ESTALE, "stale NFS handle"), True),
+    (ConnectionError("reset"), True), (ConnectionResetError(errno.ECONNRESET, "reset"), True),
+    (TimeoutError("slow nfs"), True), (_requests_error(), True),
+    (FileNotFoundError(errno.ENOENT, "no such file"), False), (PermissionError(errno.EACCES, "denied"), False),
+    (IsADirectoryError(errno.EISDIR, "is a directory"), False), (OSError("no errno: unknown cause"), False),
+    (OSError(errno.ENOSPC, "disk full"), False), (ValueError("a bug"), False), (KeyError("a bug"), False),
 ])
 def test_only_transient_failures_are_retried(error, retried):
     from flywheel.flows.flywheel import _retry_transient
@@ -145,3 +156,67 @@ def test_a_stage_timeout_is_not_retried():
             raise TaskRunTimeoutError("Scope timed out after 1 second(s).")
 
     assert _retry_transient(None, None, State()) is False
+
+
+def _git(cwd, *args):
+    return subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=cwd, check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def test_code_version_records_exactly_what_ran(tmp_path):
+    from flywheel.flows.flywheel import PACKAGE_ROOT, code_version
+
+    clone = tmp_path / "clone"
+    _git(tmp_path, "clone", "--quiet", str(PACKAGE_ROOT), str(clone))
+    head = _git(clone, "rev-parse", "--short=12", "HEAD")
+    assert code_version(clone) == f"0.1.0+g{head}"
+    (clone / "config.py").write_text((clone / "config.py").read_text() + "\n# a local edit\n")
+    code_version.cache_clear()
+    assert code_version(clone) == f"0.1.0+g{head}.dirty", "a modified tracked file marks the version dirty"
+
+
+def test_code_version_ignores_an_unrelated_repository_around_an_installed_copy(tmp_path):
+    from flywheel.flows.flywheel import code_version
+
+    outer = tmp_path / "someone-elses-project"
+    (outer / "venv" / "site-packages" / "flywheel").mkdir(parents=True)
+    _git(outer, "init", "--quiet")
+    (outer / "README").write_text("x")
+    _git(outer, "add", "README")
+    _git(outer, "commit", "--quiet", "-m", "theirs")
+    theirs = _git(outer, "rev-parse", "--short=12", "HEAD")
+    version = code_version(outer / "venv" / "site-packages" / "flywheel")
+    assert theirs not in version and version.startswith("0.1.0")
+
+
+_TRY_LOCK = ("import sys\nfrom flywheel.storage import lock\ntry:\n    with lock.workspace_lock(sys.argv[1]):\n"
+             "        pass\nexcept lock.WorkspaceBusy:\n    sys.exit(3)\n")
+
+
+def test_the_lock_is_reentrant_in_its_process_and_exclusive_across_processes(tmp_path):
+    ws = tmp_path / "ws"
+    other = lambda: subprocess.run([sys.executable, "-c", _TRY_LOCK, str(ws)], timeout=60).returncode  # noqa: E731
+    with lock.workspace_lock(ws):
+        with lock.workspace_lock(ws):  # the flow inside the CLI takes it again
+            assert lock.held(ws) and other() == 3
+        assert lock.held(ws) and other() == 3, "leaving the inner hold must not release the outer one"
+    assert not lock.held(ws) and other() == 0
+
+
+def test_the_cli_holds_the_lock_from_its_checks_to_the_end_of_the_flow(tmp_path, monkeypatch):
+    from flywheel.flows import cli
+    from flywheel.flows import flywheel as fw
+
+    ws = tmp_path / "ws"
+    seen = []
+
+    def flow(config, resume=None, force_from_stage=None):
+        seen.append(subprocess.run([sys.executable, "-c", _TRY_LOCK, str(ws)], timeout=60).returncode)
+        return {"run_id": "r", "mlflow_run_id": "m", "champion": "base", "champion_accuracy": 0.5,
+                "rounds": [{"round": 0, "accuracy": 0.5, "promoted": True}]}
+
+    monkeypatch.setattr(fw, "flywheel", flow)
+    monkeypatch.setattr(fw, "check", lambda *a, **k: seen.append("checked"))
+    assert cli.main(["run", "--workspace", str(ws), "--rounds", "1"]) == 0
+    assert seen == ["checked", 3], "while the flow ran, a second run was refused"
+    assert not lock.held(ws)
