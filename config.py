@@ -250,7 +250,23 @@ def _trl_fields(config_class: str, defaults: dict[str, Any], v: Any) -> dict[str
     unknown = sorted(set(v) - known)
     if unknown:
         raise ValueError(f"unknown trl.{config_class} field(s): {', '.join(unknown)}")
+    managed = [k for k in v if k in MANAGED_TRAINING_FIELDS]
+    if managed:
+        k = managed[0]
+        raise ValueError(f"{k} is set by flywheel, not here ({MANAGED_TRAINING_FIELDS[k]})")
     return {**defaults, **v}
+
+
+# TrainingArguments fields flywheel sets itself: resume, lineage and tracking depend on them.
+MANAGED_TRAINING_FIELDS = {
+    "output_dir": "each round trains under <workspace>/checkpoints; set `workspace`",
+    "seed": "the round's training seed derives from the top-level `seed`",
+    "report_to": "metrics go to the round's MLflow run",
+    "save_strategy": "resumable checkpoints every `stages.checkpoint_steps` steps",
+    "save_steps": "set `stages.checkpoint_steps`",
+    "save_total_limit": "flywheel keeps the last checkpoint for resume",
+    "resume_from_checkpoint": "use `flywheel run --resume RUN`",
+}
 
 
 class TrainConfig(_Strict):
