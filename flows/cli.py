@@ -131,14 +131,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flywheel.storage import lock, tracking
 
     # Bad input, a busy workspace, an unreachable MLflow store: each fails here, as one line,
-    # before Prefect starts (the flow checks again, for deployments).
+    # before Prefect starts (the flow checks again, for deployments). The workspace lock is taken
+    # once and held to the end: the flow re-enters it, leaving no gap for a second run.
     check(config, args.resume, args.force_from_stage)
     with lock.workspace_lock(config.workspace):
-        pass
-    tracking.setup(config.workspace, config.name)
-    console.print(f"[bold]flywheel[/bold] {config.rounds} round(s) of {config.model.name} on "
-                  f"{config.task.prompts_file or config.task.name} → {Path(config.workspace).resolve()}")
-    result = flywheel(config, resume=args.resume, force_from_stage=args.force_from_stage)
+        tracking.setup(config.workspace, config.name)
+        console.print(f"[bold]flywheel[/bold] {config.rounds} round(s) of {config.model.name} on "
+                      f"{config.task.prompts_file or config.task.name} → {Path(config.workspace).resolve()}")
+        result = flywheel(config, resume=args.resume, force_from_stage=args.force_from_stage)
     print_summary(result)
     return 0
 
