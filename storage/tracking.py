@@ -15,7 +15,10 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-_SECRET = re.compile(r"(token|secret|password|api[_-]?key|credential)", re.I)
+# A key names a secret when its last word is one: `hub_token`, `api_key`, `db_password`,
+# `aws_secret_access_key`. Counts of tokens (`max_new_tokens`, `max_prompt_tokens`) are not secrets.
+_SECRET = re.compile(r"(?:^|[._-])(token|secret|password|passwd|api[_-]?key|access[_-]?key|credentials?"
+                     r"|private[_-]?key|auth)$", re.I)
 
 
 # URIs this process pointed MLflow at. `mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI

@@ -89,6 +89,12 @@ def test_secrets_are_masked_in_params_and_errors():
 
     assert tracking.redact({"cfg.hub_token": "hf_abc", "cfg.api_key": "k", "cfg.rounds": 3}) == \
         {"cfg.hub_token": "***", "cfg.api_key": "***", "cfg.rounds": "3"}
+    # secrets, not token counts: the sampling and judge limits stay readable in MLflow
+    safe = {"cfg.sampling.max_new_tokens": 32, "cfg.benchmark.max_new_tokens": 48, "cfg.judge.max_prompt_tokens": 1024,
+            "cfg.tokenizer": "x", "cfg.author": "me"}
+    assert tracking.redact(safe) == {k: str(v) for k, v in safe.items()}
+    secret = {"cfg.token": "t", "cfg.db.password": "p", "cfg.aws_secret_access_key": "s", "cfg.credentials": "c"}
+    assert set(tracking.redact(secret).values()) == {"***"}
     text = "OperationalError: could not connect to postgresql://me:pa55@db:5432/mlflow and https://u:p@x.org/a"
     masked = tracking.mask_credentials(text)
     assert "pa55" not in masked and "u:p@" not in masked
