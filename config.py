@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from flywheel.errors import ConfigError
+
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 
 
@@ -386,8 +388,6 @@ class FlywheelConfig(_Strict):
         return out
 
 
-class ConfigError(ValueError):
-    """A configuration problem, reported to the user as one line."""
 
 
 def format_validation_error(err: ValidationError) -> str:

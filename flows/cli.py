@@ -56,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="compare runs round by round (from MLflow) and plot them")
     compare.add_argument("run_ids", nargs="+", metavar="RUN")
     compare.add_argument("--workspace", type=Path, default=Path("flywheel-data"))
-    compare.add_argument("--name", default=None, help="MLflow experiment (default: the runs' own)")
     compare.add_argument("--out", type=Path, help="plot file (default: <workspace>/compare-<runs>.png)")
+    compare.add_argument("--mlflow", action="store_true", help="also log the plot to each run's MLflow run")
 
     data = sub.add_parser("data", help="look at curated data")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -261,15 +261,10 @@ def cmd_runs(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from flywheel.progress import console
-    from flywheel.storage import compare, plots, tracking
+    from flywheel.progress import console, results
+    from flywheel.storage import compare, plots
 
-    name = args.name
-    if name is None:
-        from flywheel.flows.flywheel import saved_config
-
-        name = saved_config(args.workspace, args.run_ids[0]).name
-    rows = compare.collect(args.workspace, name, args.run_ids)
+    rows = compare.collect(args.workspace, args.run_ids)
     t = Table(title=f"compare {', '.join(args.run_ids)}")
     heads = ("run", "round", "accuracy", "promoted", "pairs", "judge≈verifier", "mean length", "gen s", "judge s",
              "train s", "bench s")
@@ -281,18 +276,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
                   "yes" if r.get("promoted") else "no", fmt(r.get("pairs"), "{:.0f}"),
                   fmt(r.get("judge_verifier_agreement"), "{:.1%}"), fmt(r.get("mean_response_tokens"), "{:.1f}"),
                   *(fmt(r.get(f"{s}_seconds"), "{:.0f}") for s in ("generate", "judge", "train", "benchmark")))
-    from flywheel.progress import results
-
     results.print(t)
     out = args.out or args.workspace / f"compare-{'-'.join(r[-6:] for r in args.run_ids)}.png"
     plots.compare_plot(rows, out)
-    import mlflow
-
-    exp = mlflow.MlflowClient().get_experiment_by_name(name)
-    for run_id in args.run_ids:
-        parent = tracking.find_run(exp.experiment_id, {"flywheel.run_id": run_id, "flywheel.kind": "run"})
-        tracking.log_artifact(parent, out, "compare")
-    console.print(f"plot: {out} (also logged to each run's MLflow artifacts under compare/)")
+    if args.mlflow:
+        compare.log_plot(args.workspace, args.run_ids, out)
+        console.print(f"plot: {out} (also logged to each run's MLflow run under compare/)")
+    else:
+        console.print(f"plot: {out}")
     return 0
 
 
@@ -327,51 +318,45 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def quiet_libraries() -> None:
-    """Our own progress lines say what is happening; the libraries' bars and notices only bury them."""
+def quiet_libraries(verbose: bool = False) -> None:
+    """Our own progress lines say what is happening; the libraries' bars and notices only bury them.
+    Without --verbose no library warning reaches the terminal (flywheel's own errors still do)."""
     for var, value in (("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
                        ("TRANSFORMERS_VERBOSITY", "error"), ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"),
                        ("TOKENIZERS_PARALLELISM", "false"), ("PREFECT_SERVER_ANALYTICS_ENABLED", "false")):
         os.environ.setdefault(var, value)
     import warnings
 
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"(mlflow|transformers|trl|peft|duckdb)")
+    if not verbose:
+        warnings.simplefilter("ignore")
+        # worker processes a run starts (TRL's, a served engine's) inherit the same quiet
+        os.environ.setdefault("PYTHONWARNINGS", "ignore")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    quiet_libraries()
-    if not getattr(args, "verbose", False):
+    verbose = getattr(args, "verbose", False)
+    quiet_libraries(verbose)
+    if not verbose:
         # before anything imports prefect: it reads its settings once
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    from flywheel.config import ConfigError
-    from flywheel.models.judges import RubricError
-    from flywheel.models.loading import ModelNotFound
-    from flywheel.flows.flywheel import ResumeError
-    from flywheel.models.rewards import SourceError
-    from flywheel.storage.lock import WorkspaceBusy
-    from flywheel.storage.compare import CompareError
-    from flywheel.storage.tracking import TrackingError
-    from flywheel.models.tasksource import TaskError
-    from flywheel.storage.catalog import ReadOnlyError
-    from flywheel.storage.export import ExportError
+    # Only what the command needs is imported: the errors live in a light module, so `sql`, `runs`
+    # or `data show` never pay for torch, transformers, prefect or mlflow.
+    from flywheel.errors import UserError
 
     try:
         commands = {"run": cmd_run, "sql": cmd_sql, "data": cmd_data, "export": cmd_export, "runs": cmd_runs,
                     "compare": cmd_compare}
         return commands[args.command](args)
-    except (ConfigError, TaskError, ModelNotFound, RubricError, FileNotFoundError, ReadOnlyError, ExportError,
-            SourceError, ResumeError, WorkspaceBusy, TrackingError, CompareError, OSError) as e:
+    except (UserError, OSError) as e:
         print(f"flywheel: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("flywheel: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - e.g. DuckDB's errors for `flywheel sql`
-        import duckdb
-
-        if isinstance(e, duckdb.Error):
+        duckdb = sys.modules.get("duckdb")
+        if duckdb is not None and isinstance(e, duckdb.Error):
             print(f"flywheel: error: {str(e).splitlines()[0]}", file=sys.stderr)
             return 2
         raise

@@ -27,6 +27,7 @@ from prefect.tasks import exponential_backoff
 
 from flywheel import __version__
 from flywheel.config import FlywheelConfig, load_config
+from flywheel.errors import ResumeError
 from flywheel.models import loading, rewards, trainer
 from flywheel.models.decontam import Decontaminator
 from flywheel.models.tasksource import benchmark_items, make_source, train_items
@@ -139,8 +140,6 @@ def _round_row(ctx: StageContext, *, status: str, policy_in: str, started: datet
 STAGES = ("generate", "judge", "curate", "train", "benchmark")
 
 
-class ResumeError(ValueError):
-    """A run that cannot be resumed as asked: unknown, or computed from other inputs."""
 
 
 # Only failures that may pass on their own are retried: a lost connection, a timed-out request, a
@@ -339,17 +338,6 @@ def preflight(root: Path) -> None:
 MIN_FREE_BYTES = 2 * 2**30
 
 
-def _history(root: Path, run_id: str) -> list[dict]:
-    """The results of a run's completed rounds, in order (round 0: the base model's benchmark)."""
-    out = []
-    for k in range(0, 10_000):
-        done = manifest.read(root, run_id, k, "round")
-        if done is None:
-            break
-        out.append(done["result"])
-    return out
-
-
 @flow(name="flywheel")
 def flywheel(config: FlywheelConfig, resume: str | None = None, force_from_stage: str | None = None) -> dict:
     """Benchmark the starting model (round 0), then run rounds up to `config.rounds`, each from
@@ -391,7 +379,7 @@ def _flywheel(config: FlywheelConfig, prepared: Prepared, resume: str | None, fo
     config_file.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     tracking.log_artifact(parent, config_file)
     tracking.set_tags(parent, {"flywheel.config_hash": config.hash(), "flywheel.code_version": code_version()})
-    history = _history(root, run_id)
+    history = manifest.history(root, run_id)
     try:
         if not history:
             history.append(_round_zero(config, prepared, run_id, parent))
@@ -475,7 +463,7 @@ def next_round(workspace: str = "flywheel-data", config_file: str | None = None)
         config = load_config(Path(config_file) if config_file else None, {"workspace": workspace, "rounds": 1})
         return flywheel(config)
     run_id = runs[-1]
-    done = len(_history(root, run_id))
+    done = len(manifest.history(root, run_id))
     config = saved_config(root, run_id).model_copy(update={"rounds": max(done, 1)})
     return flywheel(config, resume=run_id)
 

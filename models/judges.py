@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from flywheel.errors import RubricError
 from flywheel.models.sampling import chat_texts
 
 ASSISTANT_MARK = "<|assistant|>"
@@ -57,8 +58,6 @@ class Rubric:
         return text, self.prefill
 
 
-class RubricError(ValueError):
-    pass
 
 
 PLACEHOLDERS = {"pointwise": ("{question}", "{response}"), "pairwise": ("{question}", "{response_a}", "{response_b}")}

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from flywheel.errors import ModelNotFound
+
 EMBEDDED_PREFIX = "embedded:"
 _EMBEDDED = {
     # name → (python package holding the file, file name)
@@ -24,8 +26,6 @@ _EMBEDDED = {
 }
 
 
-class ModelNotFound(ValueError):
-    pass
 
 
 def cache_dir() -> Path:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flywheel import config as C
+from flywheel.errors import SourceError
 from flywheel.models import judges
 
 Progress = Callable[[int], None]
@@ -80,8 +81,6 @@ class Models:
         return loading.load(ref, self.dtype)
 
 
-class SourceError(ValueError):
-    """A reward source that cannot run (an unimportable or failing callable, a bad template)."""
 
 
 class Source:

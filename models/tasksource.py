@@ -13,14 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flywheel.errors import TaskError
 from flywheel.models.decontam import Decontaminator, Overlap
 
 BENCHMARK_SEED_BASE = 10_000_000
 TRAIN_SEED_BASE = 20_000_000
 
 
-class TaskError(ValueError):
-    pass
 
 
 def prompt_id(text: str) -> str:

@@ -157,10 +157,9 @@ def train(policy: str, rows: Sequence[dict], cfg: TrainConfig, out: Path, *, bas
     """Train from `policy` on `rows` (pairs for DPO, prompt/completion for SFT, by `cfg.method`),
     write a merged checkpoint to `out`, return final train metrics. A training killed midway
     resumes from its last checkpoint when called again with the same fingerprint."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.trainer_utils import get_last_checkpoint
     from trl import DPOTrainer, SFTTrainer
 
     torch_dtype = loading.default_dtype() if dtype == "auto" else getattr(torch, dtype)

@@ -12,6 +12,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
+from flywheel.errors import ReadOnlyError
 from flywheel.storage.schemas import TABLES
 
 CATALOG_FILE = "catalog.duckdb"
@@ -61,8 +62,6 @@ def connect(root: Path, read_only: bool = True) -> duckdb.DuckDBPyConnection:
     return duckdb.connect(str(path), read_only=read_only)
 
 
-class ReadOnlyError(ValueError):
-    pass
 
 
 # Statements that only read. Everything else (DELETE, COPY … TO, ATTACH, INSTALL, SET, CREATE …)

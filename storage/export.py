@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from flywheel.errors import ExportError
 from flywheel.storage import catalog
 
 FORMATS = ("parquet", "jsonl", "hf")
@@ -27,8 +28,6 @@ _PROVENANCE = {"pairs": ("run_id", "round", "pair_id", "prompt_id", "chosen_scor
                "sft": ("run_id", "round", "candidate_id", "prompt_id", "score", "reward", "category")}
 
 
-class ExportError(ValueError):
-    pass
 
 
 def _user(text: str) -> list[dict]:
@@ -57,14 +56,14 @@ def select(root: Path, table: str, run_id: str | None, round_: int | None) -> tu
         raise ExportError(f"cannot export {table!r}: choose one of {', '.join(EXPORTABLE)}")
     with catalog.connect(root) as con:
         if run_id is None:
-            run_id = con.execute(f"SELECT max(run_id) FROM {table}").fetchone()[0]
+            run_id = con.sql(f"SELECT max(run_id) FROM {table}").fetchall()[0][0]
             if run_id is None:
                 raise ExportError(f"no {table} in {root} yet")
         where = "run_id = $run" + ("" if round_ is None else " AND round = $round")
         params = {"run": run_id} | ({} if round_ is None else {"round": round_})
-        rows = con.execute(f"SELECT * FROM {table} WHERE {where} ORDER BY round, prompt_id", params).to_arrow_table()
+        rows = con.sql(f"SELECT * FROM {table} WHERE {where} ORDER BY round, prompt_id", params=params).to_arrow_table()
         if rows.num_rows == 0:
-            known = con.execute(f"SELECT count(*) FROM {table} WHERE run_id = $run", {"run": run_id}).fetchone()[0]
+            known = con.sql(f"SELECT count(*) FROM {table} WHERE run_id = $run", params={"run": run_id}).fetchall()[0][0]
             what = f"run {run_id!r}" if not known else f"round {round_} of run {run_id!r}"
             raise ExportError(f"no {table} for {what}")
     return rows, run_id

@@ -17,10 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-
-class WorkspaceBusy(RuntimeError):
-    pass
-
+from flywheel.errors import WorkspaceBusy
 
 _HELD: dict[str, tuple[IO[str], int]] = {}  # resolved lock path → (open file, depth)
 _GUARD = threading.Lock()

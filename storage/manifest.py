@@ -40,3 +40,14 @@ def write(root: Path, run_id: str, round_: int, stage: str, fingerprint: str, re
 
 def remove(root: Path, run_id: str, round_: int, stage: str) -> None:
     path(root, run_id, round_, stage).unlink(missing_ok=True)
+
+
+def history(root: Path, run_id: str) -> list[dict[str, Any]]:
+    """The results of a run's completed rounds, in order (round 0: the base model's benchmark)."""
+    out = []
+    for k in range(0, 10_000):
+        done = read(root, run_id, k, "round")
+        if done is None:
+            break
+        out.append(done["result"])
+    return out

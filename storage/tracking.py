@@ -15,6 +15,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from flywheel.errors import TrackingError
+
 # A key names a secret when its last word is one: `hub_token`, `api_key`, `db_password`,
 # `aws_secret_access_key`. Counts of tokens (`max_new_tokens`, `max_prompt_tokens`) are not secrets.
 _SECRET = re.compile(r"(?:^|[._-])(token|secret|password|passwd|api[_-]?key|access[_-]?key|credentials?"
@@ -37,8 +39,6 @@ def tracking_uri(workspace: Path) -> str:
     return user_tracking_uri() or f"sqlite:///{Path(workspace).resolve() / 'mlflow.db'}"
 
 
-class TrackingError(RuntimeError):
-    pass
 
 
 def setup(workspace: Path, experiment: str) -> str:

@@ -52,7 +52,7 @@ def test_stop_after_no_improvement_then_runs_and_compare(tmp_path):
     assert cli(tmp_path, "run", "--config", "d.yaml", "--workspace", str(ws), "--rounds", "1").returncode == 0
     other = sorted(d.name for d in (ws / "runs").iterdir() if d.is_dir() and d.name != run_id)[0]
     out = tmp_path / "cmp.png"
-    p = cli(tmp_path, "compare", run_id, other, "--workspace", str(ws), "--out", str(out))
+    p = cli(tmp_path, "compare", run_id, other, "--workspace", str(ws), "--out", str(out), "--mlflow")
     text = p.stdout + p.stderr
     assert p.returncode == 0, text[-3000:]
     assert run_id in text and other in text and "accuracy" in text
@@ -66,8 +66,18 @@ def test_stop_after_no_improvement_then_runs_and_compare(tmp_path):
     assert len(parents) == 2
     for parent in parents:
         assert [a.path for a in client.list_artifacts(parent.info.run_id, "compare")] == ["compare/cmp.png"]
-    p = cli(tmp_path, "compare", "20990101-nope", "--workspace", str(ws), "--name", "life")
+    p = cli(tmp_path, "compare", "20990101-nope", "--workspace", str(ws))
     assert p.returncode == 2 and "no run '20990101-nope'" in p.stderr
+    # the figures match what the rounds logged to MLflow
+    from flywheel.storage import compare
+
+    for row in compare.collect(ws, [run_id, other]):
+        if row["round"] == 0:
+            continue
+        logged = client.search_runs([client.get_experiment_by_name("life").experiment_id],
+                                    f"tags.`flywheel.run_id` = '{row['run']}' AND tags.`flywheel.round` = "
+                                    f"'{row['round']}'")[0].data.metrics
+        assert row["accuracy"] == pytest.approx(logged["accuracy"]) and row["pairs"] == logged["pairs"]
 
 
 def test_a_stage_past_its_timeout_fails_the_round_visibly(tmp_path):
