@@ -1,4 +1,4 @@
-"""Progress for long stages: stage name, items done / total, items per second.
+"""Progress for long stages: stage name, items done / total, items per second, time left.
 
 On a terminal it is a live rich bar; elsewhere (CI logs, Prefect workers) a plain line is
 printed every ~10% so logs show the run moving without flooding.
@@ -12,7 +12,8 @@ import time
 from collections.abc import Callable, Iterator
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 
 # Progress and status go to stderr; results (tables) to stdout, so they can be piped. Off a
 # terminal, lines are not wrapped at 80 columns (run ids and paths stay whole in logs).
@@ -25,6 +26,16 @@ def say(text: str) -> None:
     console.print(text, markup=False, highlight=False)
 
 
+def eta(done: int, total: int, rate: float) -> str:
+    """Time left at the current rate, as m:ss (h:mm:ss past an hour); "?" before any rate."""
+    if rate <= 0 or done <= 0:
+        return "?"
+    left = max(total - done, 0) / rate
+    h, rem = divmod(int(round(left)), 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
+
+
 @contextlib.contextmanager
 def stage(name: str, total: int, unit: str = "items", done: int = 0) -> Iterator[Callable[[int], None]]:
     """`done`: items already done before this call (a resumed stage); the rate counts only new ones."""
@@ -32,8 +43,8 @@ def stage(name: str, total: int, unit: str = "items", done: int = 0) -> Iterator
     already = done
     if console.is_terminal:
         with Progress(TextColumn(f"[bold]{name:<10}"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=console,
-                      transient=False) as bar:
+                      TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"),
+                      TimeRemainingColumn(), console=console, transient=False) as bar:
             task = bar.add_task(name, total=total, rate="", completed=done)
 
             def advance(n: int) -> None:
@@ -53,7 +64,8 @@ def stage(name: str, total: int, unit: str = "items", done: int = 0) -> Iterator
         done += n
         if done >= next_report or done >= total:
             rate = (done - already) / max(time.perf_counter() - start, 1e-9)
-            print(f"[{name}] {done}/{total} {unit} ({rate:.1f} {unit}/s)", file=sys.stderr, flush=True)
+            print(f"[{name}] {done}/{total} {unit} ({rate:.1f} {unit}/s, eta {eta(done - already, total - already, rate)})",
+                  file=sys.stderr, flush=True)
             while next_report <= done:
                 next_report += step
 
