@@ -12,8 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 # Progress and status go to stderr; results (tables) to stdout, so they can be piped. Off a
 # terminal, lines are not wrapped at 80 columns (run ids and paths stay whole in logs).
@@ -64,8 +63,8 @@ def stage(name: str, total: int, unit: str = "items", done: int = 0) -> Iterator
         done += n
         if done >= next_report or done >= total:
             rate = (done - already) / max(time.perf_counter() - start, 1e-9)
-            print(f"[{name}] {done}/{total} {unit} ({rate:.1f} {unit}/s, eta {eta(done - already, total - already, rate)})",
-                  file=sys.stderr, flush=True)
+            left = eta(done - already, total - already, rate)
+            print(f"[{name}] {done}/{total} {unit} ({rate:.1f} {unit}/s, eta {left})", file=sys.stderr, flush=True)
             while next_report <= done:
                 next_report += step
 
