@@ -163,9 +163,12 @@ def print_summary(result: dict) -> None:
 
     results.print(t)
     first, last = result["rounds"][0]["accuracy"], result["rounds"][-1]["accuracy"]
-    console.print(f"held-out accuracy {first:.1%} → {last:.1%} after the last round "
-                  f"({(last - first) * 100:+.1f} points); champion {result['champion_accuracy']:.1%}: "
-                  f"{result['champion']}")
+    if first is None or last is None:
+        console.print(f"held-out suite unscored (no reference answers); champion: {result['champion']}")
+    else:
+        console.print(f"held-out accuracy {first:.1%} → {last:.1%} after the last round "
+                      f"({(last - first) * 100:+.1f} points); champion {result['champion_accuracy']:.1%}: "
+                      f"{result['champion']}")
     console.print(f"MLflow run {result['mlflow_run_id']}; tables: flywheel sql \"SELECT * FROM rounds\"")
 
 

@@ -405,7 +405,8 @@ def _flywheel(config: FlywheelConfig, prepared: Prepared, resume: str | None, fo
             plot = plots.rounds_plot(history, root / "runs" / run_id / "rounds.png")
             tracking.log_artifact(parent, plot)
         catalog.refresh(root)
-    tracking.log_metrics(parent, {"accuracy_gain": history[-1]["accuracy"] - history[0]["accuracy"],
+    first, last = history[0]["accuracy"], history[-1]["accuracy"]
+    tracking.log_metrics(parent, {"accuracy_gain": None if first is None or last is None else last - first,
                                   "champion_accuracy": champion.accuracy})
     tracking.set_tags(parent, {"flywheel.champion": champion.policy})
     tracking.end_run(parent)

@@ -148,8 +148,10 @@ def make_source(task_cfg) -> ReasoningGymSource | FileSource:
 
 def benchmark_items(source, size: int, seed: int) -> list[Item]:
     if isinstance(source, FileSource):
-        # A file is both pools: hold out at most a fifth of it, so there is something left to train on.
-        return source.items(seed, min(size, max(1, len(source._items) // 5)))
+        # A file is both pools: hold out at most a fifth of it, so there is something left to train on,
+        # taking lines with a reference answer first (the benchmark can score only those).
+        n = min(size, max(1, len(source._items) // 5))
+        return sorted(source.items(seed, len(source._items)), key=lambda it: it.answer is None)[:n]
     return source.items(BENCHMARK_SEED_BASE + seed * 100_000, size)
 
 

@@ -109,7 +109,7 @@ BENCHMARKS = pa.schema(
         pa.field("item_id", pa.string(), nullable=False),
         pa.field("response", pa.string(), nullable=False),
         pa.field("extracted", pa.string()),
-        pa.field("score", pa.float64(), nullable=False),
+        pa.field("score", pa.float64()),  # NULL: the item has no reference answer (unscored, never 0)
         pa.field("n_tokens", pa.int32(), nullable=False),
     ]
 )

@@ -24,12 +24,16 @@ def score_rows(items: Sequence[Item], gens: Sequence[sampling.Generation], sourc
         extracted = judges.extract_answer(g.response, it.answer)
         score = source.score(extracted, it.answer, it.metadata)
         rows.append(dict(run_id=run_id, round=round_, model=model, suite=suite, item_id=it.id,
-                         response=g.response, extracted=extracted, score=float(score or 0.0), n_tokens=g.n_tokens))
+                         response=g.response, extracted=extracted, score=None if score is None else float(score),
+                         n_tokens=g.n_tokens))
     return rows
 
 
-def summarize(rows: Sequence[dict]) -> dict[str, float]:
-    return {"accuracy": sum(r["score"] for r in rows) / len(rows),
+def summarize(rows: Sequence[dict]) -> dict[str, float | None]:
+    """Accuracy over the items that have a reference answer; None when none has (an unscored suite
+    is reported as unscored, never as 0%)."""
+    scored = [r["score"] for r in rows if r["score"] is not None]
+    return {"accuracy": sum(scored) / len(scored) if scored else None, "scored_items": len(scored),
             "mean_response_tokens": sum(r["n_tokens"] for r in rows) / len(rows)}
 
 

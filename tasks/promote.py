@@ -16,7 +16,7 @@ from flywheel.config import PromotionConfig
 class Champion:
     policy: str
     round: int
-    accuracy: float
+    accuracy: float | None
     mean_tokens: float
     guards: dict[str, float] = field(default_factory=dict)  # guard suite → accuracy
 
@@ -32,10 +32,14 @@ def decide(metrics: dict, champion: Champion, cfg: PromotionConfig, trained: boo
     if not trained:
         return False, ["no model was trained (no training data this round)"]
     failed, passed = [], []
-    acc, gain = metrics["accuracy"], metrics["accuracy"] - champion.accuracy
-    line = (f"accuracy {acc:.1%} vs champion (round {champion.round}) {champion.accuracy:.1%}: "
-            f"{gain * 100:+.1f} points, needs ≥ {cfg.min_improvement * 100:+.1f}")
-    (passed if gain >= cfg.min_improvement - 1e-12 else failed).append(line)
+    acc = metrics["accuracy"]
+    if acc is None or champion.accuracy is None:
+        passed.append("accuracy not measured: the held-out suite has no reference answers (unscored)")
+    else:
+        gain = acc - champion.accuracy
+        line = (f"accuracy {acc:.1%} vs champion (round {champion.round}) {champion.accuracy:.1%}: "
+                f"{gain * 100:+.1f} points, needs ≥ {cfg.min_improvement * 100:+.1f}")
+        (passed if gain >= cfg.min_improvement - 1e-12 else failed).append(line)
     if cfg.max_length_growth is not None and champion.mean_tokens > 0:
         growth = metrics["mean_response_tokens"] / champion.mean_tokens - 1
         line = (f"mean length {metrics['mean_response_tokens']:.1f} vs {champion.mean_tokens:.1f} tokens: "
