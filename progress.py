@@ -69,3 +69,70 @@ def stage(name: str, total: int, unit: str = "items", done: int = 0) -> Iterator
                 next_report += step
 
     yield advance
+
+
+# --- Prefect's UI: what a user looking at a flow run sees -----------------------------------------
+
+def _run_logger():
+    """The current Prefect flow or task run's logger; None outside a run (a plain function call)."""
+    try:
+        from prefect import get_run_logger
+        from prefect.exceptions import MissingContextError
+    except ImportError:
+        return None
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return None
+
+
+def log(text: str) -> None:
+    """A line for the Prefect run's log (INFO): stage starts, counts, durations, decisions. The
+    terminal shows only warnings from Prefect's loggers unless --verbose, so this adds no noise."""
+    logger = _run_logger()
+    if logger is not None:
+        logger.info(text)
+
+
+def name_flow_run(name: str) -> None:
+    """Give the current flow run a meaningful name (the flywheel run id), once it is known."""
+    try:
+        from prefect.client.orchestration import get_client
+        from prefect.runtime import flow_run
+    except ImportError:
+        return
+    if flow_run.get_id() is None or flow_run.get_name() == name:
+        return
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(flow_run.get_id(), name=name)
+
+
+_SUMMARY_KEYS = (("accuracy", "held-out accuracy", "{:.1%}"), ("scored_items", "scored items", "{}"),
+                 ("mean_response_tokens", "mean response tokens", "{:.1f}"), ("candidates", "candidates", "{}"),
+                 ("pairs", "pairs", "{}"), ("judge_verifier_agreement", "judge–verifier agreement", "{:.1%}"),
+                 ("train_loss", "train loss", "{:.4f}"), ("generate_seconds", "generate s", "{:.0f}"),
+                 ("judge_seconds", "judge s", "{:.0f}"), ("train_seconds", "train s", "{:.0f}"),
+                 ("benchmark_seconds", "benchmark s", "{:.0f}"), ("round_seconds", "round s", "{:.0f}"))
+
+
+def summary_markdown(run_id: str, round_: int, metrics: dict) -> str:
+    rows = [f"| {label} | {fmt.format(metrics[key])} |" for key, label, fmt in _SUMMARY_KEYS
+            if isinstance(metrics.get(key), (int, float))]
+    decision = "promoted to champion" if metrics.get("promoted") else "not promoted"
+    reasons = "\n".join(f"- {r}" for r in metrics.get("promotion_reasons") or [])
+    return (f"# flywheel run {run_id}, round {round_}: {decision}\n\n| metric | value |\n|---|---|\n"
+            + "\n".join(rows) + f"\n\n**Promotion gate**\n\n{reasons}\n")
+
+
+def publish_summary(name: str, run_id: str, round_: int, metrics: dict) -> None:
+    """The round's summary as a Prefect markdown artifact on the current flow run (key
+    `<name>-round-summary`, so Prefect keeps one history of them per flywheel name)."""
+    if _run_logger() is None:
+        return
+    import re
+
+    from prefect.artifacts import create_markdown_artifact
+
+    key = re.sub(r"[^a-z0-9-]+", "-", f"{name}-round-summary".lower()).strip("-")
+    create_markdown_artifact(markdown=summary_markdown(run_id, round_, metrics), key=key,
+                             description=f"flywheel run {run_id}, round {round_}")

@@ -126,7 +126,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         # MLflow's notices (model registered, CloudPickle) bury the progress lines; --verbose keeps them.
         logging.getLogger("mlflow").setLevel(logging.ERROR)
-    from flywheel.flows.flywheel import check, flywheel
+    from flywheel.flows.flywheel import check, flywheel, new_run_id
+    from flywheel.flows.server import prefect_api
     from flywheel.progress import console
     from flywheel.storage import lock, tracking
 
@@ -138,7 +139,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         tracking.setup(config.workspace, config.name)
         console.print(f"[bold]flywheel[/bold] {config.rounds} round(s) of {config.model.name} on "
                       f"{config.task.prompts_file or config.task.name} → {Path(config.workspace).resolve()}")
-        result = flywheel(config, resume=args.resume, force_from_stage=args.force_from_stage)
+        # Prefect's API: the user's server when PREFECT_API_URL (or the profile) names one, else a
+        # local one that this process owns and that dies with it, even by SIGKILL.
+        with prefect_api():
+            result = flywheel(config, resume=args.resume, force_from_stage=args.force_from_stage,
+                              run_id=None if args.resume else new_run_id())
     print_summary(result)
     return 0
 
@@ -341,8 +346,10 @@ def main(argv: list[str] | None = None) -> int:
     verbose = getattr(args, "verbose", False)
     quiet_libraries(verbose)
     if not verbose:
-        # before anything imports prefect: it reads its settings once
-        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        # Before anything imports prefect (it reads its settings once): flywheel's stage logs go to
+        # the Prefect run at INFO, so its UI shows what happened; the terminal shows warnings only.
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     # Only what the command needs is imported: the errors live in a light module, so `sql`, `runs`
     # or `data show` never pay for torch, transformers, prefect or mlflow.
     from flywheel.errors import UserError

@@ -25,7 +25,7 @@ from pathlib import Path
 from prefect import flow
 from prefect.tasks import exponential_backoff
 
-from flywheel import __version__
+from flywheel import __version__, progress
 from flywheel.config import FlywheelConfig, load_config
 from flywheel.errors import ResumeError
 from flywheel.models import loading, rewards, trainer
@@ -122,13 +122,14 @@ def new_run_id() -> str:
 def _round_row(ctx: StageContext, *, status: str, policy_in: str, started: datetime, policy_out: str | None = None,
                accuracy: float | None = None, n_pairs: int | None = None, error: str | None = None,
                template_hash: str | None = None, registered_version: str | None = None,
-               base: str | None = None, promoted: bool = False, reasons: list[str] | None = None) -> dict:
+               base: str | None = None, promoted: bool = False, reasons: list[str] | None = None,
+               weights_sha256: str | None = None) -> dict:
     cfg = ctx.config
     reference = None
     if ctx.round > 0:  # which model DPO measured against: this round's start ("previous") or the base
         reference = base if cfg.train.reference == "base" else policy_in
     return dict(run_id=ctx.run_id, round=ctx.round, status=status, policy_in=policy_in, policy_out=policy_out,
-                reference_model=reference,
+                weights_sha256=weights_sha256, reference_model=reference,
                 config_hash=cfg.hash(), judge_template_hash=template_hash, seed=cfg.seed,
                 code_version=code_version(), package_versions=json.dumps(package_versions()),
                 mlflow_run_id=ctx.mlflow_run_id, registered_version=registered_version,
@@ -204,18 +205,31 @@ class Stages:
             if STAGES.index(stage) < STAGES.index(self.force_from):
                 self.reused.append(stage)
                 return done["result"], done["fingerprint"]
+        name = f"{stage}-round-{k}" + (" (baseline)" if k == 0 else "")
+        progress.log(f"round {k}: {stage} started")
+        t0 = time.perf_counter()
         try:
-            result = _with_policy(fn, self.ctx.config)(self.ctx, *args, **kwargs)
+            result = _with_policy(fn, self.ctx.config).with_options(task_run_name=name)(self.ctx, *args, **kwargs)
         except TimeoutError as e:
             if type(e).__name__ != "TaskRunTimeoutError":
                 raise
             raise StageTimeout(f"round {k}: stage {stage} ran past its timeout "
                                f"(stages.timeout_s = {self.ctx.config.stages.timeout_s:g} s)") from None
         manifest.write(root, run_id, k, stage, fingerprint, result)
+        progress.log(f"round {k}: {stage} done in {time.perf_counter() - t0:.1f} s ({_stage_summary(result)})")
         return result, fingerprint
 
 
-@flow(name="flywheel-round")
+def _stage_summary(result: dict) -> str:
+    """The counts a stage's log line carries: whichever of these its result has."""
+    keys = ("candidates", "generate_tokens_per_s", "judge_verifier_agreement", "pairs", "sft_examples",
+            "train_rows", "train_loss", "accuracy", "mean_response_tokens")
+    parts = [f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k in keys
+             if (v := result.get(k)) is not None and not isinstance(v, (dict, list))]
+    return ", ".join(parts) or "no counts"
+
+
+@flow(name="flywheel-round", flow_run_name="{run_id}-round-{round}")
 def one_round(config: FlywheelConfig, run_id: str, round: int, champion: dict, base: str, parent_run_id: str,
               experiment_id: str, previous: str | None = None, policy_reference: str | None = None,
               force_from_stage: str | None = None) -> dict:
@@ -251,6 +265,8 @@ def one_round(config: FlywheelConfig, run_id: str, round: int, champion: dict, b
         trained, fp = stages.run("train", fp, train_task, policy, base, fp)
         trained = dict(trained)
         policy_out = trained.pop("policy_out")
+        if not trained.get("weights_sha256"):  # nothing trained: the round's model is the one it started from
+            trained["weights_sha256"] = loading.weights_hash(policy_out)
         metrics |= trained
         result, fp = stages.run("benchmark", short_hash("benchmark", fp), benchmark_task, prepared.benchmark,
                                 policy_out)
@@ -258,6 +274,7 @@ def one_round(config: FlywheelConfig, run_id: str, round: int, champion: dict, b
         metrics["round_seconds"] = time.perf_counter() - t0
         promoted, reasons = promote.decide(metrics, champ, config.promotion, bool(trained["trained"]))
         metrics |= {"promoted": promoted, "promotion_reasons": reasons, "reused_stages": stages.reused}
+        progress.log(f"round {round}: {'promoted to champion' if promoted else 'not promoted'}: {'; '.join(reasons)}")
         version = _log_round_artifacts(ctx, config, metrics, policy_out, trained["trained"], promoted)
     except BaseException as e:
         parquet.write_table(config.workspace, "rounds", run_id, round, [_round_row(
@@ -270,9 +287,11 @@ def one_round(config: FlywheelConfig, run_id: str, round: int, champion: dict, b
     parquet.write_table(config.workspace, "rounds", run_id, round, [_round_row(
         ctx, status="completed", policy_in=policy, started=started, policy_out=policy_out,
         accuracy=metrics["accuracy"], n_pairs=metrics["pairs"], template_hash=metrics.get("judge_template_hash"),
-        registered_version=version, base=base, promoted=promoted, reasons=reasons)])
+        registered_version=version, base=base, promoted=promoted, reasons=reasons,
+        weights_sha256=metrics["weights_sha256"])])
     catalog.refresh(config.workspace)
     tracking.end_run(mlflow_run)
+    progress.publish_summary(config.name, run_id, round, metrics)
     reference = base if config.train.reference == "base" else policy
     return {"round": round, "policy_in": policy, "policy_out": policy_out, "registered_version": version,
             "reference_model": reference if trained["trained"] else policy_reference, **metrics}
@@ -283,8 +302,9 @@ def _log_round_artifacts(ctx: StageContext, config: FlywheelConfig, metrics: dic
     run = ctx.mlflow_run_id
     numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     tracking.log_metrics(run, numeric | {"promoted": float(promoted)}, step=ctx.round)
-    tracking.set_tags(run, {"flywheel.promoted": str(promoted).lower(),
-                            "flywheel.promotion_reasons": "; ".join(metrics["promotion_reasons"])[:5000]})
+    reasons = "; ".join(metrics["promotion_reasons"])
+    tracking.set_tags(run, {"flywheel.promoted": str(promoted).lower(), "flywheel.promotion_reasons": reasons[:5000],
+                            "flywheel.weights_sha256": str(metrics.get("weights_sha256"))})
     tracking.log_table(run, candidates_sample(ctx).to_pandas(), "samples/candidates.json")
     pairs = parquet.table_path(config.workspace, "pairs", ctx.run_id, ctx.round)
     tracking.log_artifact(run, pairs, "pairs")
@@ -292,7 +312,15 @@ def _log_round_artifacts(ctx: StageContext, config: FlywheelConfig, metrics: dic
         tracking.log_artifact(run, datacard.card_dir(config.workspace, ctx.run_id, ctx.round) / f, "data_card")
     if not trained:
         return None
-    version = tracking.log_and_register_model(run, Path(policy_out), config.name)
+    acc = metrics.get("accuracy")
+    acc_text = "unscored" if acc is None else f"{acc:.4f}"
+    version = tracking.log_and_register_model(
+        run, Path(policy_out), config.name,
+        tags={"flywheel.run_id": ctx.run_id, "flywheel.round": str(ctx.round), "accuracy": acc_text,
+              "promoted": str(promoted).lower(), "weights_sha256": str(metrics.get("weights_sha256"))},
+        description=(f"flywheel run {ctx.run_id}, round {ctx.round}: held-out accuracy "
+                     f"{'unscored' if acc is None else f'{acc:.1%}'}; "
+                     f"{'promoted to champion' if promoted else 'not promoted'} ({reasons[:1500]})"))
     if promoted:
         tracking.set_champion(config.name, version)
     return version
@@ -338,18 +366,30 @@ def preflight(root: Path) -> None:
 MIN_FREE_BYTES = 2 * 2**30
 
 
-@flow(name="flywheel")
-def flywheel(config: FlywheelConfig, resume: str | None = None, force_from_stage: str | None = None) -> dict:
+def _flow_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    params = flow_run.get_parameters()
+    config = params.get("config")
+    name = getattr(config, "name", None) or (config.get("name") if isinstance(config, dict) else None)
+    return params.get("resume") or params.get("run_id") or f"{name or 'flywheel'}-new-run"
+
+
+@flow(name="flywheel", flow_run_name=_flow_run_name)
+def flywheel(config: FlywheelConfig, resume: str | None = None, force_from_stage: str | None = None,
+             run_id: str | None = None) -> dict:
     """Benchmark the starting model (round 0), then run rounds up to `config.rounds`, each from
     the champion: the last round's model if it passed the promotion gate, else the best so far.
     Stops early after `promotion.stop_after` rounds in a row without a promotion.
 
     `resume`: a run id of this workspace to continue where it stopped (completed stages are
     reused, the interrupted one is redone, training restarts from its last checkpoint).
+    `run_id`: the id of a new run (the CLI makes one so that Prefect can name the flow run by it);
+    one is made here when neither is given.
     """
     prepared = check(config, resume, force_from_stage)
     with lock.workspace_lock(Path(config.workspace)):
-        return _flywheel(config, prepared, resume, force_from_stage)
+        return _flywheel(config, prepared, resume or run_id or new_run_id(), force_from_stage)
 
 
 def check(config: FlywheelConfig, resume: str | None = None, force_from_stage: str | None = None) -> Prepared:
@@ -364,9 +404,9 @@ def check(config: FlywheelConfig, resume: str | None = None, force_from_stage: s
     return prepared
 
 
-def _flywheel(config: FlywheelConfig, prepared: Prepared, resume: str | None, force_from_stage: str | None) -> dict:
+def _flywheel(config: FlywheelConfig, prepared: Prepared, run_id: str, force_from_stage: str | None) -> dict:
     root = Path(config.workspace)
-    run_id = resume or new_run_id()
+    progress.name_flow_run(run_id)
     experiment_id = tracking.setup(root, config.name)
     parent = tracking.find_or_start_run(experiment_id, f"flywheel-{run_id}", None,
                                         tags={"flywheel.run_id": run_id, "flywheel.kind": "run"})
@@ -430,11 +470,13 @@ def _round_zero(config: FlywheelConfig, prepared: Prepared, run_id: str, parent:
     metrics = dict(metrics, round_seconds=time.perf_counter() - t0)
     parquet.write_table(root, "rounds", run_id, 0, [_round_row(
         ctx0, status="completed", policy_in=prepared.base, policy_out=prepared.base, started=started,
-        accuracy=metrics["accuracy"], n_pairs=0, promoted=True, reasons=["the starting model"])])
+        accuracy=metrics["accuracy"], n_pairs=0, promoted=True, reasons=["the starting model"],
+        weights_sha256=loading.weights_hash(prepared.base))])
     result = {"round": 0, "policy_in": prepared.base, "policy_out": prepared.base, "promoted": True,
               "reference_model": None, **metrics}
     manifest.write(root, run_id, 0, "round", short_hash("round", config.hash(), 0), result)
     tracking.log_metrics(parent, _parent_metrics(result), step=0)
+    progress.publish_summary(config.name, run_id, 0, result)
     return result
 
 
@@ -475,8 +517,10 @@ def _error_text(e: BaseException) -> str:
 
 
 def _parent_metrics(m: dict) -> dict:
+    # the parent run draws each as a line over rounds (step = round), stage times included
     keys = ("accuracy", "mean_response_tokens", "pairs", "mean_margin", "pair_length_gap", "judge_verifier_agreement",
-            "judge_parse_failure_rate", "round_seconds")
+            "judge_parse_failure_rate", "generate_seconds", "judge_seconds", "curate_seconds", "train_seconds",
+            "benchmark_seconds", "round_seconds")
     return {k: m[k] for k in keys if isinstance(m.get(k), (int, float))}
 
 

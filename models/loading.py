@@ -112,6 +112,25 @@ def _check_hub(model_id: str) -> str:
     return model_id
 
 
+def weights_hash(ref: str) -> str | None:
+    """sha256 over a local checkpoint's weight files (names and bytes, in name order): the identity
+    of the weights that were benchmarked and registered. None for a hub id (no local files)."""
+    import hashlib
+
+    root = Path(ref)
+    files = sorted(p for p in root.glob("*") if p.suffix in (".safetensors", ".bin") and p.is_file()) \
+        if root.is_dir() else []
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 @lru_cache(maxsize=1)
 def load(ref: str, dtype: str = "auto"):
     """(model, tokenizer) for generation and judging; one model kept in memory at a time."""

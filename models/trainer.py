@@ -152,11 +152,12 @@ def work_dir(out: Path, fingerprint: str) -> Path:
 
 
 def train(policy: str, rows: Sequence[dict], cfg: TrainConfig, out: Path, *, base: str, seed: int,
-          report_to: list[str], dtype: str = "auto", fingerprint: str = "", checkpoint_steps: int = 5
+          callbacks: Sequence[Any] = (), dtype: str = "auto", fingerprint: str = "", checkpoint_steps: int = 5
           ) -> dict[str, float]:
     """Train from `policy` on `rows` (pairs for DPO, prompt/completion for SFT, by `cfg.method`),
     write a merged checkpoint to `out`, return final train metrics. A training killed midway
-    resumes from its last checkpoint when called again with the same fingerprint."""
+    resumes from its last checkpoint when called again with the same fingerprint. `callbacks`:
+    transformers TrainerCallbacks (the round's MLflow logging); no integration reports on its own."""
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.trainer_utils import get_last_checkpoint
@@ -177,8 +178,8 @@ def train(policy: str, rows: Sequence[dict], cfg: TrainConfig, out: Path, *, bas
         from flywheel import progress
 
         progress.say(f"[train] resuming from {Path(resume).name}")
-    common = dict(model=model, args=trainer_args(cfg.method, cfg, work / "trainer", seed, report_to, checkpoint_steps),
-                  processing_class=tok, peft_config=peft_config, callbacks=[_progress_callback()])
+    common = dict(model=model, args=trainer_args(cfg.method, cfg, work / "trainer", seed, [], checkpoint_steps),
+                  processing_class=tok, peft_config=peft_config, callbacks=[_progress_callback(), *callbacks])
     if cfg.method == "sft":
         trainer = SFTTrainer(train_dataset=dataset("sft", rows), **common)
     else:

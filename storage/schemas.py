@@ -120,6 +120,7 @@ ROUNDS = pa.schema(
         pa.field("status", pa.string(), nullable=False),  # "completed" | "failed"
         pa.field("policy_in", pa.string(), nullable=False),
         pa.field("policy_out", pa.string()),
+        pa.field("weights_sha256", pa.string()),  # sha256 of policy_out's weight files: benchmarked = registered
         pa.field("reference_model", pa.string()),
         pa.field("config_hash", pa.string(), nullable=False),
         pa.field("judge_template_hash", pa.string()),

@@ -165,6 +165,27 @@ def active(run_id: str) -> Iterator[None]:
         mlflow.end_run(status="RUNNING")
 
 
+def training_callback(run_id: str):
+    """A transformers TrainerCallback that logs the trainer's numbers (loss, rewards/margins, …) to
+    `run_id` by global step, and its full TrainingArguments / DPOConfig as `train/trl_config.json`.
+    It replaces transformers' MLflow integration, which would log ~200 TRL fields as params and
+    bury flywheel's own in MLflow's compare view, and which needs a thread-local active run."""
+    from transformers import TrainerCallback
+
+    class RoundRunLogger(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            import mlflow
+
+            mlflow.MlflowClient().log_dict(run_id, args.to_dict(), "train/trl_config.json")
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            numeric = {k: v for k, v in (logs or {}).items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            log_metrics(run_id, numeric, step=state.global_step)
+
+    return RoundRunLogger()
+
+
 def log_table(run_id: str, data: Any, artifact_file: str) -> None:
     import mlflow
 
@@ -177,24 +198,38 @@ def log_artifact(run_id: str, path: Path, artifact_path: str | None = None) -> N
     mlflow.MlflowClient().log_artifact(run_id, str(path), artifact_path)
 
 
-def log_and_register_model(run_id: str, checkpoint: Path, registered_name: str) -> str:
-    """Log a transformers checkpoint as the run's model and register it; returns the version."""
-    import mlflow
+def model_requirements() -> list[str]:
+    """What a registered model needs in a fresh environment: the torch and transformers it was
+    trained and tested with (pinned), nothing of flywheel (models/pyfunc.py imports none of it)."""
+    from importlib import metadata
 
-    from flywheel.models.pyfunc import CausalLMPyfunc
+    return [f"torch=={metadata.version('torch').split('+')[0]}", f"transformers=={metadata.version('transformers')}"]
+
+
+def log_and_register_model(run_id: str, checkpoint: Path, registered_name: str,
+                           tags: Mapping[str, str] | None = None, description: str | None = None) -> str:
+    """Log a transformers checkpoint as the run's model (from code: no pickle), register it, tag the
+    version (run, round, accuracy, promotion, weights hash) and describe it; returns the version."""
+    import mlflow
 
     client = mlflow.MlflowClient()
     done = client.search_model_versions(f"name = '{registered_name}' and run_id = '{run_id}'")
     if done:  # a resumed round registered its model before it was interrupted
-        return str(done[0].version)
-    with active(run_id):
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=CausalLMPyfunc(), artifacts={"checkpoint": str(checkpoint)},
-            registered_model_name=registered_name,
-            # Declared, not inferred: inference would import and probe the whole environment.
-            pip_requirements=["flywheel", "torch", "transformers"],
-        )
-    return str(info.registered_model_version)
+        version = str(done[0].version)
+    else:
+        with active(run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=str(Path(__file__).resolve().parent.parent / "models" / "pyfunc.py"),
+                artifacts={"checkpoint": str(checkpoint)}, registered_model_name=registered_name,
+                # Declared, not inferred: inference would import and probe the whole environment.
+                pip_requirements=model_requirements(),
+            )
+        version = str(info.registered_model_version)
+    for key, value in (tags or {}).items():
+        client.set_model_version_tag(registered_name, version, key, value)
+    if description:
+        client.update_model_version(registered_name, version, description=description)
+    return version
 
 
 def set_champion(registered_name: str, version: str) -> None:

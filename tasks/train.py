@@ -3,7 +3,6 @@ policy, with a configurable share of earlier rounds' data replayed (SPIN mixes i
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from flywheel import progress
-from flywheel.models import trainer
+from flywheel.models import loading, trainer
 from flywheel.storage import catalog, parquet, tracking
 from flywheel.tasks.common import StageContext
 
@@ -71,11 +70,12 @@ def train_task(ctx: StageContext, policy: str, base: str, fingerprint: str = "")
     if smoothing is not None:
         train_cfg = train_cfg.model_copy(update={"dpo": {**train_cfg.dpo, "label_smoothing": smoothing}})
         extra["dpo_label_smoothing"] = smoothing
-    # TRL's own MLflow callback logs loss and reward margins into the round's run.
-    tracked = ctx.mlflow_run_id is not None
-    with tracking.active(ctx.mlflow_run_id) if tracked else contextlib.nullcontext():
-        metrics = trainer.train(policy, rows, train_cfg, out, base=base, seed=ctx.config.seed + ctx.round,
-                                report_to=["mlflow"] if tracked else [], dtype=ctx.config.model.dtype,
-                                fingerprint=fingerprint, checkpoint_steps=ctx.config.stages.checkpoint_steps)
+    # TRL's training metrics (loss, reward margins) go to the round's run by step; its full config
+    # is an artifact, so the run's params stay flywheel's own.
+    callbacks = [tracking.training_callback(ctx.mlflow_run_id)] if ctx.mlflow_run_id is not None else []
+    metrics = trainer.train(policy, rows, train_cfg, out, base=base, seed=ctx.config.seed + ctx.round,
+                            callbacks=callbacks, dtype=ctx.config.model.dtype, fingerprint=fingerprint,
+                            checkpoint_steps=ctx.config.stages.checkpoint_steps)
     return {"train_seconds": time.perf_counter() - t0, "policy_out": str(out), "trained": True,
-            "train_rows": len(rows), "replayed_rows": n_replay, **extra, **metrics}
+            "train_rows": len(rows), "replayed_rows": n_replay, "weights_sha256": loading.weights_hash(str(out)),
+            **extra, **metrics}

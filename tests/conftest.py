@@ -4,7 +4,9 @@ import pytest
 
 # Tests never reach a model hub; the embedded model ships in a package.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+# as the CLI sets it: run logs reach the Prefect API at INFO, the terminal shows warnings only
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
 
 
 @pytest.fixture(scope="session")

@@ -140,3 +140,137 @@ def test_registered_model_loads_and_answers(run):
     answers = model.predict(["State the final answer to the following arithmetic problem: 2 + 3 ="],
                             params={"max_new_tokens": 16})
     assert len(answers) == 1 and isinstance(answers[0], str) and answers[0]
+
+
+def _sha(path: Path) -> str:
+    from flywheel.models import loading
+
+    return loading.weights_hash(str(path))
+
+
+def test_the_benchmarked_model_is_the_registered_one(run, tmp_path):
+    """Same weights hash in the rounds table, the checkpoint the benchmark ran, the round's MLflow
+    run, the registry version's tags, and the registered model's own files."""
+    import mlflow
+
+    from flywheel.storage import catalog
+
+    ws, config, result = run
+    client = mlflow.MlflowClient()
+    rounds = catalog.query(ws, "SELECT * FROM rounds WHERE round > 0 ORDER BY round").to_pylist()
+    for r in rounds:
+        benchmarked = catalog.query(ws, f"SELECT DISTINCT model FROM benchmarks WHERE round = {r['round']}").to_pylist()
+        assert [b["model"] for b in benchmarked] == [r["policy_out"]]
+        assert r["weights_sha256"] == _sha(Path(r["policy_out"])), "rounds table vs the benchmarked checkpoint"
+        assert client.get_run(r["mlflow_run_id"]).data.tags["flywheel.weights_sha256"] == r["weights_sha256"]
+        version = client.get_model_version(config.name, r["registered_version"])
+        assert version.run_id == r["mlflow_run_id"]
+        assert version.tags["weights_sha256"] == r["weights_sha256"]
+        assert version.tags["flywheel.round"] == str(r["round"]) and version.tags["promoted"] == str(r["promoted"]).lower()
+        assert version.tags["accuracy"] == f"{r['accuracy']:.4f}" and f"round {r['round']}" in version.description
+        local = mlflow.artifacts.download_artifacts(f"models:/{config.name}/{r['registered_version']}",
+                                                    dst_path=str(tmp_path / r["registered_version"]))
+        (checkpoint,) = (Path(local) / "artifacts").iterdir()  # the logged checkpoint directory
+        assert _sha(checkpoint) == r["weights_sha256"], "registry vs rounds table"
+
+
+def test_champion_alias_points_at_the_best_promoted_round(run):
+    import mlflow
+
+    from flywheel.storage import catalog
+
+    ws, config, result = run
+    rounds = catalog.query(ws, "SELECT * FROM rounds WHERE promoted AND round > 0 ORDER BY accuracy DESC, round DESC"
+                           ).to_pylist()
+    client = mlflow.MlflowClient()
+    if not rounds:
+        with pytest.raises(mlflow.exceptions.MlflowException):
+            client.get_model_version_by_alias(config.name, "champion")
+        return
+    champion = client.get_model_version_by_alias(config.name, "champion")
+    assert str(champion.version) == rounds[0]["registered_version"]
+    assert result["champion"] == rounds[0]["policy_out"]
+
+
+def test_registered_model_loads_without_pickle_or_flywheel(run, tmp_path):
+    """Logged from code: no pickle in its files, requirements pin torch and transformers (never
+    the unrelated `flywheel` of PyPI), and it loads and answers in a process that cannot import flywheel."""
+    import subprocess
+    import sys
+
+    import mlflow
+
+    ws, config, _ = run
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{config.name}/1", dst_path=str(tmp_path / "m")))
+    assert not [p for p in local.rglob("*") if p.suffix in (".pkl", ".pickle", ".cloudpickle")]
+    reqs = (local / "requirements.txt").read_text().split()
+    assert not [r for r in reqs if r.split("=")[0].strip().lower() == "flywheel"], reqs
+    assert any(r.startswith("torch==") for r in reqs) and any(r.startswith("transformers==") for r in reqs)
+    script = f"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "flywheel" or name.startswith("flywheel."):
+            raise ImportError("flywheel is not installed here")
+sys.meta_path.insert(0, Block())
+import mlflow
+model = mlflow.pyfunc.load_model({str(local)!r})
+print("ANSWER:", model.predict(["What is 2 + 3?"], params={{"max_new_tokens": 8}})[0])
+"""
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert p.returncode == 0 and "ANSWER:" in p.stdout, p.stderr[-3000:]
+
+
+def test_round_runs_carry_flywheel_params_and_trl_config_as_an_artifact(run):
+    import mlflow
+
+    ws, config, result = run
+    client = mlflow.MlflowClient()
+    parent = client.get_run(result["mlflow_run_id"])
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    for child in children:
+        params = child.data.params
+        assert "learning_rate" not in params and "per_device_train_batch_size" not in params, "TRL's own params"
+        assert all(k.startswith("cfg.") or k in ("round", "policy_in", "base_model") for k in params), sorted(params)
+        assert params["cfg.sampling.max_new_tokens"] == "32", "token counts are not masked as secrets"
+        trl = client.download_artifacts(child.info.run_id, "train/trl_config.json")
+        assert '"beta": 0.1' in Path(trl).read_text()
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "loss")], "training loss by step"
+    # stage times on the parent, one point per round
+    for key in ("generate_seconds", "judge_seconds", "train_seconds", "benchmark_seconds"):
+        steps = [0, 1, 2] if key == "benchmark_seconds" else [1, 2]  # round 0 only benchmarks
+        assert sorted(m.step for m in client.get_metric_history(parent.info.run_id, key)) == steps, key
+
+
+def test_prefect_shows_named_runs_their_logs_and_round_summaries(run):
+    import logging
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterName,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
+
+    ws, config, result = run
+    for h in logging.getLogger("prefect.flow_runs").handlers:
+        h.flush()
+    run_id = result["run_id"]
+    with get_client(sync_client=True) as client:
+        named = lambda n: client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[n])))  # noqa
+        assert len(named(run_id)) == 1, "the parent flow run is named after the flywheel run"
+        for k in (1, 2):
+            (fr,) = named(f"{run_id}-round-{k}")
+            logs = [lg.message for lg in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(
+                any_=[fr.id])))]
+            assert any(m.startswith(f"round {k}: generate done in") and "candidates=" in m for m in logs), logs
+            assert any(m.startswith(f"round {k}: ") and "promoted" in m for m in logs), logs
+            arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
+                any_=[fr.id])))
+            assert [a.key for a in arts] == ["e2e-round-summary"]
+            assert f"round {k}" in arts[0].data and "held-out accuracy" in arts[0].data
+        tasks = {t.name for t in client.read_task_runs()}
+        assert {"generate-round-1", "train-round-2", "benchmark-round-0 (baseline)"} <= tasks

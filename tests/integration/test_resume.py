@@ -36,7 +36,9 @@ KEYS = {
     "judge_health": ("round", "source", "metric"),
 }
 # Columns whose values must match too (deterministic: seeded sampling, exact judges).
-VALUES = {"candidates": ("response",), "judgments": ("score",), "pairs": ("margin",)}
+# The benchmark's responses and scores too: the resumed model must be the uninterrupted run's model.
+VALUES = {"candidates": ("response",), "judgments": ("score",), "pairs": ("margin",),
+          "benchmarks": ("response", "score")}
 
 
 def cli(ws: Path, *args: str, kill_at=None, env_extra=None) -> tuple[int, str]:

@@ -203,14 +203,14 @@ def test_the_lock_is_reentrant_in_its_process_and_exclusive_across_processes(tmp
     assert not lock.held(ws) and other() == 0
 
 
-def test_the_cli_holds_the_lock_from_its_checks_to_the_end_of_the_flow(tmp_path, monkeypatch):
+def test_the_cli_holds_the_lock_from_its_checks_to_the_end_of_the_flow(tmp_path, monkeypatch, prefect_harness):
     from flywheel.flows import cli
     from flywheel.flows import flywheel as fw
 
     ws = tmp_path / "ws"
     seen = []
 
-    def flow(config, resume=None, force_from_stage=None):
+    def flow(config, resume=None, force_from_stage=None, run_id=None):
         seen.append(subprocess.run([sys.executable, "-c", _TRY_LOCK, str(ws)], timeout=60).returncode)
         return {"run_id": "r", "mlflow_run_id": "m", "champion": "base", "champion_accuracy": 0.5,
                 "rounds": [{"round": 0, "accuracy": 0.5, "promoted": True}]}

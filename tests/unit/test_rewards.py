@@ -123,6 +123,26 @@ def test_ring_pairs_cover_every_pair_at_half_n():
     assert rewards.ring_pairs(2, 1, rng) == [(0, 1)] and rewards.ring_pairs(1, 3, rng) == []
 
 
+def test_pairwise_scores_follow_the_judges_verdicts(monkeypatch):
+    """A judge that reads the content (it prefers the answer closer to 7, in either position):
+    each candidate's score is its share of wins, so the ranking is the judge's own. A pairwise
+    source that ignored the verdicts (constant, positional or random scores) fails here."""
+    def closer_to_seven(model, tok, rubric, renders, labels, **kw):
+        out = []
+        for r in renders:
+            a, b = abs(int(r["response_a"]) - 7), abs(int(r["response_b"]) - 7)
+            out.append(judges.NextToken({"A": 0.9, "B": 0.1} if a < b else {"A": 0.1, "B": 0.9}, "A" if a < b else "B"))
+        return out
+
+    monkeypatch.setattr(judges, "next_token", closer_to_seven)
+    monkeypatch.setattr(rewards.Models, "load", lambda self, ref: (None, None))
+    src = rewards.PairwiseJudge(C.PairwiseJudgeSource(opponents=3), None)
+    b = batch({"q1": ("7", ["13", "8", "7", "10"])})
+    verdicts = src.judge(b, rewards.Models("policy"))
+    assert [v.score for v in verdicts] == [0.0, pytest.approx(2 / 3), 1.0, pytest.approx(1 / 3)]
+    assert all(v.details["inconsistent"] == 0 and v.details["comparisons"] == 3 for v in verdicts)
+
+
 def test_always_A_pairwise_judge_is_fully_position_biased_and_yields_no_pairs(monkeypatch):
     """A judge forced to answer "A" whatever it is shown: every comparison flips with the order."""
     from flywheel.tasks.judge import health, judgment_rows
