@@ -281,3 +281,51 @@ def test_a_server_that_cannot_start_gives_one_actionable_line(tmp_path, case):
         assert log.is_file()  # kept, for the user to read
     finally:
         log.unlink(missing_ok=True)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:  # the field after the state is the parent's pid
+            out.append(int(stat.parent.name))
+    return out
+
+
+def test_kill_9_of_the_flywheel_cli_leaves_no_server(tmp_path):
+    """The real `flywheel run`, killed with SIGKILL alone (not its process group) while its flow runs:
+    the Prefect API server it started does not outlive it."""
+    (tmp_path / "c.yaml").write_text("task: {prompts_per_round: 8}\nsampling: {n: 2}\nbenchmark: {size: 400}\n")
+    env = scenario_env(tmp_path / "home", HF_HUB_OFFLINE="1")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cli = subprocess.Popen([PYTHON, "-m", "flywheel.flows.cli", "run", "--config", "c.yaml", "--workspace",
+                            str(tmp_path / "ws")], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE)
+    server = None
+    try:
+        deadline = time.monotonic() + 240
+        while server is None:
+            assert cli.poll() is None, cli.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the CLI started no Prefect server"
+            server = next((c for c in _children(cli.pid) if is_prefect_server(c)), None)
+            time.sleep(0.5)
+        # let the flow get under way (round 0's 400-item benchmark keeps it busy), then kill the CLI alone
+        deadline = time.monotonic() + 240
+        while not (tmp_path / "ws" / "runs").is_dir():
+            assert cli.poll() is None and time.monotonic() < deadline, "the flow did not start"
+            time.sleep(0.5)
+        os.kill(cli.pid, signal.SIGKILL)
+        cli.wait(timeout=20)
+        deadline = time.monotonic() + 15
+        while not gone(server) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert gone(server), "the Prefect API server outlived the killed CLI"
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait(timeout=20)
+        if server is not None and not gone(server):
+            os.kill(server, signal.SIGKILL)
