@@ -30,8 +30,9 @@ def main() -> None:
     task = make_source(cfg.task)
     items = train_items(task, 1, args.prompts, 0, None)[0]
     model, tok = loading.load(base)
-    gens = sampling.generate(model, tok, [it.prompt for it in items for _ in range(args.samples)],
-                             max_new_tokens=cfg.sampling.max_new_tokens, batch_size=64, do_sample=True, seed=0)
+    gens = sampling.generate(model, tok, [it.prompt for it in items], n=args.samples,
+                             max_new_tokens=cfg.sampling.max_new_tokens, batch_size=cfg.sampling.batch_size,
+                             do_sample=True, seed=0)
     prompts = {it.id: dict(prompt_id=it.id, prompt=it.prompt, answer=it.answer, metadata="{}") for it in items}
     cands = [dict(candidate_id=f"c{i}", prompt_id=items[i // args.samples].id, sample_index=i % args.samples,
                   response=g.response, n_tokens=g.n_tokens, self_certainty=g.self_certainty)

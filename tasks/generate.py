@@ -10,7 +10,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from flywheel import progress
-from flywheel.models import loading, sampling
+from flywheel.models import decode, loading, sampling
 from flywheel.models.tasksource import Item
 from flywheel.storage import catalog, parquet
 from flywheel.tasks.common import StageContext, short_hash
@@ -33,7 +33,8 @@ def candidate_rows(prompts: Sequence[dict], gens: Sequence[sampling.Generation],
     for i, g in enumerate(gens):
         p, k = prompts[i // n], i % n
         rows.append(dict(run_id=run_id, round=round_, candidate_id=short_hash(run_id, round_, p["prompt_id"], k),
-                         prompt_id=p["prompt_id"], policy=policy, sample_index=k, seed=seed,
+                         prompt_id=p["prompt_id"], policy=policy, sample_index=k,
+                         seed=decode.row_seed(seed, p["prompt"], k),
                          response=g.response, n_tokens=g.n_tokens, finish_reason=g.finish_reason,
                          mean_logprob=g.mean_logprob, self_certainty=g.self_certainty, sampling=sampling_json))
     return rows
@@ -53,11 +54,11 @@ def generate_task(ctx: StageContext, items: list[Item], policy: str, removed: li
     seed = cfg.seed * 1000 + ctx.round
     t0 = time.perf_counter()
     with progress.stage("generate", len(items) * s.n, "samples") as advance:
-        gens = sampling.generate(model, tok, [p["prompt"] for p in prompts for _ in range(s.n)],
+        gens = sampling.generate(model, tok, [p["prompt"] for p in prompts], n=s.n,
                                  max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, do_sample=True,
                                  temperature=s.temperature, top_p=s.top_p, seed=seed, progress=advance)
     seconds = time.perf_counter() - t0
-    sampling_json = json.dumps(s.model_dump(exclude={"batch_size"}) | {"seed": seed}, sort_keys=True)
+    sampling_json = json.dumps(s.model_dump() | {"seed": seed}, sort_keys=True)
     rows = candidate_rows(prompts, gens, n=s.n, run_id=ctx.run_id, round_=ctx.round, policy=policy,
                           seed=seed, sampling_json=sampling_json)
     parquet.write_table(ctx.workspace, "candidates", ctx.run_id, ctx.round, rows)

@@ -39,9 +39,13 @@ def test_judge_prefix_reuse_matches_full_prompts(model_and_tokenizer):
 def test_generation_is_seeded_and_records_token_stats(model_and_tokenizer):
     model, tok = model_and_tokenizer
     kw = dict(max_new_tokens=16, batch_size=4, do_sample=True, temperature=1.0, seed=7)
-    a = sampling.generate(model, tok, QUESTIONS * 2, **kw)
-    b = sampling.generate(model, tok, QUESTIONS * 2, **kw)
+    a = sampling.generate(model, tok, QUESTIONS, n=2, **kw)
+    b = sampling.generate(model, tok, QUESTIONS, n=2, **kw)
     assert [g.response for g in a] == [g.response for g in b]
+    # seeds are per sample: a prompt's samples do not depend on the other prompts or their order
+    alone = sampling.generate(model, tok, QUESTIONS[1:], n=2, **kw)
+    assert [g.response for g in alone] == [g.response for g in a[2:]]
+    assert sampling.generate(model, tok, QUESTIONS, n=2, **dict(kw, seed=8)) != a
     assert all(g.finish_reason in ("stop", "length") and 0 < g.n_tokens <= 16 for g in a)
     assert all(g.mean_logprob is not None and g.mean_logprob < 0 for g in a)
     assert all(g.self_certainty is not None and g.self_certainty > 0 for g in a)
@@ -62,7 +66,7 @@ def test_sft_round_trains_a_merged_checkpoint(tmp_path):
     cfg = load_config(None, {"train": {"method": "sft", "sft": {"max_steps": 2, "learning_rate": 1e-3}}}).train
     rows = [{"prompt": q, "completion": a} for q, a in zip(QUESTIONS, ["7", "7"])] * 4
     out = tmp_path / "round-model"
-    metrics = trainer.train(base, rows, cfg, out, base=base, seed=0, report_to=[])
+    metrics = trainer.train(base, rows, cfg, out, base=base, seed=0)
     assert metrics["train_steps"] == 2 and metrics["train_loss"] > 0
     assert (out / "config.json").is_file() and not (tmp_path / ".round-model.work").exists(), "work dir cleaned up"
     before, after = load_file(f"{base}/model.safetensors"), load_file(str(out / "model.safetensors"))
@@ -101,3 +105,20 @@ def test_pairwise_judge_on_the_real_model(model_and_tokenizer):
     # every comparison is a consistent win for one side or an inconsistency (counted on both sides)
     assert sum(x["wins"] for x in d) + sum(x["inconsistent"] for x in d) // 2 + \
         sum(x["unparsed"] for x in d) // 2 == n_pairs
+
+
+def test_continuous_batching_matches_transformers_generate(model_and_tokenizer):
+    """The fast decoder's greedy answers and token statistics equal transformers' own generate()
+    on the same prompts, however the prompts are batched (benchmarks/round.py measures the speed)."""
+    model, tok = model_and_tokenizer
+    prompts = [f"State the final answer to the following arithmetic problem: {a} + {b} =" for a, b in
+               ((3, 4), (12, 9), (7, 7), (1, 30), (25, 5), (9, 0))]
+    ref = sampling.generate_reference(model, tok, prompts, max_new_tokens=24, batch_size=6, do_sample=False)
+    for batch_size in (1, 4, 64):
+        fast = sampling.generate(model, tok, prompts, max_new_tokens=24, batch_size=batch_size, do_sample=False)
+        assert [g.response for g in fast] == [g.response for g in ref]
+        assert [g.n_tokens for g in fast] == [g.n_tokens for g in ref]
+        assert [g.finish_reason for g in fast] == [g.finish_reason for g in ref]
+        for f, r in zip(fast, ref):
+            assert f.mean_logprob == pytest.approx(r.mean_logprob, abs=1e-3)
+            assert f.self_certainty == pytest.approx(r.self_certainty, abs=1e-3)
