@@ -312,3 +312,82 @@ def decode(model, token_ids: Sequence[Sequence[int]], *, n: int, max_new_tokens:
             record(live, step)
             pending = step.token
     return [done[(p, s)] for p in range(len(token_ids)) for s in range(n)]
+
+
+def _cache_from(kv: Sequence[tuple[torch.Tensor, torch.Tensor]]):
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for li, (k, v) in enumerate(kv):
+        cache.update(k, v, li)
+    return cache
+
+
+@torch.inference_mode()
+def last_logits(model, token_ids: Sequence[Sequence[int]], groups: Sequence[object], *, batch_size: int,
+                pad_id: int, progress: Callable[[int], None] | None = None):
+    """The next-token logits after each sequence (one forward each, no generation), computing every
+    shared prefix once: the prefix all sequences share (a judge's rubric) once for all, then per
+    group (sequences with the same `groups` key: the same question) the tokens its members share,
+    then each sequence's own tail. Yields (indices, logits [len(indices), vocab]) per batch of at
+    most `batch_size` sequences (a group is never split unless it alone exceeds the batch)."""
+    device = model.device
+    n_layers = model.config.num_hidden_layers
+    p0 = _prefix_len(token_ids)
+    prefix = None
+    if p0:
+        out = model(input_ids=torch.tensor([list(token_ids[0][:p0])], device=device), use_cache=True)
+        prefix = [(layer.keys, layer.values) for layer in out.past_key_values.layers[:n_layers]]
+    members: dict[object, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    chunks: list[list[list[int]]] = [[]]
+    for idx in members.values():
+        for start in range(0, len(idx), batch_size):  # a group larger than a batch is split
+            part = idx[start:start + batch_size]
+            if sum(map(len, chunks[-1])) + len(part) > batch_size:
+                chunks.append([])
+            chunks[-1].append(part)
+    for chunk in chunks:
+        if not chunk:
+            continue
+        # per group: the tokens its members share after the global prefix (none for a lone member)
+        ends = [p0 + _prefix_len([token_ids[i][p0:] for i in part]) if len(part) > 1 else p0 for part in chunk]
+        segs = [list(token_ids[part[0]][p0:end]) for part, end in zip(chunk, ends)]
+        width = max(len(s) for s in segs)
+        g_mask = torch.zeros((len(chunk), p0 + width), dtype=torch.long, device=device)
+        g_mask[:, :p0] = 1
+        cache_rows = None
+        if width:
+            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long, device=device)
+            for r, s in enumerate(segs):
+                if s:
+                    ids[r, width - len(s):] = torch.tensor(s, dtype=torch.long, device=device)
+                    g_mask[r, p0 + width - len(s):] = 1
+            cache = _cache_from([(k.expand(len(chunk), -1, -1, -1).contiguous(),
+                                  v.expand(len(chunk), -1, -1, -1).contiguous()) for k, v in prefix or []])
+            positions = (g_mask.cumsum(1) - 1).clamp(min=0)[:, p0:]
+            model(input_ids=ids, attention_mask=g_mask, position_ids=positions, cache=cache, use_cache=True,
+                  logits_to_keep=1)
+            cache_rows = [(layer.keys, layer.values) for layer in cache.layers[:n_layers]]
+        elif prefix is not None:
+            cache_rows = [(k.expand(len(chunk), -1, -1, -1), v.expand(len(chunk), -1, -1, -1)) for k, v in prefix]
+        rows = [i for part in chunk for i in part]
+        owner = torch.tensor([r for r, part in enumerate(chunk) for _ in part], dtype=torch.long, device=device)
+        tails = [list(token_ids[i][end:]) for part, end in zip(chunk, ends) for i in part]
+        t_width = max(len(t) for t in tails)
+        ids = torch.full((len(rows), t_width), pad_id, dtype=torch.long, device=device)
+        t_mask = torch.zeros((len(rows), t_width), dtype=torch.long, device=device)
+        for r, t in enumerate(tails):
+            ids[r, t_width - len(t):] = torch.tensor(t, dtype=torch.long, device=device)
+            t_mask[r, t_width - len(t):] = 1
+        mask = torch.cat([g_mask.index_select(0, owner), t_mask], dim=1)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)[:, mask.shape[1] - t_width:]
+        cache = None
+        if cache_rows is not None:
+            cache = _cache_from([(k.index_select(0, owner), v.index_select(0, owner)) for k, v in cache_rows])
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                       use_cache=cache is not None, logits_to_keep=1).logits[:, -1]
+        if progress:
+            progress(len(rows))
+        yield rows, logits

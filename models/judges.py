@@ -140,44 +140,41 @@ class NextToken:
 
 @torch.inference_mode()
 def next_token(model, tokenizer, rubric: Rubric, renders: Sequence[dict[str, str]], labels: Sequence[str], *,
-               batch_size: int, max_prompt_tokens: int, reuse_prefix: bool = True,
+               batch_size: int, max_prompt_tokens: int, reuse_prefix: bool = True, by_question: bool = True,
                progress: Callable[[int], None] | None = None) -> list[NextToken]:
     """One forward pass per rendered rubric: the next-token probability of each label after the prefill.
 
-    With `reuse_prefix`, the rubric's shared prefix is run through the model once and its KV
-    cache reused for every batch."""
-    import copy
+    With `reuse_prefix`, every shared prefix is computed once (models/decode.py: last_logits): the
+    rubric's start once for all, each question's part once for its candidates (`by_question`);
+    without it, every prompt is run whole (the reference the shared path is tested against)."""
+    from flywheel.models import decode
 
     groups = token_groups(tokenizer, labels)
     rendered = [rubric.render(**r) for r in renders]
     texts = [t + prefill for t, (_, prefill) in zip(chat_texts(tokenizer, [u for u, _ in rendered]), rendered)]
     # Over-long prompts lose their start, never the verdict cue at the end.
     token_ids = [ids[-max_prompt_tokens:] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    # The shared prefix is found on tokens, not text, so it is exactly what the full prompt would hold.
-    n_prefix = common_prefix_len(token_ids) if reuse_prefix and len(token_ids) > 1 else 0
-    prefix_cache = None
-    if n_prefix:
-        prefix_ids = torch.tensor([token_ids[0][:n_prefix]], device=model.device)
-        prefix_cache = model(input_ids=prefix_ids, use_cache=True).past_key_values
-    out: list[NextToken] = []
+    out: list[NextToken | None] = [None] * len(token_ids)
+
+    def read(rows: Sequence[int], logits: torch.Tensor) -> None:
+        probs = torch.softmax(logits.float(), dim=-1)
+        for k, (row, top_id) in enumerate(zip(rows, probs.argmax(dim=-1).tolist())):
+            out[row] = NextToken({label: float(probs[k, g].sum()) for label, g in groups.items()},
+                                 tokenizer.decode([top_id]))
+
+    if reuse_prefix:
+        # The shared prefixes are found on tokens, not text: exactly what the full prompts hold.
+        keys = [r.get("question") if by_question else None for r in renders]
+        for rows, logits in decode.last_logits(model, token_ids, keys,
+                                               batch_size=batch_size, pad_id=tokenizer.pad_token_id,
+                                               progress=progress):
+            read(rows, logits)
+        return out
     for start in range(0, len(token_ids), batch_size):
-        ids, mask = _left_pad([t[n_prefix:] for t in token_ids[start:start + batch_size]], tokenizer.pad_token_id)
+        ids, mask = _left_pad(token_ids[start:start + batch_size], tokenizer.pad_token_id)
         ids, mask = ids.to(model.device), mask.to(model.device)
-        if prefix_cache is not None:
-            cache = copy.deepcopy(prefix_cache)
-            cache.batch_repeat_interleave(ids.shape[0])
-            full_mask = torch.cat([mask.new_ones(ids.shape[0], n_prefix), mask], dim=1)
-            # Positions continue from the prefix and skip the (left) padding, as if each row were alone.
-            positions = (n_prefix + mask.cumsum(1) - 1).clamp(min=n_prefix)
-            logits = model(input_ids=ids, attention_mask=full_mask, position_ids=positions,
-                           past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
-        else:
-            logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=1, use_cache=False).logits[:, -1].float()
-        probs = torch.softmax(logits, dim=-1)
-        top = probs.argmax(dim=-1).tolist()
-        for row, top_id in enumerate(top):
-            out.append(NextToken({label: float(probs[row, g].sum()) for label, g in groups.items()},
-                                 tokenizer.decode([top_id])))
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=1, use_cache=False).logits[:, -1]
+        read(list(range(start, start + ids.shape[0])), logits)
         if progress:
             progress(ids.shape[0])
     return out
@@ -214,7 +211,8 @@ def pointwise_verdict(nt: NextToken, samples: int = 0, rng=None) -> JudgeResult:
 
 
 def llm_judge(model, tokenizer, rubric: Rubric, questions: Sequence[str], responses: Sequence[str], *,
-              batch_size: int, max_prompt_tokens: int, reuse_prefix: bool = True, samples: int = 0, seed: int = 0,
+              batch_size: int, max_prompt_tokens: int, reuse_prefix: bool = True, by_question: bool = True,
+              samples: int = 0, seed: int = 0,
               progress: Callable[[int], None] | None = None) -> list[JudgeResult]:
     """Score every (question, response) with the pointwise rubric."""
     import random
@@ -222,7 +220,7 @@ def llm_judge(model, tokenizer, rubric: Rubric, questions: Sequence[str], respon
     nts = next_token(model, tokenizer, rubric, [{"question": q, "response": r} for q, r in
                                                 zip(questions, responses, strict=True)],
                      SCORE_LABELS, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens,
-                     reuse_prefix=reuse_prefix, progress=progress)
+                     reuse_prefix=reuse_prefix, by_question=by_question, progress=progress)
     # One generator per candidate position, seeded: a verdict does not depend on its batch neighbours.
     return [pointwise_verdict(nt, samples, random.Random(f"{seed}:{i}")) for i, nt in enumerate(nts)]
 
