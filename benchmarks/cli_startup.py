@@ -38,7 +38,8 @@ def synthetic_workspace(root: Path, rounds: int = 3, pairs_per_round: int = 64) 
                   "mean_response_tokens": 11.0, "generate_seconds": 90.0, "judge_seconds": 60.0,
                   "train_seconds": 100.0, "benchmark_seconds": 30.0, "round_seconds": 280.0}
         parquet.write_table(root, "rounds", RUN_ID, k, [dict(
-            run_id=RUN_ID, round=k, status="completed", policy_in="base", policy_out=f"m{k}", reference_model=None,
+            run_id=RUN_ID, round=k, status="completed", policy_in="base", policy_out=f"m{k}", weights_sha256=None,
+            reference_model=None,
             config_hash="h", judge_template_hash=None, seed=0, code_version="0", package_versions="{}",
             mlflow_run_id=None, registered_version=None, promoted=True, promotion_reasons=None,
             accuracy=result["accuracy"], n_pairs=result["pairs"], started_at=now, finished_at=now, error=None)])

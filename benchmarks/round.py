@@ -1,53 +1,150 @@
-"""Speed of one default round, and batched vs one-at-a-time generation.
+"""Speed of the embedded default, stage by stage, against the implementation it replaced (same run).
 
     .venv/bin/python benchmarks/round.py [--prompts 64] [--skip-round]
 
-Prints (1) tokens/s of batched generation against a one-prompt-at-a-time loop on the same
-prompts, measured in this run, and their ratio; (2) each stage's time for one default round
-of the flywheel on the embedded model (round 0's benchmark of the base model included).
+Measured in this process, on this machine, each next to its baseline:
+  peak       fp32 matmul GFLOP/s of this CPU (the bound the others are a fraction of)
+  generate   the default round's sampling (64 prompts × 8 samples): transformers' generate() at batch 64
+             (the old stage) vs flywheel's continuous-batching decoder at the configured batch; tokens/s
+  benchmark  greedy on the 200 held-out items, old vs new; and whether every answer is identical
+  judge      the LLM judge on the sampled candidates: rubric-prefix cache only at batch 16 (old) vs
+             per-question prefixes at the configured batch; candidates/s and the largest score change
+  train      DPO (LoRA) on 38 pairs, 2 epochs: reference log-probs every step (old) vs precomputed
+             once; seconds, the FLOP estimate, and the achieved fraction of the fp32 peak
+  round      one default round with the new code, each stage's seconds
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import tempfile
 import time
+from pathlib import Path
 
 
-def generation_speed(n_prompts: int) -> None:
+def peak_gflops(seconds: float = 3.0) -> float:
+    import torch
+
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        n += 1
+    return n * 2 * 2048**3 / (time.perf_counter() - t0) / 1e9
+
+
+def row(name: str, old: float, new: float, unit: str, extra: str = "") -> None:
+    print(f"  {name:<10} old {old:8.1f} {unit:<13} new {new:8.1f} {unit:<13} {new / old:5.2f}x  {extra}")
+
+
+def sampling_and_benchmark(n_prompts: int) -> list:
     from flywheel.config import FlywheelConfig
     from flywheel.models import loading, sampling
-    from flywheel.models.tasksource import make_source, train_items
+    from flywheel.models.tasksource import benchmark_items, make_source, train_items
+
+    cfg = FlywheelConfig()
+    s, b = cfg.sampling, cfg.benchmark
+    model, tok = loading.load(loading.resolve(cfg.model.name))
+    source = make_source(cfg.task)
+    items = train_items(source, 1, n_prompts, 0, None)[0]
+    prompts = [it.prompt for it in items]
+    sampling.generate(model, tok, prompts[:2], n=2, max_new_tokens=4, batch_size=4, do_sample=True)  # warm-up
+    kw = dict(max_new_tokens=s.max_new_tokens, do_sample=True, temperature=s.temperature, top_p=s.top_p, seed=0)
+    t0 = time.perf_counter()
+    old = sampling.generate_reference(model, tok, [p for p in prompts for _ in range(s.n)], batch_size=64, **kw)
+    t_old = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    new = sampling.generate(model, tok, prompts, n=s.n, batch_size=s.batch_size, **kw)
+    t_new = time.perf_counter() - t0
+    row("generate", sampling.tokens_per_second(old, t_old), sampling.tokens_per_second(new, t_new), "tokens/s",
+        f"({len(new)} samples; {t_old:.1f} s → {t_new:.1f} s; batch 64 → {s.batch_size})")
+    bench = [it.prompt for it in benchmark_items(source, b.size, 0)]
+    kw = dict(max_new_tokens=b.max_new_tokens, do_sample=False)
+    t0 = time.perf_counter()
+    g_old = sampling.generate_reference(model, tok, bench, batch_size=64, **kw)
+    t_old = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    g_new = sampling.generate(model, tok, bench, batch_size=b.batch_size, **kw)
+    t_new = time.perf_counter() - t0
+    same = sum(x.response == y.response for x, y in zip(g_old, g_new))
+    row("benchmark", sampling.tokens_per_second(g_old, t_old), sampling.tokens_per_second(g_new, t_new), "tokens/s",
+        f"(greedy, {len(bench)} items: {same}/{len(bench)} answers identical)")
+    return [(prompts[i // s.n], g.response) for i, g in enumerate(new)]
+
+
+def judge(candidates: list) -> None:
+    from flywheel.config import FlywheelConfig
+    from flywheel.models import judges, loading
 
     cfg = FlywheelConfig()
     model, tok = loading.load(loading.resolve(cfg.model.name))
-    prompts = [it.prompt for it in train_items(make_source(cfg.task), 1, n_prompts, 0, None)[0]]
-    kw = dict(max_new_tokens=cfg.sampling.max_new_tokens, do_sample=False)
-    sampling.generate(model, tok, prompts[:2], batch_size=2, **kw)  # warm-up
+    rubric = judges.load_rubric()
+    qs, rs = [q for q, _ in candidates], [r for _, r in candidates]
     t0 = time.perf_counter()
-    one = sampling.generate(model, tok, prompts, batch_size=1, **kw)
-    t_one = time.perf_counter() - t0
+    old = judges.llm_judge(model, tok, rubric, qs, rs, batch_size=16, max_prompt_tokens=1024, by_question=False)
+    t_old = time.perf_counter() - t0
     t0 = time.perf_counter()
-    batched = sampling.generate(model, tok, prompts, batch_size=cfg.sampling.batch_size, **kw)
-    t_batch = time.perf_counter() - t0
-    r_one, r_batch = sampling.tokens_per_second(one, t_one), sampling.tokens_per_second(batched, t_batch)
-    same = sum(a.response == b.response for a, b in zip(one, batched)) / len(one)
-    print(f"generation, {n_prompts} prompts, greedy, max_new_tokens={kw['max_new_tokens']}")
-    print(f"  one at a time : {r_one:8.1f} tokens/s  ({t_one:.1f} s)")
-    print(f"  batched ({cfg.sampling.batch_size:>3}) : {r_batch:8.1f} tokens/s  ({t_batch:.1f} s)")
-    print(f"  speed-up      : {r_batch / r_one:8.2f}x   (identical responses: {same:.0%})")
+    new = judges.llm_judge(model, tok, rubric, qs, rs, batch_size=cfg.judge.batch_size,
+                           max_prompt_tokens=cfg.judge.max_prompt_tokens)
+    t_new = time.perf_counter() - t0
+    same = sum(a.parse_ok == b.parse_ok for a, b in zip(old, new))
+    diff = max((abs(a.score - b.score) for a, b in zip(old, new) if a.parse_ok and b.parse_ok), default=0.0)
+    row("judge", len(qs) / t_old, len(qs) / t_new, "candidates/s",
+        f"(every candidate; same parse {same}/{len(qs)}, largest score change {diff:.1e})")
+
+
+def train(peak: float) -> None:
+    from flywheel.config import load_config
+    from flywheel.models import loading, trainer
+    from flywheel.models.tasksource import make_source, train_items
+
+    cfg = load_config()
+    base = loading.resolve(cfg.model.name)
+    items = train_items(make_source(cfg.task), 1, 38, 0, None)[0]
+    rng = random.Random(0)
+    wrong = ["The final answer to this arithmetic problem is 12.", "I think 3.",
+             "Let's calculate it step by step: first we add the numbers and get 17, so the answer is 17."]
+    rows = [dict(prompt=it.prompt, chosen=f"The final answer is {it.answer}.", rejected=rng.choice(wrong))
+            for it in items]
+    _, tok = loading.load(base)
+    from flywheel.models.sampling import chat_texts
+
+    heads = [len(tok(h, add_special_tokens=False)["input_ids"]) for h in chat_texts(tok, [r["prompt"] for r in rows])]
+    tokens = sum(2 * h + len(tok(r["chosen"])["input_ids"]) + len(tok(r["rejected"])["input_ids"]) + 2
+                 for h, r in zip(heads, rows))
+    epochs = cfg.train.dpo["num_train_epochs"]
+    params = sum(p.numel() for p in loading.load(base)[0].parameters())
+    results = {}
+    for label, precompute in (("old", False), ("new", True)):
+        dpo = {**cfg.train.dpo, "precompute_ref_log_probs": precompute}
+        train_cfg = cfg.train.model_copy(update={"dpo": dpo})
+        with tempfile.TemporaryDirectory() as d:
+            t0 = time.perf_counter()
+            m = trainer.train(base, rows, train_cfg, Path(d) / "out", base=base, seed=0)
+            results[label] = (time.perf_counter() - t0, m["train_loss"])
+        # LoRA: forward 2·P per token, backward through frozen weights ≈ the forward again;
+        # the reference's forward once per epoch (old) or once in all (new).
+        ref_passes = epochs if not precompute else 1
+        results[label] += ((2 * 2 * params * tokens * epochs + 2 * params * tokens * ref_passes) / 1e9,)
+    (t_old, l_old, f_old), (t_new, l_new, f_new) = results["old"], results["new"]
+    row("train", t_old, t_new, "s (less=better)",
+        f"(38 pairs, {epochs} epochs, loss {l_old:.4f} vs {l_new:.4f}; ~{f_new:.0f} GFLOP: "
+        f"{f_new / t_new / peak:.0%} of the fp32 peak with load, merge and save; {f_old / t_old / peak:.0%} before)")
 
 
 def one_round() -> None:
     from flywheel.config import load_config
     from flywheel.flows.flywheel import flywheel
+    from flywheel.flows.server import prefect_api
 
-    with tempfile.TemporaryDirectory() as ws:
+    with tempfile.TemporaryDirectory() as ws, prefect_api():
         t0 = time.perf_counter()
         result = flywheel(load_config(None, {"rounds": 1, "workspace": ws, "name": "bench-round"}))
         total = time.perf_counter() - t0
     r0, r1 = result["rounds"]
-    print("one default round (embedded SmolLM2-135M, CPU)")
+    print("one default round (embedded SmolLM2-135M, CPU), new code")
     print(f"  round-0 benchmark : {r0['benchmark_seconds']:7.1f} s  ({r0['benchmark_tokens_per_s']:.1f} tokens/s)")
     for stage in ("generate", "judge", "curate", "train", "benchmark"):
         extra = ""
@@ -68,10 +165,16 @@ if __name__ == "__main__":
 
     quiet_libraries()
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--skip-round", action="store_true")
     args = ap.parse_args()
-    generation_speed(args.prompts)
+    peak = peak_gflops()
+    print(f"fp32 matmul peak of this CPU: {peak:.0f} GFLOP/s")
+    print("stage by stage, old implementation vs new, same inputs, same process")
+    cands = sampling_and_benchmark(args.prompts)
+    judge(cands)
+    train(peak)
     if not args.skip_round:
         one_round()

@@ -186,8 +186,9 @@ def choose(logits: torch.Tensor, rows: Sequence[Row], *, do_sample: bool, temper
     return Step(token, logp.gather(1, token[:, None]).squeeze(1), certainty)
 
 
-def _prefix_len(seqs: Sequence[Sequence[int]]) -> int:
-    """Tokens every sequence shares at its start, leaving each at least one of its own."""
+def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
+    """Tokens every sequence shares at its start, leaving each at least one of its own (0 for fewer
+    than two sequences: nothing is shared)."""
     if len(seqs) < 2:
         return 0
     first, n = seqs[0], min(len(x) for x in seqs) - 1
@@ -210,7 +211,7 @@ def decode(model, token_ids: Sequence[Sequence[int]], *, n: int, max_new_tokens:
     n_layers = model.config.num_hidden_layers
     batch_size = max(batch_size, n)
     # The prompts' shared start (the system turn) is computed once and copied into every admission.
-    n_prefix = _prefix_len(token_ids)
+    n_prefix = common_prefix_len(token_ids)
     prefix = None
     if n_prefix:
         ids = torch.tensor([list(token_ids[0][:n_prefix])], device=device)
@@ -333,7 +334,7 @@ def last_logits(model, token_ids: Sequence[Sequence[int]], groups: Sequence[obje
     most `batch_size` sequences (a group is never split unless it alone exceeds the batch)."""
     device = model.device
     n_layers = model.config.num_hidden_layers
-    p0 = _prefix_len(token_ids)
+    p0 = common_prefix_len(token_ids)
     prefix = None
     if p0:
         out = model(input_ids=torch.tensor([list(token_ids[0][:p0])], device=device), use_cache=True)
@@ -352,7 +353,7 @@ def last_logits(model, token_ids: Sequence[Sequence[int]], groups: Sequence[obje
         if not chunk:
             continue
         # per group: the tokens its members share after the global prefix (none for a lone member)
-        ends = [p0 + _prefix_len([token_ids[i][p0:] for i in part]) if len(part) > 1 else p0 for part in chunk]
+        ends = [p0 + common_prefix_len([token_ids[i][p0:] for i in part]) if len(part) > 1 else p0 for part in chunk]
         segs = [list(token_ids[part[0]][p0:end]) for part, end in zip(chunk, ends)]
         width = max(len(s) for s in segs)
         g_mask = torch.zeros((len(chunk), p0 + width), dtype=torch.long, device=device)

@@ -109,19 +109,6 @@ def _token_groups(tokenizer, labels: tuple[str, ...]) -> dict[str, list[int]]:
     return ids
 
 
-def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
-    """Length of the token prefix every sequence shares, leaving each at least one token of its own."""
-    if not seqs:
-        return 0
-    first, n = seqs[0], min(len(x) for x in seqs) - 1
-    for seq in seqs[1:]:
-        i = 0
-        while i < n and seq[i] == first[i]:
-            i += 1
-        n = i
-    return max(n, 0)
-
-
 def _left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)

@@ -16,3 +16,22 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def load_script(path):
+    """A script of the repository (scripts/, benchmarks/) as a module, for tests of its functions."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def script():
+    """`script("benchmarks/cli_startup.py")`: that file of the repository, loaded as a module."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    return lambda relative: load_script(root / relative)

@@ -69,8 +69,18 @@ def test_sql_without_catalog(tmp_path):
     ("judge:\n  sources: [verifier, {type: verifier, name: mine, match: callable, callable: 'checks:boom'}]\n",
      {"checks.py": "def boom(prompt, response, answer, metadata):\n    raise ValueError('bad check')\n"},
      "verifier callable 'checks:boom' failed on a probe item: ValueError: bad check"),
+    # training values are checked against TRL's config classes before any work
+    ("train:\n  dpo: {lr_scheduler_type: sometimes}\n", {}, "train.dpo: sometimes is not a valid SchedulerType"),
+    ("train:\n  dpo: {learning_rate: fast}\n", {}, "train.dpo.learning_rate: 'fast': Input should be a valid number"),
+    ("train:\n  dpo: {per_device_train_batch_size: 0}\n", {},
+     "train.dpo.per_device_train_batch_size: must be greater than 0, got 0"),
+    ("train:\n  dpo: {loss_type: [sigmoid, telepathy]}\n", {}, "train.dpo.loss_type: unknown loss 'telepathy'"),
+    ("train:\n  sft: {num_train_epochs: -2}\n", {}, "train.sft.num_train_epochs: must be greater than 0"),
+    # settings that resume and lineage depend on are flywheel's, not TRL's
+    ("train:\n  dpo: {output_dir: /tmp/elsewhere}\n", {}, "train.dpo: output_dir is set by flywheel, not here"),
+    ("train:\n  sft: {seed: 7}\n", {}, "train.sft: seed is set by flywheel, not here"),
 ])
-def test_bad_reward_sources_fail_before_generation(tmp_path, config, files, message):
+def test_bad_config_values_fail_before_generation(tmp_path, config, files, message):
     for name, text in files.items():
         (tmp_path / name).write_text(text)
     (tmp_path / "c.yaml").write_text(config)
@@ -80,22 +90,3 @@ def test_bad_reward_sources_fail_before_generation(tmp_path, config, files, mess
     assert len(lines) == 1 and message in lines[0], p.stderr
     assert "Traceback" not in p.stderr and not ws.exists()
 
-
-@pytest.mark.parametrize("config, message", [
-    ("train:\n  dpo: {lr_scheduler_type: sometimes}\n", "train.dpo: sometimes is not a valid SchedulerType"),
-    ("train:\n  dpo: {learning_rate: fast}\n", "train.dpo.learning_rate: 'fast': Input should be a valid number"),
-    ("train:\n  dpo: {per_device_train_batch_size: 0}\n",
-     "train.dpo.per_device_train_batch_size: must be greater than 0, got 0"),
-    ("train:\n  dpo: {loss_type: [sigmoid, telepathy]}\n", "train.dpo.loss_type: unknown loss 'telepathy'"),
-    ("train:\n  sft: {num_train_epochs: -2}\n", "train.sft.num_train_epochs: must be greater than 0"),
-    # settings that resume and lineage depend on are flywheel's, not TRL's
-    ("train:\n  dpo: {output_dir: /tmp/elsewhere}\n", "train.dpo: output_dir is set by flywheel, not here"),
-    ("train:\n  sft: {seed: 7}\n", "train.sft: seed is set by flywheel, not here"),
-])
-def test_bad_training_values_fail_before_generation(tmp_path, config, message):
-    (tmp_path / "c.yaml").write_text(config)
-    p, ws = run_cli(["run", "--config", "c.yaml"], tmp_path)
-    assert p.returncode == 2, p.stderr
-    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("flywheel: error:")]
-    assert len(lines) == 1 and message in lines[0], p.stderr
-    assert "Traceback" not in p.stderr and not ws.exists()

@@ -1,7 +1,6 @@
 """Read-only commands import only what they use (no torch, transformers, prefect or mlflow), and
 no library warning reaches the user's terminal. Their speed is measured in benchmarks/cli_startup.py."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,21 +12,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("cli_startup", ROOT / "benchmarks" / "cli_startup.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+@pytest.fixture(scope="module")
+def bench(script):
+    return script("benchmarks/cli_startup.py")
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    return _bench().synthetic_workspace(tmp_path_factory.mktemp("ws"))
+def workspace(tmp_path_factory, bench):
+    return bench.synthetic_workspace(tmp_path_factory.mktemp("ws"))
 
 
 @pytest.mark.parametrize("name", ["--help", "sql", "runs", "data show", "compare"])
-def test_read_only_commands_import_no_heavy_library(workspace, name):
-    bench = _bench()
+def test_read_only_commands_import_no_heavy_library(workspace, bench, name):
     argv = [a.replace("{ws}", str(workspace)) for a in bench.COMMANDS[name]]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
     p = subprocess.run([sys.executable, "-W", "always", "-c", bench._PROBE, *argv], capture_output=True, text=True,

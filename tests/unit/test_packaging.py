@@ -1,20 +1,12 @@
 """Set-up is quiet: the package builds and installs (editable, as scripts/dev.py does) without
 setuptools warnings, and ships its data files (rubric templates, preset configs)."""
 
-import importlib.util
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _dev():
-    spec = importlib.util.spec_from_file_location("dev", ROOT / "scripts" / "dev.py")
-    dev = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(dev)
-    return dev
 
 
 def _warnings(text: str) -> list[str]:
@@ -36,7 +28,7 @@ def test_wheel_builds_without_warnings_and_ships_its_data(tmp_path):
     assert not [n for n in names if n.startswith(("flywheel/tests", "flywheel/benchmarks", "flywheel/.venv"))]
 
 
-def test_editable_build_is_quiet_with_dev_py_settings(tmp_path):
+def test_editable_build_is_quiet_with_dev_py_settings(tmp_path, script):
     """The PEP 660 hook pip calls for `pip install -e` (run directly: installing for real would
     replace this environment's own editable install), under the environment dev.py gives pip."""
     import os
@@ -44,7 +36,7 @@ def test_editable_build_is_quiet_with_dev_py_settings(tmp_path):
     hook = "import sys; from setuptools import build_meta; build_meta.build_editable(sys.argv[1])"
     run = lambda env: subprocess.run([sys.executable, "-c", hook, str(tmp_path)], cwd=ROOT,  # noqa: E731
                                      capture_output=True, text=True, timeout=300, env=env)
-    quiet = run({**os.environ, **_dev().QUIET_BUILD})
+    quiet = run({**os.environ, **script("scripts/dev.py").QUIET_BUILD})
     assert quiet.returncode == 0, quiet.stderr
     assert not _warnings(quiet.stdout + quiet.stderr), _warnings(quiet.stdout + quiet.stderr)
     assert list(tmp_path.glob("flywheel-*.whl")), "an editable wheel was built"
