@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     runs = sub.add_parser("runs", help="list the workspace's runs with their status")
     runs.add_argument("--workspace", type=Path, default=Path("flywheel-data"))
 
-    compare = sub.add_parser("compare", help="compare runs round by round (from MLflow) and plot them")
+    compare = sub.add_parser("compare", help="compare runs round by round (from the workspace) and plot them")
     compare.add_argument("run_ids", nargs="+", metavar="RUN")
     compare.add_argument("--workspace", type=Path, default=Path("flywheel-data"))
     compare.add_argument("--out", type=Path, help="plot file (default: <workspace>/compare-<runs>.png)")

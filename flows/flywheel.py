@@ -141,11 +141,9 @@ def _round_row(ctx: StageContext, *, status: str, policy_in: str, started: datet
 STAGES = ("generate", "judge", "curate", "train", "benchmark")
 
 
-
-
 # Only failures that may pass on their own are retried: a lost connection, a timed-out request, a
 # busy or briefly failing (network) filesystem. A missing file, a denied permission or a path
-# that is a directory stay what they are on every try, and neither is a bug in our code retried.
+# that is a directory stay what they are on every try, and a bug is never retried either.
 TRANSIENT_ERRNOS = frozenset(getattr(errno, name) for name in (
     "EAGAIN", "EBUSY", "EINTR", "EIO", "ETIMEDOUT", "ECONNRESET", "ECONNREFUSED", "ECONNABORTED", "EPIPE",
     "EHOSTUNREACH", "ENETUNREACH", "ENETDOWN", "ESTALE", "ENOLCK", "EREMOTEIO") if hasattr(errno, name))
