@@ -331,7 +331,8 @@ def quiet_libraries(verbose: bool = False) -> None:
     Without --verbose no library warning reaches the terminal (flywheel's own errors still do)."""
     for var, value in (("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
                        ("TRANSFORMERS_VERBOSITY", "error"), ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"),
-                       ("TOKENIZERS_PARALLELISM", "false"), ("PREFECT_SERVER_ANALYTICS_ENABLED", "false")):
+                       ("TOKENIZERS_PARALLELISM", "false"), ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
+                       ("TQDM_DISABLE", "1")):  # TRL's own bars (reference log-probs) ignore disable_tqdm
         os.environ.setdefault(var, value)
     import warnings
 
