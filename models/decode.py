@@ -15,8 +15,9 @@ Each row samples with its own generator, seeded from (seed, prompt text, sample 
 tokens do not depend on which rows share its batch, on the batch size or on the order of prompts
 (up to float rounding of the logits, which batch shape can change in the last bits).
 
-Rows are left-aligned per segment and the attention mask marks real tokens; position ids count
-a row's real tokens, so a row computes what it would alone.
+Rows are padded on the left of each segment (shared prefix, prompt, generated tokens) and the
+attention mask marks real tokens; position ids count a row's real tokens, so a row computes what
+it would alone.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class KV:
     def rows(self) -> int:
         return 0 if self.mask is None else self.mask.shape[0]
 
-    def _grow(self, rows: int, length: int) -> None:
+    def _grow(self, length: int) -> None:
         """Ensure capacity for `length` columns (doubling), keeping content."""
         cap = self.keys[0].shape[2] if self.keys else 0
         if length <= cap:
@@ -84,7 +85,7 @@ class KV:
         new_len = mask.shape[1]
         if new_len > self.length:  # shift the existing rows right to make room on the left
             shift = new_len - self.length
-            self._grow(self.rows, new_len)
+            self._grow(new_len)
             for store in (self.keys, self.values):
                 for t in store:
                     t[:, :, shift:new_len] = t[:, :, : self.length].clone()
@@ -124,7 +125,7 @@ class BufferCache:
         from transformers import DynamicCache
 
         self.kv, self.new = kv, new_tokens
-        kv._grow(kv.rows, kv.length + new_tokens)
+        kv._grow(kv.length + new_tokens)
         self.cache = DynamicCache()
         self.cache.layers.extend(_buffer_layer(self, i) for i in range(len(kv.keys)))
 
@@ -212,11 +213,7 @@ def decode(model, token_ids: Sequence[Sequence[int]], *, n: int, max_new_tokens:
     batch_size = max(batch_size, n)
     # The prompts' shared start (the system turn) is computed once and copied into every admission.
     n_prefix = common_prefix_len(token_ids)
-    prefix = None
-    if n_prefix:
-        ids = torch.tensor([list(token_ids[0][:n_prefix])], device=device)
-        out = model(input_ids=ids, use_cache=True)
-        prefix = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    prefix = _prefix_kv(model, token_ids[0][:n_prefix]) if n_prefix else None
     # Longest prompts first: they fill the cache's columns once, the shorter ones pad into them.
     waiting = sorted(range(len(token_ids)), key=lambda p: -len(token_ids[p]))
     kv = KV()
@@ -225,25 +222,13 @@ def decode(model, token_ids: Sequence[Sequence[int]], *, n: int, max_new_tokens:
     pending: torch.Tensor | None = None  # [live] the next input token of each live row
     pos = torch.zeros(0, dtype=torch.long, device=device)  # next position of each live row
 
-    def admit(prompts: list[int]) -> tuple[list[Row], torch.Tensor]:
+    def admit(prompts: list[int]) -> tuple[list[Row], Step, torch.Tensor]:
         """Prefill `prompts` (their suffixes after the shared prefix), copy each cache n times,
-        and add the rows to the live batch; the first generated token of each row."""
-        suffixes = [list(token_ids[p][n_prefix:]) for p in prompts]
-        width = max(len(s) for s in suffixes)
-        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
-        mask = torch.zeros((len(prompts), n_prefix + width), dtype=torch.long, device=device)
-        mask[:, :n_prefix] = 1
-        for i, s in enumerate(suffixes):
-            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long, device=device)
-            mask[i, n_prefix + width - len(s):] = 1
+        and add the rows to the KV; the rows, their first step, and their next positions."""
+        ids, mask = left_pad([token_ids[p][n_prefix:] for p in prompts], pad_id, device, lead=n_prefix)
         positions = (mask.cumsum(1) - 1).clamp(min=0)[:, n_prefix:]
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
-        if prefix is not None:
-            for li, (k, v) in enumerate(prefix):
-                cache.update(k.expand(len(prompts), -1, -1, -1).contiguous(),
-                             v.expand(len(prompts), -1, -1, -1).contiguous(), li)
+        cache = _cache_from([(k.expand(len(prompts), -1, -1, -1).contiguous(),
+                              v.expand(len(prompts), -1, -1, -1).contiguous()) for k, v in prefix or []])
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                        use_cache=True, logits_to_keep=1).logits[:, -1]
         keys = [layer.keys.repeat_interleave(n, dim=0) for layer in cache.layers[:n_layers]]
@@ -315,6 +300,27 @@ def decode(model, token_ids: Sequence[Sequence[int]], *, n: int, max_new_tokens:
     return [done[(p, s)] for p in range(len(token_ids)) for s in range(n)]
 
 
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device=None, lead: int = 0
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows padded on the left to one width, and their attention mask; `lead` columns of ones
+    in front of the mask stand for a prefix already in the cache."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(rows), lead + width), dtype=torch.long, device=device)
+    mask[:, :lead] = 1
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long, device=device)
+            mask[i, lead + width - len(r):] = 1
+    return ids, mask
+
+
+def _prefix_kv(model, ids: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's keys and values for one token sequence (a prefix many rows share)."""
+    out = model(input_ids=torch.tensor([list(ids)], device=model.device), use_cache=True)
+    return [(layer.keys, layer.values) for layer in out.past_key_values.layers[:model.config.num_hidden_layers]]
+
+
 def _cache_from(kv: Sequence[tuple[torch.Tensor, torch.Tensor]]):
     from transformers import DynamicCache
 
@@ -335,10 +341,7 @@ def last_logits(model, token_ids: Sequence[Sequence[int]], groups: Sequence[obje
     device = model.device
     n_layers = model.config.num_hidden_layers
     p0 = common_prefix_len(token_ids)
-    prefix = None
-    if p0:
-        out = model(input_ids=torch.tensor([list(token_ids[0][:p0])], device=device), use_cache=True)
-        prefix = [(layer.keys, layer.values) for layer in out.past_key_values.layers[:n_layers]]
+    prefix = _prefix_kv(model, token_ids[0][:p0]) if p0 else None
     members: dict[object, list[int]] = {}
     for i, g in enumerate(groups):
         members.setdefault(g, []).append(i)
@@ -354,17 +357,11 @@ def last_logits(model, token_ids: Sequence[Sequence[int]], groups: Sequence[obje
             continue
         # per group: the tokens its members share after the global prefix (none for a lone member)
         ends = [p0 + common_prefix_len([token_ids[i][p0:] for i in part]) if len(part) > 1 else p0 for part in chunk]
-        segs = [list(token_ids[part[0]][p0:end]) for part, end in zip(chunk, ends)]
-        width = max(len(s) for s in segs)
-        g_mask = torch.zeros((len(chunk), p0 + width), dtype=torch.long, device=device)
-        g_mask[:, :p0] = 1
+        ids, g_mask = left_pad([token_ids[part[0]][p0:end] for part, end in zip(chunk, ends)], pad_id, device,
+                               lead=p0)
+        width = ids.shape[1]
         cache_rows = None
         if width:
-            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long, device=device)
-            for r, s in enumerate(segs):
-                if s:
-                    ids[r, width - len(s):] = torch.tensor(s, dtype=torch.long, device=device)
-                    g_mask[r, p0 + width - len(s):] = 1
             cache = _cache_from([(k.expand(len(chunk), -1, -1, -1).contiguous(),
                                   v.expand(len(chunk), -1, -1, -1).contiguous()) for k, v in prefix or []])
             positions = (g_mask.cumsum(1) - 1).clamp(min=0)[:, p0:]
@@ -376,12 +373,8 @@ def last_logits(model, token_ids: Sequence[Sequence[int]], groups: Sequence[obje
         rows = [i for part in chunk for i in part]
         owner = torch.tensor([r for r, part in enumerate(chunk) for _ in part], dtype=torch.long, device=device)
         tails = [list(token_ids[i][end:]) for part, end in zip(chunk, ends) for i in part]
-        t_width = max(len(t) for t in tails)
-        ids = torch.full((len(rows), t_width), pad_id, dtype=torch.long, device=device)
-        t_mask = torch.zeros((len(rows), t_width), dtype=torch.long, device=device)
-        for r, t in enumerate(tails):
-            ids[r, t_width - len(t):] = torch.tensor(t, dtype=torch.long, device=device)
-            t_mask[r, t_width - len(t):] = 1
+        ids, t_mask = left_pad(tails, pad_id, device)
+        t_width = ids.shape[1]
         mask = torch.cat([g_mask.index_select(0, owner), t_mask], dim=1)
         positions = (mask.cumsum(1) - 1).clamp(min=0)[:, mask.shape[1] - t_width:]
         cache = None

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from flywheel.errors import RubricError
+from flywheel.models import decode
 from flywheel.models.sampling import chat_texts
 
 ASSISTANT_MARK = "<|assistant|>"
@@ -109,16 +110,6 @@ def _token_groups(tokenizer, labels: tuple[str, ...]) -> dict[str, list[int]]:
     return ids
 
 
-def _left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r):] = 1
-    return ids, mask
-
-
 @dataclass
 class NextToken:
     mass: dict[str, float]  # probability of each label's tokens at the verdict position
@@ -134,8 +125,6 @@ def next_token(model, tokenizer, rubric: Rubric, renders: Sequence[dict[str, str
     With `reuse_prefix`, every shared prefix is computed once (models/decode.py: last_logits): the
     rubric's start once for all, each question's part once for its candidates (`by_question`);
     without it, every prompt is run whole (the reference the shared path is tested against)."""
-    from flywheel.models import decode
-
     groups = token_groups(tokenizer, labels)
     rendered = [rubric.render(**r) for r in renders]
     texts = [t + prefill for t, (_, prefill) in zip(chat_texts(tokenizer, [u for u, _ in rendered]), rendered)]
@@ -158,7 +147,7 @@ def next_token(model, tokenizer, rubric: Rubric, renders: Sequence[dict[str, str
             read(rows, logits)
         return out
     for start in range(0, len(token_ids), batch_size):
-        ids, mask = _left_pad(token_ids[start:start + batch_size], tokenizer.pad_token_id)
+        ids, mask = decode.left_pad(token_ids[start:start + batch_size], tokenizer.pad_token_id)
         ids, mask = ids.to(model.device), mask.to(model.device)
         logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=1, use_cache=False).logits[:, -1]
         read(list(range(start, start + ids.shape[0])), logits)
@@ -225,7 +214,7 @@ def sequence_logprobs(model, tokenizer, prompts: Sequence[str], responses: Seque
             r = tokenizer(resp, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
             rows.append(h + r)
             spans.append(len(r))
-        ids, mask = _left_pad(rows, tokenizer.pad_token_id)
+        ids, mask = decode.left_pad(rows, tokenizer.pad_token_id)
         ids, mask = ids.to(model.device), mask.to(model.device)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, :-1].float(), -1)
