@@ -53,7 +53,7 @@ class SamplingConfig(_Strict):
     max_new_tokens: int = Field(32, ge=1)
     # Rows decoded together (continuous batching). Sampling seeds are per sample, so a sample does not
     # depend on its batch neighbours, but the batch's shape changes the logits' last bits, and so,
-    # rarely, a sampled token (measured: 498 of 512 samples identical at 64 vs 256): it is part of the
+    # rarely, a sampled token (504 of 512 samples identical at 64 vs 256, benchmarks/round.py): it is part of the
     # config's hash. 256 keeps this CPU's matmuls at their peak (benchmarks/round.py).
     batch_size: int = Field(256, ge=1, description="rows decoded together")
 

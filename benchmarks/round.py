@@ -5,7 +5,8 @@
 Measured in this process, on this machine, each next to its baseline:
   peak       fp32 matmul GFLOP/s of this CPU (the bound the others are a fraction of)
   generate   the default round's sampling (64 prompts × 8 samples): transformers' generate() at batch 64
-             (the old stage) vs flywheel's continuous-batching decoder at the configured batch; tokens/s
+             (the old stage) vs flywheel's continuous-batching decoder at the configured batch; tokens/s;
+             and how many samples the decoder repeats exactly at batch 64
   benchmark  greedy on the 200 held-out items, old vs new; and whether every answer is identical
   judge      the LLM judge on the sampled candidates: rubric-prefix cache only at batch 16 (old) vs
              per-question prefixes at the configured batch; candidates/s and the largest score change
@@ -60,6 +61,10 @@ def sampling_and_benchmark(n_prompts: int) -> list:
     t_new = time.perf_counter() - t0
     row("generate", sampling.tokens_per_second(old, t_old), sampling.tokens_per_second(new, t_new), "tokens/s",
         f"({len(new)} samples; {t_old:.1f} s → {t_new:.1f} s; batch 64 → {s.batch_size})")
+    other = sampling.generate(model, tok, prompts, n=s.n, batch_size=64, **kw)
+    same = sum(a.response == b.response for a, b in zip(new, other))
+    print(f"  {'':<10} the same seeds at batch 64 instead of {s.batch_size}: {same}/{len(new)} samples identical "
+          "(the rest differ by the logits' rounding)")
     bench = [it.prompt for it in benchmark_items(source, b.size, 0)]
     kw = dict(max_new_tokens=b.max_new_tokens, do_sample=False)
     t0 = time.perf_counter()
