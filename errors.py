@@ -50,3 +50,15 @@ class ExportError(UserError, ValueError):
 
 class ReadOnlyError(UserError, ValueError):
     """A statement the read-only catalog refuses."""
+
+
+class EngineError(UserError, RuntimeError):
+    """A serving engine that cannot answer: an endpoint that stays unreachable or failing after its
+    retries, a missing optional engine package. The message names the endpoint, credentials masked."""
+
+
+def mask_credentials(text: str) -> str:
+    """user:password@ in any URL → ***@ (tracking URIs and endpoints may carry credentials)."""
+    import re
+
+    return re.sub(r"//[^@/\s]*@", "//***@", text)

@@ -28,7 +28,7 @@ from prefect.tasks import exponential_backoff
 from flywheel import __version__, progress
 from flywheel.config import FlywheelConfig, load_config
 from flywheel.errors import ResumeError
-from flywheel.models import loading, rewards, trainer
+from flywheel.models import engines, loading, rewards, trainer
 from flywheel.models.decontam import Decontaminator
 from flywheel.models.tasksource import benchmark_items, make_source, train_items
 from flywheel.storage import catalog, datacard, lock, manifest, parquet, plots, tracking
@@ -63,6 +63,7 @@ def prepare(config: FlywheelConfig) -> Prepared:
     rewards.probe(sources, bench[0].prompt, bench[0].answer, bench[0].metadata)
     trainer.check_args(config.train, config.stages.checkpoint_steps)
     base = loading.resolve(config.model.name)
+    engines.preflight(config)
     return Prepared(config, base, source, bench)
 
 

@@ -23,6 +23,7 @@ import torch
 
 from flywheel.errors import RubricError
 from flywheel.models import decode
+from flywheel.models.engines import NextToken
 from flywheel.models.sampling import chat_texts
 
 ASSISTANT_MARK = "<|assistant|>"
@@ -110,12 +111,6 @@ def _token_groups(tokenizer, labels: tuple[str, ...]) -> dict[str, list[int]]:
     return ids
 
 
-@dataclass
-class NextToken:
-    mass: dict[str, float]  # probability of each label's tokens at the verdict position
-    top: str  # the most likely token over the whole vocabulary, decoded
-
-
 @torch.inference_mode()
 def next_token(model, tokenizer, rubric: Rubric, renders: Sequence[dict[str, str]], labels: Sequence[str], *,
                batch_size: int, max_prompt_tokens: int, reuse_prefix: bool = True, by_question: bool = True,
@@ -186,19 +181,24 @@ def pointwise_verdict(nt: NextToken, samples: int = 0, rng=None) -> JudgeResult:
     return JudgeResult(mean, True, ",".join(map(str, draws)), json.dumps(info), var)
 
 
+def verdicts(nts: Sequence[NextToken], samples: int, seed: int) -> list[JudgeResult]:
+    """Rubric scores from next-token distributions; one seeded generator per candidate position,
+    so a sampled verdict does not depend on its batch neighbours."""
+    import random
+
+    return [pointwise_verdict(nt, samples, random.Random(f"{seed}:{i}")) for i, nt in enumerate(nts)]
+
+
 def llm_judge(model, tokenizer, rubric: Rubric, questions: Sequence[str], responses: Sequence[str], *,
               batch_size: int, max_prompt_tokens: int, reuse_prefix: bool = True, by_question: bool = True,
               samples: int = 0, seed: int = 0,
               progress: Callable[[int], None] | None = None) -> list[JudgeResult]:
     """Score every (question, response) with the pointwise rubric."""
-    import random
-
     nts = next_token(model, tokenizer, rubric, [{"question": q, "response": r} for q, r in
                                                 zip(questions, responses, strict=True)],
                      SCORE_LABELS, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens,
                      reuse_prefix=reuse_prefix, by_question=by_question, progress=progress)
-    # One generator per candidate position, seeded: a verdict does not depend on its batch neighbours.
-    return [pointwise_verdict(nt, samples, random.Random(f"{seed}:{i}")) for i, nt in enumerate(nts)]
+    return verdicts(nts, samples, seed)
 
 
 @torch.inference_mode()

@@ -66,7 +66,7 @@ class Batch:
 
 @dataclass
 class Models:
-    """Model refs a source may need; loaded on demand (one model in memory at a time)."""
+    """Model refs a source may need, opened on demand as engines (models/engines.py: one open at a time)."""
     policy: str
     previous: str | None = None  # the previous round's policy (CREAM's second ranking)
     reference: str | None = None  # the DPO reference the policy was trained against
@@ -74,11 +74,22 @@ class Models:
     batch_size: int = 16
     max_prompt_tokens: int = 1024
     seed: int = 0
+    model: C.ModelConfig | None = None  # how the policy runs (engine, dtype); None: hf with `dtype`
 
-    def load(self, ref: str):
-        from flywheel.models import loading
+    def engine(self, ref: str):
+        """An engine on one of the policy's lineage (policy, previous, reference)."""
+        from flywheel.models import engines
 
-        return loading.load(ref, self.dtype)
+        cfg = self.model or C.ModelConfig(dtype=self.dtype)
+        return engines.open_engine(cfg, ref)
+
+    def judge_engine(self, spec):
+        """The engine a judge source scores with: its own `model`, else the policy."""
+        from flywheel.models import engines
+
+        if getattr(spec, "model", None) is None:
+            return self.engine(self.policy)
+        return engines.open_engine(spec.model, engines.model_ref(spec.model))
 
 
 
@@ -86,6 +97,8 @@ class Models:
 class Source:
     model_based = False
     cheap_decider = False  # its scores can tell that a prompt cannot yield a pair (judge.subset: contested)
+    judged_by: str | None = None  # the model that judged (engine:ref), recorded in judge health
+    method: str | None = None  # how a model-based verdict was read (engines.Engine.verdict_method)
 
     def __init__(self, spec, task_source) -> None:
         self.spec, self.name = spec, spec.key()
@@ -241,11 +254,12 @@ class LLMJudge(Source):
         if ref is None:  # round 1 has no previous policy
             return [Verdict(None, False, None, {"reason": "no previous policy"}) for _ in batch.candidates]
         reps, index = batch.unique()
-        model, tok = models.load(ref)
-        results = judges.llm_judge(model, tok, self.rubric, [batch.prompt_of(c)["prompt"] for c in reps],
-                                   [c["response"] for c in reps], batch_size=models.batch_size,
-                                   max_prompt_tokens=models.max_prompt_tokens, samples=self.spec.samples,
-                                   seed=models.seed, progress=progress)
+        engine = models.engine(ref) if self.use_previous else models.judge_engine(self.spec)
+        nts = engine.next_token(self.rubric, [{"question": batch.prompt_of(c)["prompt"], "response": c["response"]}
+                                              for c in reps], judges.SCORE_LABELS, batch_size=models.batch_size,
+                                max_prompt_tokens=models.max_prompt_tokens, progress=progress)
+        self.judged_by, self.method = engine.describe(), engine.verdict_method
+        results = judges.verdicts(nts, self.spec.samples, models.seed)
         out = []
         for i in index:
             r = results[i]
@@ -332,9 +346,10 @@ class PairwiseJudge(Source):
             renders.append({"question": q, "response_a": reps[b]["response"], "response_b": reps[a]["response"]})
         nts = []
         if renders:
-            model, tok = models.load(models.policy)
-            nts = judges.next_token(model, tok, self.rubric, renders, ("A", "B"), batch_size=models.batch_size,
+            engine = models.judge_engine(self.spec)
+            nts = engine.next_token(self.rubric, renders, ("A", "B"), batch_size=models.batch_size,
                                     max_prompt_tokens=models.max_prompt_tokens, progress=progress)
+            self.judged_by, self.method = engine.describe(), engine.verdict_method
         outcomes = [(a, b, pairwise_outcome(nts[2 * k].mass, nts[2 * k + 1].mass)) for k, (a, b) in enumerate(pairs)]
         scores = pairwise_scores(len(reps), outcomes)
         return [scores[i] for i in index]
@@ -355,9 +370,10 @@ class ImplicitReward(Source):
         prompts, responses = [batch.prompt_of(c)["prompt"] for c in reps], [c["response"] for c in reps]
         logps = {}
         for which, ref in (("policy", models.policy), ("reference", models.reference)):
-            model, tok = models.load(ref)
-            logps[which] = judges.sequence_logprobs(model, tok, prompts, responses, batch_size=models.batch_size,
+            engine = models.engine(ref)
+            logps[which] = engine.sequence_logprobs(prompts, responses, batch_size=models.batch_size,
                                                     progress=progress)
+            self.judged_by, self.method = engine.describe(), "sequence_logprobs"
         beta = self.spec.beta
         out = []
         for i in index:

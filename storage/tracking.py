@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from flywheel.errors import TrackingError
+from flywheel.errors import TrackingError, mask_credentials
 
 # A key names a secret when its last word is one: `hub_token`, `api_key`, `db_password`,
 # `aws_secret_access_key`. Counts of tokens (`max_new_tokens`, `max_prompt_tokens`) are not secrets.
@@ -50,11 +50,6 @@ def setup(workspace: Path, experiment: str) -> str:
         detail = str(e).splitlines()[0][:300] if str(e) else ""
         raise TrackingError(mask_credentials(f"MLflow tracking store {tracking_uri(workspace)} is unreachable: "
                                              f"{type(e).__name__}: {detail}")) from None
-
-
-def mask_credentials(text: str) -> str:
-    """user:password@ in any URL → ***@ (tracking URIs may carry credentials)."""
-    return re.sub(r"//[^@/\s]*@", "//***@", text)
 
 
 def _setup(workspace: Path, experiment: str) -> str:

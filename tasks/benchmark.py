@@ -10,14 +10,14 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from flywheel import progress
-from flywheel.models import judges, loading, sampling
+from flywheel.models import engines, judges, sampling
 from flywheel.models.tasksource import BENCHMARK_SEED_BASE, Item, ReasoningGymSource, make_source
 from flywheel.storage import catalog, parquet
 from flywheel.tasks.common import StageContext
 from flywheel.tasks.generate import prompt_rows
 
 
-def score_rows(items: Sequence[Item], gens: Sequence[sampling.Generation], source, *, run_id: str,
+def score_rows(items: Sequence[Item], gens: Sequence[engines.Generation], source, *, run_id: str,
                round_: int, model: str, suite: str) -> list[dict]:
     rows = []
     for it, g in zip(items, gens, strict=True):
@@ -53,7 +53,7 @@ def benchmark_task(ctx: StageContext, items: list[Item], model_ref: str) -> dict
     if ctx.round == 0:
         parquet.write_table(ctx.workspace, "prompts", ctx.run_id, 0, prompt_rows(items, ctx.run_id, 0, "benchmark"),
                             part="benchmark")
-    model, tok = loading.load(model_ref, cfg.model.dtype)
+    engine = engines.open_engine(cfg.model, model_ref)
     suite = f"{cfg.task.name if cfg.task.prompts_file is None else cfg.task.prompts_file.name}-heldout"
     suites = [(suite, make_source(cfg.task), items, "data")] + [
         (f"guard:{name}", source, guard_items, f"guard-{i}")
@@ -62,9 +62,8 @@ def benchmark_task(ctx: StageContext, items: list[Item], model_ref: str) -> dict
     t0 = time.perf_counter()
     for name, source, suite_items, part in suites:
         with progress.stage("benchmark" if part == "data" else name, len(suite_items), "items") as advance:
-            gens = sampling.generate(model, tok, [it.prompt for it in suite_items],
-                                     max_new_tokens=cfg.benchmark.max_new_tokens, batch_size=cfg.benchmark.batch_size,
-                                     do_sample=False, progress=advance)
+            gens = engine.greedy([it.prompt for it in suite_items], max_new_tokens=cfg.benchmark.max_new_tokens,
+                                 batch_size=cfg.benchmark.batch_size, progress=advance)
         rows = score_rows(suite_items, gens, source, run_id=ctx.run_id, round_=ctx.round, model=model_ref, suite=name)
         parquet.write_table(ctx.workspace, "benchmarks", ctx.run_id, ctx.round, rows, part=part)
         if part == "data":

@@ -10,7 +10,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from flywheel import progress
-from flywheel.models import decode, loading, sampling
+from flywheel.models import decode, engines, sampling
 from flywheel.models.tasksource import Item
 from flywheel.storage import catalog, parquet
 from flywheel.tasks.common import StageContext, short_hash
@@ -22,7 +22,7 @@ def prompt_rows(items: Sequence[Item], run_id: str, round_: int, split: str) -> 
                  prompt=it.prompt, answer=it.answer, metadata=json.dumps(it.metadata)) for it in items]
 
 
-def candidate_rows(prompts: Sequence[dict], gens: Sequence[sampling.Generation], *, n: int, run_id: str,
+def candidate_rows(prompts: Sequence[dict], gens: Sequence[engines.Generation], *, n: int, run_id: str,
                    round_: int, policy: str, seed: int, sampling_json: str) -> list[dict]:
     """`gens` holds n consecutive generations per prompt, in prompt order."""
     if len(gens) != n * len(prompts):
@@ -50,18 +50,19 @@ def generate_task(ctx: StageContext, items: list[Item], policy: str, removed: li
     if removed:
         parquet.write_table(ctx.workspace, "prompts", ctx.run_id, ctx.round,
                             prompt_rows(removed, ctx.run_id, ctx.round, "decontaminated"), part="decontaminated")
-    model, tok = loading.load(policy, cfg.model.dtype)
+    engine = engines.open_engine(cfg.model, policy)
     seed = cfg.seed * 1000 + ctx.round
     t0 = time.perf_counter()
     with progress.stage("generate", len(items) * s.n, "samples") as advance:
-        gens = sampling.generate(model, tok, [p["prompt"] for p in prompts], n=s.n,
-                                 max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, do_sample=True,
-                                 temperature=s.temperature, top_p=s.top_p, seed=seed, progress=advance)
+        gens = engine.sample([p["prompt"] for p in prompts], n=s.n, max_new_tokens=s.max_new_tokens,
+                             batch_size=s.batch_size, temperature=s.temperature, top_p=s.top_p, seed=seed,
+                             progress=advance)
     seconds = time.perf_counter() - t0
     sampling_json = json.dumps(s.model_dump() | {"seed": seed}, sort_keys=True)
     rows = candidate_rows(prompts, gens, n=s.n, run_id=ctx.run_id, round_=ctx.round, policy=policy,
                           seed=seed, sampling_json=sampling_json)
     parquet.write_table(ctx.workspace, "candidates", ctx.run_id, ctx.round, rows)
     catalog.refresh(ctx.workspace)
-    return {"generate_seconds": seconds, "generate_tokens_per_s": sampling.tokens_per_second(gens, seconds),
+    return {"generate_seconds": seconds, "generate_engine": engine.describe(),
+            "generate_tokens_per_s": sampling.tokens_per_second(gens, seconds),
             "candidates": len(rows), "candidate_mean_tokens": sum(g.n_tokens for g in gens) / len(gens)}

@@ -12,7 +12,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from flywheel import progress
-from flywheel.models import loading, trainer
+from flywheel.models import engines, loading, trainer
 from flywheel.storage import catalog, parquet, tracking
 from flywheel.tasks.common import StageContext
 
@@ -56,6 +56,7 @@ def cream_label_smoothing(rows: list[dict]) -> float | None:
 def train_task(ctx: StageContext, policy: str, base: str, fingerprint: str = "") -> dict:
     """`fingerprint` identifies the training's inputs: a rerun with the same one resumes from
     the last checkpoint of a training that was killed."""
+    engines.release()  # the sampling / judging model leaves the GPU (and memory) before training takes it
     method = ctx.config.train.method
     rows, n_replay = training_rows(ctx)
     if len(rows) == n_replay:

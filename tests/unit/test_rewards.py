@@ -123,6 +123,20 @@ def test_ring_pairs_cover_every_pair_at_half_n():
     assert rewards.ring_pairs(2, 1, rng) == [(0, 1)] and rewards.ring_pairs(1, 3, rng) == []
 
 
+class ScriptedJudge:
+    """An engine whose next-token verdicts come from a function of the rendered inputs."""
+    verdict_method = "scripted"
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def describe(self):
+        return "scripted"
+
+    def next_token(self, rubric, renders, labels, **kw):
+        return self.fn(None, None, rubric, renders, labels, **kw)
+
+
 def test_pairwise_scores_follow_the_judges_verdicts(monkeypatch):
     """A judge that reads the content (it prefers the answer closer to 7, in either position):
     each candidate's score is its share of wins, so the ranking is the judge's own. A pairwise
@@ -134,8 +148,7 @@ def test_pairwise_scores_follow_the_judges_verdicts(monkeypatch):
             out.append(judges.NextToken({"A": 0.9, "B": 0.1} if a < b else {"A": 0.1, "B": 0.9}, "A" if a < b else "B"))
         return out
 
-    monkeypatch.setattr(judges, "next_token", closer_to_seven)
-    monkeypatch.setattr(rewards.Models, "load", lambda self, ref: (None, None))
+    monkeypatch.setattr(rewards.Models, "judge_engine", lambda self, spec: ScriptedJudge(closer_to_seven))
     src = rewards.PairwiseJudge(C.PairwiseJudgeSource(opponents=3), None)
     b = batch({"q1": ("7", ["13", "8", "7", "10"])})
     verdicts = src.judge(b, rewards.Models("policy"))
@@ -151,8 +164,7 @@ def test_always_A_pairwise_judge_is_fully_position_biased_and_yields_no_pairs(mo
     def always_a(model, tok, rubric, renders, labels, **kw):
         return [judges.NextToken({"A": 0.99, "B": 0.01}, "A") for _ in renders]
 
-    monkeypatch.setattr(judges, "next_token", always_a)
-    monkeypatch.setattr(rewards.Models, "load", lambda self, ref: (None, None))
+    monkeypatch.setattr(rewards.Models, "judge_engine", lambda self, spec: ScriptedJudge(always_a))
     src = rewards.PairwiseJudge(C.PairwiseJudgeSource(opponents=3), None)
     b = batch({"q1": ("7", ["7", "8", "9", "6"]), "q2": ("1", ["1", "2"])})
     verdicts = src.judge(b, rewards.Models("policy"))
