@@ -155,7 +155,7 @@ def vllm_sampling_params(kind: str, *, max_new_tokens: int = 1, temperature: flo
                          seed: int | None = None, top_logprobs: int = 20) -> dict:
     """vllm.SamplingParams fields for each kind of request."""
     if kind == "sample":
-        return dict(n=1, temperature=temperature, top_p=top_p, top_k=-1, max_tokens=max_new_tokens, seed=seed,
+        return dict(n=1, temperature=temperature, top_p=top_p, top_k=0, max_tokens=max_new_tokens, seed=seed,
                     logprobs=0, skip_special_tokens=True)
     if kind == "greedy":
         return dict(n=1, temperature=0.0, max_tokens=max_new_tokens, logprobs=0, skip_special_tokens=True)
@@ -485,17 +485,15 @@ class VLLMEngine(Engine):
 
         import torch
 
+        # vLLM 0.30/0.31 have no LLM.shutdown(): the engine core (a separate process by default) is
+        # shut down explicitly, which frees its GPU memory even if a reference to `llm` survives.
         core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
         if core is not None and hasattr(core, "shutdown"):
             core.shutdown()
         self.llm = None
-        try:
-            from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
-            destroy_model_parallel()
-            destroy_distributed_environment()
-        except Exception:  # noqa: BLE001 - best effort: a single-GPU engine may have no parallel state
-            pass
+        cleanup_dist_env_and_memory()  # destroys the parallel state, collects garbage, empties the cache
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
