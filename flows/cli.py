@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--preset", help="a shipped config: default, label_free (no verifier in the loop)")
     run.add_argument("--config", type=Path, help="YAML config file (over the preset); flags below override it")
     run.add_argument("--model", help="transformers model id, local checkpoint dir, or embedded:NAME")
+    run.add_argument("--engine", choices=("hf", "vllm"),
+                     help="who runs the policy: hf (in-process transformers, default) or vllm (a GPU)")
     run.add_argument("--task", help="reasoning-gym dataset name, e.g. chain_sum, basic_arithmetic")
     run.add_argument("--task-option", action="append", type=_parse_option, default=[], metavar="KEY=VALUE",
                      help="reasoning-gym difficulty option (repeatable), e.g. --task-option max_digits=2")
@@ -91,6 +93,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         node[leaf] = value
 
     put("model.name", args.model)
+    put("model.engine", args.engine)
     put("task.name", args.task)
     if args.task or args.task_option:
         # Naming a task drops the default task's options: its difficulty knobs may not exist for another task.

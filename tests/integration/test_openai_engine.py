@@ -276,5 +276,27 @@ def test_unreachable_judge_fails_the_round_in_one_line(tmp_path):
     con = duckdb.connect(str(ws / "catalog.duckdb"), read_only=True)
     assert con.sql("SELECT round, status FROM rounds ORDER BY round").fetchall() == [(0, "completed"), (1, "failed")]
     assert con.execute("SELECT count(*) FROM candidates WHERE round = 1").fetchall()[0][0] == 4
+    run_id = con.execute("SELECT DISTINCT run_id FROM rounds").fetchall()[0][0]
     con.close()
     assert not list((ws / "tables").glob("judgments/*/round=1/*.parquet"))
+
+    # The server comes back (one without log-probs: verdicts are sampled): the resumed run redoes
+    # the judge stage and what follows, and keeps the candidates it had.
+    candidates = next((ws / "tables").glob("candidates/*/round=1/*.parquet"))
+    before = candidates.stat().st_mtime_ns
+    Faulty.mode, Faulty.hits = "ok", []
+    httpd = ThreadingHTTPServer(("127.0.0.1", port), Faulty)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        p = subprocess.run([str(flywheel_bin), "run", "--resume", run_id, "--workspace", str(ws)],
+                           capture_output=True, text=True, timeout=900,
+                           env={**os.environ, "PREFECT_API_URL": "", "PREFECT_HOME": str(tmp_path / "prefect")})
+    finally:
+        httpd.shutdown()
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert Faulty.hits and candidates.stat().st_mtime_ns == before
+    con = duckdb.connect(str(ws / "catalog.duckdb"), read_only=True)
+    assert con.execute("SELECT status FROM rounds WHERE round = 1").fetchall() == [("completed",)]
+    assert con.execute("SELECT model, method FROM judge_health WHERE source = 'llm_judge' AND round = 1 "
+                       "LIMIT 1").fetchall() == [(f"openai:http://***@127.0.0.1:{port}/v1#judge", "sampled_8")]
+    con.close()

@@ -31,6 +31,8 @@ def _prompts(tmp_path, text):
     (["--model", "./no/such/dir"], "model path './no/such/dir' is not a transformers checkpoint"),
     (["--model", "nobody/no-such-model-xyz"], "model 'nobody/no-such-model-xyz' is neither a local checkpoint"),
     (["--config", "missing.yaml"], "config file not found: missing.yaml"),
+    # this machine has no vLLM (it is the [vllm] extra, for GPUs)
+    (["--engine", "vllm"], "engine vllm needs vLLM: pip install 'flywheel[vllm]'"),
 ])
 def test_bad_input_fails_cleanly(tmp_path, args, message):
     p, ws = run_cli(["run", *args], tmp_path)
