@@ -345,6 +345,9 @@ MANAGED_TRAINING_FIELDS = {
 }
 
 
+ACCELERATE_CONFIGS = ("ddp", "fsdp", "deepspeed_zero3")
+
+
 class TrainConfig(_Strict):
     # dpo: preference pairs (DPOTrainer); sft: the best sample per prompt (SFTTrainer, STaR / ReST).
     method: Literal["dpo", "sft"] = "dpo"
@@ -360,6 +363,40 @@ class TrainConfig(_Strict):
     # are merged over the defaults, so setting `beta` alone keeps the others.
     dpo: dict[str, Any] = Field(default_factory=lambda: dict(DPO_DEFAULTS))
     sft: dict[str, Any] = Field(default_factory=lambda: dict(SFT_DEFAULTS))
+    # Training as its own distributed job: with more than one process or an Accelerate config file
+    # (or `ddp`, `fsdp`, `deepspeed_zero3`: the ones in configs/accelerate/), the stage runs `accelerate launch` and
+    # holds no model itself; per_device_train_batch_size is per process. 1 and none: in the stage's process.
+    num_processes: int = Field(1, ge=1)
+    accelerate_config: Path | None = None
+
+    @field_validator("accelerate_config", mode="before")
+    @classmethod
+    def _shipped_accelerate_config(cls, v: Any) -> Any:
+        """`ddp`, `fsdp`, `deepspeed_zero3`: the Accelerate configs shipped in configs/accelerate/."""
+        if isinstance(v, str) and v in ACCELERATE_CONFIGS:
+            from importlib import resources
+
+            return Path(str(resources.files("flywheel").joinpath(f"configs/accelerate/{v}.yaml")))
+        return v
+
+    @field_validator("accelerate_config")
+    @classmethod
+    def _accelerate_config_parses(cls, v: Path | None) -> Path | None:
+        if v is None:
+            return v
+        if not Path(v).is_file():
+            raise ValueError(f"Accelerate config not found: {v}")
+        try:
+            data = yaml.safe_load(Path(v).read_text())
+        except yaml.YAMLError as e:
+            raise ValueError(f"Accelerate config {v} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict) or "distributed_type" not in data:
+            raise ValueError(f"Accelerate config {v} is not one (no distributed_type; write one with "
+                             "`accelerate config`)")
+        return v
+
+    def launched(self) -> bool:
+        return self.num_processes > 1 or self.accelerate_config is not None
 
     @field_validator("dpo", mode="before")
     @classmethod

@@ -152,8 +152,8 @@ def work_dir(out: Path, fingerprint: str) -> Path:
 
 
 def train(policy: str, rows: Sequence[dict], cfg: TrainConfig, out: Path, *, base: str, seed: int,
-          callbacks: Sequence[Any] = (), dtype: str = "auto", fingerprint: str = "", checkpoint_steps: int = 5
-          ) -> dict[str, float]:
+          callbacks: Sequence[Any] = (), dtype: str = "auto", fingerprint: str = "", checkpoint_steps: int = 5,
+          prepared: bool = False, data=None) -> dict[str, float]:
     """Train from `policy` on `rows` (pairs for DPO, prompt/completion for SFT, by `cfg.method`),
     write a merged checkpoint to `out`, return final train metrics. A training killed midway
     resumes from its last checkpoint when called again with the same fingerprint. `callbacks`:
@@ -172,37 +172,128 @@ def train(policy: str, rows: Sequence[dict], cfg: TrainConfig, out: Path, *, bas
     if cfg.lora:
         peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                  target_modules="all-linear", task_type="CAUSAL_LM")
-    work = work_dir(out, fingerprint or f"{policy}:{seed}:{len(rows)}")
+    rank = int(os.environ.get("RANK", "0"))  # set by `accelerate launch` in each process of a training job
+    # A launched job's work directory was prepared by the stage before launch (one process, no race).
+    work = (out.parent / f".{out.name}.work" if prepared
+            else work_dir(out, fingerprint or f"{policy}:{seed}:{len(rows)}"))
     resume = get_last_checkpoint(str(work / "trainer")) if (work / "trainer").is_dir() else None
-    if resume:
+    if resume and rank == 0:
         from flywheel import progress
 
         progress.say(f"[train] resuming from {Path(resume).name}")
+    shown = [_progress_callback()] if rank == 0 else []  # one progress line per job, not per process
     common = dict(model=model, args=trainer_args(cfg.method, cfg, work / "trainer", seed, [], checkpoint_steps),
-                  processing_class=tok, peft_config=peft_config, callbacks=[_progress_callback(), *callbacks])
+                  processing_class=tok, peft_config=peft_config, callbacks=[*shown, *callbacks])
+    if data is None:
+        data = dataset(cfg.method, rows)
     if cfg.method == "sft":
-        trainer = SFTTrainer(train_dataset=dataset("sft", rows), **common)
+        trainer = SFTTrainer(train_dataset=data, **common)
     else:
         ref_model = None
         if cfg.reference == "base" and (base != policy or not cfg.lora):
             ref_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype)
-        trainer = DPOTrainer(ref_model=ref_model, train_dataset=dataset("dpo", rows), **common)
+        trainer = DPOTrainer(ref_model=ref_model, train_dataset=data, **common)
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # raw log dicts; the metrics go to MLflow instead
     result = trainer.train(resume_from_checkpoint=resume)
     history = [h for h in trainer.state.log_history if "loss" in h]
-    merged = trainer.model.merge_and_unload() if cfg.lora else trainer.model
-    shutil.rmtree(work / "model", ignore_errors=True)
-    merged.save_pretrained(work / "model")
+    metrics = {"train_loss": result.training_loss, "train_steps": result.global_step,
+               "train_world_size": trainer.args.world_size}
+    if prepared:
+        # A launched job's weights may be sharded (FSDP, ZeRO-3): every process takes part in
+        # save_model, which gathers them; then the main process merges the adapter into the policy.
+        shutil.rmtree(work / "saved", ignore_errors=True)
+        trainer.save_model(str(work / "saved"))
+        trainer.accelerator.wait_for_everyone()
+        if not trainer.accelerator.is_main_process:
+            return metrics
+        shutil.rmtree(work / "model", ignore_errors=True)
+        if cfg.lora:
+            from peft import PeftModel
+
+            merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(policy, dtype=torch_dtype),
+                                               str(work / "saved")).merge_and_unload()
+            merged.save_pretrained(work / "model")
+        else:
+            os.replace(work / "saved", work / "model")
+    else:
+        merged = trainer.model.merge_and_unload() if cfg.lora else trainer.model
+        shutil.rmtree(work / "model", ignore_errors=True)
+        merged.save_pretrained(work / "model")
     tok.save_pretrained(work / "model")
     if out.exists():  # a re-run of the stage replaces its own earlier output
         shutil.rmtree(out)
     os.replace(work / "model", out)  # the checkpoint appears whole or not at all
     shutil.rmtree(work, ignore_errors=True)
     last = history[-1] if history else {}
-    metrics = {"train_loss": result.training_loss, "train_steps": result.global_step}
     for key in ("rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected"):
         if key in last:
             metrics["dpo_" + key.replace("/", "_")] = last[key]
     return metrics
+
+
+def launch(policy: str, rows: Sequence[dict], cfg: TrainConfig, out: Path, *, base: str, seed: int, dtype: str,
+           fingerprint: str, checkpoint_steps: int, mlflow_run_id: str | None, tracking_uri: str | None) -> dict:
+    """Train as its own job: `accelerate launch -m flywheel.models.train_job` with the user's
+    Accelerate config (DDP, FSDP, DeepSpeed) and/or `cfg.num_processes` processes. The stage's
+    process holds no model meanwhile; the job reads the dataset from disk, every process trains,
+    the main process writes the merged checkpoint to `out` and the metrics to result.json. Its
+    output is passed through (progress) and kept in <work>/train.log; a failure ends in one line."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    from collections import deque
+
+    work_dir(out, fingerprint or f"{policy}:{seed}:{len(rows)}")  # prepared here, once, for every process
+    job_dir = out.parent / f".{out.name}.job"  # beside the work dir, which the training removes when done
+    shutil.rmtree(job_dir, ignore_errors=True)
+    job_dir.mkdir(parents=True)
+    # On disk, once: every process maps the same file-backed dataset, so the caches TRL shares
+    # between processes (tokenized rows, precomputed reference log-probs) live beside it.
+    dataset(cfg.method, rows).save_to_disk(str(job_dir / "dataset"))
+    job = dict(policy=policy, cfg=cfg.model_dump(mode="json"), out=str(out), base=base, seed=seed, dtype=dtype,
+               fingerprint=fingerprint, checkpoint_steps=checkpoint_steps, mlflow_run_id=mlflow_run_id)
+    (job_dir / "job.json").write_text(json.dumps(job))
+    with socket.socket() as sock:  # a free rendezvous port: two jobs on one machine must not collide
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    env = dict(os.environ)
+    if cfg.accelerate_config is not None:
+        cmd += ["--config_file", str(cfg.accelerate_config)]
+        if cfg.num_processes > 1:
+            cmd += ["--num_processes", str(cfg.num_processes)]
+    else:
+        cmd += ["--num_processes", str(cfg.num_processes), "--num_machines", "1", "--mixed_precision", "no",
+                "--dynamo_backend", "no"]
+        if cfg.num_processes > 1:
+            cmd += ["--multi_gpu"]  # DDP; without a GPU, Accelerate runs it on the CPU over gloo
+        if not torch.cuda.is_available():
+            env["ACCELERATE_USE_CPU"] = "true"
+    cmd += ["--main_process_port", str(port), "-m", "flywheel.models.train_job", str(job_dir / "job.json")]
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    tail: deque[str] = deque(maxlen=40)
+    with open(job_dir / "train.log", "a") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        for line in proc.stdout:
+            log.write(line)
+            tail.append(line.rstrip())
+            if line.startswith("[train]"):  # the job's progress lines, as an in-process training shows them
+                sys.stderr.write(line)
+        rc = proc.wait()
+    result = job_dir / "result.json"
+    if rc != 0 or not result.is_file():
+        cause = next((ln for ln in reversed(tail) if "Error" in ln or "error" in ln), tail[-1] if tail else "")
+        raise TrainJobError(f"training job failed (exit {rc}): {cause.strip()[:300]} "
+                            f"(full output: {job_dir / 'train.log'})")
+    out_metrics = json.loads(result.read_text())
+    out_metrics["train_ranks_stepped"] = sorted(
+        json.loads(f.read_text())["global_step"] for f in job_dir.glob("rank-*.json"))
+    return out_metrics
+
+
+class TrainJobError(RuntimeError):
+    """A launched training job that exited without a checkpoint."""

@@ -81,6 +81,12 @@ def test_sql_without_catalog(tmp_path):
     # settings that resume and lineage depend on are flywheel's, not TRL's
     ("train:\n  dpo: {output_dir: /tmp/elsewhere}\n", {}, "train.dpo: output_dir is set by flywheel, not here"),
     ("train:\n  sft: {seed: 7}\n", {}, "train.sft: seed is set by flywheel, not here"),
+    # a training job's Accelerate config: missing, not YAML, not an Accelerate config
+    ("train:\n  accelerate_config: nowhere.yaml\n", {}, "train.accelerate_config: Accelerate config not found"),
+    ("train:\n  accelerate_config: acc.yaml\n", {"acc.yaml": "distributed_type: [MULTI_GPU\n"},
+     "Accelerate config acc.yaml is not valid YAML"),
+    ("train:\n  accelerate_config: acc.yaml\n", {"acc.yaml": "num_processes: 8\n"},
+     "Accelerate config acc.yaml is not one (no distributed_type"),
 ])
 def test_bad_config_values_fail_before_generation(tmp_path, config, files, message):
     for name, text in files.items():
