@@ -12,12 +12,15 @@ Measured in this process, on this machine, each next to its baseline:
              per-question prefixes at the configured batch; candidates/s and the largest score change
   train      DPO (LoRA) on 38 pairs, 2 epochs: reference log-probs every step (old) vs precomputed
              once; seconds, the FLOP estimate, and the achieved fraction of the fp32 peak
+  train RSS  this (orchestrating) process's peak memory while training in-process vs while a
+             launched job (accelerate launch) trains: the job holds the model, not the stage
   round      one default round with the new code, each stage's seconds
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import tempfile
 import time
@@ -139,6 +142,66 @@ def train(peak: float) -> None:
         f"{f_new / t_new / peak:.0%} of the fp32 peak with load, merge and save; {f_old / t_old / peak:.0%} before)")
 
 
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_rss_during(fn) -> tuple[float, object]:
+    """This process's peak resident memory (MiB, sampled every 20 ms) while fn() runs, and fn's result."""
+    import threading
+
+    peak, done = [_rss_mib()], threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.02):
+            peak[0] = max(peak[0], _rss_mib())
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    try:
+        result = fn()
+    finally:
+        done.set()
+        t.join()
+    return peak[0], result
+
+
+def train_memory() -> None:
+    """The orchestrating process's memory while a round trains: in-process (train.num_processes 1)
+    vs a launched job (accelerate launch, 1 process), on 38 pairs; no model loaded before either."""
+    import gc
+
+    from flywheel.config import load_config
+    from flywheel.models import engines, loading, trainer
+
+    cfg = load_config()
+    base = loading.resolve(cfg.model.name)
+    rows = [dict(prompt=f"What is {a} + {b}?", chosen=f"The final answer is {a + b}.", rejected="I think 3.")
+            for a in range(7) for b in range(6)][:38]
+    engines.release()
+    loading.load.cache_clear()
+    gc.collect()
+    out = {}
+    for label in ("launched", "in-process"):
+        with tempfile.TemporaryDirectory() as d:
+            before = _rss_mib()
+            if label == "launched":
+                run = lambda: trainer.launch(base, rows, cfg.train, Path(d) / "out", base=base, seed=0,  # noqa: E731
+                                             dtype="auto", fingerprint="mem", checkpoint_steps=100,
+                                             mlflow_run_id=None, tracking_uri=None)
+            else:
+                run = lambda: trainer.train(base, rows, cfg.train, Path(d) / "out", base=base, seed=0)  # noqa: E731
+            t0 = time.perf_counter()
+            peak, _ = _peak_rss_during(run)
+            out[label] = (before, peak, time.perf_counter() - t0)
+        gc.collect()
+    (b_l, p_l, t_l), (b_i, p_i, t_i) = out["launched"], out["in-process"]
+    print(f"  train RSS  orchestrating process while training 38 pairs: in-process peak {p_i:.0f} MiB "
+          f"(+{p_i - b_i:.0f}, {t_i:.0f} s); launched job peak {p_l:.0f} MiB (+{p_l - b_l:.0f}, {t_l:.0f} s, "
+          "the model lives in the job's process)")
+
+
 def one_round() -> None:
     from flywheel.config import load_config
     from flywheel.flows.flywheel import flywheel
@@ -164,8 +227,6 @@ def one_round() -> None:
 
 
 if __name__ == "__main__":
-    import os
-
     from flywheel.flows.cli import quiet_libraries
 
     quiet_libraries()
@@ -174,12 +235,17 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--skip-round", action="store_true")
+    ap.add_argument("--memory-only", action="store_true", help="only the training memory measurement")
     args = ap.parse_args()
+    if args.memory_only:
+        train_memory()
+        raise SystemExit(0)
     peak = peak_gflops()
     print(f"fp32 matmul peak of this CPU: {peak:.0f} GFLOP/s")
     print("stage by stage, old implementation vs new, same inputs, same process")
     cands = sampling_and_benchmark(args.prompts)
     judge(cands)
     train(peak)
+    train_memory()
     if not args.skip_round:
         one_round()

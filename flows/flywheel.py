@@ -345,8 +345,16 @@ def check_resumable(config: FlywheelConfig, run_id: str, force_from_stage: str |
                       "differ); resume it with its own config, or use --force-from-stage STAGE")
 
 
-def preflight(root: Path) -> None:
-    """Fail before any work when the workspace cannot take it: read-only, or nearly full."""
+def round_bytes(model_bytes: int) -> int:
+    """Disk a round needs: its merged checkpoint and the registered model's copy of it, the
+    training's resumable checkpoints (up to the weights and two optimizer moments again, for a full
+    fine-tune), tables and MLflow's files: 4 × the model, and never less than MIN_FREE_BYTES."""
+    return max(MIN_FREE_BYTES, MIN_FREE_BYTES // 2 + 4 * model_bytes)
+
+
+def preflight(root: Path, model_bytes: int = 0) -> None:
+    """Fail before any work when the workspace cannot take a round: read-only, or too full for
+    the model's size (`model_bytes`: its weight files on disk; 0 when unknown, a hub id)."""
     import shutil
 
     try:
@@ -356,10 +364,11 @@ def preflight(root: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise OSError(f"workspace {root} is not writable: {e.strerror or e}") from None
-    free = shutil.disk_usage(root).free
-    if free < MIN_FREE_BYTES:
+    free, need = shutil.disk_usage(root).free, round_bytes(model_bytes)
+    if free < need:
         raise OSError(f"workspace {root} has only {free / 2**20:.0f} MiB free; a round needs about "
-                      f"{MIN_FREE_BYTES / 2**20:.0f} MiB (checkpoints, tables, MLflow artifacts)")
+                      f"{need / 2**20:.0f} MiB (checkpoints, tables, MLflow artifacts"
+                      + (f", for a {model_bytes / 2**30:.1f} GiB model)" if model_bytes else ")"))
 
 
 MIN_FREE_BYTES = 2 * 2**30
@@ -399,7 +408,7 @@ def check(config: FlywheelConfig, resume: str | None = None, force_from_stage: s
     if resume is not None:
         check_resumable(config, resume, force_from_stage)
     prepared = prepare(config)
-    preflight(Path(config.workspace))
+    preflight(Path(config.workspace), loading.model_bytes(prepared.base))
     return prepared
 
 

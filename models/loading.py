@@ -112,6 +112,14 @@ def _check_hub(model_id: str) -> str:
     return model_id
 
 
+def model_bytes(ref: str) -> int:
+    """Size of a local checkpoint's weight files; 0 for a hub id (not on this disk yet)."""
+    root = Path(ref)
+    if not root.is_dir():
+        return 0
+    return sum(p.stat().st_size for p in root.glob("*") if p.suffix in (".safetensors", ".bin") and p.is_file())
+
+
 def weights_hash(ref: str) -> str | None:
     """sha256 over a local checkpoint's weight files (names and bytes, in name order): the identity
     of the weights that were benchmarked and registered. None for a hub id (no local files)."""
