@@ -233,7 +233,7 @@ def test_round_runs_carry_flywheel_params_and_trl_config_as_an_artifact(run):
         assert "learning_rate" not in params and "per_device_train_batch_size" not in params, "TRL's own params"
         assert all(k.startswith("cfg.") or k in ("round", "policy_in", "base_model", "train.world_size")
                    for k in params), sorted(params)
-        assert params["train.world_size"] == "1"  # trained in the stage's process
+        assert params.get("train.world_size", "1") == "1"  # trained (if at all) in the stage's process
         assert params["cfg.sampling.max_new_tokens"] == "32", "token counts are not masked as secrets"
         trl = client.download_artifacts(child.info.run_id, "train/trl_config.json")
         assert '"beta": 0.1' in Path(trl).read_text()
