@@ -88,3 +88,16 @@ def test_shipped_default_yaml_is_the_defaults():
 
     shipped = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
     assert load_config(shipped) == FlywheelConfig()
+
+
+@pytest.mark.parametrize("name, kind", [("ddp", "MULTI_GPU"), ("fsdp", "FSDP"), ("deepspeed_zero3", "DEEPSPEED")])
+def test_shipped_accelerate_configs_parse_as_accelerate_configs(name, kind):
+    """By name, the shipped file; read by Accelerate's own loader (they need GPUs to run)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    c = load_config(None, {"train": {"accelerate_config": name}})
+    assert c.train.launched() and c.train.accelerate_config.is_file()
+    cluster = load_config_from_file(str(c.train.accelerate_config))
+    assert str(cluster.distributed_type).endswith(kind) and cluster.num_processes == 8
+    assert not load_config(None, {}).train.launched()
+    assert load_config(None, {"train": {"num_processes": 2}}).train.launched()
