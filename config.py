@@ -429,6 +429,10 @@ class PromotionConfig(_Strict):
     starts from: it beats the champion's held-out accuracy by min_improvement, its mean response
     length grows at most max_length_growth, and no guard suite drops more than its max_drop."""
     min_improvement: float = Field(0.0, ge=-1, le=1)
+    # point: the accuracy gain over the champion must be ≥ min_improvement; interval: the lower end
+    # of its 95% paired-bootstrap interval (over the same items) must be, so a gain within noise
+    # does not promote.
+    rule: Literal["point", "interval"] = "point"
     max_length_growth: float | None = Field(0.5, ge=0, description="0.5: at most 50% longer than the champion's")
     # Stop the run after this many rounds in a row without a promotion (None: run every round).
     stop_after: int | None = Field(None, ge=1)
@@ -496,6 +500,8 @@ class FlywheelConfig(_Strict):
         payload = self.model_dump(mode="json", exclude={"workspace": True, "rounds": True,
                                                         "judge": {"batch_size"}, "stages": True,
                                                         "promotion": {"stop_after"}})
+        if payload["promotion"].get("rule") == "point":
+            payload["promotion"].pop("rule")  # the default: hashed as before the rule existed
         _drop_speed_only(payload["model"])
         for source in payload["judge"]["sources"]:
             if "model" in source and source["model"] is None:

@@ -107,7 +107,10 @@ def name_flow_run(name: str) -> None:
         client.update_flow_run(flow_run.get_id(), name=name)
 
 
-_SUMMARY_KEYS = (("accuracy", "held-out accuracy", "{:.1%}"), ("scored_items", "scored items", "{}"),
+_SUMMARY_KEYS = (("accuracy", "held-out accuracy", "{:.1%}"), ("exact_match", "exact match", "{:.1%}"),
+                 ("accuracy_gain", "accuracy gain vs champion", "{:+.3f}"),
+                 ("accuracy_gain_low", "gain, 95% interval low", "{:+.3f}"),
+                 ("accuracy_gain_high", "gain, 95% interval high", "{:+.3f}"), ("scored_items", "scored items", "{}"),
                  ("mean_response_tokens", "mean response tokens", "{:.1f}"), ("candidates", "candidates", "{}"),
                  ("pairs", "pairs", "{}"), ("judge_verifier_agreement", "judge–verifier agreement", "{:.1%}"),
                  ("train_loss", "train loss", "{:.4f}"), ("generate_seconds", "generate s", "{:.0f}"),

@@ -270,6 +270,10 @@ def one_round(config: FlywheelConfig, run_id: str, round: int, champion: dict, b
         result, fp = stages.run("benchmark", short_hash("benchmark", fp), benchmark_task, prepared.benchmark,
                                 policy_out)
         metrics |= result
+        # against the champion, item by item on the same suite: the gain and its 95% interval
+        metrics |= promote.paired_gains(
+            parquet.read_table(config.workspace, "benchmarks", run_id, round).to_pylist(),
+            parquet.read_table(config.workspace, "benchmarks", run_id, champ.round).to_pylist(), seed=config.seed)
         metrics["round_seconds"] = time.perf_counter() - t0
         promoted, reasons = promote.decide(metrics, champ, config.promotion, bool(trained["trained"]))
         metrics |= {"promoted": promoted, "promotion_reasons": reasons, "reused_stages": stages.reused}
@@ -526,7 +530,7 @@ def _error_text(e: BaseException) -> str:
 
 def _parent_metrics(m: dict) -> dict:
     # the parent run draws each as a line over rounds (step = round), stage times included
-    keys = ("accuracy", "mean_response_tokens", "pairs", "mean_margin", "pair_length_gap", "judge_verifier_agreement",
+    keys = ("accuracy", "exact_match", "accuracy_gain", "accuracy_gain_low", "accuracy_gain_high", "mean_response_tokens", "pairs", "mean_margin", "pair_length_gap", "judge_verifier_agreement",
             "judge_parse_failure_rate", "generate_seconds", "judge_seconds", "curate_seconds", "train_seconds",
             "benchmark_seconds", "round_seconds")
     return {k: m[k] for k in keys if isinstance(m.get(k), (int, float))}

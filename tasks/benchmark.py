@@ -13,6 +13,7 @@ from flywheel import progress
 from flywheel.models import engines, judges, sampling
 from flywheel.models.tasksource import BENCHMARK_SEED_BASE, Item, ReasoningGymSource, make_source
 from flywheel.storage import catalog, parquet
+from flywheel.tasks import promote
 from flywheel.tasks.common import StageContext
 from flywheel.tasks.generate import prompt_rows
 
@@ -30,10 +31,15 @@ def score_rows(items: Sequence[Item], gens: Sequence[engines.Generation], source
 
 
 def summarize(rows: Sequence[dict]) -> dict[str, float | None]:
-    """Accuracy over the items that have a reference answer; None when none has (an unscored suite
-    is reported as unscored, never as 0%)."""
+    """Accuracy (the mean score) and exact match over the items that have a reference answer; None
+    when none has (an unscored suite is reported as unscored, never as 0%)."""
     scored = [r["score"] for r in rows if r["score"] is not None]
+    exact = sum(s >= promote.EXACT for s in scored)
+    interval = promote.wilson_interval(exact, len(scored))
     return {"accuracy": sum(scored) / len(scored) if scored else None, "scored_items": len(scored),
+            # exact match (full credit only), beside the mean of the task's partial credit, with its 95% interval
+            "exact_match": exact / len(scored) if scored else None,
+            "exact_match_low": interval[0] if interval else None, "exact_match_high": interval[1] if interval else None,
             "mean_response_tokens": sum(r["n_tokens"] for r in rows) / len(rows)}
 
 

@@ -7,9 +7,39 @@ grow at most `max_length_growth`, and no guard (out-of-domain) suite may drop mo
 
 from __future__ import annotations
 
+import math
+import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from flywheel.config import PromotionConfig
+
+Z95 = 1.959963984540054
+
+
+def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float] | None:
+    """95% Wilson score interval of a proportion k/n (well-behaved at 0, n and small n)."""
+    if n == 0:
+        return None
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def paired_bootstrap(new: Sequence[float], old: Sequence[float], resamples: int = 2000,
+                     seed: int = 0) -> tuple[float, float, float] | None:
+    """(mean gain, 2.5th, 97.5th percentile) of mean(new − old) over the same items, resampling items
+    with replacement: the round-vs-champion difference with its 95% interval. None with no items."""
+    if len(new) != len(old):
+        raise ValueError("paired scores must cover the same items")
+    diffs = [a - b for a, b in zip(new, old)]
+    if not diffs:
+        return None
+    rng = random.Random(seed)
+    n = len(diffs)
+    means = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
+    return sum(diffs) / n, means[int(0.025 * (resamples - 1))], means[int(math.ceil(0.975 * (resamples - 1)))]
 
 
 @dataclass
@@ -35,6 +65,12 @@ def decide(metrics: dict, champion: Champion, cfg: PromotionConfig, trained: boo
     acc = metrics["accuracy"]
     if acc is None or champion.accuracy is None:
         passed.append("accuracy not measured: the held-out suite has no reference answers (unscored)")
+    elif cfg.rule == "interval" and metrics.get("accuracy_gain_low") is not None:
+        gain, low, high = metrics["accuracy_gain"], metrics["accuracy_gain_low"], metrics["accuracy_gain_high"]
+        line = (f"accuracy {acc:.1%} vs champion (round {champion.round}) {champion.accuracy:.1%}: "
+                f"{gain * 100:+.1f} points, 95% interval [{low * 100:+.1f}, {high * 100:+.1f}] (paired bootstrap); "
+                f"its lower bound needs ≥ {cfg.min_improvement * 100:+.1f}")
+        (passed if low >= cfg.min_improvement - 1e-12 else failed).append(line)
     else:
         gain = acc - champion.accuracy
         line = (f"accuracy {acc:.1%} vs champion (round {champion.round}) {champion.accuracy:.1%}: "
@@ -52,3 +88,21 @@ def decide(metrics: dict, champion: Champion, cfg: PromotionConfig, trained: boo
         line = f"guard {name} {now:.1%} vs {before:.1%}: {(now - before) * 100:+.1f} points, limit −{max_drop * 100:.1f}"
         (passed if before - now <= max_drop + 1e-12 else failed).append(line)
     return (not failed), (failed or passed)
+
+
+def paired_gains(new_rows: Sequence[dict], old_rows: Sequence[dict], seed: int = 0) -> dict[str, float]:
+    """The round's benchmark rows vs the champion's, joined on item: mean-score gain and
+    exact-match gain, each with its paired-bootstrap 95% interval. Items either left unscored drop out."""
+    old = {r["item_id"]: r["score"] for r in old_rows if r["score"] is not None}
+    pairs = [(r["score"], old[r["item_id"]]) for r in new_rows if r["score"] is not None and r["item_id"] in old]
+    out: dict[str, float] = {}
+    if not pairs:
+        return out
+    for name, f in (("accuracy", lambda x: x), ("exact_match", lambda x: float(x >= EXACT))):
+        gain = paired_bootstrap([f(a) for a, _ in pairs], [f(b) for _, b in pairs], seed=seed)
+        out |= {f"{name}_gain": gain[0], f"{name}_gain_low": gain[1], f"{name}_gain_high": gain[2]}
+    out["paired_items"] = len(pairs)
+    return out
+
+
+EXACT = 1.0 - 1e-9  # a score of 1 (the task's full credit) is an exact match

@@ -276,3 +276,16 @@ def test_prefect_shows_named_runs_their_logs_and_round_summaries(run):
             assert f"round {k}" in arts[0].data and "held-out accuracy" in arts[0].data
         tasks = {t.name for t in client.read_task_runs()}
         assert {"generate-round-1", "train-round-2", "benchmark-round-0 (baseline)"} <= tasks
+
+
+def test_rounds_report_exact_match_and_the_paired_gain_with_intervals(run):
+    ws, config, result = run
+    for r in result["rounds"]:
+        assert r["exact_match_low"] <= r["exact_match"] <= r["exact_match_high"]
+        assert r["exact_match"] <= r["accuracy"]  # full credit only, never more than the mean credit
+    for r in result["rounds"][1:]:
+        assert r["paired_items"] == config.benchmark.size
+        assert r["accuracy_gain_low"] <= r["accuracy_gain"] <= r["accuracy_gain_high"]
+        # the point gain is this round's accuracy minus its champion's, on the same items
+        champion = max((p for p in result["rounds"][:r["round"]] if p["promoted"]), key=lambda p: p["round"])
+        assert r["accuracy_gain"] == pytest.approx(r["accuracy"] - champion["accuracy"])
