@@ -530,7 +530,8 @@ def _error_text(e: BaseException) -> str:
 
 def _parent_metrics(m: dict) -> dict:
     # the parent run draws each as a line over rounds (step = round), stage times included
-    keys = ("accuracy", "exact_match", "accuracy_gain", "accuracy_gain_low", "accuracy_gain_high", "mean_response_tokens", "pairs", "mean_margin", "pair_length_gap", "judge_verifier_agreement",
+    keys = ("accuracy", "exact_match", "accuracy_gain", "accuracy_gain_low", "accuracy_gain_high",
+            "mean_response_tokens", "pairs", "mean_margin", "pair_length_gap", "judge_verifier_agreement",
             "judge_parse_failure_rate", "generate_seconds", "judge_seconds", "curate_seconds", "train_seconds",
             "benchmark_seconds", "round_seconds")
     return {k: m[k] for k in keys if isinstance(m.get(k), (int, float))}

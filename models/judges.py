@@ -23,7 +23,7 @@ import torch
 
 from flywheel.errors import RubricError
 from flywheel.models import decode
-from flywheel.models.engines import NextToken
+from flywheel.models.engines import NextToken, rendered_prompts
 from flywheel.models.sampling import chat_texts
 
 ASSISTANT_MARK = "<|assistant|>"
@@ -121,10 +121,7 @@ def next_token(model, tokenizer, rubric: Rubric, renders: Sequence[dict[str, str
     rubric's start once for all, each question's part once for its candidates (`by_question`);
     without it, every prompt is run whole (the reference the shared path is tested against)."""
     groups = token_groups(tokenizer, labels)
-    rendered = [rubric.render(**r) for r in renders]
-    texts = [t + prefill for t, (_, prefill) in zip(chat_texts(tokenizer, [u for u, _ in rendered]), rendered)]
-    # Over-long prompts lose their start, never the verdict cue at the end.
-    token_ids = [ids[-max_prompt_tokens:] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    token_ids = rendered_prompts(tokenizer, rubric, renders, max_prompt_tokens)  # as every engine renders them
     out: list[NextToken | None] = [None] * len(token_ids)
 
     def read(rows: Sequence[int], logits: torch.Tensor) -> None:

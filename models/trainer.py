@@ -239,7 +239,8 @@ def launch(policy: str, rows: Sequence[dict], cfg: TrainConfig, out: Path, *, ba
     Accelerate config (DDP, FSDP, DeepSpeed) and/or `cfg.num_processes` processes. The stage's
     process holds no model meanwhile; the job reads the dataset from disk, every process trains,
     the main process writes the merged checkpoint to `out` and the metrics to result.json. Its
-    output is passed through (progress) and kept in <work>/train.log; a failure ends in one line."""
+    output is passed through (progress) and kept in the job directory's train.log; a failure ends
+    in one line that names it."""
     import json
     import socket
     import subprocess

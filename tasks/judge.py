@@ -155,17 +155,16 @@ def judge_task(ctx: StageContext, policy: str, previous: str | None = None, refe
         metrics[f"judge_rate.{source.name}"] = len(cands) / seconds if seconds > 0 else None
     parquet.write_table(ctx.workspace, "judgments", ctx.run_id, ctx.round, rows)
     types = {s.spec.key(): s.spec.type for s in sources}
-    judged_by = {s.name: (s.judged_by, s.method) for s in sources}
-    health_rows = [dict(run_id=ctx.run_id, round=ctx.round, **h, model=judged_by.get(h["source"], (None, None))[0],
-                        method=judged_by.get(h["source"], (None, None))[1])
-                   for h in health(rows, candidates, prompts, types)]
+    judged_by = {s.name: s for s in sources}
+    health_rows = [dict(run_id=ctx.run_id, round=ctx.round, **h, model=judged_by[h["source"]].judged_by,
+                        method=judged_by[h["source"]].method) for h in health(rows, candidates, prompts, types)]
     parquet.write_table(ctx.workspace, "judge_health", ctx.run_id, ctx.round, health_rows)
     plots.score_histograms(rows, card_dir(ctx.workspace, ctx.run_id, ctx.round) / "judge_scores.png")
     catalog.refresh(ctx.workspace)
     metrics |= {f"judge.{h['source'].replace('@', '_at_')}.{h['metric']}": h["value"] for h in health_rows}
     llm = next((s for s in sources if isinstance(s, rewards.LLMJudge)), None)
     return {"judge_seconds": time.perf_counter() - t_all, "judge_template_hash": llm.rubric.hash if llm else None,
-            "judge_models": {name: model for name, (model, _) in judged_by.items() if model},
+            "judge_models": {s.name: s.judged_by for s in sources if s.judged_by},
             **headline(health_rows, types), **metrics}
 
 

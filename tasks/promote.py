@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from flywheel.config import PromotionConfig
 
 Z95 = 1.959963984540054
+EXACT = 1.0 - 1e-9  # a score of 1 (the task's full credit) is an exact match
 
 
 def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float] | None:
@@ -39,7 +40,7 @@ def paired_bootstrap(new: Sequence[float], old: Sequence[float], resamples: int 
     rng = random.Random(seed)
     n = len(diffs)
     means = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
-    return sum(diffs) / n, means[int(0.025 * (resamples - 1))], means[int(math.ceil(0.975 * (resamples - 1)))]
+    return sum(diffs) / n, means[int(0.025 * (resamples - 1))], means[math.ceil(0.975 * (resamples - 1))]
 
 
 @dataclass
@@ -103,6 +104,3 @@ def paired_gains(new_rows: Sequence[dict], old_rows: Sequence[dict], seed: int =
         out |= {f"{name}_gain": gain[0], f"{name}_gain_low": gain[1], f"{name}_gain_high": gain[2]}
     out["paired_items"] = len(pairs)
     return out
-
-
-EXACT = 1.0 - 1e-9  # a score of 1 (the task's full credit) is an exact match
