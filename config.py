@@ -438,14 +438,42 @@ class PromotionConfig(_Strict):
     stop_after: int | None = Field(None, ge=1)
 
 
+class StagePlacement(_Strict):
+    """Where one stage runs. `work_pool: None` (the default): in the round's own process. A pool's
+    name: as a flow run of the stage deployment `flywheel-stage/<work_pool>` (prefect.yaml ships
+    one per pool), which that pool's worker starts on its infrastructure (a Kubernetes job with a
+    GPU request, a Docker container, a process). `job_variables` override the pool's job template
+    for this stage, e.g. {"env": {...}} or a Kubernetes pool's resource requests."""
+    work_pool: str | None = Field(None, min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    job_variables: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _variables_need_a_pool(self) -> StagePlacement:
+        if self.job_variables and self.work_pool is None:
+            raise ValueError("job_variables need a work_pool: a stage in the round's process has no job to vary")
+        return self
+
+
 class StagesConfig(_Strict):
-    """How stages run under Prefect: transient failures (I/O, network) are retried with
-    exponential backoff; a stage that runs past its timeout fails the round."""
+    """How stages run under Prefect: transient failures (I/O, network, a stage run whose machine
+    died) are retried with exponential backoff; a stage that runs past its timeout fails the round.
+    Each stage may run on a Prefect work pool of its own (not hashed: where a stage runs does not
+    change what it computes)."""
     retries: int = Field(2, ge=0)
     retry_delay_s: float = Field(10, ge=0)
     timeout_s: float = Field(6 * 3600, gt=0)
     # Training writes a resumable checkpoint every this many optimizer steps.
     checkpoint_steps: int = Field(5, ge=1)
+    generate: StagePlacement = Field(default_factory=StagePlacement)
+    judge: StagePlacement = Field(default_factory=StagePlacement)
+    curate: StagePlacement = Field(default_factory=StagePlacement)
+    train: StagePlacement = Field(default_factory=StagePlacement)
+    benchmark: StagePlacement = Field(default_factory=StagePlacement)
+
+    def placed(self) -> dict[str, StagePlacement]:
+        """The stages sent to a work pool, by stage name."""
+        return {s: p for s in ("generate", "judge", "curate", "train", "benchmark")
+                if (p := getattr(self, s)).work_pool is not None}
 
 
 class FlywheelConfig(_Strict):

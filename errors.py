@@ -57,6 +57,11 @@ class EngineError(UserError, RuntimeError):
     retries, a missing optional engine package. The message names the endpoint, credentials masked."""
 
 
+class PlacementError(UserError, RuntimeError):
+    """A stage placed on a Prefect work pool that cannot take it: no Prefect server configured, an
+    unknown pool, a missing stage deployment, or a stage run that failed there."""
+
+
 def mask_credentials(text: str) -> str:
     """user:password@ in any URL → ***@ (tracking URIs and endpoints may carry credentials)."""
     import re

@@ -28,6 +28,7 @@ from prefect.tasks import exponential_backoff
 from flywheel import __version__, progress
 from flywheel.config import FlywheelConfig, load_config
 from flywheel.errors import ResumeError
+from flywheel.flows import placement
 from flywheel.models import engines, loading, rewards, trainer
 from flywheel.models.decontam import Decontaminator
 from flywheel.models.tasksource import benchmark_items, make_source, train_items
@@ -183,14 +184,35 @@ def _with_policy(task, config: FlywheelConfig):
                              retry_condition_fn=_retry_transient, timeout_seconds=st.timeout_s)
 
 
+def stage_call(stage: str, ctx: StageContext, prepared: Prepared, params: dict, fingerprint: str) -> tuple:
+    """A stage's task and its arguments, rebuilt from the run's config and `params` (ids and
+    paths only): the same call in the round's process and in a stage run on a work pool."""
+    cfg = ctx.config
+    if stage == "generate":
+        items, removed = train_items(prepared.source, ctx.round, cfg.task.prompts_per_round, cfg.seed,
+                                     prepared.decontaminator())
+        return generate_task, (items, params["policy"], [it for it, _ in removed])
+    if stage == "judge":
+        return judge_task, (params["policy"], params.get("previous"), params.get("reference"))
+    if stage == "curate":
+        return curate_task, ()
+    if stage == "train":
+        return train_task, (params["policy"], params["base"], fingerprint)
+    if stage == "benchmark":
+        return benchmark_task, (prepared.benchmark, params["policy"])
+    raise ValueError(f"unknown stage {stage!r}")
+
+
 @dataclass
 class Stages:
-    """Runs a round's stages through their manifests: a completed stage is reused, not rerun."""
+    """Runs a round's stages through their manifests: a completed stage is reused, not rerun. A
+    stage placed on a work pool runs there (flows/placement.py), the rest in this process."""
     ctx: StageContext
+    prepared: Prepared
     force_from: str | None = None
     reused: list[str] = field(default_factory=list)
 
-    def run(self, stage: str, fingerprint: str, fn, *args, **kwargs) -> tuple[dict, str]:
+    def run(self, stage: str, fingerprint: str, **params) -> tuple[dict, str]:
         """(result, the fingerprint it was computed under)."""
         root, run_id, k = self.ctx.workspace, self.ctx.run_id, self.ctx.round
         done = manifest.read(root, run_id, k, stage)
@@ -205,10 +227,15 @@ class Stages:
                 self.reused.append(stage)
                 return done["result"], done["fingerprint"]
         name = f"{stage}-round-{k}" + (" (baseline)" if k == 0 else "")
-        progress.log(f"round {k}: {stage} started")
+        pool = getattr(self.ctx.config.stages, stage).work_pool
+        if pool is not None:
+            fn, args = placement.remote_stage, (stage, fingerprint, params)
+        else:
+            fn, args = stage_call(stage, self.ctx, self.prepared, params, fingerprint)
+        progress.log(f"round {k}: {stage} started" + (f" on work pool {pool}" if pool else ""))
         t0 = time.perf_counter()
         try:
-            result = _with_policy(fn, self.ctx.config).with_options(task_run_name=name)(self.ctx, *args, **kwargs)
+            result = _with_policy(fn, self.ctx.config).with_options(task_run_name=name)(self.ctx, *args)
         except TimeoutError as e:
             if type(e).__name__ != "TaskRunTimeoutError":
                 raise
@@ -242,33 +269,30 @@ def one_round(config: FlywheelConfig, run_id: str, round: int, champion: dict, b
     champ = promote.Champion(**champion)
     policy = champ.policy
     prepared = prepare(config)
-    items, removed = train_items(prepared.source, round, config.task.prompts_per_round, config.seed,
-                                 prepared.decontaminator())
     mlflow_run = tracking.find_or_start_run(experiment_id, f"round-{round}", parent_run_id, tags={
         "flywheel.run_id": run_id, "flywheel.round": str(round)})
     tracking.log_params(mlflow_run, config.flat() | {"round": round, "policy_in": policy, "base_model": base})
     ctx = StageContext(config, run_id, round, mlflow_run)
-    stages = Stages(ctx, force_from_stage)
+    stages = Stages(ctx, prepared, force_from_stage)
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     try:
         fp = short_hash("generate", config.hash(), round, policy)
-        metrics, fp = stages.run("generate", fp, generate_task, items, policy, [it for it, _ in removed])
+        metrics, fp = stages.run("generate", fp, policy=policy)
         prev = previous if previous != policy else None
         fp = short_hash("judge", fp, prev, policy_reference)
-        result, fp = stages.run("judge", fp, judge_task, policy, prev, policy_reference)
+        result, fp = stages.run("judge", fp, policy=policy, previous=prev, reference=policy_reference)
         metrics |= result
-        result, fp = stages.run("curate", short_hash("curate", fp), curate_task)
+        result, fp = stages.run("curate", short_hash("curate", fp))
         metrics |= result
         fp = short_hash("train", fp, base)
-        trained, fp = stages.run("train", fp, train_task, policy, base, fp)
+        trained, fp = stages.run("train", fp, policy=policy, base=base)
         trained = dict(trained)
         policy_out = trained.pop("policy_out")
         if not trained.get("weights_sha256"):  # nothing trained: the round's model is the one it started from
             trained["weights_sha256"] = loading.weights_hash(policy_out)
         metrics |= trained
-        result, fp = stages.run("benchmark", short_hash("benchmark", fp), benchmark_task, prepared.benchmark,
-                                policy_out)
+        result, fp = stages.run("benchmark", short_hash("benchmark", fp), policy=policy_out)
         metrics |= result
         # against the champion, item by item on the same suite: the gain and its 95% interval
         metrics |= promote.paired_gains(
@@ -412,6 +436,7 @@ def check(config: FlywheelConfig, resume: str | None = None, force_from_stage: s
     if resume is not None:
         check_resumable(config, resume, force_from_stage)
     prepared = prepare(config)
+    placement.check(config)
     preflight(Path(config.workspace), loading.model_bytes(prepared.base))
     return prepared
 
@@ -472,8 +497,8 @@ def _round_zero(config: FlywheelConfig, prepared: Prepared, run_id: str, parent:
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     try:
-        metrics, _ = Stages(ctx0).run("benchmark", short_hash("benchmark", config.hash(), 0, prepared.base),
-                                      benchmark_task, prepared.benchmark, prepared.base)
+        metrics, _ = Stages(ctx0, prepared).run("benchmark", short_hash("benchmark", config.hash(), 0, prepared.base),
+                                                policy=prepared.base)
     except BaseException as e:
         parquet.write_table(root, "rounds", run_id, 0, [_round_row(
             ctx0, status="failed", policy_in=prepared.base, started=started, error=_error_text(e)[:2000])])
@@ -506,6 +531,26 @@ def _replay(history: list[dict], base: str) -> tuple[promote.Champion, dict, str
             since += 1
     previous = history[-1]["policy_in"] if len(history) > 1 else None
     return champion, references, previous, since
+
+
+@flow(name=placement.STAGE_FLOW, flow_run_name="{run_id}-round-{round}-{stage}")
+def stage_run(workspace: str, run_id: str, round: int, stage: str, fingerprint: str, params: dict,
+              mlflow_run_id: str | None = None) -> dict:
+    """One stage of one round, as a flow run on a work pool's worker (the stage deployments of
+    prefect.yaml): it reads the run's saved config from the shared workspace, rebuilds the stage's
+    inputs from it and `params` (ids and paths), and records its result in the workspace's
+    manifest, which the round reads. A stage already recorded under `fingerprint` is not redone."""
+    root = Path(workspace)
+    done = manifest.read(root, run_id, round, stage)
+    if done is not None and done["fingerprint"] == fingerprint:
+        return done["result"]
+    config = saved_config(root, run_id)
+    tracking.setup(root, config.name)  # the stage logs to the round's MLflow run (train's loss curve)
+    ctx = StageContext(config, run_id, round, mlflow_run_id)
+    fn, args = stage_call(stage, ctx, prepare(config), params, fingerprint)
+    result = fn(ctx, *args)
+    manifest.write(root, run_id, round, stage, fingerprint, result)
+    return result
 
 
 @flow(name="flywheel-next-round")

@@ -151,6 +151,16 @@ def work_dir(out: Path, fingerprint: str) -> Path:
     return work
 
 
+def last_complete_checkpoint(folder: Path) -> str | None:
+    """The newest checkpoint that was written to the end. Transformers writes trainer_state.json
+    last, so a checkpoint without it is one a killed process was still saving (its weights or
+    optimizer state may be cut short): resuming from it would fail or, worse, load garbage."""
+    if not folder.is_dir():
+        return None
+    done = [p for p in folder.glob("checkpoint-*") if p.name[11:].isdigit() and (p / "trainer_state.json").is_file()]
+    return str(max(done, key=lambda p: int(p.name[11:]))) if done else None
+
+
 def train(policy: str, rows: Sequence[dict], cfg: TrainConfig, out: Path, *, base: str, seed: int,
           callbacks: Sequence[Any] = (), dtype: str = "auto", fingerprint: str = "", checkpoint_steps: int = 5,
           prepared: bool = False, data=None) -> dict[str, float]:
@@ -160,7 +170,6 @@ def train(policy: str, rows: Sequence[dict], cfg: TrainConfig, out: Path, *, bas
     transformers TrainerCallbacks (the round's MLflow logging); no integration reports on its own."""
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.trainer_utils import get_last_checkpoint
     from trl import DPOTrainer, SFTTrainer
 
     torch_dtype = loading.default_dtype() if dtype == "auto" else getattr(torch, dtype)
@@ -176,7 +185,7 @@ def train(policy: str, rows: Sequence[dict], cfg: TrainConfig, out: Path, *, bas
     # A launched job's work directory was prepared by the stage before launch (one process, no race).
     work = (out.parent / f".{out.name}.work" if prepared
             else work_dir(out, fingerprint or f"{policy}:{seed}:{len(rows)}"))
-    resume = get_last_checkpoint(str(work / "trainer")) if (work / "trainer").is_dir() else None
+    resume = last_complete_checkpoint(work / "trainer")
     if resume and rank == 0:
         from flywheel import progress
 

@@ -225,3 +225,22 @@ def test_the_cli_holds_the_lock_from_its_checks_to_the_end_of_the_flow(tmp_path,
     assert cli.main(["run", "--workspace", str(ws), "--rounds", "1"]) == 0
     assert seen == ["checked", 3], "while the flow ran, a second run was refused"
     assert not lock.held(ws)
+
+
+def test_resume_skips_a_checkpoint_that_was_still_being_written(tmp_path):
+    """A training killed while saving leaves a checkpoint without trainer_state.json (transformers
+    writes it last): the rerun resumes from the newest complete one, not from the torn one."""
+    from flywheel.models.trainer import last_complete_checkpoint
+
+    assert last_complete_checkpoint(tmp_path / "absent") is None
+    folder = tmp_path / "trainer"
+    for step, complete in ((1, True), (2, True), (10, False)):
+        d = folder / f"checkpoint-{step}"
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(b"x")
+        if complete:
+            (d / "trainer_state.json").write_text("{}")
+    (folder / "checkpoint-x").mkdir()
+    assert last_complete_checkpoint(folder) == str(folder / "checkpoint-2")  # 2 < 10 numerically, 10 is torn
+    (folder / "checkpoint-10" / "trainer_state.json").write_text("{}")
+    assert last_complete_checkpoint(folder) == str(folder / "checkpoint-10")
