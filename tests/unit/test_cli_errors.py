@@ -87,6 +87,10 @@ def test_sql_without_catalog(tmp_path):
      "Accelerate config acc.yaml is not valid YAML"),
     ("train:\n  accelerate_config: acc.yaml\n", {"acc.yaml": "num_processes: 8\n"},
      "Accelerate config acc.yaml is not one (no distributed_type"),
+    # a stage on a work pool needs a Prefect server (this test environment names none)
+    ("stages:\n  train: {work_pool: gpu}\n", {},
+     "stages.train.work_pool is set, but no Prefect server is configured: set PREFECT_API_URL"),
+    ("stages:\n  train: {job_variables: {env: {A: b}}}\n", {}, "job_variables need a work_pool"),
 ])
 def test_bad_config_values_fail_before_generation(tmp_path, config, files, message):
     for name, text in files.items():
