@@ -438,6 +438,16 @@ class PromotionConfig(_Strict):
     stop_after: int | None = Field(None, ge=1)
 
 
+class RegistryConfig(_Strict):
+    """How a round's model enters the MLflow registry. `reference` (the default): the registered
+    model holds a pointer to the round's checkpoint in the workspace (its path and weights hash),
+    so the weights are stored once; loading it needs that workspace (shared, at the same path).
+    `copy`: the checkpoint is copied into MLflow's artifact store, so the registry stands on its
+    own (a serving cluster without the workspace) at the cost of a second copy of every round's
+    weights. Not hashed: it changes where weights are kept, not what a round computes."""
+    weights: Literal["reference", "copy"] = "reference"
+
+
 class StagePlacement(_Strict):
     """Where one stage runs. `work_pool: None` (the default): in the round's own process. A pool's
     name: as a flow run of the stage deployment `flywheel-stage/<work_pool>` (prefect.yaml ships
@@ -490,6 +500,7 @@ class FlywheelConfig(_Strict):
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     stages: StagesConfig = Field(default_factory=StagesConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
 
     @model_validator(mode="after")
     def _curation_names_configured_sources(self) -> FlywheelConfig:
@@ -526,7 +537,7 @@ class FlywheelConfig(_Strict):
         speed knob), not how many rounds to run or when to stop, not retries and timeouts. The
         sampling and benchmark batch sizes count: decoding's batch shape can flip a token."""
         payload = self.model_dump(mode="json", exclude={"workspace": True, "rounds": True,
-                                                        "judge": {"batch_size"}, "stages": True,
+                                                        "judge": {"batch_size"}, "stages": True, "registry": True,
                                                         "promotion": {"stop_after"}})
         if payload["promotion"].get("rule") == "point":
             payload["promotion"].pop("rule")  # the default: hashed as before the rule existed

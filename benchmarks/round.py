@@ -202,6 +202,46 @@ def train_memory() -> None:
           "the model lives in the job's process)")
 
 
+def reference_memory() -> None:
+    """Peak memory of a full fine-tune against a reference model (DPO, 38 pairs, 1 epoch): TRL's
+    default keeps the reference model for the whole training; with precompute_ref_log_probs
+    flywheel frees it once its log-probs are in the dataset. Each variant in a fresh process, so
+    neither inherits the other's allocator state."""
+    import json
+    import subprocess
+    import sys
+
+    out = {}
+    for label in ("kept", "precomputed"):
+        p = subprocess.run([sys.executable, __file__, "--reference-child", label], capture_output=True, text=True,
+                           check=True)
+        out[label] = json.loads(p.stdout.strip().splitlines()[-1])
+    k, p = out["kept"], out["precomputed"]
+    print(f"  reference  full DPO fine-tune, 38 pairs, 1 epoch, peak RSS above the loaded process: reference model "
+          f"kept +{k['mib']:.0f} MiB ({k['reference']}, {k['s']:.0f} s, loss {k['loss']:.4f}); precomputed "
+          f"+{p['mib']:.0f} MiB ({p['reference']}, {p['s']:.0f} s, loss {p['loss']:.4f}): {p['mib'] / k['mib']:.2f}×")
+
+
+def _reference_child(label: str) -> None:
+    import json
+
+    from flywheel.config import load_config
+    from flywheel.models import loading, trainer
+
+    cfg = load_config()
+    base = loading.resolve(cfg.model.name)
+    rows = [dict(prompt=f"What is {a} + {b}?", chosen=f"The final answer is {a + b}.", rejected="I think 3.")
+            for a in range(7) for b in range(6)][:38]
+    train_cfg = cfg.train.model_copy(update={"lora": False, "reference": "base", "dpo": {
+        **cfg.train.dpo, "num_train_epochs": 1, "precompute_ref_log_probs": label == "precomputed"}})
+    with tempfile.TemporaryDirectory() as d:
+        before = _rss_mib()
+        t0 = time.perf_counter()
+        peak, m = _peak_rss_during(lambda: trainer.train(base, rows, train_cfg, Path(d) / "out", base=base, seed=0))
+    print(json.dumps({"mib": peak - before, "s": time.perf_counter() - t0, "loss": m["train_loss"],
+                      "reference": m["train_reference"]}))
+
+
 def one_round() -> None:
     from flywheel.config import load_config
     from flywheel.flows.flywheel import flywheel
@@ -236,9 +276,14 @@ if __name__ == "__main__":
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--skip-round", action="store_true")
     ap.add_argument("--memory-only", action="store_true", help="only the training memory measurement")
+    ap.add_argument("--reference-child", choices=("kept", "precomputed"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.reference_child:
+        _reference_child(args.reference_child)
+        raise SystemExit(0)
     if args.memory_only:
         train_memory()
+        reference_memory()
         raise SystemExit(0)
     peak = peak_gflops()
     print(f"fp32 matmul peak of this CPU: {peak:.0f} GFLOP/s")
@@ -247,5 +292,6 @@ if __name__ == "__main__":
     judge(cands)
     train(peak)
     train_memory()
+    reference_memory()
     if not args.skip_round:
         one_round()

@@ -347,7 +347,8 @@ def _log_round_artifacts(ctx: StageContext, config: FlywheelConfig, metrics: dic
               "promoted": str(promoted).lower(), "weights_sha256": str(metrics.get("weights_sha256"))},
         description=(f"flywheel run {ctx.run_id}, round {ctx.round}: held-out accuracy "
                      f"{'unscored' if acc is None else f'{acc:.1%}'}; "
-                     f"{'promoted to champion' if promoted else 'not promoted'} ({reasons[:1500]})"))
+                     f"{'promoted to champion' if promoted else 'not promoted'} ({reasons[:1500]})"),
+        weights=config.registry.weights, weights_sha256=metrics.get("weights_sha256"))
     if promoted:
         tracking.set_champion(config.name, version)
     return version
@@ -373,14 +374,15 @@ def check_resumable(config: FlywheelConfig, run_id: str, force_from_stage: str |
                       "differ); resume it with its own config, or use --force-from-stage STAGE")
 
 
-def round_bytes(model_bytes: int) -> int:
-    """Disk a round needs: its merged checkpoint and the registered model's copy of it, the
-    training's resumable checkpoints (up to the weights and two optimizer moments again, for a full
-    fine-tune), tables and MLflow's files: 4 × the model, and never less than MIN_FREE_BYTES."""
-    return max(MIN_FREE_BYTES, MIN_FREE_BYTES // 2 + 4 * model_bytes)
+def round_bytes(model_bytes: int, registry_copy: bool = False) -> int:
+    """Disk a round needs: its merged checkpoint (and the registered model's copy of it, with
+    registry.weights: copy), the training's resumable checkpoints (up to the weights and two
+    optimizer moments again, for a full fine-tune), tables and MLflow's files: 3 × the model (4 ×
+    with a registry copy), and never less than MIN_FREE_BYTES."""
+    return max(MIN_FREE_BYTES, MIN_FREE_BYTES // 2 + (4 if registry_copy else 3) * model_bytes)
 
 
-def preflight(root: Path, model_bytes: int = 0) -> None:
+def preflight(root: Path, model_bytes: int = 0, registry_copy: bool = False) -> None:
     """Fail before any work when the workspace cannot take a round: read-only, or too full for
     the model's size (`model_bytes`: its weight files on disk; 0 when unknown, a hub id)."""
     import shutil
@@ -392,7 +394,7 @@ def preflight(root: Path, model_bytes: int = 0) -> None:
         probe.unlink()
     except OSError as e:
         raise OSError(f"workspace {root} is not writable: {e.strerror or e}") from None
-    free, need = shutil.disk_usage(root).free, round_bytes(model_bytes)
+    free, need = shutil.disk_usage(root).free, round_bytes(model_bytes, registry_copy)
     if free < need:
         raise OSError(f"workspace {root} has only {free / 2**20:.0f} MiB free; a round needs about "
                       f"{need / 2**20:.0f} MiB (checkpoints, tables, MLflow artifacts"
@@ -437,7 +439,7 @@ def check(config: FlywheelConfig, resume: str | None = None, force_from_stage: s
         check_resumable(config, resume, force_from_stage)
     prepared = prepare(config)
     placement.check(config)
-    preflight(Path(config.workspace), loading.model_bytes(prepared.base))
+    preflight(Path(config.workspace), loading.model_bytes(prepared.base), config.registry.weights == "copy")
     return prepared
 
 

@@ -9,6 +9,9 @@ transformers 5 (it looks up pipeline classes that are now strings), hence a pyfu
 
     model = mlflow.pyfunc.load_model("models:/flywheel@champion")
     model.predict(["What is 2 + 3?"], params={"max_new_tokens": 32})
+
+With registry.weights: reference (the default) the logged artifact is a pointer to the round's
+checkpoint in the workspace, which is loaded from there; with copy, the checkpoint itself.
 """
 
 from __future__ import annotations
@@ -23,6 +26,17 @@ class CausalLM(mlflow.pyfunc.PythonModel):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = context.artifacts["checkpoint"]
+        if path.endswith("checkpoint_reference.json"):
+            # registry.weights: reference. The weights stay where the round wrote them, once.
+            import json
+            import os
+
+            with open(path) as f:
+                path = json.load(f)["checkpoint"]
+            if not os.path.isdir(path):
+                raise FileNotFoundError(f"this registered model references the checkpoint {path}, which is not "
+                                        "here: load it where the flywheel workspace is mounted (or register with "
+                                        "registry.weights: copy)")
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token

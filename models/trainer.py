@@ -151,6 +151,17 @@ def work_dir(out: Path, fingerprint: str) -> Path:
     return work
 
 
+def reference_in_memory(trainer) -> str:
+    """How DPO's reference was held while training: `precomputed` (its log-probs computed once,
+    before training, then no reference model), `disabled_adapter` (PEFT: the policy with its LoRA
+    adapter switched off), `second_model` (a full copy beside the policy); `none` for SFT."""
+    if not hasattr(trainer, "ref_model"):
+        return "none"
+    if trainer.args.precompute_ref_log_probs:
+        return "precomputed"
+    return "second_model" if trainer.ref_model is not None else "disabled_adapter"
+
+
 def last_complete_checkpoint(folder: Path) -> str | None:
     """The newest checkpoint that was written to the end. Transformers writes trainer_state.json
     last, so a checkpoint without it is one a killed process was still saving (its weights or
@@ -202,13 +213,21 @@ def train(policy: str, rows: Sequence[dict], cfg: TrainConfig, out: Path, *, bas
         if cfg.reference == "base" and (base != policy or not cfg.lora):
             ref_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype)
         trainer = DPOTrainer(ref_model=ref_model, train_dataset=data, **common)
+        if trainer.args.precompute_ref_log_probs and trainer.ref_model is not None and not trainer.is_fsdp_enabled:
+            # The reference's log-probs are columns of the dataset now (TRL computed them in its
+            # constructor) and TRL keeps a reference model it was given: free it, so training holds
+            # one model, not two (TRL frees its own only under FSDP).
+            import gc
+
+            trainer.ref_model = ref_model = None
+            gc.collect()
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # raw log dicts; the metrics go to MLflow instead
     result = trainer.train(resume_from_checkpoint=resume)
     history = [h for h in trainer.state.log_history if "loss" in h]
     metrics = {"train_loss": result.training_loss, "train_steps": result.global_step,
-               "train_world_size": trainer.args.world_size}
+               "train_world_size": trainer.args.world_size, "train_reference": reference_in_memory(trainer)}
     if prepared:
         # A launched job's weights may be sharded (FSDP, ZeRO-3): every process takes part in
         # save_model, which gathers them; then the main process merges the adapter into the policy.

@@ -9,6 +9,7 @@ because Prefect may execute a task on another thread than the flow.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -201,10 +202,18 @@ def model_requirements() -> list[str]:
     return [f"torch=={metadata.version('torch').split('+')[0]}", f"transformers=={metadata.version('transformers')}"]
 
 
+REFERENCE = "checkpoint_reference.json"  # models/pyfunc.py reads a file of this name as a pointer
+
+
 def log_and_register_model(run_id: str, checkpoint: Path, registered_name: str,
-                           tags: Mapping[str, str] | None = None, description: str | None = None) -> str:
+                           tags: Mapping[str, str] | None = None, description: str | None = None,
+                           weights: str = "reference", weights_sha256: str | None = None) -> str:
     """Log a transformers checkpoint as the run's model (from code: no pickle), register it, tag the
-    version (run, round, accuracy, promotion, weights hash) and describe it; returns the version."""
+    version (run, round, accuracy, promotion, weights hash) and describe it; returns the version.
+    `weights="reference"`: the model's artifact is a pointer to `checkpoint` (its absolute path and
+    weights hash), not a copy of it; "copy": the checkpoint itself."""
+    import tempfile
+
     import mlflow
 
     client = mlflow.MlflowClient()
@@ -212,10 +221,15 @@ def log_and_register_model(run_id: str, checkpoint: Path, registered_name: str,
     if done:  # a resumed round registered its model before it was interrupted
         version = str(done[0].version)
     else:
-        with active(run_id):
+        with tempfile.TemporaryDirectory() as tmp, active(run_id):
+            artifact = str(checkpoint)
+            if weights == "reference":
+                artifact = str(Path(tmp) / REFERENCE)
+                Path(artifact).write_text(json.dumps({"checkpoint": str(Path(checkpoint).resolve()),
+                                                      "weights_sha256": weights_sha256}, indent=1))
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(Path(__file__).resolve().parent.parent / "models" / "pyfunc.py"),
-                artifacts={"checkpoint": str(checkpoint)}, registered_model_name=registered_name,
+                artifacts={"checkpoint": artifact}, registered_model_name=registered_name,
                 # Declared, not inferred: inference would import and probe the whole environment.
                 pip_requirements=model_requirements(),
             )

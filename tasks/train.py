@@ -83,7 +83,8 @@ def train_task(ctx: StageContext, policy: str, base: str, fingerprint: str = "")
         callbacks = [tracking.training_callback(ctx.mlflow_run_id)] if ctx.mlflow_run_id is not None else []
         metrics = trainer.train(policy, rows, train_cfg, out, callbacks=callbacks, **common)
     if ctx.mlflow_run_id is not None:
-        tracking.log_params(ctx.mlflow_run_id, {"train.world_size": metrics["train_world_size"]})
+        tracking.log_params(ctx.mlflow_run_id, {"train.world_size": metrics["train_world_size"],
+                                                "train.reference": metrics.get("train_reference", "none")})
     return {"train_seconds": time.perf_counter() - t0, "policy_out": str(out), "trained": True,
             "train_rows": len(rows), "replayed_rows": n_replay, "weights_sha256": loading.weights_hash(str(out)),
             **extra, **metrics}

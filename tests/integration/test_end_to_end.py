@@ -1,5 +1,6 @@
 """Two small rounds on the real embedded model, through Prefect, into real Parquet, DuckDB and MLflow."""
 
+import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -170,8 +171,10 @@ def test_the_benchmarked_model_is_the_registered_one(run, tmp_path):
         assert version.tags["accuracy"] == f"{r['accuracy']:.4f}" and f"round {r['round']}" in version.description
         local = mlflow.artifacts.download_artifacts(f"models:/{config.name}/{r['registered_version']}",
                                                     dst_path=str(tmp_path / r["registered_version"]))
-        (checkpoint,) = (Path(local) / "artifacts").iterdir()  # the logged checkpoint directory
-        assert _sha(checkpoint) == r["weights_sha256"], "registry vs rounds table"
+        (pointer,) = (Path(local) / "artifacts").iterdir()  # registry.weights: reference, the default
+        reference = json.loads(pointer.read_text())
+        assert reference["weights_sha256"] == r["weights_sha256"], "registry vs rounds table"
+        assert _sha(Path(reference["checkpoint"])) == r["weights_sha256"], "the checkpoint the registry points at"
 
 
 def test_champion_alias_points_at_the_best_promoted_round(run):
@@ -221,6 +224,42 @@ print("ANSWER:", model.predict(["What is 2 + 3?"], params={{"max_new_tokens": 8}
     assert p.returncode == 0 and "ANSWER:" in p.stdout, p.stderr[-3000:]
 
 
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def test_registry_references_the_checkpoint_instead_of_copying_it(run, tmp_path):
+    """registry.weights: reference (the default) stores each round's weights once: the registered
+    model is a pointer (path and weights hash) to the workspace's checkpoint. A pointer whose
+    checkpoint is gone says so; registry.weights: copy puts the weights themselves in MLflow."""
+    import shutil
+
+    import mlflow
+
+    from flywheel.storage import catalog, tracking
+
+    ws, config, result = run
+    r1 = catalog.query(ws, "SELECT policy_out, weights_sha256, mlflow_run_id FROM rounds WHERE round = 1").to_pylist()[0]
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{config.name}/1", dst_path=str(tmp_path / "ref")))
+    pointer = json.loads(next(local.rglob(tracking.REFERENCE)).read_text())
+    assert pointer == {"checkpoint": str(Path(r1["policy_out"]).resolve()), "weights_sha256": r1["weights_sha256"]}
+    checkpoint = _size(r1["policy_out"])
+    print(f"\nregistered model artifacts: {_size(local) / 1024:.0f} KiB for a {checkpoint / 2**20:.0f} MiB checkpoint")
+    assert not list(local.rglob("*.safetensors")) and _size(local) < 1 << 20
+
+    moved = tmp_path / "moved"
+    shutil.copytree(r1["policy_out"], moved)
+    version = tracking.log_and_register_model(r1["mlflow_run_id"], moved, "e2e-moved", weights="reference")
+    shutil.rmtree(moved)
+    with pytest.raises(FileNotFoundError, match="references the checkpoint .*moved, which is not here"):
+        mlflow.pyfunc.load_model(f"models:/e2e-moved/{version}")
+
+    version = tracking.log_and_register_model(r1["mlflow_run_id"], Path(r1["policy_out"]), "e2e-copied",
+                                              weights="copy")
+    copied = Path(mlflow.artifacts.download_artifacts(f"models:/e2e-copied/{version}", dst_path=str(tmp_path / "c")))
+    assert list(copied.rglob("*.safetensors")) and _size(copied) >= checkpoint
+
+
 def test_round_runs_carry_flywheel_params_and_trl_config_as_an_artifact(run):
     import mlflow
 
@@ -231,7 +270,7 @@ def test_round_runs_carry_flywheel_params_and_trl_config_as_an_artifact(run):
     for child in children:
         params = child.data.params
         assert "learning_rate" not in params and "per_device_train_batch_size" not in params, "TRL's own params"
-        assert all(k.startswith("cfg.") or k in ("round", "policy_in", "base_model", "train.world_size")
+        assert all(k.startswith("cfg.") or k in ("round", "policy_in", "base_model", "train.world_size", "train.reference")
                    for k in params), sorted(params)
         assert params.get("train.world_size", "1") == "1"  # trained (if at all) in the stage's process
         assert params["cfg.sampling.max_new_tokens"] == "32", "token counts are not masked as secrets"

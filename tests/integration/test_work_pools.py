@@ -223,13 +223,14 @@ def test_stages_on_a_gpu_pool_survive_a_killed_worker(servers, tmp_path):
             assert time.time() < deadline, "training never wrote a checkpoint:\n" + logs["gpu"].read_text()[-3000:]
             assert workers["gpu"].poll() is None, logs["gpu"].read_text()[-3000:]
             time.sleep(0.5)
-        killed = kill_tree(workers["gpu"])
+        killed, killed_at = kill_tree(workers["gpu"]), time.time()
         workers["gpu"] = worker(env, "gpu", logs["gpu-restarted"])
 
         while (state := api(env, f"/flow_runs/{round_run}")["state_type"]) not in ("COMPLETED", "FAILED", "CRASHED"):
             assert time.time() < deadline, f"the round is still {state}:\n" + logs["cpu"].read_text()[-3000:]
             time.sleep(3)
         assert state == "COMPLETED", logs["cpu"].read_text()[-5000:]
+        finished_at = time.time()
     finally:
         for w in workers.values():
             kill_tree(w) if w.poll() is None else None
@@ -247,6 +248,12 @@ def test_stages_on_a_gpu_pool_survive_a_killed_worker(servers, tmp_path):
         by_stage.setdefault(r["parameters"]["stage"], []).append(r["state_type"])
     assert by_stage == {"generate": ["COMPLETED"], "train": ["CRASHED", "COMPLETED"]}, by_stage
     assert "[train] resuming from checkpoint-" in logs["gpu-restarted"].read_text()
+    from datetime import datetime
+
+    crashed = next(r for r in runs if r["state_type"] == "CRASHED")
+    crashed_at = datetime.fromisoformat(crashed["state"]["timestamp"]).timestamp()
+    print(f"\nkilled the gpu worker and {killed - 1} process(es) it started; the stage run was marked Crashed "
+          f"{crashed_at - killed_at:.0f} s later; the round finished {finished_at - killed_at:.0f} s after the kill")
 
     # the workspace: every table whole, nothing twice
     def one(sql):

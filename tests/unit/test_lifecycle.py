@@ -123,8 +123,11 @@ def test_nearly_full_disk_fails_preflight(tmp_path, monkeypatch):
     # the need scales with the model: 8 GiB free is plenty for the 135M model, not for a 7B one (14 GiB in bf16)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(100 * 2**30, 92 * 2**30, 8 * 2**30))
     fw.preflight(tmp_path / "ws", model_bytes=540 * 2**20)
-    with pytest.raises(OSError, match=r"has only 8192 MiB free; a round needs about 58368 MiB .*for a 14.0 GiB model"):
+    with pytest.raises(OSError, match=r"has only 8192 MiB free; a round needs about 44032 MiB .*for a 14.0 GiB model"):
         fw.preflight(tmp_path / "ws", model_bytes=14 * 2**30)
+    # a registry that copies each round's weights needs one model more
+    with pytest.raises(OSError, match=r"a round needs about 58368 MiB"):
+        fw.preflight(tmp_path / "ws", model_bytes=14 * 2**30, registry_copy=True)
 
 
 def _requests_error():
