@@ -72,11 +72,18 @@ class ModelConfig(_Strict):
     engine: Literal["hf", "vllm", "openai"] = "hf"
     vllm: VLLMSettings = Field(default_factory=VLLMSettings)
     openai: OpenAISettings | None = None
+    # Processes the generate stage's shards (sampling.shards) are spread over, one per GPU (or a
+    # share of the CPU's cores each), each with its own copy of the model. Speed only: the rows are
+    # the same for any number of workers (models/shards.py), so it is not hashed.
+    workers: int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _endpoint(self) -> ModelConfig:
         if self.engine == "openai" and self.openai is None:
             raise ValueError("engine: openai needs `openai: {base_url: …}`")
+        if self.engine == "openai" and self.workers > 1:
+            raise ValueError("workers: an openai server is one endpoint; its requests in flight are "
+                             "openai.max_concurrency")
         return self
 
 
@@ -109,6 +116,10 @@ class SamplingConfig(_Strict):
     # rarely, a sampled token (504 of 512 samples identical at 64 vs 256, benchmarks/round.py): it is part of the
     # config's hash. 256 keeps this CPU's matmuls at their peak (benchmarks/round.py).
     batch_size: int = Field(256, ge=1, description="rows decoded together")
+    # The round's prompts are decoded as this many contiguous shards, each its own
+    # continuous-batching stream, which model.workers processes share out; 1: one stream. Part of the
+    # config's meaning (it changes which rows share a batch), unlike the number of workers.
+    shards: int = Field(1, ge=1)
 
 
 def _template_exists(v: Path | None) -> Path | None:
@@ -525,7 +536,14 @@ class FlywheelConfig(_Strict):
             raise ValueError("model.engine: openai cannot serve the policy: the policy is retrained every round and "
                              "a running server keeps its weights; use hf or vllm for the policy, and openai for a "
                              "judge's `model`")
+        if self.model.workers > self.sampling.shards:
+            raise ValueError(f"model.workers ({self.model.workers}) > sampling.shards ({self.sampling.shards}): a "
+                             "worker decodes whole shards, so the extra workers would idle; set sampling.shards to "
+                             "at least the number of workers")
         for s in self.judge.sources:
+            if getattr(s, "model", None) is not None and s.model.workers > 1:
+                raise ValueError(f"judge source {s.key()!r}: model.workers shards the generate stage only; "
+                                 "a judge runs in one process")
             if isinstance(s, SelfCertaintySource) and engine != "hf":
                 raise ValueError(f"judge source {s.key()!r} (self_certainty) needs the full next-token distribution "
                                  f"at every sampled token, and engine {engine} returns top-k log-probs only: "
@@ -542,6 +560,8 @@ class FlywheelConfig(_Strict):
         if payload["promotion"].get("rule") == "point":
             payload["promotion"].pop("rule")  # the default: hashed as before the rule existed
         _drop_speed_only(payload["model"])
+        if payload["sampling"].get("shards") == 1:
+            payload["sampling"].pop("shards")  # the default: hashed as before shards existed
         for source in payload["judge"]["sources"]:
             if "model" in source and source["model"] is None:
                 source.pop("model")  # the policy judges: as hashed before judges could have their own model
@@ -571,6 +591,7 @@ def _drop_speed_only(model: dict | None) -> None:
     default engine (hf), exactly the fields hashed before engines existed, so old runs resume."""
     if not model:
         return
+    model.pop("workers", None)
     engine = model.get("engine")
     for key in ("engine", "vllm", "openai"):
         if key != engine and (key != "engine" or engine == "hf"):

@@ -10,7 +10,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from flywheel import progress
-from flywheel.models import decode, engines, sampling
+from flywheel.models import decode, engines, sampling, shards
 from flywheel.models.tasksource import Item
 from flywheel.storage import catalog, parquet
 from flywheel.tasks.common import StageContext, short_hash
@@ -50,19 +50,21 @@ def generate_task(ctx: StageContext, items: list[Item], policy: str, removed: li
     if removed:
         parquet.write_table(ctx.workspace, "prompts", ctx.run_id, ctx.round,
                             prompt_rows(removed, ctx.run_id, ctx.round, "decontaminated"), part="decontaminated")
-    engine = engines.open_engine(cfg.model, policy)
     seed = cfg.seed * 1000 + ctx.round
     t0 = time.perf_counter()
     with progress.stage("generate", len(items) * s.n, "samples") as advance:
-        gens = engine.sample([p["prompt"] for p in prompts], n=s.n, max_new_tokens=s.max_new_tokens,
+        # sampling.shards streams, over model.workers processes (one: this one)
+        gens = shards.sample(cfg.model, policy, [p["prompt"] for p in prompts], shards=s.shards,
+                             workers=cfg.model.workers, n=s.n, max_new_tokens=s.max_new_tokens,
                              batch_size=s.batch_size, temperature=s.temperature, top_p=s.top_p, seed=seed,
                              progress=advance)
     seconds = time.perf_counter() - t0
+    described = f"{cfg.model.engine}:{policy}" + (f" ({cfg.model.workers} workers)" if cfg.model.workers > 1 else "")
     sampling_json = json.dumps(s.model_dump() | {"seed": seed}, sort_keys=True)
     rows = candidate_rows(prompts, gens, n=s.n, run_id=ctx.run_id, round_=ctx.round, policy=policy,
                           seed=seed, sampling_json=sampling_json)
     parquet.write_table(ctx.workspace, "candidates", ctx.run_id, ctx.round, rows)
     catalog.refresh(ctx.workspace)
-    return {"generate_seconds": seconds, "generate_engine": engine.describe(),
+    return {"generate_seconds": seconds, "generate_engine": described,
             "generate_tokens_per_s": sampling.tokens_per_second(gens, seconds),
             "candidates": len(rows), "candidate_mean_tokens": sum(g.n_tokens for g in gens) / len(gens)}

@@ -101,3 +101,27 @@ def test_shipped_accelerate_configs_parse_as_accelerate_configs(name, kind):
     assert str(cluster.distributed_type).endswith(kind) and cluster.num_processes == 8
     assert not load_config(None, {}).train.launched()
     assert load_config(None, {"train": {"num_processes": 2}}).train.launched()
+
+
+def test_workers_are_speed_and_shards_are_meaning():
+    from flywheel.config import load_config
+
+    base = load_config()
+    assert load_config(None, {"model": {"workers": 2}, "sampling": {"shards": 2}}).hash() == \
+        load_config(None, {"sampling": {"shards": 2}}).hash()
+    assert load_config(None, {"sampling": {"shards": 2}}).hash() != base.hash()
+    assert load_config(None, {"sampling": {"shards": 1}}).hash() == base.hash()  # the default, as hashed before
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"model": {"workers": 2}}, "model.workers (2) > sampling.shards (1)"),
+    ({"model": {"workers": 0}}, "model.workers: Input should be greater than or equal to 1"),
+    ({"judge": {"sources": ["verifier", {"type": "llm_judge", "model": {"name": "x", "workers": 2}}]}},
+     "model.workers shards the generate stage only"),
+])
+def test_bad_worker_settings(overrides, message):
+    from flywheel.config import load_config
+    from flywheel.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(None, overrides)
