@@ -139,6 +139,12 @@ def _progress_callback():
     return StageProgress()
 
 
+def work_key(fingerprint: str, policy: str, seed: int, rows: Sequence[dict]) -> str:
+    """What a training's checkpoints are valid for: the stage's fingerprint, or (called directly,
+    without one) its policy, seed and row count."""
+    return fingerprint or f"{policy}:{seed}:{len(rows)}"
+
+
 def work_dir(out: Path, fingerprint: str) -> Path:
     """Where a training keeps its checkpoints until it has finished: kept across a crash so a
     rerun resumes from the last one, unless that was written for other inputs."""
@@ -195,7 +201,7 @@ def train(policy: str, rows: Sequence[dict], cfg: TrainConfig, out: Path, *, bas
     rank = int(os.environ.get("RANK", "0"))  # set by `accelerate launch` in each process of a training job
     # A launched job's work directory was prepared by the stage before launch (one process, no race).
     work = (out.parent / f".{out.name}.work" if prepared
-            else work_dir(out, fingerprint or f"{policy}:{seed}:{len(rows)}"))
+            else work_dir(out, work_key(fingerprint, policy, seed, rows)))
     resume = last_complete_checkpoint(work / "trainer")
     if resume and rank == 0:
         from flywheel import progress
@@ -275,7 +281,7 @@ def launch(policy: str, rows: Sequence[dict], cfg: TrainConfig, out: Path, *, ba
     import sys
     from collections import deque
 
-    work_dir(out, fingerprint or f"{policy}:{seed}:{len(rows)}")  # prepared here, once, for every process
+    work_dir(out, work_key(fingerprint, policy, seed, rows))  # prepared here, once, for every process
     job_dir = out.parent / f".{out.name}.job"  # beside the work dir, which the training removes when done
     shutil.rmtree(job_dir, ignore_errors=True)
     job_dir.mkdir(parents=True)
