@@ -92,9 +92,11 @@ def test_hash_counts_meaning_not_speed_or_secrets():
     assert C.load_config(None, {"model": {"engine": "vllm"}}).hash() != C.FlywheelConfig().hash()
     # the default config hashes as it did before engines existed, so earlier runs still resume
     payload = C.FlywheelConfig().model_dump(mode="json", exclude={
-        "workspace": True, "rounds": True, "judge": {"batch_size"}, "stages": True, "promotion": {"stop_after"}})
-    for key in ("engine", "vllm", "openai"):
+        "workspace": True, "rounds": True, "judge": {"batch_size"}, "stages": True, "promotion": {"stop_after"},
+        "registry": True})
+    for key in ("engine", "vllm", "openai", "workers"):
         payload["model"].pop(key)
+    payload["sampling"].pop("shards")
     for s in payload["judge"]["sources"]:
         s.pop("model", None)
     payload["promotion"].pop("rule")
