@@ -94,8 +94,10 @@ def _model_shorthand(v: Any) -> Any:
 class TaskConfig(_Strict):
     # Where prompts come from: a reasoning-gym generator (default) or a JSONL/Parquet file.
     name: str = "chain_sum"
+    # Two terms of one or two digits, + or −: about 20,000 problems, enough for disjoint
+    # validation and test splits and fresh prompts every round.
     options: dict[str, Any] = Field(
-        default_factory=lambda: {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
+        default_factory=lambda: {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}
     )
     prompts_file: Path | None = None
     prompts_per_round: int = Field(64, ge=1)
@@ -271,6 +273,10 @@ class CurationConfig(_Strict):
     cream_source: str = "llm_judge"
     cream_min_tau: float = Field(0.0, ge=-1, le=1)
     min_margin: float = Field(0.5, gt=0)
+    # Where a verifier is among judge.sources, a pair's chosen response must be exactly correct by it
+    # (score 1: full credit): partial credit may rank candidates, but a wrong answer is never
+    # "chosen". any: whatever the reward ranks first (partial credit included).
+    chosen: Literal["exact", "any"] = "exact"
 
     @field_validator("reward")
     @classmethod
@@ -429,10 +435,20 @@ class GuardSuite(_Strict):
 
 
 class BenchmarkConfig(_Strict):
-    size: int = Field(200, ge=1, description="held-out items")
+    """Two held-out splits, drawn without replacement and disjoint (by normalised form) from each
+    other and from every training prompt: `validation` decides (the promotion gate, early stop);
+    `test` (`size` items) is reported and never used for a decision."""
+    size: int = Field(200, ge=1, description="test items")
+    validation_size: int = Field(100, ge=1, description="validation items (the promotion gate's)")
     max_new_tokens: int = Field(48, ge=1)
     batch_size: int = Field(256, ge=1)
-    guards: list[GuardSuite] = Field(default_factory=list)
+    # Out-of-domain suites the run never trains on, on by default: another arithmetic family
+    # (operators and parentheses the default task lacks; the embedded model: 28% exact) and a
+    # counting word problem (12%). A round that drops either by more than max_drop is not promoted.
+    guards: list[GuardSuite] = Field(default_factory=lambda: [
+        GuardSuite(task="basic_arithmetic", options={"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 1},
+                   size=100),
+        GuardSuite(task="letter_counting", size=100)])
 
 
 class PromotionConfig(_Strict):

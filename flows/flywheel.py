@@ -31,10 +31,10 @@ from flywheel.errors import ResumeError
 from flywheel.flows import placement
 from flywheel.models import engines, loading, rewards, trainer
 from flywheel.models.decontam import Decontaminator
-from flywheel.models.tasksource import benchmark_items, make_source, train_items
+from flywheel.models.tasksource import eval_items, make_source, train_items
 from flywheel.storage import catalog, datacard, lock, manifest, parquet, plots, tracking
 from flywheel.tasks import promote
-from flywheel.tasks.benchmark import benchmark_task
+from flywheel.tasks.benchmark import benchmark_task, suite_names
 from flywheel.tasks.common import StageContext, short_hash
 from flywheel.tasks.curate import curate_task
 from flywheel.tasks.generate import generate_task
@@ -50,22 +50,26 @@ class Prepared:
     config: FlywheelConfig
     base: str
     source: object
-    benchmark: list = field(default_factory=list)
+    validation: list = field(default_factory=list)  # decides: the promotion gate, early stop
+    test: list = field(default_factory=list)  # reported, never used for a decision
 
     def decontaminator(self) -> Decontaminator:
-        cur = self.config.curation
-        return Decontaminator([it.prompt for it in self.benchmark], cur.decontam_ngram, cur.decontam_threshold)
+        """Training prompts may overlap neither split."""
+        cur, held = self.config.curation, self.validation + self.test
+        return Decontaminator([it.prompt for it in held], cur.decontam_ngram, cur.decontam_threshold,
+                              metadata=[it.metadata for it in held])
 
 
 def prepare(config: FlywheelConfig) -> Prepared:
     source = make_source(config.task)
     sources = rewards.build(config.judge, source)  # bad templates, unimportable callables fail here
-    bench = benchmark_items(source, config.benchmark.size, config.seed)
+    validation, test = eval_items(source, config.benchmark.validation_size, config.benchmark.size, config.seed)
+    bench = test
     rewards.probe(sources, bench[0].prompt, bench[0].answer, bench[0].metadata)
     trainer.check_args(config.train, config.stages.checkpoint_steps)
     base = loading.resolve(config.model.name)
     engines.preflight(config)
-    return Prepared(config, base, source, bench)
+    return Prepared(config, base, source, validation, test)
 
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -189,9 +193,10 @@ def stage_call(stage: str, ctx: StageContext, prepared: Prepared, params: dict, 
     paths only): the same call in the round's process and in a stage run on a work pool."""
     cfg = ctx.config
     if stage == "generate":
-        items, removed = train_items(prepared.source, ctx.round, cfg.task.prompts_per_round, cfg.seed,
-                                     prepared.decontaminator())
-        return generate_task, (items, params["policy"], [it for it, _ in removed])
+        draw = train_items(prepared.source, ctx.round, cfg.task.prompts_per_round, cfg.seed,
+                           prepared.decontaminator())
+        return generate_task, (draw.items, params["policy"], draw.removed, draw.repeats,
+                               prepared.validation + prepared.test)
     if stage == "judge":
         return judge_task, (params["policy"], params.get("previous"), params.get("reference"))
     if stage == "curate":
@@ -199,7 +204,7 @@ def stage_call(stage: str, ctx: StageContext, prepared: Prepared, params: dict, 
     if stage == "train":
         return train_task, (params["policy"], params["base"], fingerprint)
     if stage == "benchmark":
-        return benchmark_task, (prepared.benchmark, params["policy"])
+        return benchmark_task, (prepared.validation, prepared.test, params["policy"])
     raise ValueError(f"unknown stage {stage!r}")
 
 
@@ -294,10 +299,13 @@ def one_round(config: FlywheelConfig, run_id: str, round: int, champion: dict, b
         metrics |= trained
         result, fp = stages.run("benchmark", short_hash("benchmark", fp), policy=policy_out)
         metrics |= result
-        # against the champion, item by item on the same suite: the gain and its 95% interval
-        metrics |= promote.paired_gains(
-            parquet.read_table(config.workspace, "benchmarks", run_id, round).to_pylist(),
-            parquet.read_table(config.workspace, "benchmarks", run_id, champ.round).to_pylist(), seed=config.seed)
+        # against the champion, item by item on the same split: the gain and its 95% interval, on the
+        # test split (reported) and on the validation split (what the gate may decide on)
+        now = parquet.read_table(config.workspace, "benchmarks", run_id, round).to_pylist()
+        before = parquet.read_table(config.workspace, "benchmarks", run_id, champ.round).to_pylist()
+        v_suite, t_suite = suite_names(config)
+        metrics |= promote.paired_gains(now, before, seed=config.seed, suite=t_suite)
+        metrics |= promote.paired_gains(now, before, seed=config.seed, suite=v_suite, prefix="validation_")
         metrics["round_seconds"] = time.perf_counter() - t0
         promoted, reasons = promote.decide(metrics, champ, config.promotion, bool(trained["trained"]))
         metrics |= {"promoted": promoted, "promotion_reasons": reasons, "reused_stages": stages.reused}
@@ -577,8 +585,9 @@ def _error_text(e: BaseException) -> str:
 
 def _parent_metrics(m: dict) -> dict:
     # the parent run draws each as a line over rounds (step = round), stage times included
-    keys = ("accuracy", "exact_match", "accuracy_gain", "accuracy_gain_low", "accuracy_gain_high",
-            "mean_response_tokens", "pairs", "mean_margin", "pair_length_gap", "judge_verifier_agreement",
+    keys = ("accuracy", "exact_match", "exact_match_low", "exact_match_high", "accuracy_gain", "accuracy_gain_low",
+            "accuracy_gain_high", "exact_match_gain", "exact_match_gain_low", "exact_match_gain_high",
+            "validation_exact_match", "validation_accuracy", "pairs_chosen_exact_share", "mean_response_tokens", "pairs", "mean_margin", "pair_length_gap", "judge_verifier_agreement",
             "judge_parse_failure_rate", "generate_seconds", "judge_seconds", "curate_seconds", "train_seconds",
             "benchmark_seconds", "round_seconds")
     return {k: m[k] for k in keys if isinstance(m.get(k), (int, float))}

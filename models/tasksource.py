@@ -1,8 +1,9 @@
 """Task sources: where prompts (and reference answers, and the verifier) come from.
 
-reasoning-gym items are generated from (seed + index); a flywheel draws training prompts
-and the held-out benchmark from disjoint seed ranges, and additionally drops any training
-prompt that overlaps a benchmark item (models/decontam.py; small task spaces repeat questions).
+reasoning-gym items are generated from (seed + index); a flywheel draws training prompts and its
+evaluation splits (validation: decisions; test: reported) from disjoint seed ranges, the splits
+without replacement, and drops any training prompt that overlaps an evaluation item or that an
+earlier round trained on (models/decontam.py; small task spaces repeat questions).
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from flywheel.errors import TaskError
-from flywheel.models.decontam import Decontaminator, Overlap
+from flywheel.models.decontam import Decontaminator, Overlap, normal_forms
 
 BENCHMARK_SEED_BASE = 10_000_000
 TRAIN_SEED_BASE = 20_000_000
@@ -147,22 +148,64 @@ def make_source(task_cfg) -> ReasoningGymSource | FileSource:
 
 
 def benchmark_items(source, size: int, seed: int) -> list[Item]:
+    """The test split (validation size 0): see eval_items."""
+    return eval_items(source, 0, size, seed)[1]
+
+
+def eval_items(source, validation_size: int, test_size: int, seed: int) -> tuple[list[Item], list[Item]]:
+    """(validation, test): distinct items, drawn without replacement, none sharing a normalised
+    form with another (models/decontam.py: `3 + 5` and `5 + 3` are one item). A task space too
+    small for the sizes gives fewer. From a prompts file: at most a fifth of it, lines with a
+    reference answer first (only those can be scored), validation first."""
     if isinstance(source, FileSource):
-        # A file is both pools: hold out at most a fifth of it, so there is something left to train on,
-        # taking lines with a reference answer first (the benchmark can score only those).
-        n = min(size, max(1, len(source._items) // 5))
-        return sorted(source.items(seed, len(source._items)), key=lambda it: it.answer is None)[:n]
-    return source.items(BENCHMARK_SEED_BASE + seed * 100_000, size)
+        n = min(validation_size + test_size, max(1, len(source._items) // 5))
+        pool = sorted(source.items(seed, len(source._items)), key=lambda it: it.answer is None)
+        picked = _distinct(pool, n)
+        v = min(validation_size, len(picked) * validation_size // max(1, validation_size + test_size))
+        return picked[:v], picked[v:]
+    want = validation_size + test_size
+    base = BENCHMARK_SEED_BASE + seed * 100_000
+    pool = (it for offset in range(0, 50 * max(want, 1), max(want, 1)) for it in source.items(base + offset, want))
+    picked = _distinct(pool, want)
+    return picked[:validation_size], picked[validation_size:]
 
 
-def train_items(source, round_: int, size: int, seed: int,
-                decontam: Decontaminator | None) -> tuple[list[Item], list[tuple[Item, Overlap]]]:
-    """Up to `size` distinct training prompts for a round, none of them overlapping a benchmark item.
+def _distinct(pool, n: int, used: set[str] | None = None) -> list[Item]:
+    seen = set(used or ())
+    out = []
+    for it in pool:
+        if len(out) == n:
+            break
+        forms = normal_forms(it.prompt, it.metadata)
+        if forms & seen:
+            continue
+        seen |= forms
+        out.append(it)
+    return out
 
-    Returns (items, removed): the drawn prompts dropped as contaminated, with their overlap.
-    Small task spaces repeat questions, so the draw goes on (bounded) until `size` distinct
-    prompts are found; a space too small for that yields fewer.
-    """
+
+class Draw(NamedTuple):
+    items: list[Item]  # the round's training prompts
+    removed: list[tuple[Item, Overlap]]  # drawn, then dropped as overlapping an evaluation item
+    repeats: int  # drawn, then skipped as a prompt (or a form of one) an earlier round trained on
+
+
+def train_items(source, round_: int, size: int, seed: int, decontam: Decontaminator | None) -> Draw:
+    """Up to `size` distinct training prompts for round `round_`, none overlapping an evaluation
+    item (decontam) and none that an earlier round of the run trained on (by normalised form):
+    each round's prompts are fresh. The earlier rounds' draws are recomputed (they depend only on
+    the seed and the settings), so a resumed run or a stage on another machine draws the same.
+    Small task spaces repeat questions, so the draw goes on (bounded) until `size` prompts are
+    found; a space too small for that yields fewer."""
+    used: set[str] = set()
+    draw = Draw([], [], 0)
+    for r in range(1, max(round_, 1) + 1):
+        draw = _draw_round(source, r, size, seed, decontam, used)
+        used |= {f for it in draw.items for f in normal_forms(it.prompt, it.metadata)}
+    return draw
+
+
+def _draw_round(source, round_: int, size: int, seed: int, decontam: Decontaminator | None, used: set[str]) -> Draw:
     if isinstance(source, FileSource):
         pool = source.items(round_ * size, len(source._items))
     else:
@@ -170,14 +213,23 @@ def train_items(source, round_: int, size: int, seed: int,
         pool = [it for offset in range(0, 20 * size, size) for it in source.items(base + offset, size)]
     kept: dict[str, Item] = {}
     removed: dict[str, tuple[Item, Overlap]] = {}
+    forms_kept: set[str] = set()
+    repeats = 0
     for it in pool:
         if len(kept) == size:
             break
         if it.id in kept or it.id in removed:
             continue
-        hit = decontam.contaminated(it.prompt) if decontam else None
+        forms = normal_forms(it.prompt, it.metadata)
+        if forms & used:
+            repeats += 1
+            continue
+        if forms & forms_kept:
+            continue  # the same problem in another form, already in this round
+        hit = decontam.contaminated(it.prompt, it.metadata) if decontam else None
         if hit:
             removed[it.id] = (it, hit)
         else:
             kept[it.id] = it
-    return list(kept.values()), list(removed.values())
+            forms_kept |= forms
+    return Draw(list(kept.values()), list(removed.values()), repeats)

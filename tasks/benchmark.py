@@ -1,4 +1,5 @@
-"""Stage 5, benchmarking: a model, greedy, on the held-out suite; accuracy and mean length."""
+"""Stage 5, benchmarking: a model, greedy, on the held-out splits (test: reported; validation: the
+promotion gate's) and the guard suites; accuracy (mean score), exact match and mean length."""
 
 from __future__ import annotations
 
@@ -52,31 +53,45 @@ def guard_suites(cfg, seed: int) -> list[tuple[str, ReasoningGymSource, list[Ite
     return out
 
 
+def suite_names(cfg) -> tuple[str, str]:
+    """The (validation, test) suite names in the benchmarks table: "<task>-validation", "<task>-test"."""
+    task = cfg.task.name if cfg.task.prompts_file is None else cfg.task.prompts_file.name
+    return f"{task}-validation", f"{task}-test"
+
+
 @task(name="benchmark", cache_policy=NO_CACHE)
-def benchmark_task(ctx: StageContext, items: list[Item], model_ref: str) -> dict:
-    """The held-out suite (accuracy, mean length) and every guard suite (accuracy), greedy."""
+def benchmark_task(ctx: StageContext, validation: list[Item], test: list[Item], model_ref: str) -> dict:
+    """The test split (reported: accuracy as the mean score, exact match, mean length), the
+    validation split (the promotion gate's: validation_*), and every guard suite, greedy."""
     cfg = ctx.config
     if ctx.round == 0:
-        parquet.write_table(ctx.workspace, "prompts", ctx.run_id, 0, prompt_rows(items, ctx.run_id, 0, "benchmark"),
-                            part="benchmark")
+        for split, items in (("validation", validation), ("test", test)):
+            parquet.write_table(ctx.workspace, "prompts", ctx.run_id, 0, prompt_rows(items, ctx.run_id, 0, split),
+                                part=split)
     engine = engines.open_engine(cfg.model, model_ref)
-    suite = f"{cfg.task.name if cfg.task.prompts_file is None else cfg.task.prompts_file.name}-heldout"
-    suites = [(suite, make_source(cfg.task), items, "data")] + [
-        (f"guard:{name}", source, guard_items, f"guard-{i}")
-        for i, (name, source, guard_items) in enumerate(guard_suites(cfg, cfg.seed))]
+    v_name, t_name = suite_names(cfg)
+    source = make_source(cfg.task)
+    suites = [(t_name, source, test, "test"), (v_name, source, validation, "validation")] + [
+        (f"guard:{name}", guard_source, guard_items, f"guard-{i}")
+        for i, (name, guard_source, guard_items) in enumerate(guard_suites(cfg, cfg.seed))]
     out: dict = {"guard_limits": {g.task: g.max_drop for g in cfg.benchmark.guards}}
     t0 = time.perf_counter()
-    for name, source, suite_items, part in suites:
-        with progress.stage("benchmark" if part == "data" else name, len(suite_items), "items") as advance:
+    for name, suite_source, suite_items, part in suites:
+        with progress.stage("benchmark" if part == "test" else name, len(suite_items), "items") as advance:
             gens = engine.greedy([it.prompt for it in suite_items], max_new_tokens=cfg.benchmark.max_new_tokens,
                                  batch_size=cfg.benchmark.batch_size, progress=advance)
-        rows = score_rows(suite_items, gens, source, run_id=ctx.run_id, round_=ctx.round, model=model_ref, suite=name)
+        rows = score_rows(suite_items, gens, suite_source, run_id=ctx.run_id, round_=ctx.round, model=model_ref,
+                          suite=name)
         parquet.write_table(ctx.workspace, "benchmarks", ctx.run_id, ctx.round, rows, part=part)
-        if part == "data":
+        if part == "test":
             seconds = time.perf_counter() - t0
             out |= {"benchmark_seconds": seconds, "benchmark_tokens_per_s": sampling.tokens_per_second(gens, seconds),
-                    **summarize(rows), "suite": json.dumps({"name": suite, "size": len(items)})}
+                    **summarize(rows), "suite": json.dumps({"name": name, "size": len(test)})}
+        elif part == "validation":
+            out |= {f"validation_{k}": v for k, v in summarize(rows).items()
+                    if k in ("accuracy", "exact_match", "exact_match_low", "exact_match_high", "mean_response_tokens")}
         else:
             out[f"guard_accuracy.{name.removeprefix('guard:')}"] = summarize(rows)["accuracy"]
+    out["benchmark_seconds_all_suites"] = time.perf_counter() - t0
     catalog.refresh(ctx.workspace)
     return out

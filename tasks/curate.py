@@ -14,6 +14,8 @@ filter kept (`funnel`):
                  max_min    k-th best vs k-th worst
                  max_random best vs a seeded-random candidate at least min_margin below it
                  max_second best vs the strongest candidate at least min_margin below it
+  cur_correct  where a verifier exists (and chosen: exact), pairs whose chosen response it marks
+               exactly correct: partial credit ranks, but never makes a wrong answer "chosen"
   cur_kept     SCIR's consistency filter: pairs that every `consistency` source orders the same
                way; CREAM: each pair carries its prompt's Kendall τ between this round's and the
                previous round's judge, and with cream: skip, pairs with τ < cream_min_tau go
@@ -29,6 +31,7 @@ sample whose reward reaches sft_threshold.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 
@@ -40,6 +43,7 @@ from prefect.cache_policies import NO_CACHE
 from flywheel.config import CurationConfig
 from flywheel.storage import catalog, datacard, parquet
 from flywheel.tasks.common import StageContext
+from flywheel.tasks.generate import DRAW
 
 # Per-candidate reward from the judgments table (one row per candidate and source).
 _REWARD = """
@@ -124,8 +128,10 @@ WHERE b.reward - w.reward >= {min_margin} AND b.norm <> w.norm""",
 }
 
 _KEEP = """
+CREATE OR REPLACE TEMP TABLE cur_correct AS
+SELECT * FROM cur_pairs WHERE {chosen_correct};
 CREATE OR REPLACE TEMP TABLE cur_consistent AS
-SELECT p.* FROM cur_pairs p {consistency_joins} WHERE {consistency};
+SELECT p.* FROM cur_correct p {consistency_joins} WHERE {consistency};
 CREATE OR REPLACE TEMP TABLE cur_kept AS
 SELECT p.*, c.tau AS cream_tau FROM cur_consistent p LEFT JOIN cur_cream c USING (prompt_id)
 WHERE {cream_keep}
@@ -163,6 +169,7 @@ SELECT
     (SELECT count(*) FROM cur_spread WHERE spread > 0 AND spread < {min_margin}) AS prompts_below_margin,
     (SELECT count(*) FROM cur_spread WHERE spread >= {min_margin}) AS prompts_with_signal,
     (SELECT count(*) FROM cur_pairs) AS pairs_eligible,
+    (SELECT count(*) FROM cur_correct) AS pairs_chosen_correct,
     (SELECT count(*) FROM cur_consistent) AS pairs_consistent,
     (SELECT count(*) FROM cur_kept) AS pairs_cream_kept,
     (SELECT avg(tau) FROM cur_cream) AS cream_tau,
@@ -183,8 +190,13 @@ class Curated:
     funnel: dict[str, int]  # how many candidates / prompts / pairs each filter kept
 
 
-def curate(con: duckdb.DuckDBPyConnection, cfg: CurationConfig, seed: int = 0) -> Curated:
-    """Pairs and the SFT set from the relations `prompts`, `candidates`, `judgments` on `con`."""
+EXACT = 1 - 1e-9  # a verifier's full credit
+
+
+def curate(con: duckdb.DuckDBPyConnection, cfg: CurationConfig, seed: int = 0, verifier: str | None = None) -> Curated:
+    """Pairs and the SFT set from the relations `prompts`, `candidates`, `judgments` on `con`.
+    `verifier`: the name of the verifier source, when there is one (with cfg.chosen "exact", a
+    pair's chosen response must have its full credit)."""
     m = _num(cfg.min_margin)
     weights = cfg.weights()
     con.execute(_REWARD.format(
@@ -215,8 +227,12 @@ def curate(con: duckdb.DuckDBPyConnection, cfg: CurationConfig, seed: int = 0) -
                          f"ON {side}{i}.candidate_id = p.{cid}")
         conditions.append(f"coalesce(b{i}.score > w{i}.score, false)")
     cream_keep = f"(c.tau IS NULL OR c.tau >= {_num(cfg.cream_min_tau)})" if cfg.cream == "skip" else "true"
+    chosen_correct = "true"
+    if verifier is not None and cfg.chosen == "exact":
+        chosen_correct = (f"chosen_id IN (SELECT candidate_id FROM judgments WHERE source = {catalog.sql_str(verifier)} "
+                          f"AND score >= {_num(EXACT)})")
     con.execute(_KEEP.format(consistency_joins=" ".join(joins), consistency=" AND ".join(conditions),
-                             cream_keep=cream_keep))
+                             cream_keep=cream_keep, chosen_correct=chosen_correct))
     con.execute(_CAP_AND_BALANCE.format(pairs_per_prompt=int(cfg.pairs_per_prompt), seed=int(seed),
                                         category_limit=category_limit))
     pairs = con.sql(f"SELECT f.*, p.prompt FROM cur_final f JOIN ({_PROMPT_TEXT}) p USING (prompt_id) "
@@ -247,17 +263,42 @@ def pair_metrics(curated: Curated) -> dict[str, float]:
 def curate_task(ctx: StageContext) -> dict:
     t0 = time.perf_counter()
     root = ctx.workspace
+    verifier = verifier_source(ctx.config)
     with duckdb.connect() as con:
         for table, part in (("prompts", "train"), ("candidates", "data"), ("judgments", "data")):
             path = parquet.table_path(root, table, ctx.run_id, ctx.round, part)
             con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet({catalog.sql_str(str(path))})")
-        curated = curate(con, ctx.config.curation, ctx.config.seed + ctx.round)
+        curated = curate(con, ctx.config.curation, ctx.config.seed + ctx.round, verifier)
+        labels = pair_labels(con, curated.pairs, verifier)
     parquet.write_table(root, "pairs", ctx.run_id, ctx.round, curated.pairs)
     parquet.write_table(root, "sft", ctx.run_id, ctx.round, curated.sft)
     removed = (parquet.read_table(root, "prompts", ctx.run_id, ctx.round, part="decontaminated").to_pylist()
                if parquet.exists(root, "prompts", ctx.run_id, ctx.round, part="decontaminated") else [])
-    datacard.write(datacard.card_dir(root, ctx.run_id, ctx.round), ctx.run_id, ctx.round, ctx.config.curation,
-                   curated.funnel, curated.pairs, curated.sft, removed)
+    out = datacard.card_dir(root, ctx.run_id, ctx.round)
+    draw = json.loads((out / DRAW).read_text()) if (out / DRAW).is_file() else None
+    datacard.write(out, ctx.run_id, ctx.round, ctx.config.curation, curated.funnel, curated.pairs, curated.sft,
+                   removed, draw, labels)
     catalog.refresh(root)
     return {"curate_seconds": time.perf_counter() - t0, "decontaminated_prompts": len(removed),
-            **pair_metrics(curated)}
+            **{f"pairs_{k}_share": v for k, v in labels.items() if v is not None}, **pair_metrics(curated)}
+
+
+def verifier_source(config) -> str | None:
+    """The name of the first verifier among the judge's sources (None: no verifier in the loop)."""
+    return next((s.key() for s in config.judge.sources if s.type == "verifier"), None)
+
+
+def pair_labels(con: duckdb.DuckDBPyConnection, pairs: pa.Table, verifier: str | None) -> dict[str, float | None]:
+    """Against the verifier (when there is one): the share of pairs whose chosen response is exactly
+    correct, and whose rejected one is wrong."""
+    if verifier is None or pairs.num_rows == 0:
+        return {"chosen_exact": None, "rejected_wrong": None}
+    con.register("cur_labelled", pairs.select(["chosen_id", "rejected_id"]))
+    chosen, rejected = con.execute(f"""
+        WITH v AS (SELECT candidate_id, score FROM judgments WHERE source = {catalog.sql_str(verifier)})
+        SELECT avg(CASE WHEN c.score >= {_num(EXACT)} THEN 1.0 ELSE 0.0 END),
+               avg(CASE WHEN r.score >= {_num(EXACT)} THEN 0.0 ELSE 1.0 END)
+        FROM cur_labelled p LEFT JOIN v c ON c.candidate_id = p.chosen_id LEFT JOIN v r ON r.candidate_id = p.rejected_id
+    """).fetchall()[0]
+    con.unregister("cur_labelled")
+    return {"chosen_exact": chosen, "rejected_wrong": rejected}

@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from flywheel import progress
 from flywheel.models import decode, engines, sampling, shards
+from flywheel.models.decontam import Overlap
 from flywheel.models.tasksource import Item
-from flywheel.storage import catalog, parquet
+from flywheel.storage import catalog, datacard, parquet
 from flywheel.tasks.common import StageContext, short_hash
 
 
@@ -40,16 +42,37 @@ def candidate_rows(prompts: Sequence[dict], gens: Sequence[engines.Generation], 
     return rows
 
 
+DRAW = "draw.json"  # beside the data card: what the round's draw skipped and why
+
+
+def removed_items(removed: Sequence[tuple[Item, Overlap]], held: Sequence[Item]) -> list[Item]:
+    """The dropped prompts, each with its overlap in its metadata: the rule that fired, the share,
+    and the evaluation item it overlaps (its prompt id)."""
+    return [replace(it, metadata={**it.metadata, "overlap": {
+        "rule": o.rule, "share": round(o.share, 4), "item": held[o.item].id if o.item is not None else None}})
+        for it, o in removed]
+
+
 @task(name="generate", cache_policy=NO_CACHE)
-def generate_task(ctx: StageContext, items: list[Item], policy: str, removed: list[Item] | None = None) -> dict:
-    """`removed`: prompts drawn for this round but dropped as benchmark overlaps, kept (split
-    "decontaminated") so that they can be listed."""
+def generate_task(ctx: StageContext, items: list[Item], policy: str,
+                  removed: list[tuple[Item, Overlap]] | None = None, repeats: int = 0,
+                  held: list[Item] | None = None) -> dict:
+    """`removed`: prompts drawn for this round but dropped as overlapping an evaluation item (`held`:
+    validation + test), kept (split "decontaminated", their overlap in their metadata) so that they
+    can be listed; `repeats`: drawn prompts skipped because an earlier round trained on them."""
     cfg, s = ctx.config, ctx.config.sampling
     prompts = prompt_rows(items, ctx.run_id, ctx.round, "train")
     parquet.write_table(ctx.workspace, "prompts", ctx.run_id, ctx.round, prompts, part="train")
+    removed = removed or []
     if removed:
         parquet.write_table(ctx.workspace, "prompts", ctx.run_id, ctx.round,
-                            prompt_rows(removed, ctx.run_id, ctx.round, "decontaminated"), part="decontaminated")
+                            prompt_rows(removed_items(removed, held or []), ctx.run_id, ctx.round, "decontaminated"),
+                            part="decontaminated")
+    by_rule = {rule: sum(o.rule == rule for _, o in removed) for rule in ("exact", "normalised", "ngram")}
+    out = datacard.card_dir(ctx.workspace, ctx.run_id, ctx.round)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DRAW).write_text(json.dumps({"prompts": len(items), "removed": by_rule, "repeats_skipped": repeats,
+                                        "evaluation_items": len(held or [])}, indent=1))
     seed = cfg.seed * 1000 + ctx.round
     t0 = time.perf_counter()
     with progress.stage("generate", len(items) * s.n, "samples") as advance:
@@ -65,6 +88,7 @@ def generate_task(ctx: StageContext, items: list[Item], policy: str, removed: li
                           seed=seed, sampling_json=sampling_json)
     parquet.write_table(ctx.workspace, "candidates", ctx.run_id, ctx.round, rows)
     catalog.refresh(ctx.workspace)
-    return {"generate_seconds": seconds, "generate_engine": described,
+    return {"generate_seconds": seconds, "generate_engine": described, "repeated_prompts_skipped": repeats,
+            **{f"decontaminated_{rule}": n for rule, n in by_rule.items()},
             "generate_tokens_per_s": sampling.tokens_per_second(gens, seconds),
             "candidates": len(rows), "candidate_mean_tokens": sum(g.n_tokens for g in gens) / len(gens)}

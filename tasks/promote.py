@@ -1,8 +1,11 @@
 """The promotion gate: does a round's model become the champion the next round starts from?
 
-It must beat the champion's held-out accuracy by `min_improvement`, its mean response length may
-grow at most `max_length_growth`, and no guard (out-of-domain) suite may drop more than its
-`max_drop`. Every check's outcome is a reason, recorded in the rounds table and in MLflow.
+Decided on the validation split only (the test split is reported, never used for a decision): the
+round's exact-match accuracy must beat the champion's by `min_improvement` (rule `point`), or the
+lower end of the paired-bootstrap 95% interval of its gain must (rule `interval`); its mean
+response length may grow at most `max_length_growth`; and no guard (out-of-domain) suite may drop
+more than its `max_drop`. Every check's outcome is a reason, recorded in the rounds table and in
+MLflow.
 """
 
 from __future__ import annotations
@@ -47,15 +50,17 @@ def paired_bootstrap(new: Sequence[float], old: Sequence[float], resamples: int 
 class Champion:
     policy: str
     round: int
-    accuracy: float | None
-    mean_tokens: float
+    accuracy: float | None  # the test split's mean score (reported, never decided on)
+    mean_tokens: float  # on the validation split
     guards: dict[str, float] = field(default_factory=dict)  # guard suite → accuracy
+    validation: float | None = None  # exact match on the validation split: what the gate compares
 
     @classmethod
     def of(cls, policy: str, round_: int, metrics: dict) -> Champion:
-        return cls(policy, round_, metrics["accuracy"], metrics["mean_response_tokens"],
+        return cls(policy, round_, metrics["accuracy"],
+                   metrics.get("validation_mean_response_tokens", metrics["mean_response_tokens"]),
                    {k.removeprefix("guard_accuracy."): v for k, v in metrics.items()
-                    if k.startswith("guard_accuracy.")})
+                    if k.startswith("guard_accuracy.")}, metrics.get("validation_exact_match"))
 
 
 def decide(metrics: dict, champion: Champion, cfg: PromotionConfig, trained: bool) -> tuple[bool, list[str]]:
@@ -63,23 +68,25 @@ def decide(metrics: dict, champion: Champion, cfg: PromotionConfig, trained: boo
     if not trained:
         return False, ["no model was trained (no training data this round)"]
     failed, passed = [], []
-    acc = metrics["accuracy"]
-    if acc is None or champion.accuracy is None:
-        passed.append("accuracy not measured: the held-out suite has no reference answers (unscored)")
-    elif cfg.rule == "interval" and metrics.get("accuracy_gain_low") is not None:
-        gain, low, high = metrics["accuracy_gain"], metrics["accuracy_gain_low"], metrics["accuracy_gain_high"]
-        line = (f"accuracy {acc:.1%} vs champion (round {champion.round}) {champion.accuracy:.1%}: "
+    acc = metrics.get("validation_exact_match")
+    if acc is None or champion.validation is None:
+        passed.append("validation exact match not measured: the validation split has no reference answers (unscored)")
+    elif cfg.rule == "interval" and metrics.get("validation_exact_match_gain_low") is not None:
+        gain = metrics["validation_exact_match_gain"]
+        low, high = metrics["validation_exact_match_gain_low"], metrics["validation_exact_match_gain_high"]
+        line = (f"validation exact match {acc:.1%} vs champion (round {champion.round}) {champion.validation:.1%}: "
                 f"{gain * 100:+.1f} points, 95% interval [{low * 100:+.1f}, {high * 100:+.1f}] (paired bootstrap); "
                 f"its lower bound needs ≥ {cfg.min_improvement * 100:+.1f}")
         (passed if low >= cfg.min_improvement - 1e-12 else failed).append(line)
     else:
-        gain = acc - champion.accuracy
-        line = (f"accuracy {acc:.1%} vs champion (round {champion.round}) {champion.accuracy:.1%}: "
+        gain = acc - champion.validation
+        line = (f"validation exact match {acc:.1%} vs champion (round {champion.round}) {champion.validation:.1%}: "
                 f"{gain * 100:+.1f} points, needs ≥ {cfg.min_improvement * 100:+.1f}")
         (passed if gain >= cfg.min_improvement - 1e-12 else failed).append(line)
+    length = metrics.get("validation_mean_response_tokens", metrics["mean_response_tokens"])
     if cfg.max_length_growth is not None and champion.mean_tokens > 0:
-        growth = metrics["mean_response_tokens"] / champion.mean_tokens - 1
-        line = (f"mean length {metrics['mean_response_tokens']:.1f} vs {champion.mean_tokens:.1f} tokens: "
+        growth = length / champion.mean_tokens - 1
+        line = (f"mean length {length:.1f} vs {champion.mean_tokens:.1f} tokens: "
                 f"{growth:+.0%}, limit +{cfg.max_length_growth:.0%}")
         (passed if growth <= cfg.max_length_growth + 1e-12 else failed).append(line)
     for name, max_drop in metrics.get("guard_limits", {}).items():
@@ -91,9 +98,14 @@ def decide(metrics: dict, champion: Champion, cfg: PromotionConfig, trained: boo
     return (not failed), (failed or passed)
 
 
-def paired_gains(new_rows: Sequence[dict], old_rows: Sequence[dict], seed: int = 0) -> dict[str, float]:
-    """The round's benchmark rows vs the champion's, joined on item: mean-score gain and
-    exact-match gain, each with its paired-bootstrap 95% interval. Items either left unscored drop out."""
+def paired_gains(new_rows: Sequence[dict], old_rows: Sequence[dict], seed: int = 0, suite: str | None = None,
+                 prefix: str = "") -> dict[str, float]:
+    """The round's benchmark rows vs the champion's, joined on item (of `suite`, when given): mean-score
+    gain and exact-match gain, each with its paired-bootstrap 95% interval, keys prefixed with
+    `prefix`. Items either left unscored drop out."""
+    if suite is not None:
+        new_rows = [r for r in new_rows if r["suite"] == suite]
+        old_rows = [r for r in old_rows if r["suite"] == suite]
     old = {r["item_id"]: r["score"] for r in old_rows if r["score"] is not None}
     pairs = [(r["score"], old[r["item_id"]]) for r in new_rows if r["score"] is not None and r["item_id"] in old]
     out: dict[str, float] = {}
@@ -101,6 +113,7 @@ def paired_gains(new_rows: Sequence[dict], old_rows: Sequence[dict], seed: int =
         return out
     for name, f in (("accuracy", lambda x: x), ("exact_match", lambda x: float(x >= EXACT))):
         gain = paired_bootstrap([f(a) for a, _ in pairs], [f(b) for _, b in pairs], seed=seed)
-        out |= {f"{name}_gain": gain[0], f"{name}_gain_low": gain[1], f"{name}_gain_high": gain[2]}
-    out["paired_items"] = len(pairs)
+        out |= {f"{prefix}{name}_gain": gain[0], f"{prefix}{name}_gain_low": gain[1],
+                f"{prefix}{name}_gain_high": gain[2]}
+    out[f"{prefix}paired_items"] = len(pairs)
     return out

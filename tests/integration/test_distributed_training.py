@@ -31,7 +31,7 @@ def round_on_two_processes(tmp_path_factory, prefect_harness):
     config = load_config(None, {
         "name": "ddp", "rounds": 1, "workspace": str(ws),
         "task": {"prompts_per_round": 12}, "sampling": {"n": 4, "max_new_tokens": 24},
-        "benchmark": {"size": 8, "max_new_tokens": 24},
+        "benchmark": {"size": 8, "validation_size": 8, "guards": [], "max_new_tokens": 24},
         "train": {"num_processes": 2, "dpo": {"num_train_epochs": 1, "per_device_train_batch_size": 2}},
     })
     return ws, config, flywheel(config)

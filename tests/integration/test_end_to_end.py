@@ -19,7 +19,7 @@ ROUND_METRICS = ("accuracy", "pairs", "mean_margin", "judge_verifier_agreement",
 def run(tmp_path_factory, prefect_harness):
     import mlflow
 
-    from flywheel.config import load_config
+    from flywheel.config import BenchmarkConfig, load_config
     from flywheel.flows.flywheel import flywheel
 
     ws = tmp_path_factory.mktemp("ws")
@@ -28,7 +28,9 @@ def run(tmp_path_factory, prefect_harness):
         "task": {"prompts_per_round": 8},
         "sampling": {"n": 4, "max_new_tokens": 32},
         "judge": {"batch_size": 16},
-        "benchmark": {"size": 16, "max_new_tokens": 32},
+        # the default guard suites (on by default), smaller
+        "benchmark": {"size": 16, "validation_size": 8, "max_new_tokens": 32,
+                      "guards": [dict(g.model_dump(), size=8) for g in BenchmarkConfig().guards]},
         "train": {"dpo": {"num_train_epochs": 1, "learning_rate": 1e-4}},
     })
     result = flywheel(config)
@@ -328,3 +330,51 @@ def test_rounds_report_exact_match_and_the_paired_gain_with_intervals(run):
         # the point gain is this round's accuracy minus its champion's, on the same items
         champion = max((p for p in result["rounds"][:r["round"]] if p["promoted"]), key=lambda p: p["round"])
         assert r["accuracy_gain"] == pytest.approx(r["accuracy"] - champion["accuracy"])
+        # the gate decided on the validation split, which has its own paired gain
+        assert r["validation_paired_items"] == config.benchmark.validation_size
+        assert r["validation_exact_match_gain"] == pytest.approx(
+            r["validation_exact_match"] - champion["validation_exact_match"])
+        assert "validation exact match" in "; ".join(r["promotion_reasons"])
+
+
+def test_no_evaluation_item_was_ever_a_training_prompt(run):
+    """Validation, test and every round's training prompts are disjoint, in any form (a commuted sum
+    is the same item), and no round trains on a prompt an earlier round trained on."""
+    from flywheel.models.decontam import normal_forms
+    from flywheel.storage import catalog
+
+    ws, config, result = run
+    rows = catalog.query(ws, "SELECT round, split, prompt, metadata FROM prompts").to_pylist()
+
+    def forms(split, round_=None):
+        return [f for r in rows if r["split"] == split and round_ in (None, r["round"])
+                for f in normal_forms(r["prompt"], json.loads(r["metadata"] or "{}")) if not f.startswith("text:")]
+
+    test, validation = forms("test"), forms("validation")
+    assert (len(set(test)), len(set(validation))) == (config.benchmark.size, config.benchmark.validation_size)
+    assert not set(test) & set(validation)
+    seen: set[str] = set()
+    for k in (1, 2):
+        train = forms("train", k)
+        assert len(train) == len(set(train)) == config.task.prompts_per_round
+        assert not set(train) & (set(test) | set(validation)), f"round {k} trained on an evaluation item"
+        assert not set(train) & seen, f"round {k} trained on a prompt of an earlier round"
+        seen |= set(train)
+    # the data card says what the checks removed
+    card = (ws / "runs" / result["run_id"] / "round=2" / "data_card.md").read_text()
+    assert "## Overlap checks" in card and "| trained on in an earlier round (fresh prompts each round) |" in card
+
+
+def test_guard_suites_are_on_by_default_and_the_chosen_side_is_correct(run):
+    from flywheel.storage import catalog
+
+    ws, config, result = run
+    suites = {r["suite"] for r in catalog.query(ws, "SELECT DISTINCT suite FROM benchmarks").to_pylist()}
+    assert {"guard:basic_arithmetic", "guard:letter_counting"} <= suites
+    for r in result["rounds"][1:]:
+        assert {"guard_accuracy.basic_arithmetic", "guard_accuracy.letter_counting"} <= set(r)
+        if r["pairs"]:
+            assert r["pairs_chosen_exact_share"] == 1.0  # a verifier is in the loop: chosen is exactly correct
+    wrong = catalog.query(ws, """SELECT count(*) AS n FROM pairs p JOIN judgments j ON j.candidate_id = p.chosen_id
+                                 AND j.source = 'verifier' WHERE j.score < 1""").to_pylist()
+    assert wrong == [{"n": 0}]

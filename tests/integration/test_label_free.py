@@ -14,7 +14,7 @@ def test_label_free_round_end_to_end(tmp_path, prefect_harness):
     config = load_config(None, {
         "name": "label-free", "rounds": 1, "workspace": str(tmp_path),
         "task": {"prompts_per_round": 8}, "sampling": {"n": 4},
-        "benchmark": {"size": 16, "max_new_tokens": 32},
+        "benchmark": {"size": 16, "validation_size": 8, "guards": [], "max_new_tokens": 32},
         "train": {"dpo": {"num_train_epochs": 1}},
     }, preset="label_free")
     result = flywheel(config)

@@ -12,7 +12,7 @@ SMALL = """
 name: life
 task: {prompts_per_round: 8}
 sampling: {n: 4}
-benchmark: {size: 16, max_new_tokens: 24}
+benchmark: {size: 16, validation_size: 8, guards: [], max_new_tokens: 24}
 train: {dpo: {num_train_epochs: 1}}
 """
 
@@ -25,8 +25,8 @@ def cli(tmp_path, *args):
 
 
 def test_stop_after_no_improvement_then_runs_and_compare(tmp_path):
-    guarded = SMALL.replace("benchmark: {size: 16, max_new_tokens: 24}", "benchmark: {size: 16, max_new_tokens: 24, "
-                            "guards: [{task: basic_arithmetic, size: 8, max_drop: 0.05}]}")
+    guarded = SMALL.replace("benchmark: {size: 16, validation_size: 8, guards: [], max_new_tokens: 24}", "benchmark: {size: 16, validation_size: 8, "
+                            "max_new_tokens: 24, guards: [{task: basic_arithmetic, size: 8, max_drop: 0.05}]}")
     (tmp_path / "c.yaml").write_text(guarded + "promotion: {min_improvement: 1.0}\n")  # nothing can be promoted
     ws = tmp_path / "ws"
     p = cli(tmp_path, "run", "--config", "c.yaml", "--workspace", str(ws), "--max-rounds", "3",
@@ -38,10 +38,10 @@ def test_stop_after_no_improvement_then_runs_and_compare(tmp_path):
     rounds = catalog.query(ws, "SELECT round, promoted, promotion_reasons FROM rounds ORDER BY round").to_pylist()
     assert [r["round"] for r in rounds] == [0, 1] and rounds[1]["promoted"] is False
     assert "needs ≥ +100.0" in rounds[1]["promotion_reasons"]
-    # the guard suite was benchmarked for both models, beside the held-out suite
+    # the guard suite was benchmarked for both models, beside the test and validation splits
     suites = catalog.query(ws, "SELECT round, suite, count(*) n FROM benchmarks GROUP BY ALL ORDER BY ALL").to_pylist()
     assert suites == [{"round": k, "suite": s, "n": n} for k in (0, 1)
-                      for s, n in (("chain_sum-heldout", 16), ("guard:basic_arithmetic", 8))]
+                      for s, n in (("chain_sum-test", 16), ("chain_sum-validation", 8), ("guard:basic_arithmetic", 8))]
     run_id = next((ws / "runs").iterdir()).name
 
     p = cli(tmp_path, "runs", "--workspace", str(ws))

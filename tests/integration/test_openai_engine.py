@@ -226,7 +226,7 @@ def test_round_with_a_served_judge(server, tmp_path, monkeypatch, prefect_harnes
     config = C.load_config(None, {
         "name": "served", "rounds": 1, "workspace": str(ws),
         "task": {"prompts_per_round": 6}, "sampling": {"n": 4, "max_new_tokens": 24},
-        "benchmark": {"size": 8, "max_new_tokens": 24},
+        "benchmark": {"size": 8, "validation_size": 8, "guards": [], "max_new_tokens": 24},
         "judge": {"sources": ["verifier", {"type": "llm_judge", "name": "self_judge"},
                              {"type": "llm_judge", "name": "served_judge",
                               "model": served(server, max_concurrency=2).model_dump(mode="json")}]},
@@ -265,7 +265,7 @@ def test_unreachable_judge_fails_the_round_in_one_line(tmp_path):
     cfg = tmp_path / "judge.yaml"
     cfg.write_text(json.dumps({
         "rounds": 1, "task": {"prompts_per_round": 2}, "sampling": {"n": 2, "max_new_tokens": 8},
-        "benchmark": {"size": 2, "max_new_tokens": 8},
+        "benchmark": {"size": 2, "validation_size": 8, "guards": [], "max_new_tokens": 8},
         "judge": {"sources": ["verifier", {"type": "llm_judge", "model": {
             "name": "judge", "engine": "openai", "openai": {
                 "base_url": f"http://bob:s3cret@127.0.0.1:{port}/v1", "tokenizer": C.EMBEDDED_MODEL,

@@ -20,7 +20,7 @@ SMALL = """
 name: scheduled
 task: {prompts_per_round: 8}
 sampling: {n: 4}
-benchmark: {size: 16, max_new_tokens: 24}
+benchmark: {size: 16, validation_size: 8, guards: [], max_new_tokens: 24}
 train: {dpo: {num_train_epochs: 1}}
 """
 

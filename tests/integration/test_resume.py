@@ -19,7 +19,7 @@ name: resume
 rounds: 1
 task: {prompts_per_round: 8}
 sampling: {n: 4, batch_size: 8}
-benchmark: {size: 16, batch_size: 8, max_new_tokens: 24}
+benchmark: {size: 16, validation_size: 8, guards: [], batch_size: 8, max_new_tokens: 24}
 train: {dpo: {num_train_epochs: 2, per_device_train_batch_size: 1}}
 stages: {checkpoint_steps: 2}
 """

@@ -32,7 +32,7 @@ CONFIG = f"""
 name: pooled
 task: {{prompts_per_round: {PROMPTS}}}
 sampling: {{n: {SAMPLES}}}
-benchmark: {{size: {BENCH}, max_new_tokens: 24}}
+benchmark: {{size: {BENCH}, validation_size: 8, guards: [], max_new_tokens: 24}}
 train: {{dpo: {{num_train_epochs: 4, per_device_train_batch_size: 2}}}}
 # the round's model becomes the champion whatever it scores: the alias must reach the server
 promotion: {{min_improvement: -1.0, max_length_growth: null}}
@@ -268,15 +268,16 @@ def test_stages_on_a_gpu_pool_survive_a_killed_worker(servers, tmp_path):
     assert judged["n"] == judged["d"] >= PROMPTS * SAMPLES
     pairs = one("SELECT count(*) AS n, count(DISTINCT pair_id) AS d FROM pairs")[0]
     assert pairs["n"] == pairs["d"] > 0
-    # the held-out suite's rows are its items, each once per round as drawn (the draw itself may repeat one)
+    # each split's rows are its items, each once per round
     from flywheel.config import load_config
-    from flywheel.models.tasksource import benchmark_items, make_source
+    from flywheel.models.tasksource import eval_items, make_source
 
     config = load_config(cfg)
-    drawn = sorted(it.id for it in benchmark_items(make_source(config.task), config.benchmark.size, config.seed))
+    splits = eval_items(make_source(config.task), config.benchmark.validation_size, config.benchmark.size, config.seed)
     for k in (0, 1):
-        rows = one(f"SELECT item_id FROM benchmarks WHERE round = {k} AND suite LIKE '%-heldout' ORDER BY item_id")
-        assert [r["item_id"] for r in rows] == drawn
+        for name, items in zip(("validation", "test"), splits):
+            rows = one(f"SELECT item_id FROM benchmarks WHERE round = {k} AND suite LIKE '%-{name}' ORDER BY item_id")
+            assert [r["item_id"] for r in rows] == sorted(it.id for it in items)
 
     # MLflow, on its server: the round's run with the loss the remote training logged, and the
     # registered model whose champion alias is this round's version

@@ -34,9 +34,9 @@ def test_a_suite_with_no_reference_answers_reports_no_accuracy(tmp_path):
     items = src.items(0, 3)
     rows = score_rows(items, [_gen("x")] * 3, src, run_id="r", round_=0, model="m", suite="s")
     assert summarize(rows)["accuracy"] is None and summarize(rows)["scored_items"] == 0
-    ok, reasons = decide({"accuracy": None, "mean_response_tokens": 10.0}, Champion("m0", 0, None, 10.0),
-                         PromotionConfig(), trained=True)
-    assert ok and any("accuracy not measured" in r and "unscored" in r for r in reasons), reasons
+    ok, reasons = decide({"accuracy": None, "mean_response_tokens": 10.0, "validation_exact_match": None},
+                         Champion("m0", 0, None, 10.0), PromotionConfig(), trained=True)
+    assert ok and any("validation exact match not measured" in r and "unscored" in r for r in reasons), reasons
 
 
 def test_the_held_out_part_of_a_file_takes_lines_with_answers_first(tmp_path):

@@ -248,3 +248,22 @@ def test_cream_tau_per_prompt_and_skip():
     first = {k: [(r, {"verifier": s["verifier"], "llm_judge": 1.0}) for r, s in v] for k, v in prompts.items()}
     c = curated(first, cream="skip")
     assert len(c.pairs) == 2 and all(p["cream_tau"] is None for p in c.pairs.to_pylist())
+
+
+def test_partial_credit_never_makes_a_wrong_answer_chosen():
+    """'It would take 3 or 30' (partial credit 0.5) beat a wrong answer (0) by the default margin:
+    with a verifier in the loop the chosen side must be exactly correct, unless chosen: any."""
+    from flywheel.tasks.curate import pair_labels
+
+    prompts = {"3 - 3 =": [("It would take 3 or 30", 0.5, 3.0), ("7", 0.0, 1.0)],
+               "2 + 2 =": [("4", 1.0, 4.0), ("It is 4 or 40", 0.5, 2.0), ("5", 0.0, 1.0)]}
+    con = make_con(prompts)
+    strict = curate(con, CurationConfig(min_margin=0.5), verifier="verifier")
+    assert [(p["chosen"], p["rejected"]) for p in strict.pairs.to_pylist()] == [("4", "5")]
+    assert (strict.funnel["pairs_eligible"], strict.funnel["pairs_chosen_correct"]) == (2, 1)
+    assert pair_labels(con, strict.pairs, "verifier") == {"chosen_exact": 1.0, "rejected_wrong": 1.0}
+    loose = curate(make_con(prompts), CurationConfig(min_margin=0.5, chosen="any"), verifier="verifier")
+    assert sorted(p["chosen"] for p in loose.pairs.to_pylist()) == ["4", "It would take 3 or 30"]
+    assert pair_labels(make_con(prompts), loose.pairs, "verifier") == {"chosen_exact": 0.5, "rejected_wrong": 1.0}
+    # no verifier in the loop (label-free): nothing to check against, nothing filtered
+    assert curate(make_con(prompts), CurationConfig(min_margin=0.5)).funnel["pairs_chosen_correct"] == 2

@@ -13,21 +13,25 @@ from flywheel.flows.flywheel import _replay
 from flywheel.storage import lock
 from flywheel.tasks.promote import Champion, decide
 
-CHAMP = Champion("m0", 0, accuracy=0.50, mean_tokens=10.0, guards={"basic_arithmetic": 0.40})
+CHAMP = Champion("m0", 0, accuracy=0.30, mean_tokens=10.0, guards={"basic_arithmetic": 0.40}, validation=0.50)
 
 
-def metrics(acc, tokens=10.0, guard=0.40):
-    return {"accuracy": acc, "mean_response_tokens": tokens, "guard_accuracy.basic_arithmetic": guard,
+def metrics(acc, tokens=10.0, guard=0.40, test=0.99):
+    """A round's figures: `acc` on the validation split decides; the test split (`test`) never does."""
+    return {"accuracy": test, "exact_match": test, "mean_response_tokens": tokens, "validation_exact_match": acc,
+            "validation_mean_response_tokens": tokens, "guard_accuracy.basic_arithmetic": guard,
             "guard_limits": {"basic_arithmetic": 0.05}}
 
 
 @pytest.mark.parametrize("m, cfg, promoted, why", [
-    (metrics(0.55), PromotionConfig(), True, "accuracy 55.0% vs champion (round 0) 50.0%: +5.0 points"),
+    (metrics(0.55), PromotionConfig(), True, "validation exact match 55.0% vs champion (round 0) 50.0%: +5.0 points"),
     (metrics(0.50), PromotionConfig(), True, "+0.0 points, needs ≥ +0.0"),
-    (metrics(0.49), PromotionConfig(), False, "accuracy 49.0% vs champion (round 0) 50.0%: -1.0 points"),
+    (metrics(0.49), PromotionConfig(), False, "validation exact match 49.0% vs champion (round 0) 50.0%: -1.0 points"),
+    # the test split is reported, never decided on: a test score far above the champion's changes nothing
+    (metrics(0.49, test=0.99), PromotionConfig(), False, "-1.0 points"),
     (metrics(0.52), PromotionConfig(min_improvement=0.05), False, "needs ≥ +5.0"),
     (metrics(0.60, tokens=16.0), PromotionConfig(max_length_growth=0.5), False, "mean length 16.0 vs 10.0 tokens: +60%"),
-    (metrics(0.60, tokens=16.0), PromotionConfig(max_length_growth=None), True, "accuracy 60.0%"),
+    (metrics(0.60, tokens=16.0), PromotionConfig(max_length_growth=None), True, "validation exact match 60.0%"),
     (metrics(0.60, guard=0.30), PromotionConfig(), False, "guard basic_arithmetic 30.0% vs 40.0%: -10.0 points"),
     (metrics(0.60, guard=0.37), PromotionConfig(), True, "guard basic_arithmetic 37.0% vs 40.0%"),
 ])

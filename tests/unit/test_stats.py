@@ -42,6 +42,12 @@ def test_paired_gains_join_on_items_and_drop_unscored():
     assert g["paired_items"] == 3  # d unscored before, e not in the champion's suite
     assert g["accuracy_gain"] == pytest.approx(0.5)  # (1 + 0 + 0.5) / 3
     assert g["exact_match_gain"] == pytest.approx(2 / 3)  # a and c become exact; 0.5 was partial credit
+    # one split at a time: the validation split's items never mix into the test split's gain
+    tagged_old = [dict(r, suite="t") for r in old] + [{"item_id": "v", "score": 1.0, "suite": "v"}]
+    tagged_new = [dict(r, suite="t") for r in new] + [{"item_id": "v", "score": 0.0, "suite": "v"}]
+    assert promote.paired_gains(tagged_new, tagged_old, suite="t")["accuracy_gain"] == pytest.approx(0.5)
+    v = promote.paired_gains(tagged_new, tagged_old, suite="v", prefix="validation_")
+    assert v["validation_accuracy_gain"] == -1.0 and v["validation_paired_items"] == 1
 
 
 def test_exact_match_is_full_credit_only():
@@ -52,9 +58,10 @@ def test_exact_match_is_full_credit_only():
 
 
 def _decide(rule: str, gain: tuple[float, float, float]) -> tuple[bool, list[str]]:
-    champion = promote.Champion("c", 0, 0.40, 10.0)
-    metrics = {"accuracy": 0.40 + gain[0], "mean_response_tokens": 10.0, "accuracy_gain": gain[0],
-               "accuracy_gain_low": gain[1], "accuracy_gain_high": gain[2]}
+    champion = promote.Champion("c", 0, 0.40, 10.0, validation=0.40)
+    metrics = {"accuracy": 0.40, "mean_response_tokens": 10.0, "validation_exact_match": 0.40 + gain[0],
+               "validation_exact_match_gain": gain[0], "validation_exact_match_gain_low": gain[1],
+               "validation_exact_match_gain_high": gain[2]}
     return promote.decide(metrics, champion, PromotionConfig(rule=rule, min_improvement=0.0), trained=True)
 
 

@@ -29,18 +29,65 @@ def test_unknown_task_and_bad_options():
         ReasoningGymSource("chain_sum", {"no_such_option": 1})
 
 
-def test_training_prompts_never_include_benchmark_items():
-    src = ReasoningGymSource("chain_sum", EASY)
-    bench = benchmark_items(src, 200, seed=0)
-    ids = {it.id for it in bench}
-    decontam = Decontaminator([it.prompt for it in bench])
-    train, removed = train_items(src, 1, 64, 0, decontam)
-    assert len(train) == 64 and removed  # the space is small: overlaps exist and are removed
-    assert {it.id for it, _ in removed} <= ids and all(o.share == 1.0 for _, o in removed)
-    assert not ids & {it.id for it in train}
-    assert len({it.id for it in train}) == 64, "prompts in a round are distinct (candidate ids depend on it)"
-    assert train != train_items(src, 2, 64, 0, decontam)[0], "each round draws fresh prompts"
-    assert {it.category for it in train} == {"chain_sum"}  # no category fields asked for
+WIDER = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}  # the default task's space
+
+
+def _splits(src, v=100, t=200):
+    from flywheel.models.tasksource import eval_items
+
+    validation, test = eval_items(src, v, t, seed=0)
+    held = validation + test
+    return validation, test, Decontaminator([it.prompt for it in held], metadata=[it.metadata for it in held])
+
+
+def test_splits_and_rounds_are_disjoint_beyond_exact_text():
+    from flywheel.models.decontam import normal_forms
+
+    src = ReasoningGymSource("chain_sum", WIDER)
+    validation, test, decontam = _splits(src)
+    assert (len(validation), len(test)) == (100, 200)
+
+    def forms(items):
+        return {f for it in items for f in normal_forms(it.prompt, it.metadata) if not f.startswith("text:")}
+
+    assert len(forms(validation + test)) == 300, "drawn without replacement: no item twice, in any form"
+    assert not forms(validation) & forms(test)
+    seen: set[str] = set()
+    for r in (1, 2, 3):
+        draw = train_items(src, r, 64, 0, decontam)
+        assert len(draw.items) == 64 and len({it.id for it in draw.items}) == 64
+        assert not forms(draw.items) & forms(validation + test), "a training prompt is an evaluation item"
+        assert not forms(draw.items) & seen, f"round {r} reuses a prompt of an earlier round"
+        seen |= forms(draw.items)
+        assert draw.removed and {o.rule for _, o in draw.removed} <= {"exact", "normalised", "ngram"}
+        assert draw == train_items(src, r, 64, 0, decontam), "the draw is a function of seed and round"
+    assert draw.repeats > 0, "the space is small enough that later rounds meet earlier prompts and skip them"
+    assert {it.category for it in draw.items} == {"chain_sum"}  # no category fields asked for
+
+
+def test_a_commuted_sum_is_the_same_item():
+    from flywheel.models.decontam import normal_forms
+
+    a = "State the final answer to the following arithmetic problem: 13 + 5 ="
+    b = "State the final answer to the following arithmetic problem: 5 + 13 ="
+    c = "State the final answer to the following arithmetic problem: 13 - 5 ="
+    assert normal_forms(a) & normal_forms(b) and not normal_forms(a) & normal_forms(c)
+    d = Decontaminator([a] + [f"State the final answer to the following arithmetic problem: {x} - {y} ="
+                              for x in range(5) for y in range(4)])
+    assert d.contaminated(b).rule == "normalised" and d.contaminated(c) is None
+    assert d.contaminated("What is 5 + 13?").rule == "normalised"  # the same sum in other words
+
+
+def test_the_ngram_rule_fires_on_short_prompts():
+    """n scales with the prompt: a 12-word question with one word changed shares most of its 4-grams,
+    which 8-grams (at most 5 per prompt, all touching the change) would miss."""
+    items = ["Which planet in our solar system has the largest number of moons today",
+             "Name the river that flows through the city of Paris in France"] + [
+        f"Question {i}: give a synonym of the word number {i} in the list" for i in range(20)]
+    d = Decontaminator(items, n=8, threshold=0.5)
+    hit = d.contaminated("Which planet in our solar system has the greatest number of moons today")
+    assert hit is not None and hit.rule == "ngram" and hit.item == 0
+    assert d.contaminated("Which river flows through the city of London in England") is None
 
 
 def test_decontamination_catches_a_planted_overlap_and_spares_neighbours():
@@ -72,7 +119,7 @@ def test_file_source_jsonl_and_parquet(tmp_path):
     src = make_source(TaskConfig(prompts_file=f))
     bench = benchmark_items(src, 200, 0)
     assert 1 <= len(bench) <= 2  # at most a fifth is held out
-    train, _ = train_items(src, 1, 100, 0, Decontaminator([it.prompt for it in bench]))
+    train = train_items(src, 1, 100, 0, Decontaminator([it.prompt for it in bench])).items
     assert len(train) == 10 - len(bench)
     assert src.score("2", "2", {}) == 1.0 and src.score("3", "2", {}) == 0.0 and src.score("x", None, {}) is None
     import pyarrow as pa
