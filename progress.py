@@ -107,10 +107,14 @@ def name_flow_run(name: str) -> None:
         client.update_flow_run(flow_run.get_id(), name=name)
 
 
-_SUMMARY_KEYS = (("accuracy", "held-out accuracy", "{:.1%}"), ("exact_match", "exact match", "{:.1%}"),
-                 ("accuracy_gain", "accuracy gain vs champion", "{:+.3f}"),
-                 ("accuracy_gain_low", "gain, 95% interval low", "{:+.3f}"),
-                 ("accuracy_gain_high", "gain, 95% interval high", "{:+.3f}"), ("scored_items", "scored items", "{}"),
+_SUMMARY_KEYS = (("exact_match", "test exact match", "{:.1%}"), ("exact_match_low", "… 95% interval low", "{:.1%}"),
+                 ("exact_match_high", "… 95% interval high", "{:.1%}"), ("accuracy", "test mean score", "{:.1%}"),
+                 ("exact_match_gain", "exact-match gain vs champion (test)", "{:+.3f}"),
+                 ("exact_match_gain_low", "gain, 95% interval low", "{:+.3f}"),
+                 ("exact_match_gain_high", "gain, 95% interval high", "{:+.3f}"),
+                 ("validation_exact_match", "validation exact match (decides)", "{:.1%}"),
+                 ("pairs_chosen_exact_share", "pairs whose chosen is exactly correct", "{:.0%}"),
+                 ("scored_items", "scored items", "{}"),
                  ("mean_response_tokens", "mean response tokens", "{:.1f}"), ("candidates", "candidates", "{}"),
                  ("pairs", "pairs", "{}"), ("judge_verifier_agreement", "judge–verifier agreement", "{:.1%}"),
                  ("train_loss", "train loss", "{:.4f}"), ("generate_seconds", "generate s", "{:.0f}"),

@@ -157,26 +157,34 @@ def print_summary(result: dict) -> None:
     from flywheel.progress import console
 
     t = Table(title=f"flywheel run {result['run_id']}")
-    for col in ("round", "accuracy", "pairs", "judge≈verifier", "mean length", "time", "promoted"):
+    for col in ("round", "test exact", "95% interval", "mean score", "validation exact", "pairs", "judge≈verifier",
+                "mean length", "time", "promoted"):
         t.add_column(col, justify="right")
 
     def fmt(v: Any, pattern: str) -> str:
         return pattern.format(v) if isinstance(v, (int, float)) else "–"
 
     for r in result["rounds"]:
-        t.add_row(str(r["round"]), fmt(r.get("accuracy"), "{:.1%}"), fmt(r.get("pairs"), "{:d}"),
+        interval = (f"{r['exact_match_low']:.1%}–{r['exact_match_high']:.1%}"
+                    if isinstance(r.get("exact_match_low"), float) else "–")
+        t.add_row(str(r["round"]), fmt(r.get("exact_match"), "{:.1%}"), interval, fmt(r.get("accuracy"), "{:.1%}"),
+                  fmt(r.get("validation_exact_match"), "{:.1%}"), fmt(r.get("pairs"), "{:d}"),
                   fmt(r.get("judge_verifier_agreement"), "{:.1%}"), fmt(r.get("mean_response_tokens"), "{:.1f} tok"),
                   fmt(r.get("round_seconds"), "{:.0f} s"), "yes" if r.get("promoted") else "no")
     from flywheel.progress import results
 
     results.print(t)
-    first, last = result["rounds"][0]["accuracy"], result["rounds"][-1]["accuracy"]
+    first, last = result["rounds"][0].get("exact_match"), result["rounds"][-1].get("exact_match")
     if first is None or last is None:
-        console.print(f"held-out suite unscored (no reference answers); champion: {result['champion']}")
+        console.print(f"test split unscored (no reference answers); champion: {result['champion']}")
     else:
-        console.print(f"held-out accuracy {first:.1%} → {last:.1%} after the last round "
-                      f"({(last - first) * 100:+.1f} points); champion {result['champion_accuracy']:.1%}: "
-                      f"{result['champion']}")
+        last_round = result["rounds"][-1]
+        gain = ""
+        if isinstance(last_round.get("exact_match_gain_low"), float):
+            gain = (f"; the last round vs its champion: {last_round['exact_match_gain'] * 100:+.1f} points, 95% interval "
+                    f"[{last_round['exact_match_gain_low'] * 100:+.1f}, {last_round['exact_match_gain_high'] * 100:+.1f}]")
+        console.print(f"test exact match {first:.1%} → {last:.1%} after the last round "
+                      f"({(last - first) * 100:+.1f} points{gain}); champion: {result['champion']}")
     console.print(f"MLflow run {result['mlflow_run_id']}; tables: flywheel sql \"SELECT * FROM rounds\"")
 
 

@@ -161,7 +161,8 @@ def eval_items(source, validation_size: int, test_size: int, seed: int) -> tuple
         n = min(validation_size + test_size, max(1, len(source._items) // 5))
         pool = sorted(source.items(seed, len(source._items)), key=lambda it: it.answer is None)
         picked = _distinct(pool, n)
-        v = min(validation_size, len(picked) * validation_size // max(1, validation_size + test_size))
+        share = round(len(picked) * validation_size / max(1, validation_size + test_size))
+        v = min(validation_size, max(share, 1 if len(picked) >= 2 and validation_size else 0))
         return picked[:v], picked[v:]
     want = validation_size + test_size
     base = BENCHMARK_SEED_BASE + seed * 100_000

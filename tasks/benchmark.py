@@ -77,6 +77,8 @@ def benchmark_task(ctx: StageContext, validation: list[Item], test: list[Item], 
     out: dict = {"guard_limits": {g.task: g.max_drop for g in cfg.benchmark.guards}}
     t0 = time.perf_counter()
     for name, suite_source, suite_items, part in suites:
+        if not suite_items:  # a prompts file too small for a validation split: the gate reports it unmeasured
+            continue
         with progress.stage("benchmark" if part == "test" else name, len(suite_items), "items") as advance:
             gens = engine.greedy([it.prompt for it in suite_items], max_new_tokens=cfg.benchmark.max_new_tokens,
                                  batch_size=cfg.benchmark.batch_size, progress=advance)

@@ -314,7 +314,7 @@ def test_prefect_shows_named_runs_their_logs_and_round_summaries(run):
             arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
                 any_=[fr.id])))
             assert [a.key for a in arts] == ["e2e-round-summary"]
-            assert f"round {k}" in arts[0].data and "held-out accuracy" in arts[0].data
+            assert f"round {k}" in arts[0].data and "test exact match" in arts[0].data
         tasks = {t.name for t in client.read_task_runs()}
         assert {"generate-round-1", "train-round-2", "benchmark-round-0 (baseline)"} <= tasks
 

@@ -44,3 +44,14 @@ def test_the_held_out_part_of_a_file_takes_lines_with_answers_first(tmp_path):
                                                                     for i in range(2)]
     bench = benchmark_items(_file(tmp_path, rows), 100, 0)
     assert len(bench) == 2 and all(it.answer is not None for it in bench)
+
+
+def test_a_file_splits_into_validation_and_test_without_overlap(tmp_path):
+    from flywheel.models.tasksource import eval_items
+
+    rows = [{"prompt": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(50)]
+    validation, test = eval_items(_file(tmp_path, rows), 100, 200, 0)
+    assert len(validation) + len(test) == 10  # a fifth of the file
+    assert len(validation) == 3 and not {it.id for it in validation} & {it.id for it in test}
+    tiny_v, tiny_t = eval_items(_file(tmp_path, rows[:5]), 100, 200, 0)
+    assert (len(tiny_v), len(tiny_t)) == (0, 1)  # one item can only be the test split

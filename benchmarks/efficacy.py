@@ -1,0 +1,103 @@
+"""Does the default experiment generalise? The default 3-round run (or a preset) for several seeds.
+
+Per seed and as mean ± sd over seeds: test exact match per round, the last round's paired gain
+over the starting model on the test split with its 95% interval, the guard suites' accuracy, the
+validation-vs-test gap, pairs per round, and time. Each seed runs in its own workspace.
+
+    .venv/bin/python benchmarks/efficacy.py                      # the default, seeds 0 1 2
+    .venv/bin/python benchmarks/efficacy.py --preset label_free
+    .venv/bin/python benchmarks/efficacy.py --seeds 0 --keep /tmp/efficacy   # keep the workspaces
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+
+def run_seed(seed: int, preset: str | None, workspace: Path) -> dict:
+    from flywheel.config import load_config
+    from flywheel.flows.flywheel import flywheel
+    from flywheel.flows.server import prefect_api
+    from flywheel.storage import catalog, parquet
+    from flywheel.tasks import promote
+    from flywheel.tasks.benchmark import suite_names
+
+    config = load_config(None, {"seed": seed, "workspace": str(workspace), "name": f"efficacy-{seed}"}, preset=preset)
+    t0 = time.perf_counter()
+    with prefect_api():
+        result = flywheel(config)
+    seconds = time.perf_counter() - t0
+    rounds = result["rounds"]
+    _, test_suite = suite_names(config)
+    first, last = (parquet.read_table(workspace, "benchmarks", result["run_id"], k).to_pylist()
+                   for k in (0, rounds[-1]["round"]))
+    gain = promote.paired_gains(last, first, seed=seed, suite=test_suite)
+    guards = sorted(k.removeprefix("guard_accuracy.") for k in rounds[0] if k.startswith("guard_accuracy."))
+    catalog.refresh(workspace)
+    return {"seed": seed, "seconds": seconds,
+            "test": [r["exact_match"] for r in rounds], "validation": [r.get("validation_exact_match") for r in rounds],
+            "pairs": [r.get("pairs") for r in rounds[1:]], "promoted": [r["promoted"] for r in rounds[1:]],
+            "gain": (gain.get("exact_match_gain"), gain.get("exact_match_gain_low"), gain.get("exact_match_gain_high")),
+            "guards": {g: (rounds[0][f"guard_accuracy.{g}"], rounds[-1][f"guard_accuracy.{g}"]) for g in guards}}
+
+
+def pct(x) -> str:
+    return "–" if x is None else f"{x:.1%}"
+
+
+def mean_sd(xs) -> str:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "–"
+    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{statistics.fmean(xs) * 100:.1f} ± {sd * 100:.1f}"
+
+
+def report(results: list[dict]) -> None:
+    for r in results:
+        g, low, high = r["gain"]
+        print(f"seed {r['seed']}: test exact match by round {' → '.join(pct(x) for x in r['test'])}; "
+              f"validation {' → '.join(pct(x) for x in r['validation'])}; promoted {r['promoted']}")
+        print(f"  last round vs round 0 (test, paired): {g * 100:+.1f} points, 95% interval "
+              f"[{low * 100:+.1f}, {high * 100:+.1f}]" if g is not None else "  no paired gain (unscored)")
+        print("  guards: " + ", ".join(f"{k} {pct(a)} → {pct(b)} ({(b - a) * 100:+.1f})"
+                                       for k, (a, b) in r["guards"].items()))
+        gap = r["validation"][-1] - r["test"][-1] if None not in (r["validation"][-1], r["test"][-1]) else None
+        print(f"  validation − test, last round: {'–' if gap is None else f'{gap * 100:+.1f} points'}; "
+              f"pairs per round {r['pairs']}; {r['seconds'] / 60:.1f} min")
+    if len(results) > 1:
+        n = len(results[0]["test"])
+        print(f"over {len(results)} seeds (mean ± sd, points):")
+        print("  test exact match by round: " + " → ".join(mean_sd([r["test"][k] for r in results]) for k in range(n)))
+        print(f"  last round's paired gain: {mean_sd([r['gain'][0] for r in results])}; "
+              f"its interval's low end: {mean_sd([r['gain'][1] for r in results])}")
+        for k in results[0]["guards"]:
+            print(f"  guard {k} change: {mean_sd([r['guards'][k][1] - r['guards'][k][0] for r in results])}")
+        print(f"  time: {statistics.fmean(r['seconds'] for r in results) / 60:.1f} min a run")
+
+
+if __name__ == "__main__":
+    from flywheel.flows.cli import quiet_libraries
+
+    quiet_libraries()
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--preset", default=None, help="a shipped config, e.g. label_free")
+    ap.add_argument("--keep", type=Path, default=None, help="keep each seed's workspace under this folder")
+    args = ap.parse_args()
+    results = []
+    for seed in args.seeds:
+        if args.keep is not None:
+            results.append(run_seed(seed, args.preset, args.keep / f"seed-{seed}"))
+        else:
+            with tempfile.TemporaryDirectory() as ws:
+                results.append(run_seed(seed, args.preset, Path(ws)))
+        report(results[-1:])
+    report(results)
