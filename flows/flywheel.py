@@ -301,8 +301,7 @@ def one_round(config: FlywheelConfig, run_id: str, round: int, champion: dict, b
         metrics |= result
         # against the champion, item by item on the same split: the gain and its 95% interval, on the
         # test split (reported) and on the validation split (what the gate may decide on)
-        now = parquet.read_table(config.workspace, "benchmarks", run_id, round).to_pylist()
-        before = parquet.read_table(config.workspace, "benchmarks", run_id, champ.round).to_pylist()
+        now, before = (_split_rows(config.workspace, run_id, k) for k in (round, champ.round))
         v_suite, t_suite = suite_names(config)
         metrics |= promote.paired_gains(now, before, seed=config.seed, suite=t_suite)
         metrics |= promote.paired_gains(now, before, seed=config.seed, suite=v_suite, prefix="validation_")
@@ -330,6 +329,14 @@ def one_round(config: FlywheelConfig, run_id: str, round: int, champion: dict, b
     reference = base if config.train.reference == "base" else policy
     return {"round": round, "policy_in": policy, "policy_out": policy_out, "registered_version": version,
             "reference_model": reference if trained["trained"] else policy_reference, **metrics}
+
+
+def _split_rows(root: Path, run_id: str, round_: int) -> list[dict]:
+    """A round's benchmark rows on the test split (its "data" file) and the validation split."""
+    rows = parquet.read_table(root, "benchmarks", run_id, round_).to_pylist()
+    if parquet.exists(root, "benchmarks", run_id, round_, part="validation"):
+        rows += parquet.read_table(root, "benchmarks", run_id, round_, part="validation").to_pylist()
+    return rows
 
 
 def _log_round_artifacts(ctx: StageContext, config: FlywheelConfig, metrics: dict, policy_out: str,

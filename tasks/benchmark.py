@@ -71,7 +71,8 @@ def benchmark_task(ctx: StageContext, validation: list[Item], test: list[Item], 
     engine = engines.open_engine(cfg.model, model_ref)
     v_name, t_name = suite_names(cfg)
     source = make_source(cfg.task)
-    suites = [(t_name, source, test, "test"), (v_name, source, validation, "validation")] + [
+    # the test split's file keeps the name every benchmark table had before splits ("data")
+    suites = [(t_name, source, test, "data"), (v_name, source, validation, "validation")] + [
         (f"guard:{name}", guard_source, guard_items, f"guard-{i}")
         for i, (name, guard_source, guard_items) in enumerate(guard_suites(cfg, cfg.seed))]
     out: dict = {"guard_limits": {g.task: g.max_drop for g in cfg.benchmark.guards}}
@@ -79,13 +80,13 @@ def benchmark_task(ctx: StageContext, validation: list[Item], test: list[Item], 
     for name, suite_source, suite_items, part in suites:
         if not suite_items:  # a prompts file too small for a validation split: the gate reports it unmeasured
             continue
-        with progress.stage("benchmark" if part == "test" else name, len(suite_items), "items") as advance:
+        with progress.stage("benchmark" if part == "data" else name, len(suite_items), "items") as advance:
             gens = engine.greedy([it.prompt for it in suite_items], max_new_tokens=cfg.benchmark.max_new_tokens,
                                  batch_size=cfg.benchmark.batch_size, progress=advance)
         rows = score_rows(suite_items, gens, suite_source, run_id=ctx.run_id, round_=ctx.round, model=model_ref,
                           suite=name)
         parquet.write_table(ctx.workspace, "benchmarks", ctx.run_id, ctx.round, rows, part=part)
-        if part == "test":
+        if part == "data":
             seconds = time.perf_counter() - t0
             out |= {"benchmark_seconds": seconds, "benchmark_tokens_per_s": sampling.tokens_per_second(gens, seconds),
                     **summarize(rows), "suite": json.dumps({"name": name, "size": len(test)})}

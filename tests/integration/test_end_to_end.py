@@ -70,7 +70,8 @@ def test_duckdb_views_answer(run):
         FROM candidates c JOIN judgments j USING (candidate_id) GROUP BY c.round ORDER BY c.round""").to_pylist()
     assert [c["n"] for c in counts] == [8 * 4, 8 * 4]
     assert [c["judged"] for c in counts] == [8 * 4 * 2, 8 * 4 * 2]  # verifier + llm_judge per candidate
-    bench = catalog.query(ws, "SELECT round, count(*) n FROM benchmarks GROUP BY round ORDER BY round").to_pylist()
+    bench = catalog.query(ws, "SELECT round, count(*) n FROM benchmarks WHERE suite = 'chain_sum-test' "
+                              "GROUP BY round ORDER BY round").to_pylist()
     assert [b["n"] for b in bench] == [16, 16, 16]
     # an unparsed judge output is a row with score NULL, never a dropped row
     bad = catalog.query(ws, "SELECT count(*) n FROM judgments WHERE source='llm_judge' AND NOT parse_ok "
