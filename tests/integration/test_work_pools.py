@@ -281,8 +281,9 @@ def test_stages_on_a_gpu_pool_survive_a_killed_worker(servers, tmp_path):
 
     # MLflow, on its server: the round's run with the loss the remote training logged, and the
     # registered model whose champion alias is this round's version
-    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    client = mlflow.MlflowClient()
+    # a client of its own: mlflow.set_tracking_uri would also set MLFLOW_TRACKING_URI for every later
+    # test in this process, pointing them at a server this module stops
+    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name("pooled")
     rounds = {r.data.tags.get("flywheel.round"): r for r in client.search_runs([exp.experiment_id])
               if "mlflow.parentRunId" in r.data.tags}
