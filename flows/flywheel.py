@@ -64,8 +64,7 @@ def prepare(config: FlywheelConfig) -> Prepared:
     source = make_source(config.task)
     sources = rewards.build(config.judge, source)  # bad templates, unimportable callables fail here
     validation, test = eval_items(source, config.benchmark.validation_size, config.benchmark.size, config.seed)
-    bench = test
-    rewards.probe(sources, bench[0].prompt, bench[0].answer, bench[0].metadata)
+    rewards.probe(sources, test[0].prompt, test[0].answer, test[0].metadata)
     trainer.check_args(config.train, config.stages.checkpoint_steps)
     base = loading.resolve(config.model.name)
     engines.preflight(config)
