@@ -434,6 +434,27 @@ class GuardSuite(_Strict):
     max_drop: float = Field(0.05, ge=0, le=1, description="accuracy (0–1) it may lose against the champion")
 
 
+class LmEvalConfig(_Strict):
+    """Suites from EleutherAI's lm-evaluation-harness (`pip install -e '.[eval]'`), run on every
+    round's model after flywheel's own: reported (metrics `lm_eval.<task>.<metric>`, item rows in
+    the benchmarks table as suite `lm_eval:<task>`), never used for a decision. Its named tasks
+    download their datasets from the hub; a task defined by a YAML file in `include_path` can read a
+    local JSONL file (`dataset_path: json`), which runs offline."""
+    tasks: list[str] = Field(min_length=1)
+    include_path: Path | None = Field(None, description="a folder of task YAML files")
+    limit: int | None = Field(None, ge=1, description="at most this many items per task")
+    num_fewshot: int | None = Field(None, ge=0)
+    batch_size: int = Field(16, ge=1)
+    apply_chat_template: bool = False
+
+    @field_validator("include_path")
+    @classmethod
+    def _include_path_exists(cls, v: Path | None) -> Path | None:
+        if v is not None and not Path(v).is_dir():
+            raise ValueError(f"lm_eval include_path is not a folder: {v}")
+        return v
+
+
 class BenchmarkConfig(_Strict):
     """Two held-out splits, drawn without replacement and disjoint (by normalised form) from each
     other and from every training prompt: `validation` decides (the promotion gate, early stop);
@@ -449,6 +470,8 @@ class BenchmarkConfig(_Strict):
         GuardSuite(task="basic_arithmetic", options={"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 1},
                    size=100),
         GuardSuite(task="letter_counting", size=100)])
+    # Optional lm-evaluation-harness suites (None: none), reported beside the task's own.
+    lm_eval: LmEvalConfig | None = None
 
 
 class PromotionConfig(_Strict):
@@ -576,6 +599,8 @@ class FlywheelConfig(_Strict):
         if payload["promotion"].get("rule") == "point":
             payload["promotion"].pop("rule")  # the default: hashed as before the rule existed
         _drop_speed_only(payload["model"])
+        if payload["benchmark"].get("lm_eval", 0) is None:
+            payload["benchmark"].pop("lm_eval")  # none: hashed as before lm_eval suites existed
         if payload["sampling"].get("shards") == 1:
             payload["sampling"].pop("shards")  # the default: hashed as before shards existed
         for source in payload["judge"]["sources"]:

@@ -554,6 +554,10 @@ def preflight(config) -> None:
     model exists, and an endpoint's chat template can be loaded."""
     from flywheel.models import loading
 
+    if config.benchmark.lm_eval is not None:
+        from flywheel.models import harness
+
+        harness.check(config.benchmark.lm_eval)
     models = [config.model] + [s.model for s in config.judge.sources if getattr(s, "model", None) is not None]
     for m in models:
         if m.engine == "vllm":

@@ -95,6 +95,19 @@ def benchmark_task(ctx: StageContext, validation: list[Item], test: list[Item], 
                     if k in ("accuracy", "exact_match", "exact_match_low", "exact_match_high", "mean_response_tokens")}
         else:
             out[f"guard_accuracy.{name.removeprefix('guard:')}"] = summarize(rows)["accuracy"]
+    if cfg.benchmark.lm_eval is not None:
+        from flywheel.models import harness
+
+        t1 = time.perf_counter()
+        progress.say(f"[lm_eval] {', '.join(cfg.benchmark.lm_eval.tasks)}")
+        metrics, samples = harness.evaluate(cfg.benchmark.lm_eval, model_ref, engine, seed=cfg.seed)
+        out |= metrics
+        for i, (task_name, rows) in enumerate(sorted(samples.items())):
+            rows = [dict(r, run_id=ctx.run_id, round=ctx.round, model=model_ref, suite=f"lm_eval:{task_name}")
+                    for r in rows]
+            if rows:
+                parquet.write_table(ctx.workspace, "benchmarks", ctx.run_id, ctx.round, rows, part=f"lm-eval-{i}")
+        out["lm_eval_seconds"] = time.perf_counter() - t1
     out["benchmark_seconds_all_suites"] = time.perf_counter() - t0
     catalog.refresh(ctx.workspace)
     return out
