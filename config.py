@@ -199,6 +199,9 @@ class PairwiseJudgeSource(_Source):
 class MajorityVoteSource(_Source):
     """Label-free self-consistency: agreement with the most common final answer among the samples."""
     type: Literal["majority_vote"] = "majority_vote"
+    # TTRL-style confidence filter: a prompt whose most common answer holds less than this share of
+    # its samples gets no scores (NULL: it yields no pair), since its pseudo-label is least often right.
+    min_vote_share: float = Field(0.0, ge=0, le=1)
 
 
 class SelfCertaintySource(_Source):
@@ -607,6 +610,8 @@ class FlywheelConfig(_Strict):
             if "model" in source and source["model"] is None:
                 source.pop("model")  # the policy judges: as hashed before judges could have their own model
             _drop_speed_only(source.get("model"))
+            if source.get("min_vote_share", 1) == 0:
+                source.pop("min_vote_share")  # the default: hashed as before the filter existed
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def flat(self) -> dict[str, str]:

@@ -106,7 +106,10 @@ class Source:
 
     @property
     def spec_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.spec.model_dump(mode="json"), sort_keys=True).encode()
+        spec = self.spec.model_dump(mode="json")
+        if spec.get("min_vote_share", 1) == 0:
+            spec.pop("min_vote_share")  # the default: the same hash as before the filter existed
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()
                               + self._extra_hash().encode()).hexdigest()[:16]
 
     def _extra_hash(self) -> str:
@@ -221,8 +224,9 @@ class MajorityVote(Source):
             label, share = labels[c["prompt_id"]]
             mine = extracted_answer(c["response"], batch.prompt_of(c)["answer"])
             details = {"label": label, "vote_share": round(share, 4)}
-            out.append(Verdict(None if mine is None or label is None else float(mine == label), mine is not None,
-                               mine, details))
+            confident = share >= self.spec.min_vote_share
+            out.append(Verdict(None if mine is None or label is None or not confident else float(mine == label),
+                               mine is not None, mine, details))
         if progress:
             progress(len(out))
         return out

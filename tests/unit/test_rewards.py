@@ -83,6 +83,22 @@ def test_majority_vote_pseudo_label_and_vote_share():
     assert not verdicts[3].parse_ok
 
 
+def test_majority_vote_min_vote_share_leaves_unsure_prompts_unscored():
+    b = batch({"sure": ("7", ["7", "7", "7", "8"]), "unsure": ("3", ["3", "4", "5", "6"])})
+    src = C.MajorityVoteSource(min_vote_share=0.5)
+    verdicts = rewards.MajorityVote(src, None).judge(b, rewards.Models("unused"))
+    assert [v.score for v in verdicts] == [1.0, 1.0, 1.0, 0.0, None, None, None, None]
+    assert verdicts[4].details == {"label": "3", "vote_share": 0.25} and verdicts[4].parse_ok
+    # the default (0) keeps the source's hash and the config's hash as before the setting existed
+    plain = rewards.MajorityVote(C.MajorityVoteSource(), None)
+    assert plain.spec_hash != rewards.MajorityVote(src, None).spec_hash
+    def cfg(source):
+        return C.FlywheelConfig(judge={"sources": [source]}, curation={"reward": "majority_vote"})
+
+    assert cfg("majority_vote").hash() != cfg({"type": "majority_vote", "min_vote_share": 0.5}).hash()
+    assert cfg("majority_vote").hash() == cfg({"type": "majority_vote", "min_vote_share": 0.0}).hash()
+
+
 def test_self_certainty_is_the_generation_statistic():
     b = batch({"q": (None, ["a", "b", "c"])}, certainty=[2.5, None, 0.1])
     assert scores(rewards.SelfCertainty(C.SelfCertaintySource(), None), b) == [2.5, None, 0.1]
