@@ -19,6 +19,8 @@ others go on):
            differences
   train    DPO with the default settings (LoRA) on pairs from the samples, then a full fine-tune:
            seconds per step, tokens/s, and the FLOP estimate against the GPU's bf16 dense peak
+  profile  (with --only profile) where a greedy decode's time goes, bf16 vs fp32: kernel launches
+           per generated token, GPU busy share, the top kernels and host operations
   vllm     vLLM alone vs the same requests through flywheel's vllm engine: overhead (target ≤ 10%),
            identical samples, judge agreement with hf, GPU memory after close
   round    one full default round with model.engine: vllm (needs prefect, mlflow, duckdb, vLLM)
@@ -235,6 +237,34 @@ def main() -> int:
                   + (f" = {achieved / peak:.3%} of the bf16 dense peak" if peak else "")
                   + f"; loss {m['train_loss']:.4f}")
 
+    def profile():
+        """Where a greedy decode's time goes, bf16 vs fp32: kernel launches, GPU busy time, host time."""
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        batch = [t["prompt"] for t in test[:64]]
+        for dtype in ("bfloat16", "float32"):
+            eng = state.get(f"engine_{dtype}") or engines.HFEngine(ref, dtype)
+            eng.greedy(batch[:4], max_new_tokens=8, batch_size=64)  # warm-up
+            sync()
+            with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                gens, t = timed(lambda: eng.greedy(batch, max_new_tokens=cfg.benchmark.max_new_tokens, batch_size=64))
+            events = prof.key_averages()
+            kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+            launches = sum(e.count for e in kernels)
+            gpu_us = sum(e.self_device_time_total for e in kernels)
+            tokens = sum(g.n_tokens for g in gens)
+            print(f"profile  {dtype:9s} greedy {len(batch)} items: {t:.2f} s wall, GPU busy {gpu_us / 1e6:.2f} s "
+                  f"({gpu_us / 1e6 / t:.0%}), {launches} kernel launches ({launches / max(tokens, 1):.0f} per token "
+                  f"generated), {tokens} tokens")
+            top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:6]
+            for e in top:
+                print(f"profile  {dtype:9s}   {e.self_device_time_total / 1e3:8.1f} ms  {e.count:6d}×  {e.key[:90]}")
+            cpu = sorted([e for e in events if e.device_type == torch.autograd.DeviceType.CPU],
+                         key=lambda e: -e.self_cpu_time_total)[:6]
+            for e in cpu:
+                print(f"profile  {dtype:9s}   host {e.self_cpu_time_total / 1e3:8.1f} ms  {e.count:6d}×  {e.key[:80]}")
+
     def vllm_section():
         try:
             import vllm
@@ -290,9 +320,9 @@ def main() -> int:
                       f"{st} {r1.get(st + '_seconds', 0):.1f} s" for st in ("generate", "judge", "train", "benchmark"))
                   + f"; test exact match {result['rounds'][0]['exact_match']:.3f} → {r1['exact_match']:.3f}")
 
-    want = set(args.only or ["greedy", "judge", "train", "vllm", "round"])
+    want = set(args.only or ["greedy", "judge", "train", "vllm", "round"])  # profile: only when named
     section("sample", sample)
-    for name, fn in (("greedy", greedy), ("judge", judge), ("train", train), ("vllm", vllm_section),
+    for name, fn in (("greedy", greedy), ("profile", profile), ("judge", judge), ("train", train), ("vllm", vllm_section),
                      ("round", round_section)):
         if name in want and not (name == "round" and args.skip_round):
             section(name, fn)
