@@ -211,7 +211,10 @@ def main() -> int:
                 sync()
                 self.marks.append(time.perf_counter())
 
-        for lora in (True, False):
+        import os
+
+        for lora, cudnn in ((True, "0"), (True, "1"), (False, "0"), (False, "1")):
+            os.environ["FLYWHEEL_SDPA_CUDNN"] = cudnn
             tc = C.TrainConfig(lora=lora, dpo={**C.DPO_DEFAULTS, "max_steps": args.train_steps,
                                                "logging_steps": 1})
             bs = tc.dpo.get("per_device_train_batch_size", 8) * tc.dpo.get("gradient_accumulation_steps", 1)
@@ -231,11 +234,12 @@ def main() -> int:
             # the reference's forward is done before the steps (precomputed): not in a step's FLOP
             step_flop = (flop - 2 * n_params * toks) / steps
             achieved = step_flop / steady / 1e12
-            print(f"train    {'LoRA' if lora else 'full'} DPO {steps} steps × batch {bs} ({toks / steps:.0f} tokens a "
+            print(f"train    {'LoRA' if lora else 'full'}{' (cuDNN attention allowed)' if cudnn == '1' else ''} DPO {steps} steps × batch {bs} ({toks / steps:.0f} tokens a "
                   f"step): {wall:.1f} s in all (load, precompute, steps, merge, save); a step after the first "
                   f"{steady * 1000:.0f} ms = {toks / steps / steady:.0f} tokens/s ≈ {achieved:.3f} TFLOP/s"
                   + (f" = {achieved / peak:.3%} of the bf16 dense peak" if peak else "")
                   + f"; loss {m['train_loss']:.4f}")
+        os.environ.pop("FLYWHEEL_SDPA_CUDNN", None)
 
     def profile():
         """Where a greedy decode's time goes, bf16 vs fp32: kernel launches, GPU busy time, host time."""
@@ -247,6 +251,11 @@ def main() -> int:
             eng = state.get(f"engine_{dtype}") or engines.HFEngine(ref, dtype)
             eng.greedy(batch[:4], max_new_tokens=8, batch_size=64)  # warm-up
             sync()
+            if dtype == "bfloat16":  # torch's own choice of attention kernel (cuDNN's on Hopper), for comparison
+                gens, t = timed(lambda: sampling.generate(eng.model, eng.tokenizer, batch, do_sample=False,
+                                                          max_new_tokens=cfg.benchmark.max_new_tokens, batch_size=64))
+                print(f"profile  {dtype:9s} greedy {len(batch)} items with torch's default attention backends: "
+                      f"{t:.2f} s, {sum(g.n_tokens for g in gens) / t:.0f} tok/s")
             with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 gens, t = timed(lambda: eng.greedy(batch, max_new_tokens=cfg.benchmark.max_new_tokens, batch_size=64))
             events = prof.key_averages()
@@ -254,7 +263,7 @@ def main() -> int:
             launches = sum(e.count for e in kernels)
             gpu_us = sum(e.self_device_time_total for e in kernels)
             tokens = sum(g.n_tokens for g in gens)
-            print(f"profile  {dtype:9s} greedy {len(batch)} items: {t:.2f} s wall, GPU busy {gpu_us / 1e6:.2f} s "
+            print(f"profile  {dtype:9s} greedy {len(batch)} items, flywheel's backends: {t:.2f} s wall, GPU busy {gpu_us / 1e6:.2f} s "
                   f"({gpu_us / 1e6 / t:.0%}), {launches} kernel launches ({launches / max(tokens, 1):.0f} per token "
                   f"generated), {tokens} tokens")
             top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:6]

@@ -99,30 +99,34 @@ class HFEngine(Engine):
         self.model, self.tokenizer = loading.load(ref, dtype)
 
     def sample(self, prompts, *, n, max_new_tokens, temperature, top_p, seed, batch_size, progress=None):
-        from flywheel.models import sampling
+        from flywheel.models import loading, sampling
 
-        return sampling.generate(self.model, self.tokenizer, prompts, n=n, max_new_tokens=max_new_tokens,
-                                 batch_size=batch_size, do_sample=True, temperature=temperature, top_p=top_p,
-                                 seed=seed, progress=progress)
+        with loading.attention_backends():
+            return sampling.generate(self.model, self.tokenizer, prompts, n=n, max_new_tokens=max_new_tokens,
+                                     batch_size=batch_size, do_sample=True, temperature=temperature, top_p=top_p,
+                                     seed=seed, progress=progress)
 
     def greedy(self, prompts, *, max_new_tokens, batch_size, progress=None):
-        from flywheel.models import sampling
+        from flywheel.models import loading, sampling
 
-        return sampling.generate(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                 batch_size=batch_size, do_sample=False, progress=progress)
+        with loading.attention_backends():
+            return sampling.generate(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                     batch_size=batch_size, do_sample=False, progress=progress)
 
     def next_token(self, rubric, renders, labels, *, batch_size, max_prompt_tokens, by_question=True,
                    progress=None):
-        from flywheel.models import judges
+        from flywheel.models import judges, loading
 
-        return judges.next_token(self.model, self.tokenizer, rubric, renders, labels, batch_size=batch_size,
-                                 max_prompt_tokens=max_prompt_tokens, by_question=by_question, progress=progress)
+        with loading.attention_backends():
+            return judges.next_token(self.model, self.tokenizer, rubric, renders, labels, batch_size=batch_size,
+                                     max_prompt_tokens=max_prompt_tokens, by_question=by_question, progress=progress)
 
     def sequence_logprobs(self, prompts, responses, *, batch_size, progress=None):
-        from flywheel.models import judges
+        from flywheel.models import judges, loading
 
-        return judges.sequence_logprobs(self.model, self.tokenizer, prompts, responses, batch_size=batch_size,
-                                        progress=progress)
+        with loading.attention_backends():
+            return judges.sequence_logprobs(self.model, self.tokenizer, prompts, responses, batch_size=batch_size,
+                                            progress=progress)
 
     def close(self) -> None:
         import gc

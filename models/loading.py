@@ -43,6 +43,22 @@ def default_dtype() -> torch.dtype:
     return torch.float32
 
 
+def attention_backends():
+    """A context in which scaled-dot-product attention may use FlashAttention, memory-efficient
+    attention or the math kernel, but not cuDNN's. In bf16 on a Hopper GPU, torch picks cuDNN's
+    attention, whose host-side setup cost 1.5 ms a call in a decode step (a new KV length each
+    step): measured on an H200, greedy decoding of the embedded model spent 0.62 s of 1.21 s there
+    (`benchmarks/gpu_smoke.py --only profile`). On the CPU it changes nothing.
+    FLYWHEEL_SDPA_CUDNN=1 leaves torch's choice alone (cuDNN's attention can win on large, fixed shapes)."""
+    import contextlib
+
+    if not torch.cuda.is_available() or os.environ.get("FLYWHEEL_SDPA_CUDNN") == "1":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 def embedded_gguf(name: str) -> Path:
     """Locate the GGUF file without importing its package (its declared deps are not installed)."""
     if name not in _EMBEDDED:

@@ -230,7 +230,8 @@ def train(policy: str, rows: Sequence[dict], cfg: TrainConfig, out: Path, *, bas
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # raw log dicts; the metrics go to MLflow instead
-    result = trainer.train(resume_from_checkpoint=resume)
+    with loading.attention_backends():  # not cuDNN's attention: its per-shape setup dominated small models' steps
+        result = trainer.train(resume_from_checkpoint=resume)
     history = [h for h in trainer.state.log_history if "loss" in h]
     metrics = {"train_loss": result.training_loss, "train_steps": result.global_step,
                "train_world_size": trainer.args.world_size, "train_reference": reference_in_memory(trainer)}
