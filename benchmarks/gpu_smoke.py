@@ -211,10 +211,7 @@ def main() -> int:
                 sync()
                 self.marks.append(time.perf_counter())
 
-        import os
-
-        for lora, cudnn in ((True, "0"), (True, "1"), (False, "0"), (False, "1")):
-            os.environ["FLYWHEEL_SDPA_CUDNN"] = cudnn
+        for lora in (True, False):
             tc = C.TrainConfig(lora=lora, dpo={**C.DPO_DEFAULTS, "max_steps": args.train_steps,
                                                "logging_steps": 1})
             bs = tc.dpo.get("per_device_train_batch_size", 8) * tc.dpo.get("gradient_accumulation_steps", 1)
@@ -234,12 +231,11 @@ def main() -> int:
             # the reference's forward is done before the steps (precomputed): not in a step's FLOP
             step_flop = (flop - 2 * n_params * toks) / steps
             achieved = step_flop / steady / 1e12
-            print(f"train    {'LoRA' if lora else 'full'}{' (cuDNN attention allowed)' if cudnn == '1' else ''} DPO {steps} steps × batch {bs} ({toks / steps:.0f} tokens a "
+            print(f"train    {'LoRA' if lora else 'full'} DPO {steps} steps × batch {bs} ({toks / steps:.0f} tokens a "
                   f"step): {wall:.1f} s in all (load, precompute, steps, merge, save); a step after the first "
                   f"{steady * 1000:.0f} ms = {toks / steps / steady:.0f} tokens/s ≈ {achieved:.3f} TFLOP/s"
                   + (f" = {achieved / peak:.3%} of the bf16 dense peak" if peak else "")
                   + f"; loss {m['train_loss']:.4f}")
-        os.environ.pop("FLYWHEEL_SDPA_CUDNN", None)
 
     def profile():
         """Where a greedy decode's time goes, bf16 vs fp32: kernel launches, GPU busy time, host time."""
