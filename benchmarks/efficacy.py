@@ -37,12 +37,18 @@ def run_seed(seed: int, preset: str | None, workspace: Path) -> dict:
     first, last = (parquet.read_table(workspace, "benchmarks", result["run_id"], k).to_pylist()
                    for k in (0, rounds[-1]["round"]))
     gain = promote.paired_gains(last, first, seed=seed, suite=test_suite)
+    # the run's result: its champion (the last promoted round; round 0 when none was)
+    champ = max([r["round"] for r in rounds[1:] if r["promoted"]], default=0)
+    champ_rows = parquet.read_table(workspace, "benchmarks", result["run_id"], champ).to_pylist()
+    champ_gain = promote.paired_gains(champ_rows, first, seed=seed, suite=test_suite)
     guards = sorted(k.removeprefix("guard_accuracy.") for k in rounds[0] if k.startswith("guard_accuracy."))
     catalog.refresh(workspace)
     return {"seed": seed, "seconds": seconds,
             "test": [r["exact_match"] for r in rounds], "validation": [r.get("validation_exact_match") for r in rounds],
             "pairs": [r.get("pairs") for r in rounds[1:]], "promoted": [r["promoted"] for r in rounds[1:]],
             "gain": (gain.get("exact_match_gain"), gain.get("exact_match_gain_low"), gain.get("exact_match_gain_high")),
+            "champion": champ, "champion_gain": (champ_gain.get("exact_match_gain"), champ_gain.get("exact_match_gain_low"),
+                                                 champ_gain.get("exact_match_gain_high")),
             "guards": {g: (rounds[0][f"guard_accuracy.{g}"], rounds[-1][f"guard_accuracy.{g}"]) for g in guards}}
 
 
@@ -65,6 +71,10 @@ def report(results: list[dict]) -> None:
               f"validation {' → '.join(pct(x) for x in r['validation'])}; promoted {r['promoted']}")
         print(f"  last round vs round 0 (test, paired): {g * 100:+.1f} points, 95% interval "
               f"[{low * 100:+.1f}, {high * 100:+.1f}]" if g is not None else "  no paired gain (unscored)")
+        cg, clow, chigh = r["champion_gain"]
+        if r["champion"] and cg is not None:
+            print(f"  the run's champion (round {r['champion']}) vs round 0 (test, paired): {cg * 100:+.1f} points, "
+                  f"95% interval [{clow * 100:+.1f}, {chigh * 100:+.1f}]")
         print("  guards: " + ", ".join(f"{k} {pct(a)} → {pct(b)} ({(b - a) * 100:+.1f})"
                                        for k, (a, b) in r["guards"].items()))
         gap = r["validation"][-1] - r["test"][-1] if None not in (r["validation"][-1], r["test"][-1]) else None
@@ -76,6 +86,7 @@ def report(results: list[dict]) -> None:
         print("  test exact match by round: " + " → ".join(mean_sd([r["test"][k] for r in results]) for k in range(n)))
         print(f"  last round's paired gain: {mean_sd([r['gain'][0] for r in results])}; "
               f"its interval's low end: {mean_sd([r['gain'][1] for r in results])}")
+        print(f"  the champion's paired gain: {mean_sd([r['champion_gain'][0] or 0.0 for r in results])}")
         for k in results[0]["guards"]:
             print(f"  guard {k} change: {mean_sd([r['guards'][k][1] - r['guards'][k][0] for r in results])}")
         print(f"  time: {statistics.fmean(r['seconds'] for r in results) / 60:.1f} min a run")
