@@ -43,13 +43,30 @@ def run_seed(seed: int, preset: str | None, workspace: Path) -> dict:
     champ_gain = promote.paired_gains(champ_rows, first, seed=seed, suite=test_suite)
     guards = sorted(k.removeprefix("guard_accuracy.") for k in rounds[0] if k.startswith("guard_accuracy."))
     catalog.refresh(workspace)
-    return {"seed": seed, "seconds": seconds,
+    right = chosen_right(workspace)
+    return {"chosen_right": right,"seed": seed, "seconds": seconds,
             "test": [r["exact_match"] for r in rounds], "validation": [r.get("validation_exact_match") for r in rounds],
             "pairs": [r.get("pairs") for r in rounds[1:]], "promoted": [r["promoted"] for r in rounds[1:]],
             "gain": (gain.get("exact_match_gain"), gain.get("exact_match_gain_low"), gain.get("exact_match_gain_high")),
             "champion": champ, "champion_gain": (champ_gain.get("exact_match_gain"), champ_gain.get("exact_match_gain_low"),
                                                  champ_gain.get("exact_match_gain_high")),
             "guards": {g: (rounds[0][f"guard_accuracy.{g}"], rounds[-1][f"guard_accuracy.{g}"]) for g in guards}}
+
+
+def chosen_right(workspace: Path) -> list[float | None]:
+    """Per round: the share of pairs whose chosen response gives the prompt's reference answer (checked
+    afterwards, against answers a label-free run never sees)."""
+    from flywheel.models.rewards import extracted_answer
+    from flywheel.storage import catalog
+
+    rows = catalog.query(workspace, "SELECT p.round, p.chosen, q.answer FROM pairs p JOIN prompts q "
+                                    "ON q.prompt_id = p.prompt_id AND q.round = p.round").to_pylist()
+    out = []
+    for k in sorted({r["round"] for r in rows}):
+        rs = [r for r in rows if r["round"] == k and r["answer"] is not None]
+        ok = sum(extracted_answer(r["chosen"], r["answer"]) == extracted_answer(r["answer"], r["answer"]) for r in rs)
+        out.append(ok / len(rs) if rs else None)
+    return out
 
 
 def pct(x) -> str:
@@ -80,6 +97,7 @@ def report(results: list[dict]) -> None:
         gap = r["validation"][-1] - r["test"][-1] if None not in (r["validation"][-1], r["test"][-1]) else None
         print(f"  validation − test, last round: {'–' if gap is None else f'{gap * 100:+.1f} points'}; "
               f"pairs per round {r['pairs']}; {r['seconds'] / 60:.1f} min")
+        print("  pairs whose chosen answer is right, by round: " + ", ".join(pct(x) for x in r["chosen_right"]))
     if len(results) > 1:
         n = len(results[0]["test"])
         print(f"over {len(results)} seeds (mean ± sd, points):")
