@@ -78,7 +78,9 @@ def _response(resps: Any) -> str:
                                                  for r in resps):
         lls = [r[0] for r in resps]
         return f"choice {max(range(len(lls)), key=lls.__getitem__)}"
-    while isinstance(resps, (list, tuple)) and resps:
+    while isinstance(resps, (list, tuple)):
+        if not resps:
+            return ""
         resps = resps[0]
     return "" if resps is None else str(resps)
 
