@@ -43,8 +43,7 @@ def run_seed(seed: int, preset: str | None, workspace: Path) -> dict:
     champ_gain = promote.paired_gains(champ_rows, first, seed=seed, suite=test_suite)
     guards = sorted(k.removeprefix("guard_accuracy.") for k in rounds[0] if k.startswith("guard_accuracy."))
     catalog.refresh(workspace)
-    right = chosen_right(workspace)
-    return {"chosen_right": right,"seed": seed, "seconds": seconds,
+    return {"seed": seed, "seconds": seconds, "chosen_right": chosen_right(workspace),
             "test": [r["exact_match"] for r in rounds], "validation": [r.get("validation_exact_match") for r in rounds],
             "pairs": [r.get("pairs") for r in rounds[1:]], "promoted": [r["promoted"] for r in rounds[1:]],
             "gain": (gain.get("exact_match_gain"), gain.get("exact_match_gain_low"), gain.get("exact_match_gain_high")),

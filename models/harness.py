@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from functools import lru_cache
 from typing import Any
 
 from flywheel.errors import ConfigError
@@ -20,10 +21,17 @@ def _lm_eval():
 
 
 def task_manager(cfg):
+    """lm-eval's index of tasks (its own and include_path's), built once per process: indexing reads
+    every task YAML, and the preflight and each round's benchmark both need it."""
+    return _task_manager(str(cfg.include_path) if cfg.include_path else None)
+
+
+@lru_cache(maxsize=4)
+def _task_manager(include_path: str | None):
     _lm_eval()
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=str(cfg.include_path) if cfg.include_path else None, verbosity="ERROR")
+    return TaskManager(include_path=include_path, verbosity="ERROR")
 
 
 def check(cfg) -> None:
