@@ -103,7 +103,7 @@ def report(results: list[dict]) -> None:
         print("  test exact match by round: " + " → ".join(mean_sd([r["test"][k] for r in results]) for k in range(n)))
         print(f"  last round's paired gain: {mean_sd([r['gain'][0] for r in results])}; "
               f"its interval's low end: {mean_sd([r['gain'][1] for r in results])}")
-        print(f"  the champion's paired gain: {mean_sd([r['champion_gain'][0] or 0.0 for r in results])}")
+        print(f"  the champion's paired gain: {mean_sd([r['champion_gain'][0] for r in results])}")
         for k in results[0]["guards"]:
             print(f"  guard {k} change: {mean_sd([r['guards'][k][1] - r['guards'][k][0] for r in results])}")
         print(f"  time: {statistics.fmean(r['seconds'] for r in results) / 60:.1f} min a run")
