@@ -23,7 +23,8 @@ others go on):
            per generated token, GPU busy share, the top kernels and host operations
   vllm     vLLM alone vs the same requests through flywheel's vllm engine: overhead (target ≤ 10%),
            identical samples, judge agreement with hf, GPU memory after close
-  round    one full default round with model.engine: vllm (needs prefect, mlflow, duckdb, vLLM)
+  round    the default run for --rounds rounds (1) with model.engine: vllm, or hf where vLLM is missing
+           (needs prefect, mlflow, duckdb, reasoning-gym): each stage's seconds, test exact match
 Exits 2 with one line when there is no CUDA GPU.
 """
 
@@ -66,6 +67,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--skip-round", action="store_true")
+    ap.add_argument("--rounds", type=int, default=1, help="rounds of the default run in the round section")
+    ap.add_argument("--round-config", type=Path, default=None, help="a YAML config for the round section (the default's)")
     ap.add_argument("--items", type=Path, default=None, help="train prompts and test items (from --dump-items)")
     ap.add_argument("--dump-items", type=Path, default=None, help="write the default task's items here and exit")
     ap.add_argument("--train-steps", type=int, default=10)
@@ -309,21 +312,27 @@ def main() -> int:
             import duckdb  # noqa: F401
             import mlflow  # noqa: F401
             import prefect  # noqa: F401
-            import vllm  # noqa: F401
         except ImportError as e:
             print(f"round    skipped: {e.name} is not installed here")
             return
+        try:
+            import vllm  # noqa: F401
+            engine = "vllm"
+        except ImportError:
+            engine = "hf"  # the in-process engine on the GPU: the round's other stages are the same
         from flywheel.flows.flywheel import flywheel
 
         with tempfile.TemporaryDirectory() as ws:
-            config = C.load_config(None, {"rounds": 1, "workspace": ws, "model": {"engine": "vllm"}})
+            config = C.load_config(args.round_config, {"rounds": args.rounds, "workspace": ws, "model": {"engine": engine}})
             t0 = time.perf_counter()
             result = flywheel(config)
-            r1 = result["rounds"][1]
-            print(f"round    {time.perf_counter() - t0:.1f} s with round 0's benchmark; round 1 "
-                  f"{r1['round_seconds']:.1f} s: " + ", ".join(
-                      f"{st} {r1.get(st + '_seconds', 0):.1f} s" for st in ("generate", "judge", "train", "benchmark"))
-                  + f"; test exact match {result['rounds'][0]['exact_match']:.3f} → {r1['exact_match']:.3f}")
+            rounds = result["rounds"]
+            print(f"round    engine {engine}, {args.rounds} round(s): {time.perf_counter() - t0:.1f} s with round "
+                  f"0's benchmark; test exact match " + " → ".join(f"{r['exact_match']:.3f}" for r in rounds))
+            for k, r in enumerate(rounds[1:], 1):
+                print(f"round    {k}: {r['round_seconds']:.1f} s: " + ", ".join(
+                    f"{st} {r.get(st + '_seconds', 0):.1f} s" for st in ("generate", "judge", "train", "benchmark"))
+                    + f"; pairs {r.get('pairs')}; promoted {r.get('promoted')}")
 
     want = set(args.only or ["greedy", "judge", "train", "vllm", "round"])  # profile: only when named
     section("sample", sample)
