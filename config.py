@@ -434,7 +434,7 @@ class GuardSuite(_Strict):
     task: str
     options: dict[str, Any] = Field(default_factory=dict)
     size: int = Field(50, ge=1)
-    max_drop: float = Field(0.05, ge=0, le=1, description="accuracy (0–1) it may lose against the champion")
+    max_drop: float = Field(0.05, ge=0, le=1, description="accuracy (0–1) it may lose against the starting model (round 0)")
 
 
 class LmEvalConfig(_Strict):
@@ -468,7 +468,8 @@ class BenchmarkConfig(_Strict):
     batch_size: int = Field(256, ge=1)
     # Out-of-domain suites the run never trains on, on by default: another arithmetic family
     # (operators and parentheses the default task lacks; the embedded model: 28% exact) and a
-    # counting word problem (12%). A round that drops either by more than max_drop is not promoted.
+    # counting word problem (12%). A round that scores more than max_drop below the starting model's
+    # (round 0's) score on either is not promoted.
     guards: list[GuardSuite] = Field(default_factory=lambda: [
         GuardSuite(task="basic_arithmetic", options={"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 1},
                    size=100),
@@ -480,7 +481,8 @@ class BenchmarkConfig(_Strict):
 class PromotionConfig(_Strict):
     """When a round's model becomes the champion (registry alias `champion`) that the next round
     starts from: it beats the champion's held-out accuracy by min_improvement, its mean response
-    length grows at most max_length_growth, and no guard suite drops more than its max_drop."""
+    length grows at most max_length_growth, and no guard suite drops more than its max_drop below the
+    starting model's score."""
     min_improvement: float = Field(0.0, ge=-1, le=1)
     # point: the accuracy gain over the champion must be ≥ min_improvement; interval: the lower end
     # of its 95% paired-bootstrap interval (over the same items) must be, so a gain within noise

@@ -49,7 +49,22 @@ def run_seed(seed: int, preset: str | None, workspace: Path) -> dict:
             "gain": (gain.get("exact_match_gain"), gain.get("exact_match_gain_low"), gain.get("exact_match_gain_high")),
             "champion": champ, "champion_gain": (champ_gain.get("exact_match_gain"), champ_gain.get("exact_match_gain_low"),
                                                  champ_gain.get("exact_match_gain_high")),
-            "guards": {g: (rounds[0][f"guard_accuracy.{g}"], rounds[-1][f"guard_accuracy.{g}"]) for g in guards}}
+            "guards": {g: (rounds[0][f"guard_accuracy.{g}"], rounds[-1][f"guard_accuracy.{g}"]) for g in guards},
+            # each guard's mean-score change from round 0, paired over its items, with its 95% interval:
+            # the last round's and the champion's
+            "guard_gains": {g: tuple(_mean_gain(rows, first, seed, f"guard:{g}") for rows in (last, champ_rows))
+                            for g in guards}}
+
+
+def _mean_gain(rows: list[dict], first: list[dict], seed: int, suite: str) -> tuple | None:
+    from flywheel.tasks import promote
+
+    g = promote.paired_gains(rows, first, seed=seed, suite=suite)
+    return (g["accuracy_gain"], g["accuracy_gain_low"], g["accuracy_gain_high"]) if g else None
+
+
+def points(g: tuple | None) -> str:
+    return "–" if g is None else f"{g[0] * 100:+.1f} [{g[1] * 100:+.1f}, {g[2] * 100:+.1f}]"
 
 
 def chosen_right(workspace: Path) -> list[float | None]:
@@ -93,6 +108,9 @@ def report(results: list[dict]) -> None:
                   f"95% interval [{clow * 100:+.1f}, {chigh * 100:+.1f}]")
         print("  guards: " + ", ".join(f"{k} {pct(a)} → {pct(b)} ({(b - a) * 100:+.1f})"
                                        for k, (a, b) in r["guards"].items()))
+        print("  guards' mean-score change from round 0, paired (95% interval): last round " + ", ".join(
+            f"{k} {points(last)}" for k, (last, _) in r["guard_gains"].items()) + f"; champion (round {r['champion']}) "
+            + ", ".join(f"{k} {points(ch)}" for k, (_, ch) in r["guard_gains"].items()))
         gap = r["validation"][-1] - r["test"][-1] if None not in (r["validation"][-1], r["test"][-1]) else None
         print(f"  validation − test, last round: {'–' if gap is None else f'{gap * 100:+.1f} points'}; "
               f"pairs per round {r['pairs']}; {r['seconds'] / 60:.1f} min")
@@ -105,7 +123,8 @@ def report(results: list[dict]) -> None:
               f"its interval's low end: {mean_sd([r['gain'][1] for r in results])}")
         print(f"  the champion's paired gain: {mean_sd([r['champion_gain'][0] for r in results])}")
         for k in results[0]["guards"]:
-            print(f"  guard {k} change: {mean_sd([r['guards'][k][1] - r['guards'][k][0] for r in results])}")
+            print(f"  guard {k} change: last round {mean_sd([r['guards'][k][1] - r['guards'][k][0] for r in results])}"
+                  f", champion {mean_sd([(r['guard_gains'][k][1] or (None,))[0] for r in results])}")
         print(f"  time: {statistics.fmean(r['seconds'] for r in results) / 60:.1f} min a run")
 
 

@@ -536,13 +536,13 @@ def _round_zero(config: FlywheelConfig, prepared: Prepared, run_id: str, parent:
 def _replay(history: list[dict], base: str) -> tuple[promote.Champion, dict, str | None, int]:
     """From the completed rounds: the champion, each model's DPO reference, the policy the last
     round started from, and how many rounds in a row went without a promotion."""
-    champion = promote.Champion.of(base, 0, history[0])
+    champion = promote.Champion.of(base, 0, history[0], history[0])
     references: dict[str, str | None] = {base: None}
     since = 0
     for r in history[1:]:
         references[r["policy_out"]] = r["reference_model"]
         if r["promoted"]:
-            champion, since = promote.Champion.of(r["policy_out"], r["round"], r), 0
+            champion, since = promote.Champion.of(r["policy_out"], r["round"], r, history[0]), 0
         else:
             since += 1
     previous = history[-1]["policy_in"] if len(history) > 1 else None

@@ -4,7 +4,9 @@ Decided on the validation split only (the test split is reported, never used for
 round's exact-match accuracy must beat the champion's by `min_improvement` (rule `point`), or the
 lower end of the paired-bootstrap 95% interval of its gain must (rule `interval`); its mean
 response length may grow at most `max_length_growth`; and no guard (out-of-domain) suite may drop
-more than its `max_drop`. Every check's outcome is a reason, recorded in the rounds table and in
+more than its `max_drop` below the starting model's (round 0's) score: measured against the run's
+start, not the champion, so small drops cannot add up over promotions, and a champion that gained
+on a guard by chance does not block the next round for falling back. Every check's outcome is a reason, recorded in the rounds table and in
 MLflow.
 """
 
@@ -54,13 +56,20 @@ class Champion:
     mean_tokens: float  # on the validation split
     guards: dict[str, float] = field(default_factory=dict)  # guard suite → accuracy
     validation: float | None = None  # exact match on the validation split: what the gate compares
+    # the starting model's (round 0's) guard accuracies, which guards are held to; empty: `guards`
+    baseline_guards: dict[str, float] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, policy: str, round_: int, metrics: dict) -> Champion:
+    def of(cls, policy: str, round_: int, metrics: dict, start: dict | None = None) -> Champion:
+        """The champion from its round's metrics; `start`: round 0's metrics (the guards' baseline)."""
         return cls(policy, round_, metrics["accuracy"],
                    metrics.get("validation_mean_response_tokens", metrics["mean_response_tokens"]),
-                   {k.removeprefix("guard_accuracy."): v for k, v in metrics.items()
-                    if k.startswith("guard_accuracy.")}, metrics.get("validation_exact_match"))
+                   guard_scores(metrics), metrics.get("validation_exact_match"),
+                   guard_scores(start if start is not None else metrics))
+
+
+def guard_scores(metrics: dict) -> dict[str, float]:
+    return {k.removeprefix("guard_accuracy."): v for k, v in metrics.items() if k.startswith("guard_accuracy.")}
 
 
 def decide(metrics: dict, champion: Champion, cfg: PromotionConfig, trained: bool) -> tuple[bool, list[str]]:
@@ -90,10 +99,11 @@ def decide(metrics: dict, champion: Champion, cfg: PromotionConfig, trained: boo
                 f"{growth:+.0%}, limit +{cfg.max_length_growth:.0%}")
         (passed if growth <= cfg.max_length_growth + 1e-12 else failed).append(line)
     for name, max_drop in metrics.get("guard_limits", {}).items():
-        now, before = metrics.get(f"guard_accuracy.{name}"), champion.guards.get(name)
+        now, before = metrics.get(f"guard_accuracy.{name}"), champion.baseline_guards.get(name, champion.guards.get(name))
         if now is None or before is None:
             continue
-        line = f"guard {name} {now:.1%} vs {before:.1%}: {(now - before) * 100:+.1f} points, limit −{max_drop * 100:.1f}"
+        line = (f"guard {name} {now:.1%} vs the starting model's {before:.1%}: {(now - before) * 100:+.1f} points, "
+                f"limit −{max_drop * 100:.1f}")
         (passed if before - now <= max_drop + 1e-12 else failed).append(line)
     return (not failed), (failed or passed)
 

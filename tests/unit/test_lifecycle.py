@@ -32,13 +32,36 @@ def metrics(acc, tokens=10.0, guard=0.40, test=0.99):
     (metrics(0.52), PromotionConfig(min_improvement=0.05), False, "needs ≥ +5.0"),
     (metrics(0.60, tokens=16.0), PromotionConfig(max_length_growth=0.5), False, "mean length 16.0 vs 10.0 tokens: +60%"),
     (metrics(0.60, tokens=16.0), PromotionConfig(max_length_growth=None), True, "validation exact match 60.0%"),
-    (metrics(0.60, guard=0.30), PromotionConfig(), False, "guard basic_arithmetic 30.0% vs 40.0%: -10.0 points"),
-    (metrics(0.60, guard=0.37), PromotionConfig(), True, "guard basic_arithmetic 37.0% vs 40.0%"),
+    (metrics(0.60, guard=0.30), PromotionConfig(), False,
+     "guard basic_arithmetic 30.0% vs the starting model's 40.0%: -10.0 points"),
+    (metrics(0.60, guard=0.37), PromotionConfig(), True, "guard basic_arithmetic 37.0% vs the starting model's 40.0%"),
 ])
 def test_promotion_gate(m, cfg, promoted, why):
     ok, reasons = decide(m, CHAMP, cfg, trained=True)
     assert ok is promoted
     assert any(why in r for r in reasons), reasons
+
+
+def test_guards_are_held_to_the_starting_model_not_the_champion():
+    start = {"accuracy": 0.3, "mean_response_tokens": 10.0, "validation_exact_match": 0.5,
+             "guard_accuracy.basic_arithmetic": 0.40}
+    # a champion that rose on the guard by chance: falling back to the start's level is no drop
+    lucky = Champion.of("m2", 2, {**start, "guard_accuracy.basic_arithmetic": 0.47}, start)
+    ok, reasons = decide(metrics(0.60, guard=0.39), lucky, PromotionConfig(), trained=True)
+    assert ok, reasons
+    # drops that each pass against the champion before them cannot add up: -3 then -3 is -6 from the start
+    slipped = Champion.of("m1", 1, {**start, "guard_accuracy.basic_arithmetic": 0.37}, start)
+    ok, reasons = decide(metrics(0.60, guard=0.34), slipped, PromotionConfig(), trained=True)
+    assert not ok and "34.0% vs the starting model's 40.0%: -6.0 points, limit −5.0" in reasons[0], reasons
+    # and _replay keeps round 0's guards as the baseline for every later champion
+    history = [{"round": 0, "policy_out": "base", "policy_in": "base", "promoted": True, "reference_model": None,
+                **start},
+               {"round": 1, "policy_out": "m1", "policy_in": "base", "promoted": True, "reference_model": "base",
+                **start, "guard_accuracy.basic_arithmetic": 0.47}]
+    champion = _replay(history, "base")[0]
+    assert champion.guards == {"basic_arithmetic": 0.47} and champion.baseline_guards == {"basic_arithmetic": 0.40}
+    # the champion crosses into the round flow as a dict (a Prefect parameter) and back
+    assert Champion(**champion.__dict__) == champion
 
 
 def test_untrained_round_is_never_promoted():
