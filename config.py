@@ -227,9 +227,12 @@ class JudgeConfig(_Strict):
     batch_size: int = Field(16, ge=1)
     max_prompt_tokens: int = Field(1024, ge=64)
     # all: every candidate; contested: the model-based sources (LLM and pairwise judges, implicit
-    # reward) skip prompts that the cheap sources (verifier, majority vote) score all alike.
-    # Identical responses to one prompt are judged once either way.
-    subset: Literal["all", "contested"] = "all"
+    # reward, self-certainty) skip prompts that the cheap sources (verifier, majority vote) score all
+    # alike; auto: contested when curation decides on cheap sources alone (curation.reward,
+    # consistency and cream name no model-based source), so the pairs are the same either way and
+    # only the judge-health figures cover fewer candidates; all otherwise. Identical responses to
+    # one prompt are judged once either way.
+    subset: Literal["auto", "all", "contested"] = "auto"
 
     @field_validator("sources", mode="before")
     @classmethod
@@ -290,6 +293,13 @@ class CurationConfig(_Strict):
 
     def weights(self) -> dict[str, float]:
         return {self.reward: 1.0} if isinstance(self.reward, str) else dict(self.reward)
+
+    def deciding_sources(self) -> set[str]:
+        """The judge sources whose scores can change which pairs are curated."""
+        names = {n for n, w in self.weights().items() if w} | set(self.consistency)
+        if self.cream != "off":
+            names |= {self.cream_source, f"{self.cream_source}@previous"}
+        return names
 
     def reward_name(self) -> str:
         """How a pair records its reward: "verifier", or "0.5*verifier+0.1*llm_judge"."""

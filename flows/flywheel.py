@@ -66,8 +66,8 @@ def prepare(config: FlywheelConfig) -> Prepared:
     validation, test = eval_items(source, config.benchmark.validation_size, config.benchmark.size, config.seed)
     rewards.probe(sources, test[0].prompt, test[0].answer, test[0].metadata)
     trainer.check_args(config.train, config.stages.checkpoint_steps)
+    engines.preflight(config)  # before the policy's weights are fetched or converted: it may take minutes
     base = loading.resolve(config.model.name)
-    engines.preflight(config)
     return Prepared(config, base, source, validation, test)
 
 
@@ -451,8 +451,8 @@ def check(config: FlywheelConfig, resume: str | None = None, force_from_stage: s
         raise ResumeError(f"unknown stage {force_from_stage!r} (stages: {', '.join(STAGES)})")
     if resume is not None:
         check_resumable(config, resume, force_from_stage)
+    placement.check(config)  # a work pool's server and deployments, before any weights are fetched
     prepared = prepare(config)
-    placement.check(config)
     preflight(Path(config.workspace), loading.model_bytes(prepared.base), config.registry.weights == "copy")
     return prepared
 

@@ -34,6 +34,15 @@ def judgment_rows(ctx: StageContext, source: rewards.Source, candidates: Sequenc
             for c, v in zip(candidates, verdicts, strict=True)]
 
 
+def subset(cfg, sources: Sequence) -> str:
+    """judge.subset, with auto resolved: contested when every source curation decides on is a cheap
+    decider (its pairs cannot change), all otherwise."""
+    if cfg.judge.subset != "auto":
+        return cfg.judge.subset
+    cheap = {s.name for s in sources if s.cheap_decider}
+    return "contested" if cfg.curation.deciding_sources() <= cheap else "all"
+
+
 def contested(candidates: Sequence[dict], cheap_rows: Sequence[dict]) -> list[dict]:
     """Candidates of prompts that some cheap decider (verifier, majority vote) does not score all
     alike: elsewhere no pair can form on those sources' verdicts. With no decider, all of them."""
@@ -138,9 +147,10 @@ def judge_task(ctx: StageContext, policy: str, previous: str | None = None, refe
     rows: list[dict] = []
     metrics: dict = {}
     t_all = time.perf_counter()
+    which = subset(cfg, sources)
     for source in sources:
         cands = candidates
-        if source.model_based and cfg.judge.subset == "contested":
+        if source.model_based and which == "contested":
             cheap = {s.name for s in sources if s.cheap_decider}
             cands = contested(candidates, [r for r in rows if r["source"] in cheap])
             metrics[f"judge_skipped.{source.name}"] = len(candidates) - len(cands)
@@ -163,7 +173,8 @@ def judge_task(ctx: StageContext, policy: str, previous: str | None = None, refe
     catalog.refresh(ctx.workspace)
     metrics |= {f"judge.{h['source'].replace('@', '_at_')}.{h['metric']}": h["value"] for h in health_rows}
     llm = next((s for s in sources if isinstance(s, rewards.LLMJudge)), None)
-    return {"judge_seconds": time.perf_counter() - t_all, "judge_template_hash": llm.rubric.hash if llm else None,
+    return {"judge_seconds": time.perf_counter() - t_all, "judge_subset": which,
+            "judge_template_hash": llm.rubric.hash if llm else None,
             "judge_models": {s.name: s.judged_by for s in sources if s.judged_by},
             **headline(health_rows, types), **metrics}
 

@@ -230,3 +230,25 @@ def test_contested_subset_skips_prompts_the_cheap_sources_score_alike():
             [dict(source="majority_vote", prompt_id="c", score=s) for s in (1.0, 0.0)]
     assert [c["candidate_id"] for c in contested(cands, cheap)] == ["a0", "a1", "c0", "c1"]
     assert contested(cands, []) == cands, "with no cheap source, every candidate is judged"
+
+
+def test_auto_subset_is_contested_only_when_curation_decides_on_cheap_sources_alone():
+    from flywheel.config import load_config
+    from flywheel.models import rewards
+    from flywheel.models.tasksource import make_source
+    from flywheel.tasks.judge import subset
+
+    def resolved(overrides, preset=None):
+        cfg = load_config(None, overrides, preset=preset)
+        return subset(cfg, rewards.build(cfg.judge, make_source(cfg.task)))
+
+    assert resolved({}) == "contested"  # the default: pairs come from the verifier
+    assert resolved({"curation": {"reward": "llm_judge"}}) == "all"  # Self-Rewarding: the judge is the reward
+    assert resolved({"curation": {"reward": {"verifier": 1.0, "llm_judge": 0.5}}}) == "all"
+    assert resolved({"curation": {"reward": {"verifier": 1.0, "llm_judge": 0.0}}}) == "contested"
+    assert resolved({"curation": {"consistency": ["llm_judge"]}}) == "all"  # SCIR's filter reads the judge
+    assert resolved({"judge": {"sources": ["verifier", {"type": "llm_judge", "previous": True}]},
+                     "curation": {"cream": "skip"}}) == "all"  # CREAM's τ too
+    assert resolved({"judge": {"subset": "all"}}) == "all"
+    assert resolved({"curation": {"reward": "llm_judge"}, "judge": {"subset": "contested"}}) == "contested"
+    assert resolved({}, preset="label_free") == "all"  # its self-certainty is recorded on every candidate
