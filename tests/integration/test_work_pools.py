@@ -5,7 +5,11 @@ runs of the stage deployment flywheel-stage/gpu on the gpu pool. Midway through 
 worker and everything it started are killed with SIGKILL (a lost node) and a new worker is started:
 the server's zombie automation marks the orphaned stage run Crashed, the round retries the stage on
 the new worker, training resumes from its last complete checkpoint, and the round finishes with
-every table complete and nothing duplicated."""
+every table complete and nothing duplicated.
+
+It is also the scheduling test: the deployments are prefect.yaml's own (`prefect deploy --name
+next-round`, `--name gpu`), a triggered run of flywheel-next-round is picked up by a process worker,
+and the round lands in the workspace's tables and in MLflow as a scheduled one would."""
 
 from __future__ import annotations
 
