@@ -41,6 +41,8 @@ def test_bad_input_fails_cleanly(tmp_path, args, message):
     assert len(lines) == 1 and message in lines[0], p.stderr
     assert "Traceback" not in p.stderr
     assert not ws.exists(), "nothing may be written for bad input"
+    # and found before the policy's weights are fetched or converted (minutes for a large model)
+    assert not (tmp_path / "cache").exists()
 
 
 @pytest.mark.parametrize("content, message", [
@@ -102,3 +104,20 @@ def test_bad_config_values_fail_before_generation(tmp_path, config, files, messa
     assert len(lines) == 1 and message in lines[0], p.stderr
     assert "Traceback" not in p.stderr and not ws.exists()
 
+
+
+def test_lm_eval_suites_without_lm_eval_installed_fail_in_one_line(tmp_path):
+    """The test extra installs lm-eval; a user's plain install does not: hide it, as a missing package."""
+    (tmp_path / "c.yaml").write_text("benchmark:\n  lm_eval: {tasks: [arc_easy]}\n")
+    hide = ("import sys; sys.modules['lm_eval'] = None; from flywheel.flows.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    ws = tmp_path / "ws"
+    p = subprocess.run([sys.executable, "-c", hide, "run", "--config", "c.yaml", "--workspace", str(ws)],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "FLYWHEEL_CACHE": str(tmp_path / "cache")})
+    assert p.returncode == 2, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("flywheel: error:")]
+    assert len(lines) == 1 and "benchmark.lm_eval needs lm-evaluation-harness: pip install -e '.[eval]'" in lines[0], \
+        p.stderr
+    assert "Traceback" not in p.stderr and not ws.exists()
+    assert not (tmp_path / "cache").exists(), "the check comes before the policy's weights are converted"
