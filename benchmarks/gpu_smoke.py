@@ -19,6 +19,9 @@ others go on):
            differences
   train    DPO with the default settings (LoRA) on pairs from the samples, then a full fine-tune:
            seconds per step, tokens/s, and the FLOP estimate against the GPU's bf16 dense peak
+  large    (with --only train_large) the same DPO on a ~1B-parameter Llama-style model with random
+           weights (--large-layers, --large-hidden) and longer pairs (--large-tokens): where the
+           matmuls dominate, the FLOP rate a user's 1B model would see
   profile  (with --only profile) where a greedy decode's time goes, bf16 vs fp32: kernel launches
            per generated token, GPU busy share, the top kernels and host operations
   vllm     vLLM alone vs the same requests through flywheel's vllm engine: overhead (target ≤ 10%),
@@ -72,6 +75,9 @@ def main() -> int:
     ap.add_argument("--items", type=Path, default=None, help="train prompts and test items (from --dump-items)")
     ap.add_argument("--dump-items", type=Path, default=None, help="write the default task's items here and exit")
     ap.add_argument("--train-steps", type=int, default=10)
+    ap.add_argument("--large-layers", type=int, default=16, help="train_large: layers (16 × hidden 2048 ≈ 1B)")
+    ap.add_argument("--large-hidden", type=int, default=2048, help="train_large: hidden size (a multiple of 256)")
+    ap.add_argument("--large-tokens", type=int, default=256, help="train_large: words per response")
     ap.add_argument("--test", type=int, default=None, help="at most this many test items")
     ap.add_argument("--only", nargs="+", default=None, help="run only these sections (sample is always run)")
     ap.add_argument("--allow-cpu", action="store_true", help="a dry run of every section on the CPU")
@@ -180,11 +186,61 @@ def main() -> int:
         print(f"judge    bf16 vs fp32 expected score: max difference {max(d, default=float('nan')):.3f}, "
               f"mean {sum(d) / max(len(d), 1):.3f} (scores 1-5)")
 
-    def train():
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        """Wall time of the steps after the first (kernels compiled, caches warm)."""
+        def __init__(self):
+            self.marks = []
+
+        def on_step_end(self, *a, **k):
+            sync()
+            self.marks.append(time.perf_counter())
+
+    def dpo_speed(label: str, model_ref: str, rows: list[dict], n_params: int, lora: bool, dpo: dict) -> None:
+        """flywheel's DPO (trainer.train: TRL, precomputed reference log-probs) on `rows` for
+        --train-steps steps: the wall time in all, a steady step's time, tokens/s and FLOP rate."""
         from transformers import AutoTokenizer
 
         from flywheel.models import trainer
 
+        tok = AutoTokenizer.from_pretrained(model_ref)
+
+        def tokens(r):
+            msgs = [{"role": "user", "content": r["prompt"]}]
+            return sum(min(len(tok(tok.apply_chat_template(msgs + [{"role": "assistant", "content": r[k]}],
+                                                           tokenize=False), add_special_tokens=False)["input_ids"]),
+                           dpo.get("max_length") or 10**9)
+                       for k in ("chosen", "rejected"))
+
+        tc = C.TrainConfig(lora=lora, dpo={**C.DPO_DEFAULTS, **dpo, "max_steps": args.train_steps, "logging_steps": 1})
+        bs = tc.dpo.get("per_device_train_batch_size", 8) * tc.dpo.get("gradient_accumulation_steps", 1)
+        steps = args.train_steps
+        used = [rows[i % len(rows)] for i in range(steps * bs)]
+        toks = sum(tokens(r) for r in used)
+        clock = StepClock()
+        sync()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        with tempfile.TemporaryDirectory() as d:
+            t = time.perf_counter()
+            m = trainer.train(model_ref, rows, tc, Path(d) / "out", base=model_ref, seed=0, fingerprint=f"gpu-{lora}",
+                              checkpoint_steps=10**6, callbacks=[clock])
+            wall = time.perf_counter() - t
+        steady = (clock.marks[-1] - clock.marks[0]) / max(len(clock.marks) - 1, 1)
+        # policy forward+backward 6·N·T (a LoRA backward skips the frozen weights' gradients: ≈ 4·N·T),
+        # activation checkpointing one more forward (2·N·T); the reference's forward is precomputed
+        # before the steps, so it is not in a step's FLOP.
+        step_flop = ((4 if lora else 6) * n_params * toks + 2 * n_params * toks) / steps
+        achieved = step_flop / steady / 1e12
+        mem = f"; peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if cuda else ""
+        print(f"{label:8s} {'LoRA' if lora else 'full'} DPO {steps} steps × batch {bs} ({toks / steps:.0f} tokens a "
+              f"step): {wall:.1f} s in all (load, precompute, steps, merge, save); a step after the first "
+              f"{steady * 1000:.0f} ms = {toks / steps / steady:.0f} tokens/s ≈ {achieved:.3f} TFLOP/s"
+              + (f" = {achieved / peak:.2%} of the bf16 dense peak" if peak else "")
+              + f"; loss {m['train_loss']:.4f}{mem}")
+
+    def train():
         for key in [k for k in state if k.startswith("engine_")]:
             state.pop(key).close()
         engines.release()
@@ -193,52 +249,47 @@ def main() -> int:
         for i, p in enumerate(prompts):
             g = gens[i * s.n:(i + 1) * s.n]
             rows.append({"prompt": p, "chosen": g[0].response or "0", "rejected": g[1].response or "1"})
-        tok = AutoTokenizer.from_pretrained(ref)
         n_params = sum(p.numel() for p in __import__("safetensors.torch", fromlist=["x"]).load_file(
             str(next(Path(ref).glob("*.safetensors")))).values())
-
-        def tokens(r):
-            msgs = [{"role": "user", "content": r["prompt"]}]
-            return sum(len(tok(tok.apply_chat_template(msgs + [{"role": "assistant", "content": r[k]}],
-                                                       tokenize=False), add_special_tokens=False)["input_ids"])
-                       for k in ("chosen", "rejected"))
-
-        from transformers import TrainerCallback
-
-        class StepClock(TrainerCallback):
-            """Wall time of the steps after the first (kernels compiled, caches warm)."""
-            def __init__(self):
-                self.marks = []
-
-            def on_step_end(self, *a, **k):
-                sync()
-                self.marks.append(time.perf_counter())
-
         for lora in (True, False):
-            tc = C.TrainConfig(lora=lora, dpo={**C.DPO_DEFAULTS, "max_steps": args.train_steps,
-                                               "logging_steps": 1})
-            bs = tc.dpo.get("per_device_train_batch_size", 8) * tc.dpo.get("gradient_accumulation_steps", 1)
-            steps = args.train_steps
-            used = [rows[i % len(rows)] for i in range(steps * bs)]
-            toks = sum(tokens(r) for r in used)
-            clock = StepClock()
-            with tempfile.TemporaryDirectory() as d:
-                t = time.perf_counter()
-                m = trainer.train(ref, rows, tc, Path(d) / "out", base=ref, seed=0, fingerprint=f"gpu-{lora}",
-                                  checkpoint_steps=10**6, callbacks=[clock])
-                wall = time.perf_counter() - t
-            steady = (clock.marks[-1] - clock.marks[0]) / max(len(clock.marks) - 1, 1)
-            # policy forward+backward 6·N·T (a LoRA backward skips the frozen weights' gradients: ≈ 4·N·T),
-            # activation checkpointing one more forward (2·N·T); the precomputed reference one forward.
-            flop = (4 if lora else 6) * n_params * toks + 2 * n_params * toks + 2 * n_params * toks
-            # the reference's forward is done before the steps (precomputed): not in a step's FLOP
-            step_flop = (flop - 2 * n_params * toks) / steps
-            achieved = step_flop / steady / 1e12
-            print(f"train    {'LoRA' if lora else 'full'} DPO {steps} steps × batch {bs} ({toks / steps:.0f} tokens a "
-                  f"step): {wall:.1f} s in all (load, precompute, steps, merge, save); a step after the first "
-                  f"{steady * 1000:.0f} ms = {toks / steps / steady:.0f} tokens/s ≈ {achieved:.3f} TFLOP/s"
-                  + (f" = {achieved / peak:.3%} of the bf16 dense peak" if peak else "")
-                  + f"; loss {m['train_loss']:.4f}")
+            dpo_speed("train", ref, rows, n_params, lora, {})
+
+    def train_large():
+        """The same DPO on a model of the size users train (--large-layers × --large-hidden, Llama-style,
+        the embedded model's tokenizer and chat template), randomly initialised: speed does not depend
+        on what the weights have learned. Pairs of --large-tokens words a side."""
+        import random
+
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        for key in [k for k in state if k.startswith("engine_")]:
+            state.pop(key).close()
+        engines.release()
+        h = args.large_hidden
+        mc = AutoConfig.from_pretrained(ref)
+        mc.update({"hidden_size": h, "intermediate_size": 4 * h, "num_hidden_layers": args.large_layers,
+                   "num_attention_heads": h // 64, "num_key_value_heads": max(h // 256, 1), "head_dim": 64,
+                   "max_position_embeddings": 4096})
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(mc, dtype=torch.bfloat16 if cuda else torch.float32)
+        n_params = sum(p.numel() for p in model.parameters())
+        rng = random.Random(0)
+        words = ("the model answers each question with a short sum of two numbers and then explains "
+                 "why that sum is right in one or two plain sentences").split()
+
+        def text(n):
+            return " ".join(rng.choice(words) for _ in range(n))
+
+        n = args.large_tokens
+        rows = [{"prompt": text(n // 4), "chosen": text(n), "rejected": text(n)} for _ in range(32)]
+        with tempfile.TemporaryDirectory() as d:
+            model.save_pretrained(d)
+            AutoTokenizer.from_pretrained(ref).save_pretrained(d)
+            del model
+            print(f"large    {n_params / 1e9:.2f}B parameters ({args.large_layers} layers × hidden {h}), random "
+                  f"weights in {'bf16' if cuda else 'fp32'}; pairs of ~{n} words a side")
+            for lora in (True, False):
+                dpo_speed("large", d, rows, n_params, lora, {"max_length": 2 * n + n // 2})
 
     def profile():
         """Where a greedy decode's time goes, bf16 vs fp32: kernel launches, GPU busy time, host time."""
@@ -334,9 +385,10 @@ def main() -> int:
                     f"{st} {r.get(st + '_seconds', 0):.1f} s" for st in ("generate", "judge", "train", "benchmark"))
                     + f"; pairs {r.get('pairs')}; promoted {r.get('promoted')}")
 
-    want = set(args.only or ["greedy", "judge", "train", "vllm", "round"])  # profile: only when named
+    want = set(args.only or ["greedy", "judge", "train", "vllm", "round"])  # profile, train_large: when named
     section("sample", sample)
-    for name, fn in (("greedy", greedy), ("profile", profile), ("judge", judge), ("train", train), ("vllm", vllm_section),
+    for name, fn in (("greedy", greedy), ("profile", profile), ("judge", judge), ("train", train),
+                     ("train_large", train_large), ("vllm", vllm_section),
                      ("round", round_section)):
         if name in want and not (name == "round" and args.skip_round):
             section(name, fn)
