@@ -78,6 +78,8 @@ def main() -> int:
     ap.add_argument("--large-layers", type=int, default=16, help="train_large: layers (16 × hidden 2048 ≈ 1B)")
     ap.add_argument("--large-hidden", type=int, default=2048, help="train_large: hidden size (a multiple of 256)")
     ap.add_argument("--large-tokens", type=int, default=256, help="train_large: words per response")
+    ap.add_argument("--large-dpo", type=json.loads, default={}, help='train_large: DPO settings, e.g. \'{"activation_checkpointing": false}\'')
+    ap.add_argument("--large-lora", choices=["both", "lora", "full"], default="both", help="train_large: which fine-tunes")
     ap.add_argument("--test", type=int, default=None, help="at most this many test items")
     ap.add_argument("--only", nargs="+", default=None, help="run only these sections (sample is always run)")
     ap.add_argument("--allow-cpu", action="store_true", help="a dry run of every section on the CPU")
@@ -288,8 +290,8 @@ def main() -> int:
             del model
             print(f"large    {n_params / 1e9:.2f}B parameters ({args.large_layers} layers × hidden {h}), random "
                   f"weights in {'bf16' if cuda else 'fp32'}; pairs of ~{n} words a side")
-            for lora in (True, False):
-                dpo_speed("large", d, rows, n_params, lora, {"max_length": 2 * n + n // 2})
+            for lora in {"both": (True, False), "lora": (True,), "full": (False,)}[args.large_lora]:
+                dpo_speed("large", d, rows, n_params, lora, {"max_length": 2 * n + n // 2, **args.large_dpo})
 
     def profile():
         """Where a greedy decode's time goes, bf16 vs fp32: kernel launches, GPU busy time, host time."""
