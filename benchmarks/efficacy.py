@@ -23,7 +23,7 @@ def run_seed(seed: int, preset: str | None, workspace: Path) -> dict:
     from flywheel.config import load_config
     from flywheel.flows.flywheel import flywheel
     from flywheel.flows.server import prefect_api
-    from flywheel.storage import catalog, parquet
+    from flywheel.storage import catalog
     from flywheel.tasks import promote
     from flywheel.tasks.benchmark import suite_names
 
@@ -34,12 +34,11 @@ def run_seed(seed: int, preset: str | None, workspace: Path) -> dict:
     seconds = time.perf_counter() - t0
     rounds = result["rounds"]
     _, test_suite = suite_names(config)
-    first, last = (parquet.read_table(workspace, "benchmarks", result["run_id"], k).to_pylist()
-                   for k in (0, rounds[-1]["round"]))
+    first, last = (round_rows(workspace, result["run_id"], k) for k in (0, rounds[-1]["round"]))
     gain = promote.paired_gains(last, first, seed=seed, suite=test_suite)
     # the run's result: its champion (the last promoted round; round 0 when none was)
     champ = max([r["round"] for r in rounds[1:] if r["promoted"]], default=0)
-    champ_rows = parquet.read_table(workspace, "benchmarks", result["run_id"], champ).to_pylist()
+    champ_rows = round_rows(workspace, result["run_id"], champ)
     champ_gain = promote.paired_gains(champ_rows, first, seed=seed, suite=test_suite)
     guards = sorted(k.removeprefix("guard_accuracy.") for k in rounds[0] if k.startswith("guard_accuracy."))
     catalog.refresh(workspace)
@@ -54,6 +53,18 @@ def run_seed(seed: int, preset: str | None, workspace: Path) -> dict:
             # the last round's and the champion's
             "guard_gains": {g: tuple(_mean_gain(rows, first, seed, f"guard:{g}") for rows in (last, champ_rows))
                             for g in guards}}
+
+
+def round_rows(workspace: Path, run_id: str, round_: int) -> list[dict]:
+    """Every benchmark row of a round: the test split, the validation split and each guard suite
+    (each suite is its own part file of the round's partition)."""
+    import pyarrow.parquet as pq
+
+    from flywheel.storage import parquet
+
+    folder = parquet.table_path(workspace, "benchmarks", run_id, round_).parent
+    return [r for f in sorted(folder.glob("*.parquet"))
+            for r in pq.read_table(f, schema=parquet.TABLES["benchmarks"]).to_pylist()]
 
 
 def _mean_gain(rows: list[dict], first: list[dict], seed: int, suite: str) -> tuple | None:
