@@ -499,6 +499,11 @@ class PromotionConfig(_Strict):
     # does not promote.
     rule: Literal["point", "interval"] = "point"
     max_length_growth: float | None = Field(0.5, ge=0, description="0.5: at most 50% longer than the champion's")
+    # A guard suite blocks promotion when its mean score is more than its max_drop below the
+    # starting model's. significant: and the drop is not noise, its paired-bootstrap 95% interval
+    # lying below 0 (a 100-item suite's interval is about ±5 to ±10 points wide); point: on the
+    # difference alone.
+    guard_rule: Literal["significant", "point"] = "significant"
     # Stop the run after this many rounds in a row without a promotion (None: run every round).
     stop_after: int | None = Field(None, ge=1)
 

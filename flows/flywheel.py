@@ -304,6 +304,11 @@ def one_round(config: FlywheelConfig, run_id: str, round: int, champion: dict, b
         v_suite, t_suite = suite_names(config)
         metrics |= promote.paired_gains(now, before, seed=config.seed, suite=t_suite)
         metrics |= promote.paired_gains(now, before, seed=config.seed, suite=v_suite, prefix="validation_")
+        # each guard against the starting model, item by item: the gate's guard check reads the interval
+        now_g, start_g = (_guard_rows(config.workspace, run_id, k) for k in (round, 0))
+        for g in config.benchmark.guards:
+            metrics |= promote.paired_gains(now_g, start_g, seed=config.seed, suite=f"guard:{g.task}",
+                                            prefix=f"guard_change.{g.task}.")
         metrics["round_seconds"] = time.perf_counter() - t0
         promoted, reasons = promote.decide(metrics, champ, config.promotion, bool(trained["trained"]))
         metrics |= {"promoted": promoted, "promotion_reasons": reasons, "reused_stages": stages.reused}
@@ -336,6 +341,13 @@ def _split_rows(root: Path, run_id: str, round_: int) -> list[dict]:
     if parquet.exists(root, "benchmarks", run_id, round_, part="validation"):
         rows += parquet.read_table(root, "benchmarks", run_id, round_, part="validation").to_pylist()
     return rows
+
+
+def _guard_rows(root: Path, run_id: str, round_: int) -> list[dict]:
+    """A round's benchmark rows on its guard suites (each its own part file, "guard-<i>")."""
+    folder = parquet.table_path(root, "benchmarks", run_id, round_).parent
+    return [r for f in sorted(folder.glob("guard-*.parquet"))
+            for r in parquet.read_table(root, "benchmarks", run_id, round_, part=f.stem).to_pylist()]
 
 
 def _log_round_artifacts(ctx: StageContext, config: FlywheelConfig, metrics: dict, policy_out: str,

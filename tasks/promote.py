@@ -4,10 +4,12 @@ Decided on the validation split only (the test split is reported, never used for
 round's exact-match accuracy must beat the champion's by `min_improvement` (rule `point`), or the
 lower end of the paired-bootstrap 95% interval of its gain must (rule `interval`); its mean
 response length may grow at most `max_length_growth`; and no guard (out-of-domain) suite may drop
-more than its `max_drop` below the starting model's (round 0's) score: measured against the run's
-start, not the champion, so small drops cannot add up over promotions, and a champion that gained
-on a guard by chance does not block the next round for falling back. Every check's outcome is a reason, recorded in the rounds table and in
-MLflow.
+more than its `max_drop` below the starting model's (round 0's) score. Guards are measured against
+the run's start, not the champion, so that small drops cannot add up over promotions and a
+champion that gained on a guard by chance does not block the next round for falling back. With
+`guard_rule: significant` (the default) a drop blocks only when its paired 95% interval lies below
+0 as well, so that a small suite's noise does not block a round. Every check's outcome is a
+reason, recorded in the rounds table and in MLflow.
 """
 
 from __future__ import annotations
@@ -102,9 +104,16 @@ def decide(metrics: dict, champion: Champion, cfg: PromotionConfig, trained: boo
         now, before = metrics.get(f"guard_accuracy.{name}"), champion.baseline_guards.get(name, champion.guards.get(name))
         if now is None or before is None:
             continue
-        line = (f"guard {name} {now:.1%} vs the starting model's {before:.1%}: {(now - before) * 100:+.1f} points, "
-                f"limit −{max_drop * 100:.1f}")
-        (passed if before - now <= max_drop + 1e-12 else failed).append(line)
+        line = f"guard {name} {now:.1%} vs the starting model's {before:.1%}: {(now - before) * 100:+.1f} points"
+        low, high = (metrics.get(f"guard_change.{name}.accuracy_gain_{end}") for end in ("low", "high"))
+        if low is not None and high is not None:
+            line += f", 95% interval [{low * 100:+.1f}, {high * 100:+.1f}]"
+        line += f", limit −{max_drop * 100:.1f}"
+        beyond = before - now > max_drop + 1e-12
+        if beyond and cfg.guard_rule == "significant" and high is not None and high >= 0:
+            line += " (within noise: its interval reaches 0)"
+            beyond = False
+        (failed if beyond else passed).append(line)
     return (not failed), (failed or passed)
 
 

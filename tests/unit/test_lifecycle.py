@@ -64,6 +64,27 @@ def test_guards_are_held_to_the_starting_model_not_the_champion():
     assert Champion(**champion.__dict__) == champion
 
 
+def test_a_guard_drop_blocks_only_when_its_interval_is_below_zero_by_default():
+    # −6 points past a 5-point limit, but the paired interval reaches 0: noise, not a drop
+    noisy = {**metrics(0.60, guard=0.34), "guard_change.basic_arithmetic.accuracy_gain_low": -0.15,
+             "guard_change.basic_arithmetic.accuracy_gain_high": 0.02}
+    ok, reasons = decide(noisy, CHAMP, PromotionConfig(), trained=True)
+    assert ok and any("-6.0 points, 95% interval [-15.0, +2.0], limit −5.0 (within noise" in r for r in reasons), reasons
+    # the same drop with its interval below 0 blocks
+    real = {**noisy, "guard_change.basic_arithmetic.accuracy_gain_high": -0.01}
+    ok, reasons = decide(real, CHAMP, PromotionConfig(), trained=True)
+    assert not ok and reasons == ["guard basic_arithmetic 34.0% vs the starting model's 40.0%: -6.0 points, "
+                                  "95% interval [-15.0, -1.0], limit −5.0"], reasons
+    # guard_rule: point decides on the difference alone
+    ok, reasons = decide(noisy, CHAMP, PromotionConfig(guard_rule="point"), trained=True)
+    assert not ok and "within noise" not in reasons[0]
+    # a significant drop inside the limit passes under both rules
+    small = {**metrics(0.60, guard=0.37), "guard_change.basic_arithmetic.accuracy_gain_low": -0.06,
+             "guard_change.basic_arithmetic.accuracy_gain_high": -0.01}
+    assert decide(small, CHAMP, PromotionConfig(), trained=True)[0]
+    assert decide(small, CHAMP, PromotionConfig(guard_rule="point"), trained=True)[0]
+
+
 def test_untrained_round_is_never_promoted():
     ok, reasons = decide(metrics(0.9), CHAMP, PromotionConfig(), trained=False)
     assert not ok and "no model was trained" in reasons[0]
