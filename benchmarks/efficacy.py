@@ -7,6 +7,7 @@ validation-vs-test gap, pairs per round, and time. Each seed runs in its own wor
     .venv/bin/python benchmarks/efficacy.py                      # the default, seeds 0 1 2
     .venv/bin/python benchmarks/efficacy.py --preset label_free
     .venv/bin/python benchmarks/efficacy.py --seeds 0 --keep /tmp/efficacy   # keep the workspaces
+    .venv/bin/python benchmarks/efficacy.py --seeds 2 --set promotion.guard_rule=point   # a setting changed
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 
 
-def run_seed(seed: int, preset: str | None, workspace: Path) -> dict:
+def run_seed(seed: int, preset: str | None, workspace: Path, overrides: dict | None = None) -> dict:
     from flywheel.config import load_config
     from flywheel.flows.flywheel import flywheel
     from flywheel.flows.server import prefect_api
@@ -27,7 +28,8 @@ def run_seed(seed: int, preset: str | None, workspace: Path) -> dict:
     from flywheel.tasks import promote
     from flywheel.tasks.benchmark import suite_names
 
-    config = load_config(None, {"seed": seed, "workspace": str(workspace), "name": f"efficacy-{seed}"}, preset=preset)
+    config = load_config(None, {**(overrides or {}), "seed": seed, "workspace": str(workspace),
+                                "name": f"efficacy-{seed}"}, preset=preset)
     t0 = time.perf_counter()
     with prefect_api():
         result = flywheel(config)
@@ -94,6 +96,23 @@ def chosen_right(workspace: Path) -> list[float | None]:
     return out
 
 
+def settings(pairs: list[str]) -> dict:
+    """["promotion.guard_rule=point", "train.dpo.beta=0.2"] → nested overrides, values read as YAML."""
+    import yaml
+
+    out: dict = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"efficacy: --set {pair!r}: expected KEY=VALUE")
+        *path, last = key.split(".")
+        node = out
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = yaml.safe_load(value)
+    return out
+
+
 def pct(x) -> str:
     return "–" if x is None else f"{x:.1%}"
 
@@ -149,13 +168,16 @@ if __name__ == "__main__":
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--preset", default=None, help="a shipped config, e.g. label_free")
     ap.add_argument("--keep", type=Path, default=None, help="keep each seed's workspace under this folder")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a setting over the default's, dotted, YAML value: --set promotion.guard_rule=point")
     args = ap.parse_args()
+    overrides = settings(args.set)
     results = []
     for seed in args.seeds:
         if args.keep is not None:
-            results.append(run_seed(seed, args.preset, args.keep / f"seed-{seed}"))
+            results.append(run_seed(seed, args.preset, args.keep / f"seed-{seed}", overrides))
         else:
             with tempfile.TemporaryDirectory() as ws:
-                results.append(run_seed(seed, args.preset, Path(ws)))
+                results.append(run_seed(seed, args.preset, Path(ws), overrides))
         report(results[-1:])
     report(results)

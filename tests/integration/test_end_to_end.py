@@ -69,7 +69,22 @@ def test_duckdb_views_answer(run):
         SELECT c.round, count(DISTINCT c.candidate_id) AS n, count(j.candidate_id) AS judged
         FROM candidates c JOIN judgments j USING (candidate_id) GROUP BY c.round ORDER BY c.round""").to_pylist()
     assert [c["n"] for c in counts] == [8 * 4, 8 * 4]
-    assert [c["judged"] for c in counts] == [8 * 4 * 2, 8 * 4 * 2]  # verifier + llm_judge per candidate
+    # the verifier judges every candidate; the LLM judge (judge.subset: auto, which is contested when
+    # the pairs come from the verifier alone) those of the prompts whose verifier scores differ
+    rows = catalog.query(ws, "SELECT j.round, j.source, c.prompt_id, j.score FROM judgments j "
+                             "JOIN candidates c USING (candidate_id)").to_pylist()
+    for k in (1, 2):
+        spread: dict = {}
+        for r in rows:
+            if r["round"] == k and r["source"] == "verifier":
+                spread.setdefault(r["prompt_id"], set()).add(r["score"])
+        contested = {p for p, scores in spread.items() if len(scores - {None}) > 1}
+        verifier = [r for r in rows if r["round"] == k and r["source"] == "verifier"]
+        judged = [r for r in rows if r["round"] == k and r["source"] == "llm_judge"]
+        assert len(verifier) == 8 * 4
+        assert sorted(r["prompt_id"] for r in judged) == sorted(
+            r["prompt_id"] for r in verifier if r["prompt_id"] in contested)
+        assert result["rounds"][k]["judge_subset"] == "contested"
     bench = catalog.query(ws, "SELECT round, count(*) n FROM benchmarks WHERE suite = 'chain_sum-test' "
                               "GROUP BY round ORDER BY round").to_pylist()
     assert [b["n"] for b in bench] == [16, 16, 16]

@@ -229,7 +229,8 @@ def test_round_with_a_served_judge(server, tmp_path, monkeypatch, prefect_harnes
         "benchmark": {"size": 8, "validation_size": 8, "guards": [], "max_new_tokens": 24},
         "judge": {"sources": ["verifier", {"type": "llm_judge", "name": "self_judge"},
                              {"type": "llm_judge", "name": "served_judge",
-                              "model": served(server, max_concurrency=2).model_dump(mode="json")}]},
+                              "model": served(server, max_concurrency=2).model_dump(mode="json")}],
+                  "subset": "all"},  # both judges on every candidate, to compare them
         "train": {"dpo": {"num_train_epochs": 1}},
     })
     flywheel(config)
@@ -269,7 +270,8 @@ def test_unreachable_judge_fails_the_round_in_one_line(tmp_path):
         "judge": {"sources": ["verifier", {"type": "llm_judge", "model": {
             "name": "judge", "engine": "openai", "openai": {
                 "base_url": f"http://bob:s3cret@127.0.0.1:{port}/v1", "tokenizer": C.EMBEDDED_MODEL,
-                "retries": 1, "backoff_s": 0.1}}}]},
+                "retries": 1, "backoff_s": 0.1}}}],
+                  "subset": "all"},  # every candidate goes to the judge, contested or not
         # the round retries a stage whose endpoint is down (stages.retries): not 10 s and 20 s apart here
         "stages": {"retry_delay_s": 0.1}}))
     flywheel_bin = Path(sys.executable).with_name("flywheel")
