@@ -271,9 +271,7 @@ def test_unreachable_judge_fails_the_round_in_one_line(tmp_path):
             "name": "judge", "engine": "openai", "openai": {
                 "base_url": f"http://bob:s3cret@127.0.0.1:{port}/v1", "tokenizer": C.EMBEDDED_MODEL,
                 "retries": 1, "backoff_s": 0.1}}}],
-                  "subset": "all"},  # every candidate goes to the judge, contested or not
-        # the round retries a stage whose endpoint is down (stages.retries): not 10 s and 20 s apart here
-        "stages": {"retry_delay_s": 0.1}}))
+                  "subset": "all"}}))  # every candidate goes to the judge, contested or not
     flywheel_bin = Path(sys.executable).with_name("flywheel")
     p = subprocess.run([str(flywheel_bin), "run", "--config", str(cfg), "--workspace", str(ws)],
                        capture_output=True, text=True, timeout=900,
