@@ -60,13 +60,9 @@ def run_seed(seed: int, preset: str | None, workspace: Path, overrides: dict | N
 def round_rows(workspace: Path, run_id: str, round_: int) -> list[dict]:
     """Every benchmark row of a round: the test split, the validation split and each guard suite
     (each suite is its own part file of the round's partition)."""
-    import pyarrow.parquet as pq
-
     from flywheel.storage import parquet
 
-    folder = parquet.table_path(workspace, "benchmarks", run_id, round_).parent
-    return [r for f in sorted(folder.glob("*.parquet"))
-            for r in pq.read_table(f, schema=parquet.TABLES["benchmarks"]).to_pylist()]
+    return parquet.read_parts(workspace, "benchmarks", run_id, round_)
 
 
 def _mean_gain(rows: list[dict], first: list[dict], seed: int, suite: str) -> tuple | None:

@@ -242,10 +242,14 @@ def main() -> int:
               + (f" = {achieved / peak:.2%} of the bf16 dense peak" if peak else "")
               + f"; loss {m['train_loss']:.4f}{mem}")
 
-    def train():
+    def free_engines():
+        """Close the sections' engines and free their GPU memory before training."""
         for key in [k for k in state if k.startswith("engine_")]:
             state.pop(key).close()
         engines.release()
+
+    def train():
+        free_engines()
         gens = state["float32"]
         rows = []
         for i, p in enumerate(prompts):
@@ -264,9 +268,7 @@ def main() -> int:
 
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        for key in [k for k in state if k.startswith("engine_")]:
-            state.pop(key).close()
-        engines.release()
+        free_engines()
         h = args.large_hidden
         mc = AutoConfig.from_pretrained(ref)
         mc.update({"hidden_size": h, "intermediate_size": 4 * h, "num_hidden_layers": args.large_layers,

@@ -305,7 +305,8 @@ def one_round(config: FlywheelConfig, run_id: str, round: int, champion: dict, b
         metrics |= promote.paired_gains(now, before, seed=config.seed, suite=t_suite)
         metrics |= promote.paired_gains(now, before, seed=config.seed, suite=v_suite, prefix="validation_")
         # each guard against the starting model, item by item: the gate's guard check reads the interval
-        now_g, start_g = (_guard_rows(config.workspace, run_id, k) for k in (round, 0))
+        # (each guard suite is its own part file of the round's benchmarks, "guard-<i>")
+        now_g, start_g = (parquet.read_parts(config.workspace, "benchmarks", run_id, k, "guard-*") for k in (round, 0))
         for g in config.benchmark.guards:
             metrics |= promote.paired_gains(now_g, start_g, seed=config.seed, suite=f"guard:{g.task}",
                                             prefix=f"guard_change.{g.task}.")
@@ -341,13 +342,6 @@ def _split_rows(root: Path, run_id: str, round_: int) -> list[dict]:
     if parquet.exists(root, "benchmarks", run_id, round_, part="validation"):
         rows += parquet.read_table(root, "benchmarks", run_id, round_, part="validation").to_pylist()
     return rows
-
-
-def _guard_rows(root: Path, run_id: str, round_: int) -> list[dict]:
-    """A round's benchmark rows on its guard suites (each its own part file, "guard-<i>")."""
-    folder = parquet.table_path(root, "benchmarks", run_id, round_).parent
-    return [r for f in sorted(folder.glob("guard-*.parquet"))
-            for r in parquet.read_table(root, "benchmarks", run_id, round_, part=f.stem).to_pylist()]
 
 
 def _log_round_artifacts(ctx: StageContext, config: FlywheelConfig, metrics: dict, policy_out: str,
@@ -548,7 +542,7 @@ def _round_zero(config: FlywheelConfig, prepared: Prepared, run_id: str, parent:
 def _replay(history: list[dict], base: str) -> tuple[promote.Champion, dict, str | None, int]:
     """From the completed rounds: the champion, each model's DPO reference, the policy the last
     round started from, and how many rounds in a row went without a promotion."""
-    champion = promote.Champion.of(base, 0, history[0], history[0])
+    champion = promote.Champion.of(base, 0, history[0])
     references: dict[str, str | None] = {base: None}
     since = 0
     for r in history[1:]:

@@ -57,5 +57,14 @@ def read_table(root: Path, table: str, run_id: str, round_: int, part: str = "da
     return pq.read_table(table_path(root, table, run_id, round_, part), schema=TABLES[table])
 
 
+def read_parts(root: Path, table: str, run_id: str, round_: int, pattern: str = "*") -> list[dict]:
+    """The rows of every part file of a round's partition whose part name matches `pattern` (a
+    glob: "guard-*" for the benchmarks table's guard suites), parts in name order. A file being
+    written is never read: its temporary name does not end in .parquet."""
+    folder = partition_dir(root, table, run_id, round_)
+    return [r for f in sorted(folder.glob(f"{pattern}.parquet"))
+            for r in read_table(root, table, run_id, round_, part=f.stem).to_pylist()]
+
+
 def exists(root: Path, table: str, run_id: str, round_: int, part: str = "data") -> bool:
     return table_path(root, table, run_id, round_, part).is_file()

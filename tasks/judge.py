@@ -148,10 +148,10 @@ def judge_task(ctx: StageContext, policy: str, previous: str | None = None, refe
     metrics: dict = {}
     t_all = time.perf_counter()
     which = subset(cfg, sources)
+    cheap = {s.name for s in sources if s.cheap_decider}
     for source in sources:
         cands = candidates
         if source.model_based and which == "contested":
-            cheap = {s.name for s in sources if s.cheap_decider}
             cands = contested(candidates, [r for r in rows if r["source"] in cheap])
             metrics[f"judge_skipped.{source.name}"] = len(candidates) - len(cands)
         t0 = time.perf_counter()

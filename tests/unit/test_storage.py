@@ -19,6 +19,17 @@ def test_write_is_atomic_and_typed(tmp_path):
     assert not list(path.parent.glob("*.tmp")), "no temporary file may be left behind"
 
 
+def test_read_parts_reads_the_matching_part_files_of_a_round(tmp_path):
+    for part, n in (("data", 2), ("validation", 3), ("guard-0", 4), ("guard-1", 5)):
+        parquet.write_table(tmp_path, "benchmarks", "r1", 0, bench_rows(n), part=part)
+    parquet.write_table(tmp_path, "benchmarks", "r1", 1, bench_rows(7), part="guard-0")  # another round
+    folder = parquet.partition_dir(tmp_path, "benchmarks", "r1", 0)
+    (folder / ".guard-2.0123.parquet.tmp").write_bytes(b"half a file")  # a write in progress
+    assert len(parquet.read_parts(tmp_path, "benchmarks", "r1", 0, "guard-*")) == 4 + 5
+    assert len(parquet.read_parts(tmp_path, "benchmarks", "r1", 0)) == 2 + 3 + 4 + 5
+    assert parquet.read_parts(tmp_path, "benchmarks", "r1", 2) == []
+
+
 def test_missing_column_is_rejected_and_old_file_kept(tmp_path):
     parquet.write_table(tmp_path, "benchmarks", "r1", 0, bench_rows(4))
     bad = bench_rows(2)
