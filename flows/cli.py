@@ -122,31 +122,34 @@ def cmd_run(args: argparse.Namespace) -> int:
         config = load_config(None, deep_merge(saved.model_dump(mode="json"), overrides))
     else:
         config = load_config(args.config, overrides, preset=args.preset)
-    if not args.verbose:
-        import logging
+    from flywheel.flows.server import starting_prefect_api
 
-        import mlflow  # noqa: F401 - configures its loggers on import; quiet them after that
+    # Prefect's API: the user's server when PREFECT_API_URL (or the profile) names one, else a local
+    # one that this process owns and that dies with it, even by SIGKILL. It starts now, so that its
+    # start overlaps the checks below; an error there stops it.
+    with starting_prefect_api() as prefect_ready:
+        if not args.verbose:
+            import logging
 
-        # MLflow's notices (model registered, CloudPickle) bury the progress lines; --verbose keeps them.
-        logging.getLogger("mlflow").setLevel(logging.ERROR)
-    from flywheel.flows.flywheel import check, flywheel, new_run_id
-    from flywheel.flows.server import prefect_api
-    from flywheel.progress import console
-    from flywheel.storage import lock, tracking
+            import mlflow  # noqa: F401 - configures its loggers on import; quiet them after that
 
-    # Bad input, a busy workspace, an unreachable MLflow store: each fails here, as one line,
-    # before Prefect starts (the flow checks again, for deployments). The workspace lock is taken
-    # once and held to the end: the flow re-enters it, leaving no gap for a second run.
-    check(config, args.resume, args.force_from_stage)
-    with lock.workspace_lock(config.workspace):
-        tracking.setup(config.workspace, config.name)
-        console.print(f"[bold]flywheel[/bold] {config.rounds} round(s) of {config.model.name} on "
-                      f"{config.task.prompts_file or config.task.name} → {Path(config.workspace).resolve()}")
-        # Prefect's API: the user's server when PREFECT_API_URL (or the profile) names one, else a
-        # local one that this process owns and that dies with it, even by SIGKILL.
-        with prefect_api():
-            result = flywheel(config, resume=args.resume, force_from_stage=args.force_from_stage,
-                              run_id=None if args.resume else new_run_id())
+            # MLflow's notices (model registered, CloudPickle) bury the progress lines; --verbose keeps them.
+            logging.getLogger("mlflow").setLevel(logging.ERROR)
+        from flywheel.flows.flywheel import check, flywheel, new_run_id
+        from flywheel.progress import console
+        from flywheel.storage import lock, tracking
+
+        # Bad input, a busy workspace, an unreachable MLflow store: each fails here, as one line,
+        # before any work (the flow checks again, for deployments). The workspace lock is taken
+        # once and held to the end: the flow re-enters it, leaving no gap for a second run.
+        check(config, args.resume, args.force_from_stage)
+        with lock.workspace_lock(config.workspace):
+            tracking.setup(config.workspace, config.name)
+            console.print(f"[bold]flywheel[/bold] {config.rounds} round(s) of {config.model.name} on "
+                          f"{config.task.prompts_file or config.task.name} → {Path(config.workspace).resolve()}")
+            with prefect_ready():
+                result = flywheel(config, resume=args.resume, force_from_stage=args.force_from_stage,
+                                  run_id=None if args.resume else new_run_id())
     print_summary(result)
     return 0
 
@@ -384,5 +387,18 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
+def entry() -> None:
+    """The `flywheel` console script: main(), then an exit without the interpreter's last garbage
+    collections. A `run` leaves a heap of torch, transformers, Prefect and MLflow objects that
+    those collections would walk for about 2.5 s at exit; frozen, they are skipped (exit handlers,
+    flushes and finalizers of objects freed normally still run). Not in main(): callers that go on
+    in the same process (tests) must keep collecting their garbage."""
+    rc = main()
+    import gc
+
+    gc.freeze()
+    sys.exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

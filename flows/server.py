@@ -82,30 +82,55 @@ def prefect_api(*, startup_timeout_s: float = 180.0) -> Iterator[str]:
     Enter it from the main thread: on Linux the server's parent-death signal belongs to the thread
     that started it. Raises PrefectServerError (one line) when the server cannot be started.
     """
+    with starting_prefect_api(startup_timeout_s=startup_timeout_s) as ready, ready() as url:
+        yield url
+
+
+@contextlib.contextmanager
+def starting_prefect_api(*, startup_timeout_s: float = 180.0
+                         ) -> Iterator[Callable[[], contextlib.AbstractContextManager[str]]]:
+    """prefect_api() in two steps, so that the server starts while this process does other work.
+
+    Entering starts the local server (when no server is configured) and returns at once; `ready()`
+    is prefect_api(): it waits for the server, then points Prefect's settings at it. The server
+    stops when the outer context exits. The CLI enters it once the config is valid: the server's
+    start (about 5 s: imports, database migrations) then overlaps the checks, the MLflow store's
+    setup and the imports of the flows."""
     user_url = configured_url()
     if user_url:
-        with _settings(user_url):
-            yield user_url
+        @contextlib.contextmanager
+        def configured() -> Iterator[str]:
+            with _settings(user_url):
+                yield user_url
+
+        yield configured
         return
-    timeout = _startup_timeout(startup_timeout_s)
-    server = _start(timeout)
-    global _owned
-    previous = os.environ.get("PREFECT_API_URL")
-    os.environ["PREFECT_API_URL"] = server.url
-    _owned = server.info
+    starting = _Starting(_startup_timeout(startup_timeout_s))
+
+    @contextlib.contextmanager
+    def ready() -> Iterator[str]:
+        server = starting.wait()
+        global _owned
+        previous = os.environ.get("PREFECT_API_URL")
+        os.environ["PREFECT_API_URL"] = server.url
+        _owned = server.info
+        try:
+            with _settings(server.url):
+                try:
+                    yield server.url
+                finally:
+                    _drain_prefect_workers()
+        finally:
+            _owned = None
+            if previous is None:
+                os.environ.pop("PREFECT_API_URL", None)
+            else:
+                os.environ["PREFECT_API_URL"] = previous
+
     try:
-        with _settings(server.url):
-            try:
-                yield server.url
-            finally:
-                _drain_prefect_workers()
+        yield ready
     finally:
-        _owned = None
-        if previous is None:
-            os.environ.pop("PREFECT_API_URL", None)
-        else:
-            os.environ["PREFECT_API_URL"] = previous
-        server.stop()
+        starting.stop()
 
 
 def _startup_timeout(default: float) -> float:
@@ -294,61 +319,70 @@ def _healthy(url: str, timeout: float) -> bool:
         return False
 
 
-def _start(timeout: float) -> _Server:
-    try:
-        log = _Log()
-        env = _environment()
-    except OSError as e:
-        raise PrefectServerError(f"could not start a local Prefect API server ({e}); {_ADVICE}") from None
-    preexec = _die_with_parent()
+class _Starting:
+    """A local server spawned at once; wait() until it answers (a port taken meanwhile: respawned)."""
 
-    def spawn() -> _Server:
+    def __init__(self, timeout: float) -> None:
+        try:
+            self.log = _Log()
+            self.env = _environment()
+        except OSError as e:
+            raise PrefectServerError(f"could not start a local Prefect API server ({e}); {_ADVICE}") from None
+        self.timeout, self.preexec = timeout, _die_with_parent()
+        self.deadline = time.monotonic() + timeout
+        self.server = self._spawn()
+        self.ready = False
+
+    def _spawn(self) -> _Server:
         port = _free_port()
         try:
             # Its own session: Ctrl-C stops the CLI's flows first, not the API they report to.
-            proc = subprocess.Popen(_command(port), env=env, stdin=subprocess.DEVNULL, stdout=log.fd,
+            proc = subprocess.Popen(_command(port), env=self.env, stdin=subprocess.DEVNULL, stdout=self.log.fd,
                                     stderr=subprocess.STDOUT, start_new_session=True,
-                                    preexec_fn=preexec)  # noqa: PLW1509 - see _die_with_parent
+                                    preexec_fn=self.preexec)  # noqa: PLW1509 - see _die_with_parent
         except (OSError, subprocess.SubprocessError) as e:
-            log.close()
+            self.log.close()
             raise PrefectServerError(f"could not start a local Prefect API server ({e}); {_ADVICE}") from None
-        server = _Server(proc, f"http://127.0.0.1:{port}/api", log)
-        if preexec is None:  # no parent-death signal here: stop it at least on a normal exit
+        server = _Server(proc, f"http://127.0.0.1:{port}/api", self.log)
+        if self.preexec is None:  # no parent-death signal here: stop it at least on a normal exit
             server._atexit = server.stop
             atexit.register(server.stop)
         return server
 
-    def fail(what: str, advice: str = _ADVICE) -> PrefectServerError:
-        detail = _what_went_wrong(log.text()) or "it wrote nothing"
-        kept = server.stop(failed=True)
+    def _fail(self, what: str, advice: str = _ADVICE) -> PrefectServerError:
+        detail = _what_went_wrong(self.log.text()) or "it wrote nothing"
+        kept, self.server = self.server.stop(failed=True), None
         return PrefectServerError(f"could not start a local Prefect API server {what}: {detail}; {advice} "
                                   f"(server log: {kept})")
 
-    server = spawn()
-    deadline = time.monotonic() + timeout
-    delay, retries = 0.1, 0
-    try:
+    def wait(self) -> _Server:
+        if self.ready:
+            return self.server
+        delay, retries = 0.1, 0
         while True:
-            code = server.proc.poll()
+            code = self.server.proc.poll()
             if code is not None:
                 # uvicorn exits 3 when it cannot start, e.g. the port was taken since we picked it
-                if code == 3 and retries < _PORT_RETRIES and "address already in use" in log.text().lower():
+                if code == 3 and retries < _PORT_RETRIES and "address already in use" in self.log.text().lower():
                     retries += 1
-                    if server._atexit is not None:
-                        atexit.unregister(server._atexit)
-                    log.reset()
-                    server = spawn()
+                    if self.server._atexit is not None:
+                        atexit.unregister(self.server._atexit)
+                    self.log.reset()
+                    self.server = self._spawn()
                     continue
-                raise fail(f"(it exited with code {code})")
-            left = deadline - time.monotonic()
-            if _healthy(server.url, timeout=max(0.2, min(5.0, left))):
-                return server
-            left = deadline - time.monotonic()
+                raise self._fail(f"(it exited with code {code})")
+            left = self.deadline - time.monotonic()
+            if _healthy(self.server.url, timeout=max(0.2, min(5.0, left))):
+                self.ready = True
+                return self.server
+            left = self.deadline - time.monotonic()
             if left <= 0:
-                raise fail(f"within {timeout:g} s", _ADVICE_SLOW)
+                raise self._fail(f"within {self.timeout:g} s", _ADVICE_SLOW)
             time.sleep(min(delay, left))
             delay = min(delay * 1.5, 2.0)
-    except BaseException as e:  # Ctrl-C while waiting: stop it too
-        if not isinstance(e, PrefectServerError):
-            server.stop()
-        raise
+
+    def stop(self) -> None:
+        """Stop the server, whether it ever answered or not (a failed start stopped it already)."""
+        if self.server is not None:
+            self.server.stop()
+            self.server = None

@@ -97,6 +97,39 @@ except PrefectServerError as e:
 '''
 
 
+# The CLI's way: the server starts at once, the checks run meanwhile, ready() waits for it (every
+# `flywheel run` in the tests goes through it). A check that fails stops the server that was starting.
+EARLY_SCRIPT = r'''
+import json, os
+from flywheel.flows.server import owned_server, starting_prefect_api
+
+def children():
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                status = open(f"/proc/{d}/status").read()
+            except OSError:
+                continue
+            if f"\nPPid:\t{os.getpid()}\n" in status:
+                out.append(int(d))
+    return out
+
+class CheckFailed(Exception):
+    pass
+
+try:
+    with starting_prefect_api() as ready:
+        spawned = children()  # started at once, before anything waits for it
+        owned = owned_server()  # not the process's server until ready() has waited for it
+        raise CheckFailed("a bad config")
+except CheckFailed:
+    pass
+print(json.dumps({"spawned": spawned, "owned": owned is not None, "env": os.environ.get("PREFECT_API_URL"),
+                  "left": children()}))
+'''
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -184,6 +217,12 @@ def test_first_start_under_load_runs_a_flow_on_the_owned_server(tmp_path):
     assert not out["owned_after"]
     assert (tmp_path / "home" / "prefect.db").is_file()  # Prefect's own database location
     assert gone(out["owned_pid"])  # stopped on the way out
+
+
+def test_a_server_started_early_is_stopped_when_a_check_fails(tmp_path):
+    out = run_script(tmp_path, EARLY_SCRIPT, scenario_env(tmp_path / "home"), timeout=300)
+    assert len(out["spawned"]) == 1 and not out["owned"] and out["env"] is None
+    assert out["left"] == [], "the failed check left no server behind"
 
 
 def test_sigkill_of_the_parent_alone_takes_the_server_down(tmp_path):
