@@ -10,12 +10,29 @@ import pytest
 FLYWHEEL = [sys.executable, "-m", "flywheel.flows.cli"]
 
 
-def run_cli(args, tmp_path):
-    ws = tmp_path / "ws"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FLYWHEEL_CACHE": str(tmp_path / "cache")}
-    p = subprocess.run([*FLYWHEEL, *args, "--workspace", str(ws)], capture_output=True, text=True, env=env,
-                       timeout=300, cwd=tmp_path)
-    return p, ws
+@pytest.fixture
+def run_cli(tmp_path, monkeypatch, capsys):
+    """Run the CLI on `args` with a fresh workspace: by default main() in this process, which saves
+    the 5-8 s of interpreter start and imports a process pays; with `in_a_process`, as a user's
+    command runs (`python -m flywheel.flows.cli`: its exit code, its stderr, its sys.path)."""
+    def run(args, in_a_process=False):
+        ws = tmp_path / "ws"
+        argv = [*args, "--workspace", str(ws)]
+        if in_a_process:
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", "FLYWHEEL_CACHE": str(tmp_path / "cache")}
+            return subprocess.run([*FLYWHEEL, *argv], capture_output=True, text=True, env=env, timeout=300,
+                                  cwd=tmp_path), ws
+        from flywheel.flows import cli
+
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        monkeypatch.setenv("FLYWHEEL_CACHE", str(tmp_path / "cache"))
+        monkeypatch.delenv("PYTHONWARNINGS", raising=False)  # main() sets it for its subprocesses: undone after
+        capsys.readouterr()
+        rc = cli.main(argv)
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(argv, rc, out, err), ws
+    return run
 
 
 def _prompts(tmp_path, text):
@@ -34,8 +51,8 @@ def _prompts(tmp_path, text):
     # this machine has no vLLM (it is the [vllm] extra, for GPUs)
     (["--engine", "vllm"], "engine vllm needs vLLM: pip install 'flywheel[vllm]'"),
 ])
-def test_bad_input_fails_cleanly(tmp_path, args, message):
-    p, ws = run_cli(["run", *args], tmp_path)
+def test_bad_input_fails_cleanly(run_cli, tmp_path, args, message):
+    p, ws = run_cli(["run", *args], in_a_process=args == ["--config", "missing.yaml"])
     assert p.returncode == 2, p.stderr
     lines = [ln for ln in p.stderr.splitlines() if ln.startswith("flywheel: error:")]
     assert len(lines) == 1 and message in lines[0], p.stderr
@@ -49,14 +66,14 @@ def test_bad_input_fails_cleanly(tmp_path, args, message):
     ("", "has no prompts"),
     (json.dumps({"prompt": "ok"}) + "\n{broken\n", "prompts.jsonl:2: malformed JSON"),
 ])
-def test_bad_prompts_file(tmp_path, content, message):
-    p, ws = run_cli(["run", "--prompts", _prompts(tmp_path, content)], tmp_path)
+def test_bad_prompts_file(run_cli, tmp_path, content, message):
+    p, ws = run_cli(["run", "--prompts", _prompts(tmp_path, content)])
     assert p.returncode == 2 and message in p.stderr, p.stderr
     assert not ws.exists()
 
 
-def test_sql_without_catalog(tmp_path):
-    p, _ = run_cli(["sql", "SELECT 1"], tmp_path)
+def test_sql_without_catalog(run_cli):
+    p, _ = run_cli(["sql", "SELECT 1"])
     assert p.returncode == 2 and "no catalog" in p.stderr
 
 
@@ -94,11 +111,12 @@ def test_sql_without_catalog(tmp_path):
      "stages.train.work_pool is set, but no Prefect server is configured: set PREFECT_API_URL"),
     ("stages:\n  train: {job_variables: {env: {A: b}}}\n", {}, "job_variables need a work_pool"),
 ])
-def test_bad_config_values_fail_before_generation(tmp_path, config, files, message):
+def test_bad_config_values_fail_before_generation(run_cli, tmp_path, config, files, message):
     for name, text in files.items():
         (tmp_path / name).write_text(text)
     (tmp_path / "c.yaml").write_text(config)
-    p, ws = run_cli(["run", "--config", "c.yaml"], tmp_path)
+    # a callable in the working directory: importable only where that directory is on the path
+    p, ws = run_cli(["run", "--config", "c.yaml"], in_a_process="checks:" in config)
     assert p.returncode == 2, p.stderr
     lines = [ln for ln in p.stderr.splitlines() if ln.startswith("flywheel: error:")]
     assert len(lines) == 1 and message in lines[0], p.stderr
