@@ -7,6 +7,8 @@ the server's zombie automation marks the orphaned stage run Crashed, the round r
 the new worker, training resumes from its last complete checkpoint, and the round finishes with
 every table complete and nothing duplicated.
 
+The automation is configs/prefect/crash-zombie-flows.yaml with its 90 s window shortened to 60 s.
+
 It is also the scheduling test: the deployments are prefect.yaml's own (`prefect deploy --name
 next-round`, `--name gpu`), a triggered run of flywheel-next-round is picked up by a process worker,
 and the round lands in the workspace's tables and in MLflow as a scheduled one would."""
@@ -198,6 +200,24 @@ def kill_tree(proc: subprocess.Popen) -> int:
     return len(pids)
 
 
+# The shipped automation declares a flow run dead 90 s after its last heartbeat (every 30 s); the
+# test waits 60 s instead: still two heartbeats of slack, and 30 s less of CI spent waiting.
+ZOMBIE_WINDOW_S = 60
+
+
+def shorter_zombie_window(tmp_path: Path, within: int) -> Path:
+    """configs/prefect/crash-zombie-flows.yaml as shipped, but for its window."""
+    import yaml
+
+    automation = yaml.safe_load((ROOT / "configs/prefect/crash-zombie-flows.yaml").read_text())
+    assert automation["trigger"]["within"] == 90 and "90 s" in automation["actions"][0]["message"]
+    automation["trigger"]["within"] = within
+    automation["actions"][0]["message"] = automation["actions"][0]["message"].replace("90 s", f"{within} s")
+    out = tmp_path / "crash-zombie-flows.yaml"
+    out.write_text(yaml.safe_dump(automation, sort_keys=False))
+    return out
+
+
 def test_stages_on_a_gpu_pool_survive_a_killed_worker(servers, tmp_path):
     import mlflow
 
@@ -208,7 +228,7 @@ def test_stages_on_a_gpu_pool_survive_a_killed_worker(servers, tmp_path):
     cfg.write_text(CONFIG)
     for pool in ("cpu", "gpu"):
         prefect(env, "work-pool", "create", pool, "--type", "process")
-    prefect(env, "automation", "create", "--from-file", str(ROOT / "configs/prefect/crash-zombie-flows.yaml"))
+    prefect(env, "automation", "create", "--from-file", str(shorter_zombie_window(tmp_path, ZOMBIE_WINDOW_S)))
     # the round flow on the cpu pool; the gpu pool's stage deployment exactly as prefect.yaml has it
     prefect(env, "--no-prompt", "deploy", "--prefect-file", str(ROOT / "prefect.yaml"), "--name", "next-round",
             "--pool", "cpu", "--params", json.dumps({"workspace": str(ws), "config_file": str(cfg)}))
