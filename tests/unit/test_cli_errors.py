@@ -115,8 +115,10 @@ def test_bad_config_values_fail_before_generation(run_cli, tmp_path, config, fil
     for name, text in files.items():
         (tmp_path / name).write_text(text)
     (tmp_path / "c.yaml").write_text(config)
-    # a callable in the working directory: importable only where that directory is on the path
-    p, ws = run_cli(["run", "--config", "c.yaml"], in_a_process="checks:" in config)
+    # In a process of its own: a callable in the working directory (importable only where that
+    # directory is on the path), and the work pool without a Prefect server (this test process may
+    # have one configured by an earlier test's harness).
+    p, ws = run_cli(["run", "--config", "c.yaml"], in_a_process="checks:" in config or "work_pool:" in config)
     assert p.returncode == 2, p.stderr
     lines = [ln for ln in p.stderr.splitlines() if ln.startswith("flywheel: error:")]
     assert len(lines) == 1 and message in lines[0], p.stderr
