@@ -91,10 +91,22 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     try:
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        os.replace(tmp, out)
+        publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Move a finished checkpoint directory into place in one step (a rename: it appears whole).
+    Two processes that convert the same model at once (two first runs on a machine, parallel test
+    workers) both get there: the first rename wins, and the second, finding the directory taken by
+    a complete checkpoint, keeps that one and drops its own copy."""
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if not (out / "config.json").is_file():
+            raise
 
 
 def resolve(name: str) -> str:

@@ -110,3 +110,25 @@ def test_secrets_are_masked_in_params_and_errors():
     masked = tracking.mask_credentials(text)
     assert "pa55" not in masked and "u:p@" not in masked
     assert "postgresql://***@db:5432/mlflow" in masked and "https://***@x.org/a" in masked
+
+
+def test_a_converted_checkpoint_published_twice_keeps_the_first(tmp_path):
+    """Two processes converting the embedded model at once: the second rename finds the first's
+    complete checkpoint and keeps it; a directory in the way that is not a checkpoint still fails."""
+    from flywheel.models.loading import publish
+
+    out = tmp_path / "model"
+    for who in ("first", "second"):
+        tmp = tmp_path / f".model.{who}"
+        tmp.mkdir()
+        (tmp / "config.json").write_text(who)
+        (tmp / "model.safetensors").write_text(who)
+        publish(tmp, out)
+    assert (out / "config.json").read_text() == "first"
+    broken = tmp_path / "broken"
+    (broken / "partial").mkdir(parents=True)
+    tmp = tmp_path / ".broken.new"
+    tmp.mkdir()
+    (tmp / "config.json").write_text("{}")
+    with pytest.raises(OSError):
+        publish(tmp, broken)
