@@ -10,6 +10,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # sqlite file at once would lock each other out. Set before anything imports prefect.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix=f"flywheel-tests-prefect-{os.environ['PYTEST_XDIST_WORKER']}-")
+    # The cores shared out among the workers, for torch here and in the processes a test starts:
+    # two workers of two threads each on 2 cores spin against each other (a run took several times
+    # longer). One thread costs a small test round little: 60 s against 51 s on two.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
 # as the CLI sets it: run logs reach the Prefect API at INFO, the terminal shows warnings only
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
 os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
