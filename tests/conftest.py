@@ -20,6 +20,19 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
 os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
 
 
+@pytest.fixture(autouse=True)
+def _mlflow_tracking_uri_stays_in_its_test():
+    """`mlflow.set_tracking_uri` (tests read a workspace's store with it) also exports
+    MLFLOW_TRACKING_URI to this process's environment. Left behind, it would look like the user's
+    store to a later test's in-process flywheel, which would log there (storage/tracking.py)."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     """A throwaway Prefect API (sqlite) for the session, as in Prefect's own testing guide."""
