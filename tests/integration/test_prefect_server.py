@@ -72,10 +72,9 @@ with prefect_api() as url:
                       "env_inside": os.environ.get("PREFECT_API_URL")}))
 '''
 
-# Expects the start to fail; reports the error and whether any child process is left.
-FAIL_SCRIPT = r'''
-import json, os
-from flywheel.flows.server import PrefectServerError, owned_server, prefect_api
+# For the scripts below: the scenario process's own children (the servers it started).
+CHILDREN = r'''
+import os
 
 def children():
     out = []
@@ -88,6 +87,12 @@ def children():
             if f"\nPPid:\t{os.getpid()}\n" in status:
                 out.append(int(d))
     return out
+'''
+
+# Expects the start to fail; reports the error and whether any child process is left.
+FAIL_SCRIPT = CHILDREN + r'''
+import json, os
+from flywheel.flows.server import PrefectServerError, owned_server, prefect_api
 
 try:
     with prefect_api():
@@ -99,21 +104,9 @@ except PrefectServerError as e:
 
 # The CLI's way: the server starts at once, the checks run meanwhile, ready() waits for it (every
 # `flywheel run` in the tests goes through it). A check that fails stops the server that was starting.
-EARLY_SCRIPT = r'''
+EARLY_SCRIPT = CHILDREN + r'''
 import json, os
 from flywheel.flows.server import owned_server, starting_prefect_api
-
-def children():
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                status = open(f"/proc/{d}/status").read()
-            except OSError:
-                continue
-            if f"\nPPid:\t{os.getpid()}\n" in status:
-                out.append(int(d))
-    return out
 
 class CheckFailed(Exception):
     pass
