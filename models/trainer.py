@@ -139,6 +139,41 @@ def _progress_callback():
     return StageProgress()
 
 
+def score_labelled_positions_only() -> bool:
+    """On the CPU, TRL's fused LM head projects only the positions that carry a label.
+
+    TRL (1.x) turns DPO's and SFT's hidden states into per-token log-probs through a fused LM head
+    (`trl.trainer.utils.add_fused_lm_head`). On devices with Triton it projects only the positions
+    whose label is not -100 (the completion's tokens); elsewhere it projects every position,
+    prompt and padding included, so that a compiler that specialises on shapes (Neuron's) sees one
+    tile shape. The CPU compiles nothing per shape, and there the vocabulary projection (49,152
+    outputs per position, forward and backward) of the prompt and padding positions dominated:
+    benchmarks/round.py's DPO training (38 pairs, 2 epochs) took 91 s with it, 67 s without, with
+    the same loss. This makes the CPU take the labelled-positions path: the same log-probs,
+    computed on fewer rows. True when it applies (a TRL with that switch)."""
+    import inspect
+
+    import trl.trainer.utils as trl_utils
+
+    original = getattr(trl_utils, "_use_triton", None)
+    if original is None or getattr(original, "flywheel_cpu", False):
+        return original is not None
+    try:
+        source = inspect.getsource(trl_utils.add_fused_lm_head)
+    except (AttributeError, OSError, TypeError):
+        return False
+    if "compact = _use_triton(" not in source:  # another TRL: leave its choice alone
+        return False
+
+    def use_compact(device: torch.device) -> bool:
+        return device.type == "cpu" or original(device)
+
+    use_compact.flywheel_cpu = True
+    use_compact.__wrapped__ = original
+    trl_utils._use_triton = use_compact  # only the fused head's module: TRL's kernels keep their own choice
+    return True
+
+
 def work_key(fingerprint: str, policy: str, seed: int, rows: Sequence[dict]) -> str:
     """What a training's checkpoints are valid for: the stage's fingerprint, or (called directly,
     without one) its policy, seed and row count."""
@@ -190,6 +225,7 @@ def train(policy: str, rows: Sequence[dict], cfg: TrainConfig, out: Path, *, bas
     from trl import DPOTrainer, SFTTrainer
 
     torch_dtype = loading.default_dtype() if dtype == "auto" else getattr(torch, dtype)
+    score_labelled_positions_only()
     tok = AutoTokenizer.from_pretrained(policy)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -122,3 +122,49 @@ def test_continuous_batching_matches_transformers_generate(model_and_tokenizer):
         for f, r in zip(fast, ref):
             assert f.mean_logprob == pytest.approx(r.mean_logprob, abs=1e-3)
             assert f.self_certainty == pytest.approx(r.self_certainty, abs=1e-3)
+
+
+def test_cpu_fused_lm_head_scores_only_labelled_positions(monkeypatch):
+    """DPO's and SFT's log-probs come from TRL's fused LM head. On the CPU flywheel makes it project
+    only the positions that carry a label: the same log-probs and gradients from fewer rows."""
+    import torch
+    import trl.trainer.utils as trl_utils
+    from transformers import AutoModelForCausalLM
+
+    from flywheel.models import trainer
+
+    # TRL's own choice to start from (an earlier training in this process switched it), restored after the test
+    monkeypatch.setattr(trl_utils, "_use_triton", getattr(trl_utils._use_triton, "__wrapped__", trl_utils._use_triton))
+    base = loading.resolve("embedded:smollm2-135m-instruct")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    trl_utils.add_fused_lm_head(model)
+    _, tok = loading.load(base)
+    rows = [tok(q + " " + r)["input_ids"] for q, r in zip(QUESTIONS, RESPONSES)]
+    prompt = [len(tok(q)["input_ids"]) for q in QUESTIONS]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    labels = ids.masked_fill(mask == 0, -100)
+    for i, p in enumerate(prompt):
+        labels[i, :p] = -100
+    projected = []
+    apply = trl_utils._ChunkedLogProbFunction.apply
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply",
+                        lambda hidden, *a: projected.append(hidden.shape[0]) or apply(hidden, *a))
+
+    def log_probs_and_grad():
+        model.zero_grad()
+        out = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+        out.log_probs.sum().backward()
+        return out.log_probs.detach(), model.model.layers[-1].mlp.down_proj.weight.grad.clone()
+
+    every, every_grad = log_probs_and_grad()
+    assert trainer.score_labelled_positions_only()
+    assert trainer.score_labelled_positions_only(), "a second call keeps the switch, without wrapping it twice"
+    labelled, labelled_grad = log_probs_and_grad()
+    n_labels = int((labels[:, 1:] != -100).sum())
+    assert projected == [ids.shape[0] * (width - 1), n_labels]
+    assert n_labels < ids.shape[0] * (width - 1) / 2
+    assert (labelled[labels[:, 1:] == -100] == 0).all()
+    assert torch.allclose(labelled, every, atol=1e-5)
+    assert torch.allclose(labelled_grad, every_grad, rtol=1e-4, atol=1e-6)
