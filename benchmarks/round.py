@@ -9,9 +9,11 @@ Measured in this process, on this machine, each next to its baseline:
              and how many samples the decoder repeats exactly at batch 64
   benchmark  greedy on the 200 held-out items, old vs new; and whether every answer is identical
   judge      the LLM judge on the sampled candidates: rubric-prefix cache only at batch 16 (old) vs
-             per-question prefixes at the configured batch; candidates/s and the largest score change
-  train      DPO (LoRA) on 38 pairs, 2 epochs: reference log-probs every step (old) vs precomputed
-             once; seconds, the FLOP estimate, and the achieved fraction of the fp32 peak
+             per-question prefixes at the configured batch; candidates/s and the largest score change;
+             and the same in bf16 (model.dtype: bfloat16), its verdicts against fp32's
+  train      DPO (LoRA) on 38 pairs, 2 epochs: reference log-probs every step and the output layer
+             at every position (old) vs precomputed once and the output layer at the labelled
+             positions only (new); seconds, the FLOP estimates, the achieved fraction of the fp32 peak
   train RSS  this (orchestrating) process's peak memory while training in-process vs while a
              launched job (accelerate launch) trains: the job holds the model, not the stage
   round      one default round with the new code, each stage's seconds
@@ -27,16 +29,19 @@ import time
 from pathlib import Path
 
 
-def peak_gflops(seconds: float = 3.0) -> float:
+def peak_gflops(seconds: float = 3.0, dtype: str = "float32") -> float:
     import torch
 
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a, b = torch.randn(2048, 2048, dtype=getattr(torch, dtype)), torch.randn(2048, 2048, dtype=getattr(torch, dtype))
     a @ b
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         a @ b
         n += 1
     return n * 2 * 2048**3 / (time.perf_counter() - t0) / 1e9
+
+
+PEAK = [0.0]  # the fp32 peak measured at the start (GFLOP/s)
 
 
 def row(name: str, old: float, new: float, unit: str, extra: str = "") -> None:
@@ -61,7 +66,7 @@ def sampling_and_benchmark(n_prompts: int) -> list:
     t_old = time.perf_counter() - t0
     t0 = time.perf_counter()
     new = sampling.generate(model, tok, prompts, n=s.n, batch_size=s.batch_size, **kw)
-    t_new = time.perf_counter() - t0
+    t_new = t_new_s = time.perf_counter() - t0
     row("generate", sampling.tokens_per_second(old, t_old), sampling.tokens_per_second(new, t_new), "tokens/s",
         f"({len(new)} samples; {t_old:.1f} s → {t_new:.1f} s; batch 64 → {s.batch_size})")
     other = sampling.generate(model, tok, prompts, n=s.n, batch_size=64, **kw)
@@ -79,6 +84,32 @@ def sampling_and_benchmark(n_prompts: int) -> list:
     same = sum(x.response == y.response for x, y in zip(g_old, g_new))
     row("benchmark", sampling.tokens_per_second(g_old, t_old), sampling.tokens_per_second(g_new, t_new), "tokens/s",
         f"(greedy, {len(bench)} items: {same}/{len(bench)} answers identical)")
+    # model.dtype: bfloat16 (opt-in): sampling and greedy speed, and exact match on the same items
+    import copy
+
+    import torch
+
+    from flywheel.models.judges import extract_answer
+    from flywheel.tasks import promote
+
+    def exact(gens) -> float:
+        return sum((source.score(extract_answer(g.response, it.answer), it.answer, it.metadata) or 0)
+                   >= promote.EXACT for g, it in zip(gens, items_b)) / len(items_b)
+
+    items_b = benchmark_items(source, b.size, 0)
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    kw_s = dict(max_new_tokens=s.max_new_tokens, do_sample=True, temperature=s.temperature, top_p=s.top_p, seed=0)
+    t0 = time.perf_counter()
+    low = sampling.generate(bf16, tok, prompts, n=s.n, batch_size=s.batch_size, **kw_s)
+    t_low = time.perf_counter() - t0
+    row("gen bf16", sampling.tokens_per_second(new, t_new_s), sampling.tokens_per_second(low, t_low), "tokens/s",
+        "(model.dtype bfloat16 vs fp32, the new decoder both)")
+    t0 = time.perf_counter()
+    g_low = sampling.generate(bf16, tok, bench, batch_size=b.batch_size, **kw)
+    t_low = time.perf_counter() - t0
+    row("bench bf16", sampling.tokens_per_second(g_new, t_new), sampling.tokens_per_second(g_low, t_low), "tokens/s",
+        f"(greedy: exact match fp32 {exact(g_new):.1%}, bf16 {exact(g_low):.1%}; "
+        f"{sum(x.response == y.response for x, y in zip(g_new, g_low))}/{len(bench)} answers identical)")
     return [(prompts[i // s.n], g.response) for i, g in enumerate(new)]
 
 
@@ -90,6 +121,24 @@ def judge(candidates: list) -> None:
     model, tok = loading.load(loading.resolve(cfg.model.name))
     rubric = judges.load_rubric()
     qs, rs = [q for q, _ in candidates], [r for _, r in candidates]
+    # What each candidate computes after the shared prefixes (the rubric's start once, each
+    # question's part once for its candidates): its response and the rubric's closing lines.
+    from flywheel.models.decode import common_prefix_len
+    from flywheel.models.engines import rendered_prompts
+
+    ids = rendered_prompts(tok, rubric, [{"question": q, "response": r} for q, r in candidates],
+                           cfg.judge.max_prompt_tokens)
+    p0, groups = common_prefix_len(ids), {}
+    for q, t in zip(qs, ids):
+        groups.setdefault(q, []).append(t[p0:])
+    own = sum(sum(len(t) - (common_prefix_len(ts) if len(ts) > 1 else 0) for t in ts)
+              for ts in groups.values()) / len(ids)
+    text = tok.decode(ids[0])
+    closing = len(tok(text[text.rindex(rs[0]) + len(rs[0]):], add_special_tokens=False)["input_ids"])
+    body = sum(p.numel() for p in model.parameters()) - model.get_output_embeddings().weight.numel()
+    gflop = 2 * body * own / 1e9
+    print(f"  {'':<10} per candidate after the shared prefixes: {own:.1f} tokens (the rubric's closing lines "
+          f"{closing} of them), {gflop:.1f} GFLOP: at most {PEAK[0] / gflop:.1f} candidates/s at the fp32 peak")
     t0 = time.perf_counter()
     old = judges.llm_judge(model, tok, rubric, qs, rs, batch_size=16, max_prompt_tokens=1024, by_question=False)
     t_old = time.perf_counter() - t0
@@ -101,6 +150,21 @@ def judge(candidates: list) -> None:
     diff = max((abs(a.score - b.score) for a, b in zip(old, new) if a.parse_ok and b.parse_ok), default=0.0)
     row("judge", len(qs) / t_old, len(qs) / t_new, "candidates/s",
         f"(every candidate; same parse {same}/{len(qs)}, largest score change {diff:.1e})")
+    # model.dtype: bfloat16 (opt-in): the same candidates, against the fp32 verdicts above
+    import copy
+
+    import torch
+
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    t0 = time.perf_counter()
+    low = judges.llm_judge(bf16, tok, rubric, qs, rs, batch_size=cfg.judge.batch_size,
+                           max_prompt_tokens=cfg.judge.max_prompt_tokens)
+    t_low = time.perf_counter() - t0
+    same = sum(a.parse_ok == b.parse_ok for a, b in zip(new, low))
+    d = [abs(a.score - b.score) for a, b in zip(new, low) if a.parse_ok and b.parse_ok]
+    row("judge bf16", len(qs) / t_old, len(qs) / t_low, "candidates/s",
+        f"(model.dtype bfloat16 vs the fp32 verdicts: same parse {same}/{len(qs)}, score change mean "
+        f"{sum(d) / len(d):.3f}, largest {max(d):.3f})")
 
 
 def train(peak: float) -> float:
@@ -303,7 +367,8 @@ if __name__ == "__main__":
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--skip-round", action="store_true")
     ap.add_argument("--memory-only", action="store_true", help="only the training memory measurement")
-    ap.add_argument("--only", choices=("generate", "judge", "train"), help="one stage (judge samples its candidates)")
+    ap.add_argument("--only", choices=("peak", "generate", "judge", "train"),
+                    help="the peaks and one stage (judge samples its candidates first)")
     ap.add_argument("--reference-child", choices=("kept", "precomputed"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.reference_child:
@@ -314,7 +379,11 @@ if __name__ == "__main__":
         reference_memory()
         raise SystemExit(0)
     peak = max(peak_gflops(1.0) for _ in range(3))  # best of three: this machine's neighbours vary it by 2x
-    print(f"fp32 matmul peak of this CPU: {peak:.0f} GFLOP/s")
+    PEAK[0] = peak
+    bf16_peak = max(peak_gflops(1.0, "bfloat16") for _ in range(3))
+    print(f"fp32 matmul peak of this CPU: {peak:.0f} GFLOP/s (bf16: {bf16_peak:.0f} GFLOP/s, {bf16_peak / peak:.2f}x)")
+    if args.only == "peak":
+        raise SystemExit(0)
     print("stage by stage, old implementation vs new, same inputs, same process")
     if args.only == "train":
         train(peak)
