@@ -1,6 +1,7 @@
 """Speed of the embedded default, stage by stage, against the implementation it replaced (same run).
 
-    .venv/bin/python benchmarks/round.py [--prompts 64] [--skip-round]
+    .venv/bin/python benchmarks/round.py [--prompts 64] [--skip-round] [--only peak|generate|judge|train]
+    .venv/bin/python benchmarks/round.py --memory-only
 
 Measured in this process, on this machine, each next to its baseline:
   peak       fp32 matmul GFLOP/s of this CPU (the bound the others are a fraction of)
@@ -98,6 +99,7 @@ def sampling_and_benchmark(n_prompts: int) -> list:
 
     items_b = benchmark_items(source, b.size, 0)
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    sampling.generate(bf16, tok, prompts[:2], n=2, max_new_tokens=4, batch_size=4, do_sample=True)  # warm-up
     kw_s = dict(max_new_tokens=s.max_new_tokens, do_sample=True, temperature=s.temperature, top_p=s.top_p, seed=0)
     t0 = time.perf_counter()
     low = sampling.generate(bf16, tok, prompts, n=s.n, batch_size=s.batch_size, **kw_s)
@@ -134,7 +136,8 @@ def judge(candidates: list) -> None:
     own = sum(sum(len(t) - (common_prefix_len(ts) if len(ts) > 1 else 0) for t in ts)
               for ts in groups.values()) / len(ids)
     text = tok.decode(ids[0])
-    closing = len(tok(text[text.rindex(rs[0]) + len(rs[0]):], add_special_tokens=False)["input_ids"])
+    end = text.rfind(rs[0])  # -1 if decoding does not give the response back verbatim
+    closing = len(tok(text[end + len(rs[0]):], add_special_tokens=False)["input_ids"]) if end >= 0 else -1
     body = sum(p.numel() for p in model.parameters()) - model.get_output_embeddings().weight.numel()
     gflop = 2 * body * own / 1e9
     print(f"  {'':<10} per candidate after the shared prefixes: {own:.1f} tokens (the rubric's closing lines "
@@ -156,15 +159,16 @@ def judge(candidates: list) -> None:
     import torch
 
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    judges.llm_judge(bf16, tok, rubric, qs[:16], rs[:16], batch_size=16, max_prompt_tokens=1024)  # warm-up
     t0 = time.perf_counter()
     low = judges.llm_judge(bf16, tok, rubric, qs, rs, batch_size=cfg.judge.batch_size,
                            max_prompt_tokens=cfg.judge.max_prompt_tokens)
     t_low = time.perf_counter() - t0
     same = sum(a.parse_ok == b.parse_ok for a, b in zip(new, low))
     d = [abs(a.score - b.score) for a, b in zip(new, low) if a.parse_ok and b.parse_ok]
-    row("judge bf16", len(qs) / t_old, len(qs) / t_low, "candidates/s",
-        f"(model.dtype bfloat16 vs the fp32 verdicts: same parse {same}/{len(qs)}, score change mean "
-        f"{sum(d) / len(d):.3f}, largest {max(d):.3f})")
+    row("judge bf16", len(qs) / t_new, len(qs) / t_low, "candidates/s",
+        f"(model.dtype bfloat16 vs fp32, the new path both: same parse {same}/{len(qs)}, score change mean "
+        f"{sum(d) / max(1, len(d)):.3f}, largest {max(d, default=0.0):.3f})")
 
 
 def train(peak: float) -> float:
@@ -207,7 +211,8 @@ def train(peak: float) -> float:
     unwrapped = getattr(trl_utils._use_triton, "__wrapped__", trl_utils._use_triton)  # TRL's own choice
     labelled = trainer.score_labelled_positions_only
     results, peaks = {}, [peak]
-    variants = (("old", False, False), ("new", True, True))
+    # precomputed: the reference's log-probs computed once, TRL's own projection of every position
+    variants = (("old", False, False), ("precomputed", True, False), ("new", True, True))
     for label, precompute, compact in variants:
         dpo = {**cfg.train.dpo, "precompute_ref_log_probs": precompute}
         train_cfg = cfg.train.model_copy(update={"dpo": dpo})
@@ -224,8 +229,11 @@ def train(peak: float) -> float:
         peaks.append(peak_gflops())
     best = max(peaks)
     (t_old, l_old, r_old), (t_new, l_new, r_new) = results["old"], results["new"]
+    t_pre, l_pre, _ = results["precomputed"]
     f_model, f_needed = estimate(r_new, False), estimate(r_new, True)
     row("train", t_old, t_new, "s (less=better)", f"(38 pairs, {epochs} epochs, loss {l_old:.4f} vs {l_new:.4f})")
+    print(f"  {'':<10} of which the labelled positions alone: {t_pre:.1f} s with the reference precomputed and every "
+          f"position projected → {t_new:.1f} s (loss {l_pre:.4f} vs {l_new:.4f})")
     print(f"  {'':<10} FLOP estimate: {f_model:.0f} GFLOP model FLOPs, {f_needed:.0f} GFLOP needed; fp32 peak "
           f"{min(peaks):.0f}–{best:.0f} GFLOP/s across the run ({len(peaks)} measurements), the best used")
     print(f"  {'':<10} achieved, load, merge and save included: new {f_model / t_new / best:.0%} (model FLOPs), "

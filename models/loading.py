@@ -38,7 +38,7 @@ def device() -> torch.device:
 
 def default_dtype() -> torch.dtype:
     # bf16 on a GPU that supports it; fp32 on the CPU. A CPU with bf16 instructions (AVX512-BF16,
-    # AMX) runs the embedded default 1.7x faster in bf16 (README), but bf16 changes answers and
+    # AMX) runs the embedded default about 1.5x faster in bf16 (README), but bf16 changes answers and
     # judge scores, and a CPU without them emulates bf16 slowly: model.dtype: bfloat16 opts in.
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return torch.bfloat16

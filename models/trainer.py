@@ -146,11 +146,12 @@ def score_labelled_positions_only() -> bool:
     (`trl.trainer.utils.add_fused_lm_head`). On devices with Triton it projects only the positions
     whose label is not -100 (the completion's tokens); elsewhere it projects every position,
     prompt and padding included, so that a compiler that specialises on shapes (Neuron's) sees one
-    tile shape. The CPU compiles nothing per shape, and there the vocabulary projection (49,152
-    outputs per position, forward and backward) of the prompt and padding positions dominated:
-    benchmarks/round.py's DPO training (38 pairs, 2 epochs) took 91 s with it, 67 s without, with
-    the same loss. This makes the CPU take the labelled-positions path: the same log-probs,
-    computed on fewer rows. True when it applies (a TRL with that switch)."""
+    tile shape. Run eagerly, the CPU compiles nothing per shape, and there the vocabulary
+    projection (49,152 outputs per position, forward and backward) of the prompt and padding
+    positions dominated DPO's time (benchmarks/round.py --only train measures it alone). This
+    makes the CPU take the labelled-positions path when not under torch.compile: the same
+    log-probs, computed on fewer rows. TRL's kernels keep their own choice (no Triton on the CPU).
+    True when it applies (a TRL with that switch)."""
     import inspect
 
     import trl.trainer.utils as trl_utils
@@ -166,7 +167,8 @@ def score_labelled_positions_only() -> bool:
         return False
 
     def use_compact(device: torch.device) -> bool:
-        return device.type == "cpu" or original(device)
+        # Eager only: under torch.compile (`train.dpo.torch_compile`) the full path keeps shapes fixed.
+        return (device.type == "cpu" and not torch.compiler.is_compiling()) or original(device)
 
     use_compact.flywheel_cpu = True
     use_compact.__wrapped__ = original

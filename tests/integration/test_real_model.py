@@ -159,8 +159,13 @@ def test_cpu_fused_lm_head_scores_only_labelled_positions(monkeypatch):
         return out.log_probs.detach(), model.model.layers[-1].mlp.down_proj.weight.grad.clone()
 
     every, every_grad = log_probs_and_grad()
+    original = trl_utils._use_triton
     assert trainer.score_labelled_positions_only()
-    assert trainer.score_labelled_positions_only(), "a second call keeps the switch, without wrapping it twice"
+    assert trainer.score_labelled_positions_only(), "a second call keeps the switch"
+    assert trl_utils._use_triton.__wrapped__ is original, "wrapped once, around TRL's own choice"
+    from trl.kernels import chunked_logprob
+
+    assert not chunked_logprob._use_triton(torch.device("cpu")), "TRL's kernels stay on torch ops on the CPU"
     labelled, labelled_grad = log_probs_and_grad()
     n_labels = int((labels[:, 1:] != -100).sum())
     assert projected == [ids.shape[0] * (width - 1), n_labels]
