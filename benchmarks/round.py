@@ -42,9 +42,6 @@ def peak_gflops(seconds: float = 3.0, dtype: str = "float32") -> float:
     return n * 2 * 2048**3 / (time.perf_counter() - t0) / 1e9
 
 
-PEAK = [0.0]  # the fp32 peak measured at the start (GFLOP/s)
-
-
 def row(name: str, old: float, new: float, unit: str, extra: str = "") -> None:
     print(f"  {name:<10} old {old:8.1f} {unit:<13} new {new:8.1f} {unit:<13} {new / old:5.2f}x  {extra}")
 
@@ -61,61 +58,59 @@ def sampling_and_benchmark(n_prompts: int) -> list:
     items = train_items(source, 1, n_prompts, 0, None)[0]
     prompts = [it.prompt for it in items]
     sampling.generate(model, tok, prompts[:2], n=2, max_new_tokens=4, batch_size=4, do_sample=True)  # warm-up
-    kw = dict(max_new_tokens=s.max_new_tokens, do_sample=True, temperature=s.temperature, top_p=s.top_p, seed=0)
+    sample = dict(max_new_tokens=s.max_new_tokens, do_sample=True, temperature=s.temperature, top_p=s.top_p, seed=0)
     t0 = time.perf_counter()
-    old = sampling.generate_reference(model, tok, [p for p in prompts for _ in range(s.n)], batch_size=64, **kw)
+    old = sampling.generate_reference(model, tok, [p for p in prompts for _ in range(s.n)], batch_size=64, **sample)
     t_old = time.perf_counter() - t0
     t0 = time.perf_counter()
-    new = sampling.generate(model, tok, prompts, n=s.n, batch_size=s.batch_size, **kw)
-    t_new = t_new_s = time.perf_counter() - t0
-    row("generate", sampling.tokens_per_second(old, t_old), sampling.tokens_per_second(new, t_new), "tokens/s",
+    new = sampling.generate(model, tok, prompts, n=s.n, batch_size=s.batch_size, **sample)
+    t_new = time.perf_counter() - t0
+    gen_rate = sampling.tokens_per_second(new, t_new)
+    row("generate", sampling.tokens_per_second(old, t_old), gen_rate, "tokens/s",
         f"({len(new)} samples; {t_old:.1f} s → {t_new:.1f} s; batch 64 → {s.batch_size})")
-    other = sampling.generate(model, tok, prompts, n=s.n, batch_size=64, **kw)
+    other = sampling.generate(model, tok, prompts, n=s.n, batch_size=64, **sample)
     same = sum(a.response == b.response for a, b in zip(new, other))
     print(f"  {'':<10} the same seeds at batch 64 instead of {s.batch_size}: {same}/{len(new)} samples identical "
           "(the rest differ by the logits' rounding)")
-    bench = [it.prompt for it in benchmark_items(source, b.size, 0)]
-    kw = dict(max_new_tokens=b.max_new_tokens, do_sample=False)
+    bench_items = benchmark_items(source, b.size, 0)
+    bench = [it.prompt for it in bench_items]
+    greedy = dict(max_new_tokens=b.max_new_tokens, do_sample=False)
     t0 = time.perf_counter()
-    g_old = sampling.generate_reference(model, tok, bench, batch_size=64, **kw)
+    g_old = sampling.generate_reference(model, tok, bench, batch_size=64, **greedy)
     t_old = time.perf_counter() - t0
     t0 = time.perf_counter()
-    g_new = sampling.generate(model, tok, bench, batch_size=b.batch_size, **kw)
-    t_new = time.perf_counter() - t0
+    g_new = sampling.generate(model, tok, bench, batch_size=b.batch_size, **greedy)
+    bench_rate = sampling.tokens_per_second(g_new, time.perf_counter() - t0)
     same = sum(x.response == y.response for x, y in zip(g_old, g_new))
-    row("benchmark", sampling.tokens_per_second(g_old, t_old), sampling.tokens_per_second(g_new, t_new), "tokens/s",
+    row("benchmark", sampling.tokens_per_second(g_old, t_old), bench_rate, "tokens/s",
         f"(greedy, {len(bench)} items: {same}/{len(bench)} answers identical)")
-    # model.dtype: bfloat16 (opt-in): sampling and greedy speed, and exact match on the same items
+    # model.dtype: bfloat16 (opt-in): sampling and greedy speed, and exact match on the same items,
+    # scored as the benchmark stage scores them
     import copy
 
     import torch
 
-    from flywheel.models.judges import extract_answer
-    from flywheel.tasks import promote
+    from flywheel.tasks.benchmark import score_rows, summarize
 
     def exact(gens) -> float:
-        return sum((source.score(extract_answer(g.response, it.answer), it.answer, it.metadata) or 0)
-                   >= promote.EXACT for g, it in zip(gens, items_b)) / len(items_b)
+        return summarize(score_rows(bench_items, gens, source, run_id="bench", round_=0, model="m",
+                                    suite="round.py"))["exact_match"]
 
-    items_b = benchmark_items(source, b.size, 0)
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
     sampling.generate(bf16, tok, prompts[:2], n=2, max_new_tokens=4, batch_size=4, do_sample=True)  # warm-up
-    kw_s = dict(max_new_tokens=s.max_new_tokens, do_sample=True, temperature=s.temperature, top_p=s.top_p, seed=0)
     t0 = time.perf_counter()
-    low = sampling.generate(bf16, tok, prompts, n=s.n, batch_size=s.batch_size, **kw_s)
-    t_low = time.perf_counter() - t0
-    row("gen bf16", sampling.tokens_per_second(new, t_new_s), sampling.tokens_per_second(low, t_low), "tokens/s",
+    low = sampling.generate(bf16, tok, prompts, n=s.n, batch_size=s.batch_size, **sample)
+    row("gen bf16", gen_rate, sampling.tokens_per_second(low, time.perf_counter() - t0), "tokens/s",
         "(model.dtype bfloat16 vs fp32, the new decoder both)")
     t0 = time.perf_counter()
-    g_low = sampling.generate(bf16, tok, bench, batch_size=b.batch_size, **kw)
-    t_low = time.perf_counter() - t0
-    row("bench bf16", sampling.tokens_per_second(g_new, t_new), sampling.tokens_per_second(g_low, t_low), "tokens/s",
+    g_low = sampling.generate(bf16, tok, bench, batch_size=b.batch_size, **greedy)
+    row("bench bf16", bench_rate, sampling.tokens_per_second(g_low, time.perf_counter() - t0), "tokens/s",
         f"(greedy: exact match fp32 {exact(g_new):.1%}, bf16 {exact(g_low):.1%}; "
         f"{sum(x.response == y.response for x, y in zip(g_new, g_low))}/{len(bench)} answers identical)")
     return [(prompts[i // s.n], g.response) for i, g in enumerate(new)]
 
 
-def judge(candidates: list) -> None:
+def judge(candidates: list, peak: float) -> None:
     from flywheel.config import FlywheelConfig
     from flywheel.models import judges, loading
 
@@ -141,7 +136,7 @@ def judge(candidates: list) -> None:
     body = sum(p.numel() for p in model.parameters()) - model.get_output_embeddings().weight.numel()
     gflop = 2 * body * own / 1e9
     print(f"  {'':<10} per candidate after the shared prefixes: {own:.1f} tokens (the rubric's closing lines "
-          f"{closing} of them), {gflop:.1f} GFLOP: at most {PEAK[0] / gflop:.1f} candidates/s at the fp32 peak")
+          f"{closing} of them), {gflop:.1f} GFLOP: at most {peak / gflop:.1f} candidates/s at the fp32 peak")
     t0 = time.perf_counter()
     old = judges.llm_judge(model, tok, rubric, qs, rs, batch_size=16, max_prompt_tokens=1024, by_question=False)
     t_old = time.perf_counter() - t0
@@ -171,14 +166,14 @@ def judge(candidates: list) -> None:
         f"{sum(d) / max(1, len(d)):.3f}, largest {max(d, default=0.0):.3f})")
 
 
-def train(peak: float) -> float:
-    """DPO on 38 pairs, the old way and the new, the same inputs; returns the best fp32 peak seen.
+def train(peak: float) -> None:
+    """DPO on 38 pairs, the old way and the new, the same inputs.
 
     The FLOP estimate counts the real (unpadded) tokens: forward 2·P per token, the backward
     through LoRA's frozen weights about one forward again, the reference's forward once per
     epoch (old) or once in all (new). Two ways of counting P: "model FLOPs" (every parameter,
-    the tied embedding as the output layer at every position, as the issue's ~1 TFLOP a step
-    counts it) and "needed" (the output layer only where a completion token's log-prob is used,
+    the tied embedding as the output layer at every position, the usual count of a model's
+    FLOPs) and "needed" (the output layer only where a completion token's log-prob is used,
     which is all DPO reads)."""
     import trl.trainer.utils as trl_utils
 
@@ -238,7 +233,6 @@ def train(peak: float) -> float:
           f"{min(peaks):.0f}–{best:.0f} GFLOP/s across the run ({len(peaks)} measurements), the best used")
     print(f"  {'':<10} achieved, load, merge and save included: new {f_model / t_new / best:.0%} (model FLOPs), "
           f"{f_needed / t_new / best:.0%} (needed); old {estimate(r_old, False) / t_old / best:.0%} (model FLOPs)")
-    return best
 
 
 def _rss_mib() -> float:
@@ -387,7 +381,6 @@ if __name__ == "__main__":
         reference_memory()
         raise SystemExit(0)
     peak = max(peak_gflops(1.0) for _ in range(3))  # best of three: this machine's neighbours vary it by 2x
-    PEAK[0] = peak
     bf16_peak = max(peak_gflops(1.0, "bfloat16") for _ in range(3))
     print(f"fp32 matmul peak of this CPU: {peak:.0f} GFLOP/s (bf16: {bf16_peak:.0f} GFLOP/s, {bf16_peak / peak:.2f}x)")
     if args.only == "peak":
@@ -399,7 +392,7 @@ if __name__ == "__main__":
     cands = sampling_and_benchmark(args.prompts)
     if args.only == "generate":
         raise SystemExit(0)
-    judge(cands)
+    judge(cands, peak)
     if args.only == "judge":
         raise SystemExit(0)
     train(peak)
