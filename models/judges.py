@@ -27,9 +27,9 @@ from flywheel.models.engines import NextToken, rendered_prompts
 from flywheel.models.sampling import chat_texts
 
 ASSISTANT_MARK = "<|assistant|>"
-_ANSWER_TAG = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.S)
+_ANSWER_TAG = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.DOTALL)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-SCORES = range(0, 6)
+SCORES = range(6)
 
 
 def extract_answer(response: str, reference: str | None = None) -> str | None:
@@ -53,13 +53,12 @@ class Rubric:
     hash: str
 
     def render(self, question: str, **responses: str) -> tuple[str, str]:
-        # str.replace, not str.format: responses contain braces.
-        text = self.user.replace("{question}", question)
-        for key, value in responses.items():
-            text = text.replace("{" + key + "}", value)
-        return text, self.prefill
-
-
+        """The user turn with each placeholder replaced once, in one pass over the template: an
+        inserted text is never searched again, so a question or response that holds "{response}"
+        or braces of its own arrives verbatim (str.format would choke on its braces)."""
+        values = {"question": question, **responses}
+        pattern = "|".join(re.escape("{" + key + "}") for key in values)
+        return re.sub(pattern, lambda m: values[m.group()[1:-1]], self.user), self.prefill
 
 
 PLACEHOLDERS = {"pointwise": ("{question}", "{response}"), "pairwise": ("{question}", "{response_a}", "{response_b}")}

@@ -40,3 +40,15 @@ def test_rubric_without_placeholder_or_file(tmp_path):
         load_rubric(t)
     with pytest.raises(RubricError, match="not found"):
         load_rubric(tmp_path / "missing.txt")
+
+
+def test_placeholders_inside_inserted_text_are_kept_verbatim():
+    """Each placeholder is replaced once: a question quoting a template field, or a response that
+    names the other response's placeholder, reaches the judge as written."""
+    question = "What does {response} mean in a template? And {question}?"
+    user, _ = load_rubric().render(question, response="It is {response_b}, {question}")
+    assert f"User: {question}\n<response>It is {{response_b}}, {{question}}</response>" in user
+    pair, _ = load_rubric(kind="pairwise").render("Q {response_a}", response_a="A says {response_b}",
+                                                  response_b="B says {response_a}")
+    assert "User: Q {response_a}\n<response A>A says {response_b}</response A>\n" \
+           "<response B>B says {response_a}</response B>" in pair
