@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import platform
+import re
 import secrets
 import subprocess
 import time
@@ -144,6 +145,14 @@ def _round_row(ctx: StageContext, *, status: str, policy_in: str, started: datet
 
 
 STAGES = ("generate", "judge", "curate", "train", "benchmark")
+# The part files each stage writes for its round, as (table, part glob): a stage that runs clears them
+# first, so an earlier attempt's parts under another config (a decontaminated list, a guard suite
+# since dropped) cannot outlive it. Training writes checkpoints, which it resumes from.
+OUTPUTS = {"generate": (("prompts", "train"), ("prompts", "decontaminated"), ("candidates", "*")),
+           "judge": (("judgments", "*"), ("judge_health", "*")),
+           "curate": (("pairs", "*"), ("sft", "*")),
+           "train": (),
+           "benchmark": (("benchmarks", "*"),)}
 
 
 # Only failures that may pass on their own are retried: a lost connection, a timed-out request, a
@@ -220,16 +229,19 @@ class Stages:
         """(result, the fingerprint it was computed under)."""
         root, run_id, k = self.ctx.workspace, self.ctx.run_id, self.ctx.round
         done = manifest.read(root, run_id, k, stage)
-        if done is not None:
-            if done["fingerprint"] == fingerprint:
-                self.reused.append(stage)
-                return done["result"], fingerprint
-            if self.force_from is None:
-                raise ResumeError(f"run {run_id} round {k}: stage {stage} was computed from other inputs (the "
-                                  f"config changed); use --force-from-stage {stage} to redo it and what follows")
-            if STAGES.index(stage) < STAGES.index(self.force_from):
-                self.reused.append(stage)
-                return done["result"], done["fingerprint"]
+        forced = self.force_from is not None and STAGES.index(stage) >= STAGES.index(self.force_from)
+        if done is not None and not forced:
+            if done["fingerprint"] != fingerprint:
+                if self.force_from is None:
+                    raise ResumeError(f"run {run_id} round {k}: stage {stage} was computed from other inputs (the "
+                                      f"config changed); use --force-from-stage {stage} to redo it and what follows")
+                # kept under the new config, as the user asked: recorded under its new fingerprint, so
+                # the stages after it chain from the new config and a later plain resume matches
+                manifest.write(root, run_id, k, stage, fingerprint, done["result"])
+            self.reused.append(stage)
+            return done["result"], fingerprint
+        for table, part in OUTPUTS[stage]:
+            parquet.remove_parts(root, table, run_id, k, part)
         name = f"{stage}-round-{k}" + (" (baseline)" if k == 0 else "")
         pool = getattr(self.ctx.config.stages, stage).work_pool
         if pool is not None:
@@ -316,12 +328,12 @@ def one_round(config: FlywheelConfig, run_id: str, round: int, champion: dict, b
         progress.log(f"round {round}: {'promoted to champion' if promoted else 'not promoted'}: {'; '.join(reasons)}")
         version = _log_round_artifacts(ctx, config, metrics, policy_out, trained["trained"], promoted)
     except BaseException as e:
-        parquet.write_table(config.workspace, "rounds", run_id, round, [_round_row(
-            ctx, status="failed", policy_in=policy, started=started, error=_error_text(e)[:2000],
-            base=base)])
-        catalog.refresh(config.workspace)
-        tracking.set_tags(mlflow_run, {"flywheel.error": _error_text(e)[:5000]})
-        tracking.end_run(mlflow_run, "FAILED")
+        error = _error_text(e)
+        best_effort(lambda: parquet.write_table(config.workspace, "rounds", run_id, round, [_round_row(
+                        ctx, status="failed", policy_in=policy, started=started, error=error[:2000], base=base)]),
+                    lambda: catalog.refresh(config.workspace),
+                    lambda: tracking.set_tags(mlflow_run, {"flywheel.error": error[:5000]}),
+                    lambda: tracking.end_run(mlflow_run, "FAILED"))
         raise
     parquet.write_table(config.workspace, "rounds", run_id, round, [_round_row(
         ctx, status="completed", policy_in=policy, started=started, policy_out=policy_out,
@@ -359,14 +371,15 @@ def _log_round_artifacts(ctx: StageContext, config: FlywheelConfig, metrics: dic
         tracking.log_artifact(run, datacard.card_dir(config.workspace, ctx.run_id, ctx.round) / f, "data_card")
     if not trained:
         return None
-    acc = metrics.get("accuracy")
-    acc_text = "unscored" if acc is None else f"{acc:.4f}"
+    exact, mean = metrics.get("exact_match"), metrics.get("accuracy")
     version = tracking.log_and_register_model(
         run, Path(policy_out), config.name,
-        tags={"flywheel.run_id": ctx.run_id, "flywheel.round": str(ctx.round), "accuracy": acc_text,
+        tags={"flywheel.run_id": ctx.run_id, "flywheel.round": str(ctx.round),
+              "exact_match": "unscored" if exact is None else f"{exact:.4f}",
+              "mean_score": "unscored" if mean is None else f"{mean:.4f}",
               "promoted": str(promoted).lower(), "weights_sha256": str(metrics.get("weights_sha256"))},
-        description=(f"flywheel run {ctx.run_id}, round {ctx.round}: held-out accuracy "
-                     f"{'unscored' if acc is None else f'{acc:.1%}'}; "
+        description=(f"flywheel run {ctx.run_id}, round {ctx.round}: test exact match {_pct(exact)} "
+                     f"(mean score {_pct(mean)}); "
                      f"{'promoted to champion' if promoted else 'not promoted'} ({reasons[:1500]})"),
         weights=config.registry.weights, weights_sha256=metrics.get("weights_sha256"))
     if promoted:
@@ -374,7 +387,12 @@ def _log_round_artifacts(ctx: StageContext, config: FlywheelConfig, metrics: dic
     return version
 
 
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
 def saved_config(workspace: Path, run_id: str) -> FlywheelConfig:
+    if not RUN_ID.fullmatch(run_id) or ".." in run_id:
+        raise ResumeError(f"{run_id!r} is not a run id (letters, digits, '.', '_', '-'; see `flywheel runs`)")
     path = Path(workspace) / "runs" / run_id / "config.yaml"
     if not path.is_file():
         known = sorted(p.name for p in (Path(workspace) / "runs").glob("*") if p.is_dir())
@@ -382,16 +400,33 @@ def saved_config(workspace: Path, run_id: str) -> FlywheelConfig:
     return load_config(path, {"workspace": str(workspace)})
 
 
+# What a run's splits and round 0 rest on: --force-from-stage redoes stages of the latest round, never
+# round 0 or the benchmark items, so a change here would make a run whose rounds are not comparable.
+FORCE_FIXED = ("name", "seed", "model", "task", "benchmark")
+
+
 def check_resumable(config: FlywheelConfig, run_id: str, force_from_stage: str | None) -> None:
-    """A resumed run must mean the same as it did; which setting differs is named."""
+    """A resumed run must mean the same as it did; which setting differs is named. With
+    --force-from-stage, settings of the stages it redoes may differ, not those the run rests on."""
     saved = saved_config(config.workspace, run_id)
-    if saved.hash() == config.hash() or force_from_stage is not None:
+    if saved.hash() == config.hash():
         return
-    a, b = saved.flat(), config.flat()
-    changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k)
-                     and k.split(".")[1] not in ("workspace", "rounds", "stages"))
-    raise ResumeError(f"run {run_id} was made with other settings ({', '.join(c[4:] for c in changed[:3])} "
-                      "differ); resume it with its own config, or use --force-from-stage STAGE")
+    changed = changed_settings(saved, config)
+    if force_from_stage is None:
+        raise ResumeError(f"run {run_id} was made with other settings ({', '.join(changed[:3])} differ); resume it "
+                          "with its own config, or use --force-from-stage STAGE")
+    fixed = [c for c in changed if c.split(".")[0] in FORCE_FIXED]
+    if fixed:
+        raise ResumeError(f"run {run_id}: {', '.join(fixed[:3])} changed, and its splits and earlier rounds rest "
+                          f"on {'it' if len(fixed) == 1 else 'them'}; --force-from-stage cannot redo that: "
+                          "start a new run")
+
+
+def changed_settings(a: FlywheelConfig, b: FlywheelConfig) -> list[str]:
+    """The dotted settings whose values differ between two configs, bar where the run is and how it runs."""
+    fa, fb = a.flat(), b.flat()
+    return sorted(k[4:] for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k)
+                  and k.split(".")[1] not in ("workspace", "rounds", "stages"))
 
 
 def round_bytes(model_bytes: int, registry_copy: bool = False) -> int:
@@ -455,6 +490,8 @@ def check(config: FlywheelConfig, resume: str | None = None, force_from_stage: s
     resume request, the inputs (nothing is written for bad input), the workspace's disk."""
     if force_from_stage is not None and force_from_stage not in STAGES:
         raise ResumeError(f"unknown stage {force_from_stage!r} (stages: {', '.join(STAGES)})")
+    if force_from_stage is not None and resume is None:
+        raise ResumeError("--force-from-stage redoes stages of an existing run: name it with --resume RUN")
     if resume is not None:
         check_resumable(config, resume, force_from_stage)
     placement.check(config)  # a work pool's server and deployments, before any weights are fetched
@@ -471,14 +508,10 @@ def _flywheel(config: FlywheelConfig, prepared: Prepared, run_id: str, force_fro
                                         tags={"flywheel.run_id": run_id, "flywheel.kind": "run"})
     tracking.log_params(parent, config.flat() | {"run_id": run_id, "base_model": prepared.base,
                                                  "code_version": code_version()})
-    config_file = root / "runs" / run_id / "config.yaml"
-    config_file.parent.mkdir(parents=True, exist_ok=True)
-    import yaml
-
-    config_file.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    tracking.log_artifact(parent, config_file)
-    tracking.set_tags(parent, {"flywheel.config_hash": config.hash(), "flywheel.code_version": code_version()})
+    save_config(root, run_id, config, parent)
     history = manifest.history(root, run_id)
+    if force_from_stage is not None:
+        _reopen_for_force(root, run_id, history, force_from_stage)
     try:
         if not history:
             history.append(_round_zero(config, prepared, run_id, parent))
@@ -494,23 +527,90 @@ def _flywheel(config: FlywheelConfig, prepared: Prepared, run_id: str, force_fro
             manifest.write(root, run_id, k, "round", short_hash("round", config.hash(), k), result)
             history.append(result)
             tracking.log_metrics(parent, _parent_metrics(result), step=k)
+            progress.log(f"round {k}: {'promoted' if result['promoted'] else 'not promoted'}, test exact match "
+                         f"{_pct(result.get('exact_match'))}; its stages are logged on flow run {run_id}-round-{k}")
             champion, references, previous, since = _replay(history, prepared.base)
     except BaseException as e:
-        tracking.set_tags(parent, {"flywheel.error": _error_text(e)[:5000]})
-        tracking.end_run(parent, "FAILED")
+        # the cleanup is best-effort: whatever it meets, the run ends FAILED and the original error is raised
+        error = _error_text(e)
+        best_effort(lambda: tracking.set_tags(parent, {"flywheel.error": error[:5000]}),
+                    lambda: tracking.end_run(parent, "FAILED"), lambda: _publish_run(root, run_id, parent, history))
         raise
-    finally:
-        if history:
-            plot = plots.rounds_plot(history, root / "runs" / run_id / "rounds.png")
-            tracking.log_artifact(parent, plot)
-        catalog.refresh(root)
-    first, last = history[0]["accuracy"], history[-1]["accuracy"]
-    tracking.log_metrics(parent, {"accuracy_gain": None if first is None or last is None else last - first,
-                                  "champion_accuracy": champion.accuracy})
+    _publish_run(root, run_id, parent, history)
+    _log_run_figures(parent, history, champion)
     tracking.set_tags(parent, {"flywheel.champion": champion.policy})
     tracking.end_run(parent)
     return {"run_id": run_id, "mlflow_run_id": parent, "experiment_id": experiment_id, "rounds": history,
             "champion": champion.policy, "champion_accuracy": champion.accuracy}
+
+
+def save_config(root: Path, run_id: str, config: FlywheelConfig, parent: str) -> None:
+    """The run's config (what a resume reads), and every config the run has been run under, by hash:
+    each round's row names the one it was made with (config_hash), so a run resumed under
+    --force-from-stage keeps the config of its earlier rounds."""
+    import yaml
+
+    text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    run_dir = root / "runs" / run_id
+    by_hash = manifest.write_text_atomic(run_dir / "configs" / f"{config.hash()}.yaml", text)
+    config_file = manifest.write_text_atomic(run_dir / "config.yaml", text)
+    tracking.log_artifact(parent, config_file)
+    tracking.log_artifact(parent, by_hash, "configs")
+    tracking.set_tags(parent, {"flywheel.config_hash": config.hash(), "flywheel.code_version": code_version()})
+
+
+def _reopen_for_force(root: Path, run_id: str, history: list[dict], stage: str) -> None:
+    """--force-from-stage redoes `stage` onward in the run's latest round: the interrupted one, or
+    else the last completed round (not round 0, the starting model's benchmark). The rounds before
+    it stay as they were made: they are its inputs."""
+    from flywheel.progress import console
+
+    k = len(history)
+    if not any(manifest.read(root, run_id, k, s) for s in STAGES):
+        if k <= 1:
+            return
+        k -= 1
+        history.pop()
+        manifest.remove(root, run_id, k, "round")
+    console.print(f"--force-from-stage {stage}: round {k} is redone from {stage} on"
+                  + (f"; rounds 1–{k - 1} stay as they were made" if k > 1 else ""))
+
+
+def best_effort(*steps) -> None:
+    """Run each step; one that fails is logged and the next still runs (cleanup on a failing path
+    must neither hide the error being raised nor skip the steps after it)."""
+    import logging
+
+    for step in steps:
+        try:
+            step()
+        except Exception as e:  # noqa: BLE001 - logged; the caller re-raises the error that matters
+            logging.getLogger(__name__).warning("cleanup step failed: %s", _error_text(e).splitlines()[0])
+
+
+def _publish_run(root: Path, run_id: str, parent: str, history: list[dict]) -> None:
+    """The run's readable outputs: its per-round plot (and its MLflow copy) and the catalog."""
+    if history:
+        best_effort(lambda: tracking.log_artifact(parent, plots.rounds_plot(history, root / "runs" / run_id
+                                                                            / "rounds.png")))
+    catalog.refresh(root)
+
+
+def _log_run_figures(parent: str, history: list[dict], champion: promote.Champion) -> None:
+    """End-of-run figures under keys of their own at the last round's step, so they never add a
+    point to a per-round curve: the headline's change over the run and the champion's scores."""
+    def gain(key: str) -> float | None:
+        first, last = history[0].get(key), history[-1].get(key)
+        return None if first is None or last is None else last - first
+
+    best = next((r for r in history if r["round"] == champion.round), history[0])
+    tracking.log_metrics(parent, {"run.exact_match_gain": gain("exact_match"), "run.mean_score_gain": gain("accuracy"),
+                                  "run.champion_exact_match": best.get("exact_match"),
+                                  "run.champion_mean_score": champion.accuracy}, step=history[-1]["round"])
+
+
+def _pct(v: float | None) -> str:
+    return "unscored" if v is None else f"{v:.1%}"
 
 
 def _round_zero(config: FlywheelConfig, prepared: Prepared, run_id: str, parent: str) -> dict:
@@ -522,9 +622,10 @@ def _round_zero(config: FlywheelConfig, prepared: Prepared, run_id: str, parent:
         metrics, _ = Stages(ctx0, prepared).run("benchmark", short_hash("benchmark", config.hash(), 0, prepared.base),
                                                 policy=prepared.base)
     except BaseException as e:
-        parquet.write_table(root, "rounds", run_id, 0, [_round_row(
-            ctx0, status="failed", policy_in=prepared.base, started=started, error=_error_text(e)[:2000])])
-        catalog.refresh(root)
+        error = _error_text(e)
+        best_effort(lambda: parquet.write_table(root, "rounds", run_id, 0, [_round_row(
+            ctx0, status="failed", policy_in=prepared.base, started=started, error=error[:2000])]),
+                    lambda: catalog.refresh(root))
         raise
     metrics = dict(metrics, round_seconds=time.perf_counter() - t0)
     parquet.write_table(root, "rounds", run_id, 0, [_round_row(

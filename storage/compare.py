@@ -12,8 +12,8 @@ from pathlib import Path
 from flywheel.errors import CompareError
 from flywheel.storage import manifest
 
-COLUMNS = ("accuracy", "promoted", "pairs", "judge_verifier_agreement", "mean_response_tokens", "generate_seconds",
-           "judge_seconds", "train_seconds", "benchmark_seconds", "round_seconds")
+COLUMNS = ("exact_match", "accuracy", "promoted", "pairs", "judge_verifier_agreement", "mean_response_tokens",
+           "generate_seconds", "judge_seconds", "train_seconds", "benchmark_seconds", "round_seconds")
 
 
 def collect(workspace: Path, run_ids: Sequence[str]) -> list[dict]:

@@ -26,16 +26,27 @@ def read(root: Path, run_id: str, round_: int, stage: str) -> dict[str, Any] | N
     return json.loads(p.read_text())
 
 
-def write(root: Path, run_id: str, round_: int, stage: str, fingerprint: str, result: dict[str, Any]) -> Path:
-    p = path(root, run_id, round_, stage)
+def write_text_atomic(p: Path, text: str) -> Path:
+    """Write a whole file or nothing: a temporary name in the same folder, fsynced, then renamed, so
+    a crash or a reader never sees half of it."""
+    p = Path(p)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(json.dumps({"stage": stage, "fingerprint": fingerprint, "result": result,
-                               "finished_at": datetime.now(timezone.utc).isoformat()}, default=str, indent=1))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, p)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    finally:
+        tmp.unlink(missing_ok=True)
     return p
+
+
+def write(root: Path, run_id: str, round_: int, stage: str, fingerprint: str, result: dict[str, Any]) -> Path:
+    return write_text_atomic(path(root, run_id, round_, stage), json.dumps(
+        {"stage": stage, "fingerprint": fingerprint, "result": result,
+         "finished_at": datetime.now(timezone.utc).isoformat()}, default=str, indent=1))
 
 
 def remove(root: Path, run_id: str, round_: int, stage: str) -> None:

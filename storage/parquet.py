@@ -66,5 +66,14 @@ def read_parts(root: Path, table: str, run_id: str, round_: int, pattern: str = 
             for r in read_table(root, table, run_id, round_, part=f.stem).to_pylist()]
 
 
+def remove_parts(root: Path, table: str, run_id: str, round_: int, pattern: str = "*") -> list[Path]:
+    """Delete a round's part files of `table` whose part name matches `pattern`: a stage clears what
+    an earlier attempt of it wrote before it writes again, so no part of another config survives."""
+    gone = sorted(partition_dir(root, table, run_id, round_).glob(f"{pattern}.parquet"))
+    for f in gone:
+        f.unlink(missing_ok=True)
+    return gone
+
+
 def exists(root: Path, table: str, run_id: str, round_: int, part: str = "data") -> bool:
     return table_path(root, table, run_id, round_, part).is_file()

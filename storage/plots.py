@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-PANELS = (("accuracy", "held-out accuracy"), ("pairs", "preference pairs"),
+# The headline first: test exact match (full credit only), with the partial-credit mean score beside it.
+PANELS = (("exact_match", "test exact match"), ("pairs", "preference pairs"),
           ("judge_verifier_agreement", "judge–verifier agreement"), ("mean_response_tokens", "mean response tokens"))
 
 
@@ -20,13 +21,17 @@ def rounds_plot(history: Sequence[dict], out: Path) -> Path:
         pts = [(h["round"], h[key]) for h in history if isinstance(h.get(key), (int, float))]
         if pts:
             xs, ys = zip(*pts)
-            ax.plot(xs, ys, marker="o")
+            ax.plot(xs, ys, marker="o", label=title)
+        mean = [(h["round"], h["accuracy"]) for h in history if isinstance(h.get("accuracy"), (int, float))]
+        if key == "exact_match" and mean:
+            ax.plot(*zip(*mean), linestyle="--", color="tab:gray", label="mean score")
         rejected = [(h["round"], h[key]) for h in history if not h.get("promoted", True)
                     and isinstance(h.get(key), (int, float))]
-        if key == "accuracy" and rejected:  # the next round started from the champion instead
+        if key == "exact_match" and rejected:  # the next round started from the champion instead
             ax.scatter(*zip(*rejected), marker="x", s=90, color="tab:red", zorder=3, label="not promoted")
+        if key == "exact_match":
             ax.legend(fontsize=8, loc="lower right")
-        if key in ("accuracy", "judge_verifier_agreement"):
+        if key in ("exact_match", "judge_verifier_agreement"):
             ax.set_ylim(0, 1)  # shares: a fixed scale keeps small wobbles from looking like trends
         ax.set_title(title)
         ax.set_xlabel("round")
@@ -100,7 +105,7 @@ def _save(fig, out: Path) -> Path:
 
 
 def compare_plot(rows: Sequence[dict], out: Path) -> Path:
-    """Each run a line, per round: accuracy, pairs, judge–verifier agreement, mean length."""
+    """Each run a line, per round: test exact match, pairs, judge–verifier agreement, mean length."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,11 +121,11 @@ def compare_plot(rows: Sequence[dict], out: Path) -> Path:
                 ax.plot(xs, ys, marker="o", label=run)
                 promoted = [(r["round"], r[key]) for r in rows if r["run"] == run and r.get("promoted")
                             and isinstance(r.get(key), (int, float))]
-                if promoted and key == "accuracy":
+                if promoted and key == "exact_match":
                     ax.scatter(*zip(*promoted), s=80, facecolors="none", edgecolors="k", zorder=3)
-        if key in ("accuracy", "judge_verifier_agreement"):
+        if key in ("exact_match", "judge_verifier_agreement"):
             ax.set_ylim(0, 1)
-        ax.set_title(title + (" (○ promoted)" if key == "accuracy" else ""))
+        ax.set_title(title + (" (○ promoted)" if key == "exact_match" else ""))
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)

@@ -186,7 +186,10 @@ def test_the_benchmarked_model_is_the_registered_one(run, tmp_path):
         assert version.run_id == r["mlflow_run_id"]
         assert version.tags["weights_sha256"] == r["weights_sha256"]
         assert version.tags["flywheel.round"] == str(r["round"]) and version.tags["promoted"] == str(r["promoted"]).lower()
-        assert version.tags["accuracy"] == f"{r['accuracy']:.4f}" and f"round {r['round']}" in version.description
+        # versions carry the headline (test exact match) and name the partial-credit mean for what it is
+        exact = client.get_run(r["mlflow_run_id"]).data.metrics["exact_match"]
+        assert version.tags["exact_match"] == f"{exact:.4f}" and version.tags["mean_score"] == f"{r['accuracy']:.4f}"
+        assert f"round {r['round']}: test exact match {exact:.1%}" in version.description
         local = mlflow.artifacts.download_artifacts(f"models:/{config.name}/{r['registered_version']}",
                                                     dst_path=str(tmp_path / r["registered_version"]))
         (pointer,) = (Path(local) / "artifacts").iterdir()  # registry.weights: reference, the default
@@ -295,6 +298,11 @@ def test_round_runs_carry_flywheel_params_and_trl_config_as_an_artifact(run):
         trl = client.download_artifacts(child.info.run_id, "train/trl_config.json")
         assert '"beta": 0.1' in Path(trl).read_text()
         assert [m.step for m in client.get_metric_history(child.info.run_id, "loss")], "training loss by step"
+    # per-round curves hold one point per round; end-of-run figures have keys of their own, at the last step
+    for key in ("accuracy_gain", "exact_match"):
+        history = client.get_metric_history(parent.info.run_id, key)
+        assert len(history) == len({m.step for m in history}), f"{key}: a second point on a round's step"
+    assert [m.step for m in client.get_metric_history(parent.info.run_id, "run.exact_match_gain")] == [2]
     # stage times on the parent, one point per round
     for key in ("generate_seconds", "judge_seconds", "train_seconds", "benchmark_seconds"):
         steps = [0, 1, 2] if key == "benchmark_seconds" else [1, 2]  # round 0 only benchmarks

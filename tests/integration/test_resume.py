@@ -161,3 +161,91 @@ def test_resume_errors(tmp_path, reference):
     for c in table(ws, "candidates"):
         per_prompt[c["prompt_id"]] = per_prompt.get(c["prompt_id"], 0) + 1
     assert set(per_prompt.values()) == {6}
+
+
+def test_readers_never_fail_the_run_and_the_run_never_fails_a_reader(tmp_path, reference):
+    """The everyday way to inspect data while rounds run: a process holding the catalog open
+    read-only for the whole run (as `duckdb -readonly` does), and `flywheel sql` every 0.5 s. Zero
+    failures on either side, and the tables equal those of the run without readers."""
+    import threading
+    import time
+
+    import duckdb
+
+    (tmp_path / "c.yaml").write_text(CONFIG)
+    ws = tmp_path / "ws"
+    done, failures, answered = threading.Event(), [], []
+
+    def hold_open():
+        while not (ws / "catalog.duckdb").is_file() and not done.is_set():
+            time.sleep(0.1)
+        if done.is_set():
+            return
+        with duckdb.connect(str(ws / "catalog.duckdb"), read_only=True) as con:
+            while not done.is_set():
+                con.execute("SELECT count(*) FROM benchmarks").fetchall()
+                time.sleep(0.5)
+
+    def query_loop():
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        while not done.is_set():
+            if (ws / "catalog.duckdb").is_file():
+                p = subprocess.run([sys.executable, "-m", "flywheel.flows.cli", "sql", "SELECT count(*) AS n FROM "
+                                    "candidates", "--workspace", str(ws), "--format", "csv"],
+                                   capture_output=True, text=True, env=env, timeout=120)
+                (answered if p.returncode == 0 else failures).append(p.stdout + p.stderr)
+            time.sleep(0.5)
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (hold_open, query_loop)]
+    for t in threads:
+        t.start()
+    try:
+        rc, out = cli(ws)
+    finally:
+        done.set()
+        for t in threads:
+            t.join(120)
+    assert rc == 0, out[-3000:]
+    assert failures == [], failures[:3]
+    assert len(answered) >= 10, f"only {len(answered)} queries answered during the run"
+    assert snapshot(ws) == reference
+
+
+def test_force_from_stage_redoes_the_latest_round_and_keeps_each_rounds_config(tmp_path, reference):
+    """On a finished run, --force-from-stage train redoes round 1 from training under the changed
+    training settings: generation is kept, what an earlier attempt wrote is cleared, and both
+    configs are kept. Settings the splits rest on cannot be forced; nor can a stage without a run."""
+    import shutil
+
+    (tmp_path / "c.yaml").write_text(CONFIG)
+    ws = tmp_path / "ws"
+    rc, out = cli(ws, "--force-from-stage", "train")
+    assert rc == 2 and "--resume" in out and not (ws / "runs").exists(), out[-2000:]
+    rc, out = cli(ws)
+    assert rc == 0, out[-3000:]
+    run_id = next((ws / "runs").iterdir()).name
+    assert snapshot(ws) == reference
+    round1 = ws / "runs" / run_id / "round=1"
+    generated = (round1 / "generate.done.json").read_text()
+    candidates = sorted((ws / "tables" / "candidates").rglob("*.parquet"))
+    kept = {f: f.read_bytes() for f in candidates}
+    bench = ws / "tables" / "benchmarks" / f"run_id={run_id}" / "round=1"
+    shutil.copy(bench / "data.parquet", bench / "guard-0.parquet")  # a part no current config writes
+
+    (tmp_path / "c.yaml").write_text(CONFIG + "seed: 5\n")
+    rc, out = cli(ws, "--resume", run_id, "--force-from-stage", "train")
+    assert rc == 2 and "seed" in out and "start a new run" in out, out[-2000:]
+
+    (tmp_path / "c.yaml").write_text(CONFIG.replace("num_train_epochs: 2", "num_train_epochs: 1"))
+    rc, out = cli(ws, "--resume", run_id, "--force-from-stage", "train")
+    assert rc == 0, out[-3000:]
+    assert "round 1 is redone from train" in out
+    assert (round1 / "generate.done.json").read_text() != generated, "kept, under the new config's fingerprint"
+    assert {f: f.read_bytes() for f in candidates} == kept, "generation is not redone"
+    assert not (bench / "guard-0.parquet").exists(), "an earlier attempt's part is cleared"
+    assert len(list((ws / "runs" / run_id / "configs").glob("*.yaml"))) == 2
+    rows = table(ws, "rounds")
+    assert sorted(r["round"] for r in rows) == [0, 1] and rows[-1]["status"] == "completed"
+    # a plain resume now matches the forced round: nothing is redone, nothing refused
+    rc, out = cli(ws, "--resume", run_id)
+    assert rc == 0, out[-3000:]
