@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -28,8 +29,37 @@ def held(root: Path) -> bool:
     return str((Path(root) / ".lock").resolve()) in _HELD
 
 
+# A reader (`flywheel runs`) probes the lock for an instant; a run that meets such a probe waits it
+# out instead of taking the reader for a second run.
+WAIT_S = 2.0
+
+
+def _take(f: IO[str], wait_s: float) -> bool:
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+
+
+def busy(root: Path) -> bool:
+    """Whether another process holds the workspace's lock (a probe: taken and released at once)."""
+    path = Path(root) / ".lock"
+    if held(root) or not path.is_file():
+        return False
+    with open(path) as f:
+        if not _take(f, 0):
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return False
+
+
 @contextlib.contextmanager
-def workspace_lock(root: Path) -> Iterator[None]:
+def workspace_lock(root: Path, wait_s: float = WAIT_S) -> Iterator[None]:
     path = Path(root) / ".lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     key = str(path.resolve())
@@ -39,9 +69,7 @@ def workspace_lock(root: Path) -> Iterator[None]:
             _HELD[key] = (f, depth + 1)
         else:
             f = open(path, "a+")
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not _take(f, wait_s):
                 f.seek(0)
                 holder = f.read().strip() or "another process"
                 f.close()
