@@ -62,8 +62,34 @@ class PlacementError(UserError, RuntimeError):
     unknown pool, a missing stage deployment, or a stage run that failed there."""
 
 
+# The userinfo of a URL (`scheme://user:password@host`), up to the authority's last '@': a password
+# may hold ':' or an unescaped '@'. Any scheme (postgresql+psycopg://, https://, s3://).
+_USERINFO = r"(?<=//)[^\s/\"'<>`]*@"
+# query-string and connection-string settings that hold a secret (`?api_key=…`, `password=…`)
+_SECRET_SETTING = (r"(?i)(?<![\w-])((?:api[_-]?key|access[_-]?token|auth[_-]?token|token|secret|password|passwd|pwd)"
+                   r"\s*[=:]\s*)[^\s&;,'\"]+")
+_BEARER = r"(?i)\b(bearer\s+)[\w.~+/=-]{16,}"
+# The shapes of common API keys: OpenAI/Anthropic (sk-…), Hugging Face, GitHub, GitLab, AWS, Slack.
+_KEY_SHAPES = (r"\b(?:sk-[\w-]{16,}|hf_[A-Za-z0-9]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|glpat-[\w-]{20,}"
+               r"|AKIA[0-9A-Z]{16}|xox[abprs]-[\w-]{10,})")
+# Environment variables whose names say they hold a secret (OPENAI_API_KEY, HF_TOKEN, an engine's
+# openai.api_key_env): their values are masked wherever they appear, whatever their shape. Short
+# values are left alone: masking "true" or a port number would garble every text it occurs in.
+_SECRET_ENV = r"(?i)(?:^|_)(?:KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIALS?)$"
+_MIN_SECRET_LEN = 12
+
+
 def mask_credentials(text: str) -> str:
-    """user:password@ in any URL → ***@ (tracking URIs and endpoints may carry credentials)."""
+    """Credentials in any text → ***: URL userinfo, secret settings (password=…, ?api_key=…),
+    bearer tokens, API-key shapes, and the values of secret-named environment variables.
+    Tracking URIs, endpoints and errors carry them; nothing flywheel persists or prints may."""
+    import os
     import re
 
-    return re.sub(r"//[^@/\s]*@", "//***@", text)
+    for value in sorted((v for k, v in os.environ.items() if re.search(_SECRET_ENV, k) and len(v) >= _MIN_SECRET_LEN),
+                        key=len, reverse=True):
+        text = text.replace(value, "***")
+    text = re.sub(_USERINFO, "***@", text)
+    text = re.sub(_SECRET_SETTING, r"\1***", text)
+    text = re.sub(_BEARER, r"\1***", text)
+    return re.sub(_KEY_SHAPES, "***", text)
