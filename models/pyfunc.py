@@ -27,16 +27,7 @@ class CausalLM(mlflow.pyfunc.PythonModel):
 
         path = context.artifacts["checkpoint"]
         if path.endswith("checkpoint_reference.json"):
-            # registry.weights: reference. The weights stay where the round wrote them, once.
-            import json
-            import os
-
-            with open(path) as f:
-                path = json.load(f)["checkpoint"]
-            if not os.path.isdir(path):
-                raise FileNotFoundError(f"this registered model references the checkpoint {path}, which is not "
-                                        "here: load it where the flywheel workspace is mounted (or register with "
-                                        "registry.weights: copy)")
+            path = _referenced_checkpoint(path)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -62,6 +53,80 @@ class CausalLM(mlflow.pyfunc.PythonModel):
                                            pad_token_id=tok.pad_token_id)
             out += [t.strip() for t in tok.batch_decode(seqs[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
         return out
+
+
+def _referenced_checkpoint(pointer: str) -> str:
+    """registry.weights: reference. The weights stay where the round wrote them, once; that
+    directory can be retrained or edited in place, so its weights must still hash to what was
+    registered."""
+    import json
+    import os
+
+    with open(pointer) as f:
+        ref = json.load(f)
+    path = ref["checkpoint"]
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"this registered model references the checkpoint {path}, which is not "
+                                "here: load it where the flywheel workspace is mounted (or register with "
+                                "registry.weights: copy)")
+    expected, actual = ref.get("weights_sha256"), weights_hash(path)
+    if expected and actual != expected:
+        raise ValueError(f"{_registered_as(pointer)}: the checkpoint {path} now has weights sha256 {actual}, "
+                         f"not the registered {expected}: it changed after registration; register it again")
+    return path
+
+
+def weights_hash(path: str) -> str | None:
+    """sha256 over a checkpoint's weight files (names and bytes, in name order): the same definition
+    as flywheel.models.loading.weights_hash, restated because this file imports nothing of flywheel."""
+    import hashlib
+    import os
+
+    names = sorted(n for n in os.listdir(path) if n.endswith((".safetensors", ".bin"))
+                   and os.path.isfile(os.path.join(path, n)))
+    if not names:
+        return None
+    h = hashlib.sha256()
+    for name in names:
+        h.update(name.encode() + b"\0")
+        with open(os.path.join(path, name), "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _registered_as(pointer: str) -> str:
+    """How the user named this model: "registered model NAME version N". MLflow notes that beside
+    a model loaded as models:/NAME/VERSION; otherwise the registry is asked for the versions of
+    the logged model (the pointer was written before any version existed); failing both, the
+    MLflow run that logged it."""
+    import os
+
+    model_dir = os.path.dirname(os.path.dirname(pointer))
+    registered = _yaml(os.path.join(model_dir, "registered_model_meta"))
+    if registered.get("model_name"):
+        return f"registered model {registered['model_name']} version {registered.get('model_version')}"
+    meta = _yaml(os.path.join(model_dir, "MLmodel"))
+    named = _versions(meta.get("run_id"), meta.get("model_id")) if mlflow.is_tracking_uri_set() else []
+    return ", ".join(named) or f"the model logged by MLflow run {meta.get('run_id')}"
+
+
+def _yaml(path: str) -> dict:
+    import yaml
+
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f) or {}
+    except OSError:
+        return {}
+
+
+def _versions(run_id: str | None, model_id: str | None) -> list[str]:
+    try:
+        versions = mlflow.MlflowClient().search_model_versions(f"run_id = '{run_id}'")
+    except Exception:  # noqa: BLE001 - the name only garnishes the error being raised
+        return []
+    return [f"registered model {v.name} version {v.version}" for v in versions if v.source == f"models:/{model_id}"]
 
 
 set_model(CausalLM())

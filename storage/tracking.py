@@ -21,7 +21,7 @@ from flywheel.errors import TrackingError, mask_credentials
 # A key names a secret when its last word is one: `hub_token`, `api_key`, `db_password`,
 # `aws_secret_access_key`. Counts of tokens (`max_new_tokens`, `max_prompt_tokens`) are not secrets.
 _SECRET = re.compile(r"(?:^|[._-])(token|secret|password|passwd|api[_-]?key|access[_-]?key|credentials?"
-                     r"|private[_-]?key|auth)$", re.I)
+                     r"|private[_-]?key|auth)$", re.IGNORECASE)
 
 
 # URIs this process pointed MLflow at. `mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI
@@ -70,29 +70,60 @@ def _setup(workspace: Path, experiment: str) -> str:
     return client.create_experiment(experiment, artifact_location=artifacts)
 
 
-def redact(params: Mapping[str, Any]) -> dict[str, str]:
-    """Params safe to log: values of secret-looking keys are masked, values cut to MLflow's limit."""
-    return {k: ("***" if _SECRET.search(k) else str(v))[:6000] for k, v in params.items()}
+def redact(params: Mapping[str, Any], limit: int = 6000) -> dict[str, str]:
+    """Params or tags safe to log: a secret-named key's value is masked whole, every other value has
+    its credentials masked (a URL's password, an API key), then is cut to MLflow's limit (masked
+    first, so that a cut never leaves half a secret unrecognised)."""
+    return {k: ("***" if _SECRET.search(k) else mask_credentials(str(v)))[:limit] for k, v in params.items()}
+
+
+def _masked_data(value: Any) -> Any:
+    """A JSON-like value (a logged dict) with secret-named keys' values and credentials masked."""
+    if isinstance(value, Mapping):
+        return {k: "***" if _SECRET.search(str(k)) and value[k] else _masked_data(value[k]) for k in value}
+    if isinstance(value, (list, tuple)):
+        return [_masked_data(v) for v in value]
+    return mask_credentials(value) if isinstance(value, str) else value
+
+
+_TAG_LIMIT = 8000  # MLflow's longest tag value
 
 
 def start_run(experiment_id: str, name: str, parent_run_id: str | None = None,
               tags: Mapping[str, str] | None = None) -> str:
     import mlflow
 
-    all_tags = dict(tags or {})
+    all_tags = redact(tags or {}, _TAG_LIMIT)
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    run = mlflow.MlflowClient().create_run(experiment_id, run_name=name, tags=all_tags)
+    run = mlflow.MlflowClient().create_run(experiment_id, run_name=mask_credentials(name), tags=all_tags)
     return run.info.run_id
 
 
+def _literal(value: str) -> str | None:
+    """`value` as a string in an MLflow filter. MLflow's parser strips the quotes and unescapes
+    nothing, so a value holding both quote characters, or a backslash (which the tokenizer reads
+    as an escape), has no literal: None."""
+    if "\\" in value:
+        return None
+    for quote in ("'", '"'):
+        if quote not in value:
+            return f"{quote}{value}{quote}"
+    return None
+
+
 def find_run(experiment_id: str, tags: Mapping[str, str]) -> str | None:
-    """The run carrying all these tags (a resumed flywheel reuses its runs instead of adding new ones)."""
+    """The run carrying all these tags (a resumed flywheel reuses its runs instead of adding new ones).
+    Tags are compared as start_run stored them (masked). A value no filter literal can hold (a
+    user's run id with quotes) is matched here instead of in MLflow's filter."""
     import mlflow
 
-    query = " AND ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    runs = mlflow.MlflowClient().search_runs([experiment_id], query, max_results=2)
-    return runs[0].info.run_id if runs else None
+    tags = redact(tags, _TAG_LIMIT)
+    literals = {k: _literal(v) for k, v in tags.items()}
+    query = " AND ".join(f"tags.`{k}` = {lit}" for k, lit in literals.items() if lit is not None)
+    exact = all(lit is not None for lit in literals.values())
+    runs = mlflow.MlflowClient().search_runs([experiment_id], query, max_results=2 if exact else 1000)
+    return next((r.info.run_id for r in runs if all(r.data.tags.get(k) == v for k, v in tags.items())), None)
 
 
 def find_or_start_run(experiment_id: str, name: str, parent_run_id: str | None, tags: Mapping[str, str]) -> str:
@@ -133,7 +164,7 @@ def set_tags(run_id: str, tags: Mapping[str, str]) -> None:
     import mlflow
 
     client = mlflow.MlflowClient()
-    for k, v in tags.items():
+    for k, v in redact(tags, _TAG_LIMIT).items():
         client.set_tag(run_id, k, v)
 
 
@@ -172,7 +203,7 @@ def training_callback(run_id: str):
         def on_train_begin(self, args, state, control, **kwargs):
             import mlflow
 
-            mlflow.MlflowClient().log_dict(run_id, args.to_dict(), "train/trl_config.json")
+            mlflow.MlflowClient().log_dict(run_id, _masked_data(args.to_dict()), "train/trl_config.json")
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             numeric = {k: v for k, v in (logs or {}).items()
@@ -183,15 +214,41 @@ def training_callback(run_id: str):
 
 
 def log_table(run_id: str, data: Any, artifact_file: str) -> None:
+    """A pandas DataFrame as a table artifact, its text cells' credentials masked."""
     import mlflow
 
+    data = data.map(lambda v: mask_credentials(v) if isinstance(v, str) else v)
     mlflow.log_table(data=data, artifact_file=artifact_file, run_id=run_id)
 
 
 def log_artifact(run_id: str, path: Path, artifact_path: str | None = None) -> None:
+    """A file as an artifact; a text file's credentials masked (a copy is logged, under its name)."""
     import mlflow
 
-    mlflow.MlflowClient().log_artifact(run_id, str(path), artifact_path)
+    with _masked_copy(Path(path)) as safe:
+        mlflow.MlflowClient().log_artifact(run_id, str(safe), artifact_path)
+
+
+_TEXT_LIMIT = 64 << 20  # larger files are data (tables, weights), not text a person wrote
+
+
+@contextlib.contextmanager
+def _masked_copy(path: Path) -> Iterator[Path]:
+    """`path` itself when it is binary or holds no credential; else a masked copy of the same name."""
+    text = None
+    if path.stat().st_size <= _TEXT_LIMIT:
+        with contextlib.suppress(UnicodeDecodeError):
+            text = path.read_bytes().decode("utf-8")
+    masked = None if text is None else mask_credentials(text)
+    if masked is None or masked == text:
+        yield path
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / path.name
+        copy.write_text(masked, encoding="utf-8")
+        yield copy
 
 
 def model_requirements() -> list[str]:
@@ -209,36 +266,80 @@ def log_and_register_model(run_id: str, checkpoint: Path, registered_name: str,
                            tags: Mapping[str, str] | None = None, description: str | None = None,
                            weights: str = "reference", weights_sha256: str | None = None) -> str:
     """Log a transformers checkpoint as the run's model (from code: no pickle), register it, tag the
-    version (run, round, accuracy, promotion, weights hash) and describe it; returns the version.
+    version and describe it, the tags and description as given (credentials masked); returns the version.
     `weights="reference"`: the model's artifact is a pointer to `checkpoint` (its absolute path and
-    weights hash), not a copy of it; "copy": the checkpoint itself."""
+    weights hash, which loading checks); "copy": the checkpoint itself."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    # run ids are hex; the name is matched here, since MLflow's filter cannot quote every name
+    done = [v for v in client.search_model_versions(f"run_id = '{run_id}'") if v.name == registered_name]
+    if done:  # a resumed round registered its model before it was interrupted
+        version = str(done[0].version)
+    else:
+        if weights == "reference" and weights_sha256 is None:
+            from flywheel.models.loading import weights_hash
+
+            weights_sha256 = weights_hash(str(checkpoint))
+        version = _register(run_id, checkpoint, registered_name, weights, weights_sha256)
+    for key, value in redact(tags or {}, _TAG_LIMIT).items():
+        client.set_model_version_tag(registered_name, version, key, value)
+    if description:
+        client.update_model_version(registered_name, version, description=mask_credentials(description))
+    return version
+
+
+def _register(run_id: str, checkpoint: Path, registered_name: str, weights: str, weights_sha256: str | None) -> str:
     import tempfile
 
     import mlflow
 
-    client = mlflow.MlflowClient()
-    done = client.search_model_versions(f"name = '{registered_name}' and run_id = '{run_id}'")
-    if done:  # a resumed round registered its model before it was interrupted
-        version = str(done[0].version)
-    else:
-        with tempfile.TemporaryDirectory() as tmp, active(run_id):
-            artifact = str(checkpoint)
-            if weights == "reference":
-                artifact = str(Path(tmp) / REFERENCE)
-                Path(artifact).write_text(json.dumps({"checkpoint": str(Path(checkpoint).resolve()),
-                                                      "weights_sha256": weights_sha256}, indent=1))
-            info = mlflow.pyfunc.log_model(
-                name="model", python_model=str(Path(__file__).resolve().parent.parent / "models" / "pyfunc.py"),
-                artifacts={"checkpoint": artifact}, registered_model_name=registered_name,
-                # Declared, not inferred: inference would import and probe the whole environment.
-                pip_requirements=model_requirements(),
-            )
-        version = str(info.registered_model_version)
-    for key, value in (tags or {}).items():
-        client.set_model_version_tag(registered_name, version, key, value)
-    if description:
-        client.update_model_version(registered_name, version, description=description)
-    return version
+    with tempfile.TemporaryDirectory() as tmp, active(run_id), _registry_notices_follow_logger():
+        artifact = str(checkpoint)
+        if weights == "reference":
+            artifact = str(Path(tmp) / REFERENCE)
+            Path(artifact).write_text(json.dumps({"checkpoint": str(Path(checkpoint).resolve()),
+                                                  "weights_sha256": weights_sha256}, indent=1))
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=str(Path(__file__).resolve().parent.parent / "models" / "pyfunc.py"),
+            artifacts={"checkpoint": artifact}, registered_model_name=registered_name,
+            # Declared, not inferred: inference would import and probe the whole environment.
+            pip_requirements=model_requirements(),
+        )
+    return str(info.registered_model_version)
+
+
+@contextlib.contextmanager
+def _registry_notices_follow_logger() -> Iterator[None]:
+    """MLflow prints "Successfully registered model …" and "Created version …" with `eprint`, to
+    its module's stream, past the `mlflow` logger that the CLI sets to ERROR without --verbose.
+    Those notices are shown only where that logger shows INFO; otherwise eprint's stream is
+    swapped for a sink meanwhile. (Muting the stream itself would not hold: importing parts of
+    mlflow re-enables it, and it also carries the logger's own warnings.)
+    tests/unit/test_tracking_registry.py fails if a new MLflow prints another way."""
+    import logging
+
+    from mlflow.utils import logging_utils
+
+    if logging.getLogger("mlflow").isEnabledFor(logging.INFO):
+        yield
+        return
+    stream = logging_utils.MLFLOW_LOGGING_STREAM
+    logging_utils.MLFLOW_LOGGING_STREAM = _Sink()
+    try:
+        yield
+    finally:
+        logging_utils.MLFLOW_LOGGING_STREAM = stream
+
+
+class _Sink:
+    enabled = False  # mlflow's enable_logging() may set it; nothing is written either way
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
 
 
 def set_champion(registered_name: str, version: str) -> None:
