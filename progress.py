@@ -30,7 +30,7 @@ def eta(done: int, total: int, rate: float) -> str:
     if rate <= 0 or done <= 0:
         return "?"
     left = max(total - done, 0) / rate
-    h, rem = divmod(int(round(left)), 3600)
+    h, rem = divmod(round(left), 3600)
     m, sec = divmod(rem, 60)
     return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
 
@@ -131,15 +131,20 @@ def summary_markdown(run_id: str, round_: int, metrics: dict) -> str:
             + "\n".join(rows) + f"\n\n**Promotion gate**\n\n{reasons}\n")
 
 
-def publish_summary(name: str, run_id: str, round_: int, metrics: dict) -> None:
-    """The round's summary as a Prefect markdown artifact on the current flow run (key
-    `<name>-round-summary`, so Prefect keeps one history of them per flywheel name)."""
-    if _run_logger() is None:
-        return
+def summary_key(run_id: str) -> str:
+    """A round summary's Prefect artifact key: one history per flywheel run, its rounds in order.
+    Keyed by the run, not the flywheel name: two workspaces that both keep the default name would
+    otherwise interleave their summaries. Prefect allows lowercase letters, digits and dashes."""
     import re
 
+    return re.sub(r"[^a-z0-9-]+", "-", f"flywheel-{run_id}-summary".lower()).strip("-")
+
+
+def publish_summary(name: str, run_id: str, round_: int, metrics: dict) -> None:
+    """The round's summary as a Prefect markdown artifact on the current flow run (key summary_key)."""
+    if _run_logger() is None:
+        return
     from prefect.artifacts import create_markdown_artifact
 
-    key = re.sub(r"[^a-z0-9-]+", "-", f"{name}-round-summary".lower()).strip("-")
-    create_markdown_artifact(markdown=summary_markdown(run_id, round_, metrics), key=key,
-                             description=f"flywheel run {run_id}, round {round_}")
+    create_markdown_artifact(markdown=summary_markdown(run_id, round_, metrics), key=summary_key(run_id),
+                             description=f"flywheel {name}: run {run_id}, round {round_}")

@@ -25,7 +25,7 @@ def test_eta_at_the_current_rate():
 
 
 def test_plain_lines_off_a_terminal_carry_rate_and_eta():
-    p = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=60)
+    p = subprocess.run([sys.executable, "-c", SCRIPT], check=False, capture_output=True, text=True, timeout=60)
     lines = [ln for ln in p.stderr.splitlines() if ln.startswith("[generate]")]
     assert 4 <= len(lines) <= 11, p.stderr  # about every 10%, not every item
     assert lines[-1].startswith("[generate] 40/40 samples (") and "samples/s, eta 0:00)" in lines[-1]
@@ -49,3 +49,35 @@ def test_a_terminal_gets_a_live_bar_with_eta():
     assert "\x1b[" in text, "a terminal gets the live (ANSI) bar"
     assert "40/40" in text and "samples/s" in text and "eta" in text
     assert "[generate] " not in text, "no plain lines on a terminal"
+
+
+def test_round_summaries_are_keyed_by_the_run_not_the_name():
+    """Two workspaces that both keep the default name must not share one summary history."""
+    import re
+
+    from prefect.types.names import LOWERCASE_LETTERS_NUMBERS_AND_DASHES_ONLY_REGEX as PREFECT_KEY
+
+    from flywheel.progress import summary_key
+
+    a, b = summary_key("20250101-120000-abc123"), summary_key("20250101-120000-def456")
+    assert a == "flywheel-20250101-120000-abc123-summary" and a != b
+    assert re.match(PREFECT_KEY, summary_key("My_Run.v2")) and summary_key("My_Run.v2") == "flywheel-my-run-v2-summary"
+
+
+def test_two_runs_of_one_name_publish_separate_summary_histories(prefect_harness):
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flywheel.progress import publish_summary, summary_key
+
+    @flow
+    def round_flow(run_id: str):
+        publish_summary("flywheel", run_id, 1, {"exact_match": 0.5, "promotion_reasons": ["ok"]})
+
+    for run_id in ("20250101-120000-aaaaaa", "20250101-120000-bbbbbb"):
+        round_flow(run_id)
+    with get_client(sync_client=True) as client:
+        for run_id in ("20250101-120000-aaaaaa", "20250101-120000-bbbbbb"):
+            arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[summary_key(run_id)])))
+            assert len(arts) == 1 and f"flywheel run {run_id}, round 1" in arts[0].data
