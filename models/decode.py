@@ -24,10 +24,13 @@ from __future__ import annotations
 
 import hashlib
 import math
+import reprlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from flywheel.errors import EngineError
 
 
 @dataclass
@@ -187,6 +190,43 @@ def choose(logits: torch.Tensor, rows: Sequence[Row], *, do_sample: bool, temper
     return Step(token, logp.gather(1, token[:, None]).squeeze(1), certainty)
 
 
+# What a checkpoint's generation_config can ask of generate() that changes which tokens it picks and
+# that this decoder does not do, each with the values that ask nothing. The sampling warpers
+# (temperature, top_k, top_p, min_p, typical_p, …) are not here: every engine samples the flywheel
+# config's distribution (its temperature and top_p, the others off) whatever a checkpoint suggests,
+# and sampling.generate_reference asks generate() for the same.
+UNSUPPORTED = {
+    "repetition_penalty": (None, 1.0), "encoder_repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0), "encoder_no_repeat_ngram_size": (None, 0),
+    "bad_words_ids": (None,), "sequence_bias": (None,), "min_length": (None, 0), "min_new_tokens": (None, 0),
+    "forced_bos_token_id": (None,), "forced_eos_token_id": (None,), "exponential_decay_length_penalty": (None,),
+    "suppress_tokens": (None,), "begin_suppress_tokens": (None,), "remove_invalid_values": (None, False),
+    "guidance_scale": (None, 1.0), "watermarking_config": (None,), "stop_strings": (None,), "max_time": (None,),
+    "num_beams": (None, 1), "dola_layers": (None,), "constraints": (None,), "force_words_ids": (None,),
+    "token_healing": (None, False),
+}
+
+
+def check_generation_config(model) -> None:
+    """Refuse a model whose generation_config asks for decoding this decoder does not do: its answers
+    would differ from generate()'s without a word."""
+    config = getattr(model, "generation_config", None)
+    for name, neutral in UNSUPPORTED.items():
+        value = getattr(config, name, None)
+        if value not in neutral:
+            raise EngineError(f"model {model.name_or_path}: its generation_config sets {name}={reprlib.repr(value)}, "
+                              "which flywheel's decoder does not apply (generate() would); remove it from the "
+                              "checkpoint's generation_config.json")
+
+
+def stop_ids(model, *extra: int | None) -> set[int]:
+    """The tokens that end a row: every end-of-sequence id of the model's generation_config (Llama-3
+    lists several: <|eot_id|>, <|eom_id|>, …) and `extra` (the tokenizer's EOS and pad)."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    return {int(i) for i in (*ids, *extra) if i is not None}
+
+
 def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
     """Tokens every sequence shares at its start, leaving each at least one of its own (0 for fewer
     than two sequences: nothing is shared)."""
@@ -207,7 +247,10 @@ def decode(model, token_ids: Sequence[Sequence[int]], *, n: int, max_new_tokens:
            seeds: Sequence[Sequence[int]] | None = None,
            progress: Callable[[int], None] | None = None) -> list[Row]:
     """`n` rows per prompt (token ids, chat-formatted); rows in prompt-major order when returned.
-    `seeds[p][s]`: row (p, s)'s generator seed (sampling only)."""
+    `seeds[p][s]`: row (p, s)'s generator seed (sampling only). A row ends on any of `eos_ids` or of
+    the model's own end-of-sequence ids."""
+    check_generation_config(model)
+    eos_ids = stop_ids(model, *eos_ids)
     device = model.device
     n_layers = model.config.num_hidden_layers
     batch_size = max(batch_size, n)
@@ -229,8 +272,7 @@ def decode(model, token_ids: Sequence[Sequence[int]], *, n: int, max_new_tokens:
         positions = (mask.cumsum(1) - 1).clamp(min=0)[:, n_prefix:]
         cache = _cache_from([(k.expand(len(prompts), -1, -1, -1).contiguous(),
                               v.expand(len(prompts), -1, -1, -1).contiguous()) for k, v in prefix or []])
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                       use_cache=True, logits_to_keep=1).logits[:, -1]
+        logits = _fill(model, cache, input_ids=ids, attention_mask=mask, position_ids=positions)
         keys = [layer.keys.repeat_interleave(n, dim=0) for layer in cache.layers[:n_layers]]
         values = [layer.values.repeat_interleave(n, dim=0) for layer in cache.layers[:n_layers]]
         kv.add(keys, values, mask.repeat_interleave(n, dim=0))
@@ -317,8 +359,24 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device=None, lead: int 
 
 def _prefix_kv(model, ids: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Each layer's keys and values for one token sequence (a prefix many rows share)."""
-    out = model(input_ids=torch.tensor([list(ids)], device=model.device), use_cache=True)
-    return [(layer.keys, layer.values) for layer in out.past_key_values.layers[:model.config.num_hidden_layers]]
+    cache = _cache_from([])
+    _fill(model, cache, input_ids=torch.tensor([list(ids)], device=model.device))
+    return [(layer.keys, layer.values) for layer in cache.layers[:model.config.num_hidden_layers]]
+
+
+def _fill(model, cache, **inputs) -> torch.Tensor:
+    """One forward pass that appends its keys and values to `cache`, an object the caller holds and
+    reads back (the output's field for it is named differently across transformers releases); the
+    last position's logits. A transformers that ignored `cache=` would leave it short and every row
+    would decode without its context: that fails here, loudly."""
+    expected = cache.get_seq_length() + inputs["input_ids"].shape[1]
+    logits = model(**inputs, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    if cache.get_seq_length() != expected:
+        import transformers
+
+        raise EngineError(f"transformers {transformers.__version__} ignored the KV cache passed as `cache=`: "
+                          "install a transformers release flywheel supports (pyproject.toml)")
+    return logits
 
 
 def _cache_from(kv: Sequence[tuple[torch.Tensor, torch.Tensor]]):
@@ -365,8 +423,7 @@ def last_logits(model, token_ids: Sequence[Sequence[int]], groups: Sequence[obje
             cache = _cache_from([(k.expand(len(chunk), -1, -1, -1).contiguous(),
                                   v.expand(len(chunk), -1, -1, -1).contiguous()) for k, v in prefix or []])
             positions = (g_mask.cumsum(1) - 1).clamp(min=0)[:, p0:]
-            model(input_ids=ids, attention_mask=g_mask, position_ids=positions, cache=cache, use_cache=True,
-                  logits_to_keep=1)
+            _fill(model, cache, input_ids=ids, attention_mask=g_mask, position_ids=positions)
             cache_rows = [(layer.keys, layer.values) for layer in cache.layers[:n_layers]]
         elif prefix is not None:
             cache_rows = [(k.expand(len(chunk), -1, -1, -1), v.expand(len(chunk), -1, -1, -1)) for k, v in prefix]

@@ -37,6 +37,11 @@ class _TokenStats(LogitsProcessor):
         return torch.stack(self.chosen_logp, 1), torch.stack(self.certainty, 1)
 
 
+# The sampling warpers a checkpoint's generation_config may set that the decoder leaves off (it samples
+# the config's temperature and top_p from the plain distribution): the reference turns them off too.
+PLAIN = {"top_k": None, "min_p": None, "typical_p": None, "epsilon_cutoff": None, "eta_cutoff": None, "top_h": None}
+
+
 def chat_texts(tokenizer, prompts: Sequence[str]) -> list[str]:
     if tokenizer.chat_template:
         return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
@@ -76,18 +81,21 @@ def generate_reference(model, tokenizer, prompts: Sequence[str], *, max_new_toke
     """transformers' own `generate()`, one generation per entry of `prompts` (repeat a prompt to
     sample it N times), seeded per batch. The reference `generate` is measured and checked against
     (benchmarks/round.py), not used by the stages."""
+    from flywheel.models import decode
+
     tokenizer.padding_side = "left"  # decoder-only: pad on the left so every row ends at the same column
     texts = chat_texts(tokenizer, prompts)
-    eos_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+    eos_ids = decode.stop_ids(model, tokenizer.eos_token_id, tokenizer.pad_token_id)  # the decoder's stop tokens
     out: list[Generation] = []
     for start in range(0, len(texts), batch_size):
         batch = texts[start:start + batch_size]
         torch.manual_seed(seed + start)  # seed per batch start: reruns with the same batch size reproduce
         enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         stats = _TokenStats()
-        kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
-        seqs = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                              logits_processor=LogitsProcessorList([stats]), top_k=None, **kwargs)
+        warp = {"temperature": temperature, "top_p": top_p} if do_sample else {}
+        seqs = model.generate(**enc, do_sample=do_sample, max_new_tokens=max_new_tokens,
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos_ids),
+                              logits_processor=LogitsProcessorList([stats]), **PLAIN, **warp)
         new = seqs[:, enc["input_ids"].shape[1]:]
         logp, cert = stats.finish(new[:, -1])
         for row in range(new.shape[0]):

@@ -38,7 +38,7 @@ def test_judge_prefix_reuse_matches_full_prompts(model_and_tokenizer):
 
 def test_generation_is_seeded_and_records_token_stats(model_and_tokenizer):
     model, tok = model_and_tokenizer
-    kw = dict(max_new_tokens=16, batch_size=4, do_sample=True, temperature=1.0, seed=7)
+    kw = {"max_new_tokens": 16, "batch_size": 4, "do_sample": True, "temperature": 1.0, "seed": 7}
     a = sampling.generate(model, tok, QUESTIONS, n=2, **kw)
     b = sampling.generate(model, tok, QUESTIONS, n=2, **kw)
     assert [g.response for g in a] == [g.response for g in b]
@@ -91,10 +91,9 @@ def test_pairwise_judge_on_the_real_model(model_and_tokenizer):
     from flywheel import config as C
     from flywheel.models import rewards
 
-    model, tok = model_and_tokenizer
     src = rewards.PairwiseJudge(C.PairwiseJudgeSource(opponents=2), None)
-    batch = rewards.Batch({"p": dict(prompt_id="p", prompt=QUESTIONS[0], answer="7", metadata="{}")},
-                          [dict(candidate_id=f"c{k}", prompt_id="p", sample_index=k, response=r, n_tokens=3)
+    batch = rewards.Batch({"p": {"prompt_id": "p", "prompt": QUESTIONS[0], "answer": "7", "metadata": "{}"}},
+                          [{"candidate_id": f"c{k}", "prompt_id": "p", "sample_index": k, "response": r, "n_tokens": 3}
                            for k, r in enumerate(["7", "The answer is 7.", "12", "I like turtles."])])
     models = rewards.Models(loading.resolve("embedded:smollm2-135m-instruct"))
     verdicts = src.judge(batch, models)
@@ -173,3 +172,23 @@ def test_cpu_fused_lm_head_scores_only_labelled_positions(monkeypatch):
     assert (labelled[labels[:, 1:] == -100] == 0).all()
     assert torch.allclose(labelled, every, atol=1e-5)
     assert torch.allclose(labelled_grad, every_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_decoder_and_judge_do_not_read_the_outputs_deprecated_cache_field(model_and_tokenizer, monkeypatch):
+    """transformers deprecates a model output's `past_key_values` for removal (it warns and forwards
+    to `cache`): with it gone, sampling, greedy decoding and the judge's shared prefixes give the same."""
+    from transformers.utils.generic import ModelOutput
+
+    model, tok = model_and_tokenizer
+    sample = {"n": 2, "max_new_tokens": 12, "batch_size": 4, "do_sample": True, "temperature": 1.0, "seed": 5}
+    greedy = {"max_new_tokens": 12, "batch_size": 4, "do_sample": False}
+    judge = {"batch_size": 4, "max_prompt_tokens": 1024}
+    before = [sampling.generate(model, tok, QUESTIONS, **sample), sampling.generate(model, tok, QUESTIONS, **greedy),
+              judges.llm_judge(model, tok, judges.load_rubric(), QUESTIONS, RESPONSES, **judge)]
+
+    def removed(self):
+        raise AttributeError("past_key_values")
+
+    monkeypatch.setattr(ModelOutput, "past_key_values", property(removed))
+    assert [sampling.generate(model, tok, QUESTIONS, **sample), sampling.generate(model, tok, QUESTIONS, **greedy),
+            judges.llm_judge(model, tok, judges.load_rubric(), QUESTIONS, RESPONSES, **judge)] == before
