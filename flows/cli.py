@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -15,11 +16,48 @@ def _parse_option(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key, yaml.safe_load(value)
+    try:
+        return key, yaml.safe_load(value)
+    except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: a date like 2001-13-01
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise argparse.ArgumentTypeError(f"{key}: {value!r} is not a YAML value ({reason})") from None
+
+
+# A run id names a folder under <workspace>/runs/: a plain name, never a path that leaves it.
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _run_id(text: str) -> str:
+    if not _RUN_ID.fullmatch(text) or ".." in text:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a run id (letters, digits, '.', '_', '-'; no '..')")
+    return text
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return n
+
+
+def one_line(text: str) -> str:
+    """An error message as one line: line breaks and other control characters escaped, so a value
+    quoted from a user's file can never break the message or forge a second line."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line, as flywheel's own errors are: the problem, then where help is."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"flywheel: error: {one_line(message)} (see `{self.prog} -h`)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="flywheel", description="Self-improvement data flywheel for language models.")
+    p = _Parser(prog="flywheel", description="Self-improvement data flywheel for language models.")
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a flywheel (defaults: 3 rounds of the embedded SmolLM2-135M on arithmetic)")
@@ -35,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--rounds", "--max-rounds", type=int, dest="rounds", help="rounds to run (at most)")
     run.add_argument("--until-no-improvement", type=int, metavar="K",
                      help="stop after K rounds in a row whose model was not promoted")
-    run.add_argument("--resume", metavar="RUN_ID", help="continue this run where it stopped")
+    run.add_argument("--resume", metavar="RUN_ID", type=_run_id, help="continue this run where it stopped")
     run.add_argument("--force-from-stage", choices=["generate", "judge", "curate", "train", "benchmark"],
                      help="with --resume: redo this stage and the ones after it, even if the config changed")
     run.add_argument("--samples", type=int, help="samples per prompt")
@@ -56,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--workspace", type=Path, default=Path("flywheel-data"))
 
     compare = sub.add_parser("compare", help="compare runs round by round (from the workspace) and plot them")
-    compare.add_argument("run_ids", nargs="+", metavar="RUN")
+    compare.add_argument("run_ids", nargs="+", metavar="RUN", type=_run_id)
     compare.add_argument("--workspace", type=Path, default=Path("flywheel-data"))
     compare.add_argument("--out", type=Path, help="plot file (default: <workspace>/compare-<runs>.png)")
     compare.add_argument("--mlflow", action="store_true", help="also log the plot to each run's MLflow run")
@@ -65,14 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="data_command", required=True)
     show = data_sub.add_parser("show", help="print a readable sample of a round's pairs or SFT examples")
     show.add_argument("table", choices=["pairs", "sft"])
-    show.add_argument("--run", help="run id (default: the latest)")
+    show.add_argument("--run", type=_run_id, help="run id (default: the latest)")
     show.add_argument("--round", type=int, help="round (default: every round of the run)")
-    show.add_argument("--limit", type=int, default=5)
+    show.add_argument("--limit", type=_positive_int, default=5, help="rows to show")
     show.add_argument("--workspace", type=Path, default=Path("flywheel-data"))
 
     export = sub.add_parser("export", help="export pairs or SFT examples as a Hugging Face dataset (TRL format)")
     export.add_argument("table", choices=["pairs", "sft"])
-    export.add_argument("--run", help="run id (default: the latest)")
+    export.add_argument("--run", type=_run_id, help="run id (default: the latest)")
     export.add_argument("--round", type=int, help="round (default: every round of the run)")
     export.add_argument("--to", type=Path, required=True, help="target directory (new or empty)")
     export.add_argument("--format", choices=["parquet", "jsonl", "hf"], default="hf")
@@ -374,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
                     "compare": cmd_compare}
         return commands[args.command](args)
     except (UserError, OSError) as e:
-        print(f"flywheel: error: {e}", file=sys.stderr)
+        print(f"flywheel: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("flywheel: interrupted", file=sys.stderr)

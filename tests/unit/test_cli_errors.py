@@ -141,3 +141,71 @@ def test_lm_eval_suites_without_lm_eval_installed_fail_in_one_line(tmp_path):
         p.stderr
     assert "Traceback" not in p.stderr and not ws.exists()
     assert not (tmp_path / "cache").exists(), "the check comes before the policy's weights are converted"
+
+
+def usage_error(capsys, argv) -> str:
+    """The one line a usage error prints (after asserting it is the only one, with exit code 2)."""
+    from flywheel.flows import cli
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    err = capsys.readouterr().err.splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("flywheel: error:"), err
+    return err[0]
+
+
+@pytest.mark.parametrize("argv, message", [
+    # a negative limit would slice off the last rows (rows[:-1]), zero would show none
+    (["data", "show", "pairs", "--limit", "-1"], "argument --limit: expected a positive whole number, got '-1'"),
+    (["data", "show", "pairs", "--limit", "0"], "argument --limit: expected a positive whole number, got '0'"),
+    (["data", "show", "pairs", "--limit", "many"], "argument --limit: expected a positive whole number"),
+    # a run id names a folder under <workspace>/runs/, never a path out of it
+    (["run", "--resume", "../x"], "argument --resume: '../x' is not a run id"),
+    (["run", "--resume", "/etc"], "argument --resume: '/etc' is not a run id"),
+    (["run", "--resume", "a/../../b"], "argument --resume: 'a/../../b' is not a run id"),
+    (["run", "--resume", "a..b"], "argument --resume: 'a..b' is not a run id"),
+    (["run", "--resume", ".hidden"], "argument --resume: '.hidden' is not a run id"),
+    (["run", "--resume", ""], "argument --resume: '' is not a run id"),
+    (["data", "show", "pairs", "--run", "../x"], "argument --run: '../x' is not a run id"),
+    (["export", "sft", "--run", "..", "--to", "out"], "argument --run: '..' is not a run id"),
+    (["compare", "20260101-000000-abcdef", "../x"], "argument RUN: '../x' is not a run id"),
+    (["run", "--task-option", "max_digits=[1,"], "argument --task-option: max_digits: '[1,' is not a YAML value"),
+    (["run", "--engine", "telepathy"], "argument --engine: invalid choice: 'telepathy'"),
+])
+def test_bad_arguments_are_one_line_usage_errors(capsys, tmp_path, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    ws = tmp_path / "ws"
+    line = usage_error(capsys, [*argv, "--workspace", str(ws)])
+    assert message in line and line.endswith("-h`)"), line
+    assert not ws.exists() and not (tmp_path / "out").exists()
+
+
+def test_resume_does_not_read_a_config_outside_runs(capsys, tmp_path):
+    """`--resume ../x` would read <workspace>/x/config.yaml, a file no run of the workspace wrote."""
+    ws = tmp_path / "ws"
+    (ws / "runs").mkdir(parents=True)
+    (ws / "x").mkdir()
+    (ws / "x" / "config.yaml").write_text("rounds: 1\n")
+    line = usage_error(capsys, ["run", "--resume", "../x", "--workspace", str(ws)])
+    assert "'../x' is not a run id" in line
+    assert sorted(p.name for p in ws.rglob("*")) == ["config.yaml", "runs", "x"]
+
+
+def test_run_ids_the_cli_makes_are_accepted():
+    from flywheel.flows import cli
+    from flywheel.flows.flywheel import new_run_id
+
+    for run_id in (new_run_id(), "20260101-000000-abcdef", "my_run.v2"):
+        args = cli.build_parser().parse_args(["run", "--resume", run_id])
+        assert args.resume == run_id
+    assert cli.build_parser().parse_args(["data", "show", "pairs", "--limit", "3"]).limit == 3
+
+
+def test_a_multi_line_message_is_printed_as_one_line(run_cli, tmp_path):
+    """A key or value quoted from the user's file may hold line breaks: escaped, never a second line."""
+    (tmp_path / "c.yaml").write_text('"bad\\nkey": 1\n')
+    p, ws = run_cli(["run", "--config", "c.yaml"])
+    assert p.returncode == 2 and p.stderr.splitlines() == [
+        "flywheel: error: bad\\nkey: Extra inputs are not permitted"], p.stderr
+    assert not ws.exists()
