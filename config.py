@@ -11,6 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -54,6 +55,16 @@ class OpenAISettings(_Strict):
     top_logprobs: int = Field(20, ge=1, le=20)
     # A server that returns no log-probs: a rubric score is the mean of this many sampled verdicts.
     verdict_samples: int = Field(8, ge=1)
+
+    @field_validator("base_url")
+    @classmethod
+    def _no_credentials(cls, v: str) -> str:
+        # The config is saved with the run (config.yaml) and logged as MLflow params: a password in
+        # the URL would be kept in both.
+        if "@" in urlsplit(v).netloc:
+            raise ValueError("holds credentials (user:password@): remove them and pass the key in an "
+                             "environment variable named by `api_key_env`")
+        return v
 
 
 # Settings that change only speed or where a server is, never what a model answers: not hashed.
@@ -353,7 +364,7 @@ def _trl_fields(config_class: str, defaults: dict[str, Any], v: Any) -> dict[str
     import trl
 
     known = {f.name for f in dataclasses.fields(getattr(trl, config_class))}
-    unknown = sorted(set(v) - known)
+    unknown = sorted(str(k) for k in set(v) - known)  # str: YAML keys may be numbers, dates, None
     if unknown:
         raise ValueError(f"unknown trl.{config_class} field(s): {', '.join(unknown)}")
     managed = [k for k in v if k in MANAGED_TRAINING_FIELDS]
@@ -559,7 +570,8 @@ class StagesConfig(_Strict):
 class FlywheelConfig(_Strict):
     name: str = Field("flywheel", min_length=1, description="MLflow experiment and registered-model name")
     rounds: int = Field(3, ge=1)
-    seed: int = Field(0, ge=0)
+    # Below 2**31: a round's training seed (seed + round) seeds numpy, which takes 32-bit seeds.
+    seed: int = Field(0, ge=0, lt=2**31)
     workspace: Path = Path("flywheel-data")
     model: ModelConfig = Field(default_factory=ModelConfig)
     task: TaskConfig = Field(default_factory=TaskConfig)
@@ -670,7 +682,13 @@ def format_validation_error(err: ValidationError) -> str:
     if first["type"] == "union_tag_invalid":
         msg = f"unknown type {first['ctx']['tag']!r} (known: {first['ctx']['expected_tags']})"
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    return f"{where}: {msg}{more}"
+    return one_line(f"{where}: {msg}{more}")
+
+
+def one_line(text: str) -> str:
+    """A message as one line: line breaks and other control characters escaped, so a key or value
+    quoted from a user's file cannot break the message or forge a line of its own."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -692,9 +710,16 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start + 1})") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except (yaml.YAMLError, ValueError, RecursionError) as e:
+        # ValueError: a value PyYAML parses but cannot build (2001-13-01, an int of over 4300 digits);
+        # RecursionError: nesting deeper than the parser's recursion
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(one_line(f"config file {path} is not valid YAML: {reason}")) from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     return data

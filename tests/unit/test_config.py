@@ -125,3 +125,59 @@ def test_bad_worker_settings(overrides, message):
 
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_config(None, overrides)
+
+
+def _judge_endpoint(base_url: str) -> dict:
+    return {"judge": {"sources": ["verifier", {"type": "llm_judge", "model": {
+        "name": "big-judge", "engine": "openai", "openai": {"base_url": base_url, "api_key_env": "JUDGE_KEY"}}}]}}
+
+
+@pytest.mark.parametrize("url", ["http://alice:hunter2@127.0.0.1:8000/v1", "https://hunter2@judge.example/v1",
+                                 "http://alice:@h/v1"])
+def test_credentials_in_an_endpoint_url_are_refused(url):
+    """The config is saved with the run (config.yaml) and logged as MLflow params: a password in the
+    URL would be kept in both."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, _judge_endpoint(url))
+    msg = str(e.value)
+    assert msg.startswith("judge.sources.1.llm_judge.model.openai.base_url: holds credentials"), msg
+    assert "api_key_env" in msg and "hunter2" not in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8000/v1", "https://judge.example/v1?team=a@b"])
+def test_endpoint_urls_without_credentials_load(url):
+    c = load_config(None, _judge_endpoint(url))
+    assert c.judge.sources[1].model.openai.base_url == url
+
+
+def test_seed_fits_the_seeders():
+    """A round's training seed (seed + round) seeds numpy, which takes seeds below 2**32."""
+    assert load_config(None, {"seed": 2**31 - 1}).seed == 2**31 - 1
+    with pytest.raises(ConfigError, match="^seed: Input should be less than 2147483648"):
+        load_config(None, {"seed": 2**40})
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"rounds: \x80\x81\n", "is not UTF-8 text (byte 9)"),
+    (b"name: 2001-13-01\n", "is not valid YAML: month must be in 1..12"),
+    (b"seed: " + b"1" * 5000 + b"\n", "is not valid YAML: Exceeds the limit (4300 digits)"),
+    (b"a: " + b"[" * 5000 + b"]" * 5000 + b"\n", "is not valid YAML"),
+    (b"- 1\n- 2\n", "must hold a mapping at the top level"),
+])
+def test_unreadable_yaml_is_one_config_error(tmp_path, content, message):
+    f = tmp_path / "c.yaml"
+    f.write_bytes(content)
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"train": {"dpo": {1: 2, "betta": 3}}}, "train.dpo: unknown trl.DPOConfig field(s): 1, betta"),
+    ({"line\nbreak": 1}, "line\\nbreak: Extra inputs are not permitted"),
+    ({"name": "x", "task": {"name\r": 1}}, "task.name\\r: Extra inputs are not permitted"),
+])
+def test_odd_keys_give_one_line_errors(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert str(e.value) == message
