@@ -146,3 +146,43 @@ def test_bad_prompt_files_name_the_line(tmp_path, content, message):
 def test_missing_prompt_file(tmp_path):
     with pytest.raises(TaskError, match="not found"):
         FileSource(tmp_path / "nope.jsonl")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n', r"p.jsonl:2: not UTF-8 text \(byte 16 of the line\)"),
+    (b'{"prompt": "x", "n": ' + b"1" * 5000 + b"}\n", r"p.jsonl:1: unreadable JSON \(Exceeds the limit"),
+    (b'{"prompt": "x", "n": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n", r"p.jsonl:1: unreadable JSON"),
+    (b'{"prompt": "x\\ud800"}\n', r"p.jsonl:1: a string holds a lone surrogate escape"),
+    (b'{"prompt": "x", "topic": {"k\\udfff": 1}}\n', r"p.jsonl:1: a string holds a lone surrogate escape"),
+    (b'{"prompt": 7}\n', r"p.jsonl:1: missing or empty 'prompt'"),
+])
+def test_unreadable_prompt_lines_name_the_line(tmp_path, content, message):
+    f = tmp_path / "p.jsonl"
+    f.write_bytes(content)
+    with pytest.raises(TaskError, match=message):
+        FileSource(f)
+
+
+def test_jsonl_records_end_at_newlines_only(tmp_path):
+    """U+2028, U+0085 and a form feed may stand raw in a JSON string; str.splitlines() would cut the
+    record there. A byte-order mark and CRLF line ends are read as well."""
+    prompts = ["a\u2028b", "c\x85d", "e\x0cf"]
+    f = tmp_path / "p.jsonl"
+    f.write_bytes(b"\xef\xbb\xbf" + b"\r\n".join(json.dumps({"prompt": p}, ensure_ascii=False).encode() for p in prompts))
+    assert [it.prompt for it in FileSource(f)._items] == prompts
+
+
+def test_parquet_metadata_is_stored_as_json(tmp_path):
+    """A Parquet file's other columns ride along as metadata, which the prompts table stores as JSON."""
+    import datetime
+    import decimal
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pf = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt": ["a?"], "answer": [3], "when": [datetime.datetime(2020, 1, 2)],
+                             "blob": [b"\x00\xff"], "price": [decimal.Decimal("1.50")]}), pf)
+    it = FileSource(pf)._items[0]
+    assert (it.answer, it.metadata["when"], it.metadata["price"]) == ("3", "2020-01-02 00:00:00", "1.50")
+    assert json.loads(json.dumps(it.metadata)) == it.metadata
