@@ -18,13 +18,15 @@ chat template here, by every backend, so the same prompt reaches every engine as
 
 from __future__ import annotations
 
+import calendar
+import email.utils
 import json
 import math
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 from flywheel.errors import EngineError, mask_credentials
@@ -159,14 +161,14 @@ def vllm_sampling_params(kind: str, *, max_new_tokens: int = 1, temperature: flo
                          seed: int | None = None, top_logprobs: int = 20) -> dict:
     """vllm.SamplingParams fields for each kind of request."""
     if kind == "sample":
-        return dict(n=1, temperature=temperature, top_p=top_p, top_k=0, max_tokens=max_new_tokens, seed=seed,
-                    logprobs=0, skip_special_tokens=True)
+        return {"n": 1, "temperature": temperature, "top_p": top_p, "top_k": 0, "max_tokens": max_new_tokens,
+                "seed": seed, "logprobs": 0, "skip_special_tokens": True}
     if kind == "greedy":
-        return dict(n=1, temperature=0.0, max_tokens=max_new_tokens, logprobs=0, skip_special_tokens=True)
+        return {"n": 1, "temperature": 0.0, "max_tokens": max_new_tokens, "logprobs": 0, "skip_special_tokens": True}
     if kind == "next_token":
-        return dict(n=1, temperature=0.0, max_tokens=1, logprobs=top_logprobs)
+        return {"n": 1, "temperature": 0.0, "max_tokens": 1, "logprobs": top_logprobs}
     if kind == "prompt_logprobs":
-        return dict(n=1, temperature=0.0, max_tokens=1, prompt_logprobs=0)
+        return {"n": 1, "temperature": 0.0, "max_tokens": 1, "prompt_logprobs": 0}
     raise ValueError(f"unknown request kind {kind!r}")
 
 
@@ -214,6 +216,10 @@ def draws_mass(draws: Sequence[str], labels: Sequence[str]) -> NextToken:
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 
 
+class _Stopped(Exception):
+    """Another request of the same batch failed for good: this one gives up without another try."""
+
+
 class OpenAIEngine(Engine):
     """An OpenAI-compatible server. Every request is a POST /completions with a prompt rendered by
     the model's chat template (the rubric's cue is pre-filled, which /chat/completions cannot do).
@@ -259,56 +265,77 @@ class OpenAIEngine(Engine):
                 self._tokenizer = AutoTokenizer.from_pretrained(loading.resolve(self.cfg.tokenizer or self.ref))
         return self._tokenizer
 
-    def post(self, body: dict) -> dict:
-        import httpx
-
+    def post(self, body: dict, stop: threading.Event | None = None) -> dict:
+        """The answer to one POST /completions, retried with backoff. Once `stop` is set (another
+        request failed for good) no further try starts and a backoff wait ends: _Stopped."""
+        stop = stop or threading.Event()
         delay, last = self.cfg.backoff_s, ""
         for attempt in range(self.cfg.retries + 1):
-            try:
-                r = self.client.post(f"{self.url}/completions", json=body)
-            except httpx.TimeoutException:
-                last = f"no answer within {self.cfg.timeout_s:g} s (openai.timeout_s)"
-            except httpx.TransportError as e:
-                last = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'connection failed'}"
-            else:
-                if r.status_code == 200:
-                    try:
-                        return r.json()
-                    except json.JSONDecodeError:
-                        raise EngineError(f"endpoint {self.endpoint} answered 200 with a body that is not JSON") \
-                            from None
-                if r.status_code not in RETRY_STATUS:
-                    raise EngineError(f"endpoint {self.endpoint} refused the request: HTTP {r.status_code} "
-                                      f"{_short(r.text)}")
-                last = f"HTTP {r.status_code} {_short(r.text)}"
-                retry_after = _retry_after(r.headers.get("retry-after"))
-                if retry_after is not None:
-                    delay = max(delay, retry_after)
-            if attempt < self.cfg.retries:
-                time.sleep(delay)
+            if attempt:
+                stop.wait(delay)
                 delay *= 2
+            if stop.is_set():
+                raise _Stopped
+            answer, last, retry_after = self._try(body)
+            if answer is not None:
+                return answer
+            if retry_after is not None:
+                delay = max(delay, retry_after)
         raise EngineError(mask_credentials(
             f"endpoint {self.endpoint} failed after {self.cfg.retries + 1} tries: {last}"))
 
+    def _try(self, body: dict) -> tuple[dict | None, str, float | None]:
+        """One POST: (the answer, "", None), or for a failure worth retrying (None, what failed, the
+        server's Retry-After in seconds); a failure no retry can mend raises."""
+        import httpx
+
+        try:
+            r = self.client.post(f"{self.url}/completions", json=body)
+        except httpx.TimeoutException:
+            return None, f"no answer within {self.cfg.timeout_s:g} s (openai.timeout_s)", None
+        except httpx.TransportError as e:
+            return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'connection failed'}", None
+        if r.status_code == 200:
+            try:
+                answer = r.json()
+            except json.JSONDecodeError:
+                answer = None
+            if not isinstance(answer, dict):
+                raise EngineError(f"endpoint {self.endpoint} answered 200 with a body that is not a JSON object")
+            return answer, "", None
+        if r.status_code not in RETRY_STATUS:
+            raise EngineError(f"endpoint {self.endpoint} refused the request: HTTP {r.status_code} {_short(r.text)}")
+        return None, f"HTTP {r.status_code} {_short(r.text)}", _retry_after(r.headers.get("retry-after"))
+
     def _map(self, bodies: Sequence[dict], progress: Progress, weight: int = 1) -> list[dict]:
         """Every body POSTed, at most max_concurrency at once; answers in the order of `bodies`.
-        The first failure cancels what has not started and is raised."""
+        The first request to fail for good stops the others: none starts or retries after it, those
+        in flight end with their current try (within timeout_s), and its error is raised."""
         out: list[dict | None] = [None] * len(bodies)
+        stop, failed = threading.Event(), []
 
         def one(i: int) -> None:
-            out[i] = self.post(bodies[i])
-            if progress and (i + 1) % weight == 0:
-                progress(1)
+            try:
+                out[i] = self.post(bodies[i], stop)
+                if progress and (i + 1) % weight == 0:
+                    progress(1)
+            except _Stopped:
+                pass
+            except BaseException as e:
+                failed.append(e)
+                stop.set()
+                raise
 
         with ThreadPoolExecutor(max_workers=self.cfg.max_concurrency) as pool:
             futures = [pool.submit(one, i) for i in range(len(bodies))]
             try:
-                for f in futures:
-                    f.result()
-            except BaseException:
+                wait(futures, return_when=FIRST_EXCEPTION)
+            finally:  # a failure, or the caller interrupted: nothing starts or retries any more
+                stop.set()
                 for f in futures:
                     f.cancel()
-                raise
+        if failed:
+            raise failed[0]
         return out  # type: ignore[return-value]
 
     def _texts(self, prompts: Sequence[str]) -> list[str]:
@@ -381,11 +408,21 @@ def _top_logprobs(answer: dict) -> dict[str, float] | None:
     return None
 
 
-def _retry_after(value: str | None) -> float | None:
-    try:
-        return min(float(value), 60.0) if value is not None else None
-    except ValueError:
+def _retry_after(value: str | None, cap: float = 60.0) -> float | None:
+    """A Retry-After header in seconds, at most `cap`: delay-seconds ("120") or an HTTP date (RFC 7231:
+    "Wed, 21 Oct 2026 07:28:00 GMT"); None when absent or unreadable."""
+    if value is None:
         return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        # a date without a zone ("-0000") is UTC, by RFC 5322
+        seconds = (when.timestamp() if when.tzinfo else calendar.timegm(when.timetuple())) - time.time()
+    return None if math.isnan(seconds) else min(max(seconds, 0.0), cap)
 
 
 def _short(text: str, limit: int = 200) -> str:
