@@ -192,3 +192,17 @@ def test_decoder_and_judge_do_not_read_the_outputs_deprecated_cache_field(model_
     monkeypatch.setattr(ModelOutput, "past_key_values", property(removed))
     assert [sampling.generate(model, tok, QUESTIONS, **sample), sampling.generate(model, tok, QUESTIONS, **greedy),
             judges.llm_judge(model, tok, judges.load_rubric(), QUESTIONS, RESPONSES, **judge)] == before
+
+
+def test_a_transformers_that_ignores_the_cache_argument_fails_loudly(model_and_tokenizer, monkeypatch):
+    """The decoder hands the model its own KV cache as `cache=`; were that argument ignored (renamed
+    in some release), every row would decode without its prompt: it fails in one line instead."""
+    from flywheel.errors import EngineError
+
+    model, tok = model_and_tokenizer
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, cache=None, **kw: forward(*a, **kw))
+    with pytest.raises(EngineError, match=r"ignored the KV cache passed as `cache=`"):
+        sampling.generate(model, tok, QUESTIONS, max_new_tokens=4, batch_size=2, do_sample=False)
+    with pytest.raises(EngineError, match=r"ignored the KV cache passed as `cache=`"):
+        judges.llm_judge(model, tok, judges.load_rubric(), QUESTIONS, RESPONSES, batch_size=4, max_prompt_tokens=1024)
