@@ -87,7 +87,8 @@ def test_a_checkpoints_sampling_suggestions_do_not_change_flywheels_sampling(bas
     samples nor generate()'s."""
     kw = {"max_new_tokens": 12, "batch_size": 4, "do_sample": True, "temperature": 1.0, "top_p": 1.0, "seed": 3}
     model, tok = loading.load(base)
-    fast, ref = sampling.generate(model, tok, PROMPTS, n=2, **kw), sampling.generate_reference(model, tok, PROMPTS, **kw)
+    fast = sampling.generate(model, tok, PROMPTS, n=2, **kw)
+    ref = sampling.generate_reference(model, tok, PROMPTS, **kw)
     suggests = {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "top_k": 20, "min_p": 0.2, "typical_p": 0.5,
                 "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
     model, tok = loading.load(edited(base, tmp_path / "m", **suggests))
