@@ -102,8 +102,8 @@ def start_run(experiment_id: str, name: str, parent_run_id: str | None = None,
 
 def _literal(value: str) -> str | None:
     """`value` as a string in an MLflow filter. MLflow's parser strips the quotes and unescapes
-    nothing, so a value holding both quote characters, or a backslash (which the tokenizer reads
-    as an escape), has no literal: None."""
+    nothing, so a value holding both quote characters has no literal (None), nor, to be safe, one
+    with a backslash (its tokenizer reads `\\'` as an escaped quote)."""
     if "\\" in value:
         return None
     for quote in ("'", '"'):
