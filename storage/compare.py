@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from flywheel.errors import CompareError
+from flywheel.errors import CompareError, mask_credentials
 from flywheel.storage import manifest
 
 COLUMNS = ("exact_match", "accuracy", "promoted", "pairs", "judge_verifier_agreement", "mean_response_tokens",
@@ -41,5 +41,6 @@ def log_plot(workspace: Path, run_ids: Sequence[str], plot: Path) -> None:
         experiment = tracking.setup(workspace, saved.get("name", "flywheel"))
         parent = tracking.find_run(experiment, {"flywheel.run_id": run_id, "flywheel.kind": "run"})
         if parent is None:
-            raise CompareError(f"run {run_id!r} has no MLflow run in {tracking.tracking_uri(workspace)}")
+            raise CompareError(f"run {run_id!r} has no MLflow run in "
+                               f"{mask_credentials(tracking.tracking_uri(workspace))}")
         tracking.log_artifact(parent, plot, "compare")

@@ -328,7 +328,11 @@ def test_prefect_shows_named_runs_their_logs_and_round_summaries(run):
     run_id = result["run_id"]
     with get_client(sync_client=True) as client:
         named = lambda n: client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[n])))  # noqa
-        assert len(named(run_id)) == 1, "the parent flow run is named after the flywheel run"
+        (parent,) = named(run_id)  # the parent flow run is named after the flywheel run
+        parent_logs = [lg.message for lg in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(
+            any_=[parent.id])))]
+        for k in (1, 2):  # the parent's log says where each round's story is
+            assert any(m.startswith(f"round {k}: ") and f"flow run {run_id}-round-{k}" in m for m in parent_logs)
         for k in (1, 2):
             (fr,) = named(f"{run_id}-round-{k}")
             logs = [lg.message for lg in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(
@@ -337,7 +341,7 @@ def test_prefect_shows_named_runs_their_logs_and_round_summaries(run):
             assert any(m.startswith(f"round {k}: ") and "promoted" in m for m in logs), logs
             arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
                 any_=[fr.id])))
-            assert [a.key for a in arts] == ["e2e-round-summary"]
+            assert [a.key for a in arts] == [f"flywheel-{run_id}-summary"]  # keyed by run: workspaces never mix
             assert f"round {k}" in arts[0].data and "test exact match" in arts[0].data
         tasks = {t.name for t in client.read_task_runs()}
         assert {"generate-round-1", "train-round-2", "benchmark-round-0 (baseline)"} <= tasks
