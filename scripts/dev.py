@@ -34,7 +34,7 @@ CONSTRAINTS = ROOT / "constraints.txt"
 
 # setuptools warns on every editable install of a package whose root is the project folder
 # ("Editable installation … folders with the same name as your package"); flywheel's layout is
-# deliberate (DESIGN.md), so the notice is noise to a user setting up.
+# deliberate (docs/design.md), so the notice is noise to a user setting up.
 QUIET_BUILD = {"PYTHONWARNINGS": "ignore:Editable installation"}
 
 
