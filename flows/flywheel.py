@@ -32,15 +32,13 @@ from flywheel.errors import ResumeError
 from flywheel.flows import placement
 from flywheel.models import engines, loading, rewards, trainer
 from flywheel.models.decontam import Decontaminator
-from flywheel.models.tasksource import eval_items, make_source, train_items
+from flywheel.models.tasksource import eval_items, make_source
 from flywheel.storage import catalog, datacard, lock, manifest, parquet, plots, tracking
 from flywheel.tasks import promote
-from flywheel.tasks.benchmark import benchmark_task, suite_names
+from flywheel.tasks import stage as stage_registry
 from flywheel.tasks.common import StageContext, short_hash
-from flywheel.tasks.curate import curate_task
-from flywheel.tasks.generate import generate_task
-from flywheel.tasks.judge import candidates_sample, judge_task
-from flywheel.tasks.train import train_task
+from flywheel.tasks.judge import candidates_sample
+from flywheel.tasks.stage import RoundState
 
 _VERSIONED = ("torch", "transformers", "trl", "peft", "prefect", "mlflow", "duckdb", "pyarrow", "reasoning-gym")
 
@@ -144,17 +142,6 @@ def _round_row(ctx: StageContext, *, status: str, policy_in: str, started: datet
                 started_at=started, finished_at=datetime.now(timezone.utc), error=error)
 
 
-STAGES = ("generate", "judge", "curate", "train", "benchmark")
-# The part files each stage writes for its round, as (table, part glob): a stage that runs clears them
-# first, so an earlier attempt's parts under another config (a decontaminated list, a guard suite
-# since dropped) cannot outlive it. Training writes checkpoints, which it resumes from.
-OUTPUTS = {"generate": (("prompts", "train"), ("prompts", "decontaminated"), ("candidates", "*")),
-           "judge": (("judgments", "*"), ("judge_health", "*")),
-           "curate": (("pairs", "*"), ("sft", "*")),
-           "train": (),
-           "benchmark": (("benchmarks", "*"),)}
-
-
 # Only failures that may pass on their own are retried: a lost connection, a timed-out request, a
 # busy or briefly failing (network) filesystem. A missing file, a denied permission or a path
 # that is a directory stay what they are on every try, and a bug is never retried either.
@@ -199,21 +186,8 @@ def _with_policy(task, config: FlywheelConfig):
 def stage_call(stage: str, ctx: StageContext, prepared: Prepared, params: dict, fingerprint: str) -> tuple:
     """A stage's task and its arguments, rebuilt from the run's config and `params` (ids and
     paths only): the same call in the round's process and in a stage run on a work pool."""
-    cfg = ctx.config
-    if stage == "generate":
-        draw = train_items(prepared.source, ctx.round, cfg.task.prompts_per_round, cfg.seed,
-                           prepared.decontaminator())
-        return generate_task, (draw.items, params["policy"], draw.removed, draw.repeats,
-                               prepared.validation + prepared.test)
-    if stage == "judge":
-        return judge_task, (params["policy"], params.get("previous"), params.get("reference"))
-    if stage == "curate":
-        return curate_task, ()
-    if stage == "train":
-        return train_task, (params["policy"], params["base"], fingerprint)
-    if stage == "benchmark":
-        return benchmark_task, (prepared.validation, prepared.test, params["policy"])
-    raise ValueError(f"unknown stage {stage!r}")
+    s = stage_registry.get(stage)
+    return s.task, s.args(ctx, prepared, params, fingerprint)
 
 
 @dataclass
@@ -229,7 +203,8 @@ class Stages:
         """(result, the fingerprint it was computed under)."""
         root, run_id, k = self.ctx.workspace, self.ctx.run_id, self.ctx.round
         done = manifest.read(root, run_id, k, stage)
-        forced = self.force_from is not None and STAGES.index(stage) >= STAGES.index(self.force_from)
+        order = stage_registry.names()
+        forced = self.force_from is not None and order.index(stage) >= order.index(self.force_from)
         if done is not None and not forced:
             if done["fingerprint"] != fingerprint:
                 if self.force_from is None:
@@ -240,10 +215,10 @@ class Stages:
                 manifest.write(root, run_id, k, stage, fingerprint, done["result"])
             self.reused.append(stage)
             return done["result"], fingerprint
-        for table, part in OUTPUTS[stage]:
+        for table, part in stage_registry.get(stage).outputs:
             parquet.remove_parts(root, table, run_id, k, part)
         name = f"{stage}-round-{k}" + (" (baseline)" if k == 0 else "")
-        pool = getattr(self.ctx.config.stages, stage).work_pool
+        pool = getattr(getattr(self.ctx.config.stages, stage, None), "work_pool", None)
         if pool is not None:
             fn, args = placement.remote_stage, (stage, fingerprint, params)
         else:
@@ -292,41 +267,17 @@ def one_round(config: FlywheelConfig, run_id: str, round: int, champion: dict, b
     stages = Stages(ctx, prepared, force_from_stage)
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
+    state = RoundState(config, round, policy, base, previous, policy_reference, champion=champ)
     try:
-        fp = short_hash("generate", config.hash(), round, policy)
-        metrics, fp = stages.run("generate", fp, policy=policy)
-        prev = previous if previous != policy else None
-        fp = short_hash("judge", fp, prev, policy_reference)
-        result, fp = stages.run("judge", fp, policy=policy, previous=prev, reference=policy_reference)
-        metrics |= result
-        result, fp = stages.run("curate", short_hash("curate", fp))
-        metrics |= result
-        fp = short_hash("train", fp, base)
-        trained, fp = stages.run("train", fp, policy=policy, base=base)
-        trained = dict(trained)
-        policy_out = trained.pop("policy_out")
-        if not trained.get("weights_sha256"):  # nothing trained: the round's model is the one it started from
-            trained["weights_sha256"] = loading.weights_hash(policy_out)
-        metrics |= trained
-        result, fp = stages.run("benchmark", short_hash("benchmark", fp), policy=policy_out)
-        metrics |= result
-        # against the champion, item by item on the same split: the gain and its 95% interval, on the
-        # test split (reported) and on the validation split (what the gate may decide on)
-        now, before = (_split_rows(config.workspace, run_id, k) for k in (round, champ.round))
-        v_suite, t_suite = suite_names(config)
-        metrics |= promote.paired_gains(now, before, seed=config.seed, suite=t_suite)
-        metrics |= promote.paired_gains(now, before, seed=config.seed, suite=v_suite, prefix="validation_")
-        # each guard against the starting model, item by item: the gate's guard check reads the interval
-        # (each guard suite is its own part file of the round's benchmarks, "guard-<i>")
-        now_g, start_g = (parquet.read_parts(config.workspace, "benchmarks", run_id, k, "guard-*") for k in (round, 0))
-        for g in config.benchmark.guards:
-            metrics |= promote.paired_gains(now_g, start_g, seed=config.seed, suite=f"guard:{g.task}",
-                                            prefix=f"guard_change.{g.task}.")
-        metrics["round_seconds"] = time.perf_counter() - t0
-        promoted, reasons = promote.decide(metrics, champ, config.promotion, bool(trained["trained"]))
-        metrics |= {"promoted": promoted, "promotion_reasons": reasons, "reused_stages": stages.reused}
+        fp = None
+        for stage in stage_registry.stages():
+            result, fp = stages.run(stage.name, stage.fingerprint(fp, state), **stage.params(state))
+            stage.absorb(state, result)
+        metrics, policy_out = state.metrics, state.policy_out
+        promoted, reasons = metrics["promoted"], metrics["promotion_reasons"]
+        metrics |= {"round_seconds": time.perf_counter() - t0, "reused_stages": stages.reused}
         progress.log(f"round {round}: {'promoted to champion' if promoted else 'not promoted'}: {'; '.join(reasons)}")
-        version = _log_round_artifacts(ctx, config, metrics, policy_out, trained["trained"], promoted)
+        version = _log_round_artifacts(ctx, config, metrics, policy_out, metrics["trained"], promoted)
     except BaseException as e:
         error = _error_text(e)
         best_effort(lambda: parquet.write_table(config.workspace, "rounds", run_id, round, [_round_row(
@@ -345,15 +296,7 @@ def one_round(config: FlywheelConfig, run_id: str, round: int, champion: dict, b
     progress.publish_summary(config.name, run_id, round, metrics)
     reference = base if config.train.reference == "base" else policy
     return {"round": round, "policy_in": policy, "policy_out": policy_out, "registered_version": version,
-            "reference_model": reference if trained["trained"] else policy_reference, **metrics}
-
-
-def _split_rows(root: Path, run_id: str, round_: int) -> list[dict]:
-    """A round's benchmark rows on the test split (its "data" file) and the validation split."""
-    rows = parquet.read_table(root, "benchmarks", run_id, round_).to_pylist()
-    if parquet.exists(root, "benchmarks", run_id, round_, part="validation"):
-        rows += parquet.read_table(root, "benchmarks", run_id, round_, part="validation").to_pylist()
-    return rows
+            "reference_model": reference if metrics["trained"] else policy_reference, **metrics}
 
 
 def _log_round_artifacts(ctx: StageContext, config: FlywheelConfig, metrics: dict, policy_out: str,
@@ -488,8 +431,8 @@ def flywheel(config: FlywheelConfig, resume: str | None = None, force_from_stage
 def check(config: FlywheelConfig, resume: str | None = None, force_from_stage: str | None = None) -> Prepared:
     """Everything that can fail before work starts, in the order a user would fix it: the
     resume request, the inputs (nothing is written for bad input), the workspace's disk."""
-    if force_from_stage is not None and force_from_stage not in STAGES:
-        raise ResumeError(f"unknown stage {force_from_stage!r} (stages: {', '.join(STAGES)})")
+    if force_from_stage is not None and force_from_stage not in stage_registry.names():
+        raise ResumeError(f"unknown stage {force_from_stage!r} (stages: {', '.join(stage_registry.names())})")
     if force_from_stage is not None and resume is None:
         raise ResumeError("--force-from-stage redoes stages of an existing run: name it with --resume RUN")
     if resume is not None:
@@ -566,7 +509,7 @@ def _reopen_for_force(root: Path, run_id: str, history: list[dict], stage: str) 
     from flywheel.progress import console
 
     k = len(history)
-    if not any(manifest.read(root, run_id, k, s) for s in STAGES):
+    if not any(manifest.read(root, run_id, k, s) for s in stage_registry.names()):
         if k <= 1:
             return
         k -= 1
@@ -619,8 +562,11 @@ def _round_zero(config: FlywheelConfig, prepared: Prepared, run_id: str, parent:
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     try:
-        metrics, _ = Stages(ctx0, prepared).run("benchmark", short_hash("benchmark", config.hash(), 0, prepared.base),
-                                                policy=prepared.base)
+        state, runner, fp = RoundState(config, 0, prepared.base, prepared.base), Stages(ctx0, prepared), None
+        for stage in (s for s in stage_registry.stages() if s.baseline):
+            result, fp = runner.run(stage.name, stage.fingerprint(fp, state), **stage.params(state))
+            stage.absorb(state, result)
+        metrics = state.metrics
     except BaseException as e:
         error = _error_text(e)
         best_effort(lambda: parquet.write_table(root, "rounds", run_id, 0, [_round_row(

@@ -13,9 +13,10 @@ from prefect.cache_policies import NO_CACHE
 from flywheel import progress
 from flywheel.models import decode, engines, sampling, shards
 from flywheel.models.decontam import Overlap
-from flywheel.models.tasksource import Item
+from flywheel.models.tasksource import Item, train_items
 from flywheel.storage import catalog, datacard, parquet
 from flywheel.tasks.common import StageContext, short_hash
+from flywheel.tasks.stage import Stage, register
 
 
 def prompt_rows(items: Sequence[Item], run_id: str, round_: int, split: str) -> list[dict]:
@@ -92,3 +93,16 @@ def generate_task(ctx: StageContext, items: list[Item], policy: str,
             **{f"decontaminated_{rule}": n for rule, n in by_rule.items()},
             "generate_tokens_per_s": sampling.tokens_per_second(gens, seconds),
             "candidates": len(rows), "candidate_mean_tokens": sum(g.n_tokens for g in gens) / len(gens)}
+
+
+def _generate_args(ctx: StageContext, prepared, params: dict, fingerprint: str) -> tuple:
+    """The round's fresh training prompts, drawn again from the config (the same draw anywhere)."""
+    cfg = ctx.config
+    draw = train_items(prepared.source, ctx.round, cfg.task.prompts_per_round, cfg.seed, prepared.decontaminator())
+    return draw.items, params["policy"], draw.removed, draw.repeats, prepared.validation + prepared.test
+
+
+register(Stage("generate", 10, generate_task,
+               fingerprint=lambda fp, s: short_hash("generate", s.config.hash(), s.round, s.policy),
+               args=_generate_args, params=lambda s: {"policy": s.policy},
+               outputs=(("prompts", "train"), ("prompts", "decontaminated"), ("candidates", "*"))))

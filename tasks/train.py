@@ -14,7 +14,8 @@ from prefect.cache_policies import NO_CACHE
 from flywheel import progress
 from flywheel.models import engines, loading, trainer
 from flywheel.storage import catalog, parquet, tracking
-from flywheel.tasks.common import StageContext
+from flywheel.tasks.common import StageContext, short_hash
+from flywheel.tasks.stage import RoundState, Stage, register
 
 
 def checkpoint_dir(ctx: StageContext) -> Path:
@@ -88,3 +89,18 @@ def train_task(ctx: StageContext, policy: str, base: str, fingerprint: str = "")
     return {"train_seconds": time.perf_counter() - t0, "policy_out": str(out), "trained": True,
             "train_rows": len(rows), "replayed_rows": n_replay, "weights_sha256": loading.weights_hash(str(out)),
             **extra, **metrics}
+
+
+def _absorb(state: RoundState, result: dict) -> None:
+    """The round's model; an untrained round's model is the one it started from, hashed here."""
+    trained = dict(result)
+    state.policy_out = trained.pop("policy_out")
+    if not trained.get("weights_sha256"):
+        trained["weights_sha256"] = loading.weights_hash(state.policy_out)
+    state.metrics |= trained
+
+
+register(Stage("train", 40, train_task,
+               fingerprint=lambda fp, s: short_hash("train", fp, s.base),
+               args=lambda ctx, prepared, params, fp: (params["policy"], params["base"], fp),
+               params=lambda s: {"policy": s.policy, "base": s.base}, absorb=_absorb))
