@@ -1,6 +1,7 @@
-"""The built-in stages, imported so that each registers itself (tasks/stage.py)."""
+"""The registrations of the judge, curate and benchmark stages (generate, train and promote register
+in their own modules)."""
 
-from flywheel.tasks import benchmark, curate, gate, generate, judge, train
+from flywheel.tasks import benchmark, curate, judge
 from flywheel.tasks.common import short_hash
 from flywheel.tasks.stage import RoundState, Stage, register
 
@@ -25,5 +26,3 @@ register(Stage("benchmark", 50, benchmark.benchmark_task,
                args=lambda ctx, prepared, params, fp: (prepared.validation, prepared.test, params["policy"]),
                params=lambda s: {"policy": s.policy_out or s.policy},
                outputs=(("benchmarks", "*"),), baseline=True))
-
-__all__ = ["gate", "generate", "train"]

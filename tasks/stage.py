@@ -16,16 +16,26 @@ A stage declares what the round's loop needs to run it without knowing it:
   outputs      the (table, part glob)s it writes for its round: cleared before it runs again
   placeable    whether `stages.<name>.work_pool` may send it to a work pool
 
-Adding a stage is one module that defines it and one `register(...)` call.
+Adding a stage is one module that defines it and one `register(...)` call: every module of this
+package is imported before the round reads the registry, and an installed package adds its own
+through the `flywheel.stages` entry-point group (each entry point names the module to import).
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from typing import Any
 
+from flywheel.errors import UserError
 from flywheel.tasks.common import StageContext
+
+
+class PluginError(UserError, ImportError):
+    """An installed stage plugin that cannot be imported."""
 
 
 @dataclass
@@ -78,10 +88,30 @@ def register(stage: Stage) -> Stage:
     return stage
 
 
-def stages() -> tuple[Stage, ...]:
-    """The registered stages in round order (the built-in ones are imported first)."""
-    import flywheel.tasks.builtin  # noqa: F401 - registers generate … promote
+_LOADED = False
 
+
+def _load() -> None:
+    """Import every stage module once: this package's, then the entry points' (a plugin that
+    fails to import is a one-line error naming it)."""
+    global _LOADED
+    if _LOADED:
+        return
+    import flywheel.tasks as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{package.__name__}.{info.name}")
+    for ep in entry_points(group="flywheel.stages"):
+        try:
+            ep.load()
+        except Exception as e:  # noqa: BLE001 - any import failure of a plugin is the user's to fix
+            raise PluginError(f"stage plugin {ep.name!r} ({ep.value}) failed to load: {e}") from None
+    _LOADED = True
+
+
+def stages() -> tuple[Stage, ...]:
+    """The registered stages in round order."""
+    _load()
     return tuple(sorted(_REGISTRY.values(), key=lambda s: s.order))
 
 
