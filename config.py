@@ -10,13 +10,24 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
-from urllib.parse import urlsplit
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
-from flywheel.errors import ConfigError
+from flywheel.errors import ConfigError, EngineError
+from flywheel.models.engines import registry as engine_registry
+from flywheel.models.engines.openai import OpenAISettings
+from flywheel.models.engines.vllm import VLLMSettings
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 
@@ -25,51 +36,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class VLLMSettings(_Strict):
-    """vLLM's offline engine (`pip install flywheel[vllm]`, a CUDA GPU). Each field is vllm.LLM's own."""
-    tensor_parallel_size: int = Field(1, ge=1)
-    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
-    max_model_len: int | None = Field(None, ge=16)
-    # Prefix caching: the judge's rubric (and each question) is computed once across candidates.
-    enable_prefix_caching: bool = True
-    enforce_eager: bool = False
-    # How many top log-probs a rubric score reads at the verdict position (vLLM's max_logprobs).
-    max_logprobs: int = Field(20, ge=1)
-
-
-class OpenAISettings(_Strict):
-    """Any OpenAI-compatible server (`vllm serve`, SGLang, TGI, llama.cpp's server, `transformers
-    serve`). The model's `name` is the name the server serves it under."""
-    base_url: str = Field(min_length=1, pattern=r"^https?://", description="e.g. http://127.0.0.1:8000/v1")
-    # The *name* of an environment variable holding the API key; the key itself never enters a
-    # config, a log, a param or a table.
-    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
-    # A local checkpoint or hub id whose chat template renders prompts exactly as the in-process
-    # engine does (the rubric's verdict cue is pre-filled, so the judge uses /completions);
-    # None: the model's `name`.
-    tokenizer: str | None = None
-    max_concurrency: int = Field(8, ge=1, description="requests in flight at once")
-    timeout_s: float = Field(120, gt=0, description="per request")
-    retries: int = Field(4, ge=0, description="on 429, 5xx, connection errors and timeouts")
-    backoff_s: float = Field(1.0, ge=0, description="first retry's wait; doubles each time")
-    top_logprobs: int = Field(20, ge=1, le=20)
-    # A server that returns no log-probs: a rubric score is the mean of this many sampled verdicts.
-    verdict_samples: int = Field(8, ge=1)
-
-    @field_validator("base_url")
-    @classmethod
-    def _no_credentials(cls, v: str) -> str:
-        # The config is saved with the run (config.yaml) and logged as MLflow params: a password in
-        # the URL would be kept in both.
-        if "@" in urlsplit(v).netloc:
-            raise ValueError("holds credentials (user:password@): remove them and pass the key in an "
-                             "environment variable named by `api_key_env`")
-        return v
-
-
-# Settings that change only speed or where a server is, never what a model answers: not hashed.
-_SPEED_ONLY = {"vllm": {"gpu_memory_utilization", "enforce_eager"},
-               "openai": {"api_key_env", "max_concurrency", "timeout_s", "retries", "backoff_s"}}
+# Each engine's own settings live beside it (models/engines/<engine>.py) and are declared in its
+# registration (models/engines/registry.py): which engines exist, which of their settings are only
+# speed (not hashed), and what each needs are read from there.
+_SETTINGS_FIELDS = ("vllm", "openai")  # engines whose block is a declared field here; a plugin's is not
 
 
 class ModelConfig(_Strict):
@@ -79,23 +49,75 @@ class ModelConfig(_Strict):
     name: str = EMBEDDED_MODEL
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # Who runs the model: hf (transformers in the stage's process: CPU or one GPU), vllm (vLLM's
-    # offline engine on the GPUs), openai (an OpenAI-compatible server; `openai:` says where).
-    engine: Literal["hf", "vllm", "openai"] = "hf"
+    # offline engine on the GPUs), openai (an OpenAI-compatible server; `openai:` says where), or an
+    # engine an installed package registers (entry points `flywheel.engines`; its settings go under
+    # its own name, e.g. `myengine: {…}`).
+    engine: str = "hf"
     vllm: VLLMSettings = Field(default_factory=VLLMSettings)
     openai: OpenAISettings | None = None
     # Processes the generate stage's shards (sampling.shards) are spread over, one per GPU (or a
     # share of the CPU's cores each), each with its own copy of the model. Speed only: the rows are
     # the same for any number of workers (models/shards.py), so it is not hashed.
     workers: int = Field(1, ge=1)
+    # A registered engine's own block when it is not a declared field (a plugin's), validated by its
+    # settings model; it is dumped (and hashed) under the engine's name, as `vllm` and `openai` are.
+    _plugin: BaseModel | None = PrivateAttr(None)
+
+    @field_validator("engine")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        try:
+            backend = engine_registry.get(v)
+        except EngineError as e:
+            raise ValueError(str(e)) from None
+        if backend.settings is not None and v not in _SETTINGS_FIELDS and v in cls.model_fields:
+            raise ValueError(f"engine {v!r}: its settings block would shadow the model setting {v!r}")
+        return v
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _plugin_block(cls, data: Any, handler) -> ModelConfig:
+        """A plugin engine's block (`<engine>: {…}`) is taken out before the fields are checked (so any
+        other unknown key is refused as usual), then checked by the engine's own settings model."""
+        block = None
+        engine = data.get("engine") if isinstance(data, dict) else None
+        if isinstance(engine, str) and engine not in cls.model_fields and engine in data:
+            data = dict(data)
+            block = data.pop(engine)
+        self = handler(data)
+        backend = engine_registry.get(self.engine)
+        if self.engine not in _SETTINGS_FIELDS and backend.settings is not None:
+            if block is None and self._plugin is not None:
+                return self  # already validated (a model_copy)
+            try:
+                self._plugin = backend.settings.model_validate(block or {})
+            except ValidationError as e:
+                raise ValueError(f"{self.engine}: {format_validation_error(e)}") from None
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump_plugin_block(self, handler) -> dict[str, Any]:
+        out = handler(self)
+        if self._plugin is not None:
+            out[self.engine] = self._plugin.model_dump(mode="json")
+        return out
 
     @model_validator(mode="after")
-    def _endpoint(self) -> ModelConfig:
-        if self.engine == "openai" and self.openai is None:
-            raise ValueError("engine: openai needs `openai: {base_url: …}`")
-        if self.engine == "openai" and self.workers > 1:
-            raise ValueError("workers: an openai server is one endpoint; its requests in flight are "
-                             "openai.max_concurrency")
+    def _engine_needs(self) -> ModelConfig:
+        backend = engine_registry.get(self.engine)
+        if self.engine in _SETTINGS_FIELDS and getattr(self, self.engine) is None:
+            required = [n for n, f in backend.settings.model_fields.items() if f.is_required()]
+            raise ValueError(f"engine: {self.engine} needs `{self.engine}: {{{', '.join(required)}: …}}`")
+        if backend.check is not None:
+            backend.check(self)
         return self
+
+    @property
+    def settings(self) -> BaseModel | None:
+        """The engine's own block (`vllm`, `openai`, a plugin's), None for an engine that has none."""
+        if self.engine in _SETTINGS_FIELDS:
+            return getattr(self, self.engine)
+        return self._plugin
 
 
 def _model_shorthand(v: Any) -> Any:
@@ -142,10 +164,6 @@ def _template_exists(v: Path | None) -> Path | None:
 
 
 class _Source(_Strict):
-    """What every reward source's config shares. Each source's own spec (a `type: Literal[...]`
-    field and its settings) is declared in its module under models/rewards/ and registered there;
-    `judge.sources` validates against the union of the registered specs (built at the end of this
-    module, rebuilt when a source registers later)."""
     # A source's name is its column in the judgments table (`source`) and what curation.reward,
     # curation.consistency and the health metrics refer to; it defaults to its type.
     name: str | None = Field(None, min_length=1, pattern=r"^[A-Za-z0-9_.@-]+$")
@@ -153,23 +171,92 @@ class _Source(_Strict):
     def key(self) -> str:
         return self.name or self.type  # type: ignore[attr-defined]
 
-    def names(self) -> list[str]:
-        """The sources (judgments-table names) this spec runs as."""
-        return [self.key()]
 
-    def hashed(self, dumped: dict[str, Any]) -> dict[str, Any]:
-        """The dumped spec as the config's and the source's hash see it (a new setting at its default
-        is dropped here, so configs written before it existed keep their hash)."""
-        return dumped
+class VerifierSource(_Source):
+    """The task's own checker, or a match against the reference answer."""
+    type: Literal["verifier"] = "verifier"
+    # task: reasoning-gym's score_answer (or the prompts file's answer, numerically); exact / numeric:
+    # the extracted final answer vs the reference; regex: `pattern` (with {answer} standing for the
+    # escaped reference) searched in the response; callable: `callable` = "module:function",
+    # called as f(prompt, response, answer, metadata) -> float | None.
+    match: Literal["task", "exact", "numeric", "regex", "callable"] = "task"
+    pattern: str | None = None
+    callable: str | None = None
+    tolerance: float = Field(1e-6, ge=0)
 
-    def engine_problem(self, engine: str) -> str | None:
-        """Why the policy's engine cannot serve this source (one line), or None."""
-        return None
+    @model_validator(mode="after")
+    def _needs(self) -> VerifierSource:
+        if self.match == "regex" and not self.pattern:
+            raise ValueError("match: regex needs a pattern")
+        if self.match == "callable" and (not self.callable or ":" not in self.callable):
+            raise ValueError("match: callable needs callable: 'module:function'")
+        return self
+
+
+class LLMJudgeSource(_Source):
+    """The policy as its own judge, pointwise, with a rubric (Self-Rewarding LMs)."""
+    type: Literal["llm_judge"] = "llm_judge"
+    # A text file with {question} and {response}; None = Self-Rewarding's additive 5-point rubric.
+    template: Path | None = None
+    # 0: the expected score under the judge's score distribution; k ≥ 1: the mean of k sampled verdicts.
+    samples: int = Field(0, ge=0)
+    # CREAM: also judge the candidates with the previous round's policy (source "<name>@previous").
+    previous: bool = False
+    # The judge's model: None = the policy judges itself (Self-Rewarding); a checkpoint or hub id,
+    # or a full model config (e.g. a stronger model behind an OpenAI-compatible server).
+    model: ModelConfig | None = None
+    _template = field_validator("template")(_template_exists)
+    _model = field_validator("model", mode="before")(_model_shorthand)
+
+    @model_validator(mode="after")
+    def _previous_needs_policy(self) -> LLMJudgeSource:
+        if self.previous and self.model is not None:
+            raise ValueError("previous: true ranks with the previous round's policy; it cannot go with a fixed "
+                             "judge `model`")
+        return self
+
+
+class PairwiseJudgeSource(_Source):
+    """The policy compares two responses, asked in both orders; a flip with the order is inconsistent."""
+    type: Literal["pairwise_judge"] = "pairwise_judge"
+    # A text file with {question}, {response_a} and {response_b}; None = the built-in one.
+    template: Path | None = None
+    # Each candidate meets this many others of its prompt (a seeded ring; n // 2 = every pair).
+    opponents: int = Field(1, ge=1)
+    # As for llm_judge: None = the policy; else the judge's own model.
+    model: ModelConfig | None = None
+    _template = field_validator("template")(_template_exists)
+    _model = field_validator("model", mode="before")(_model_shorthand)
+
+
+class MajorityVoteSource(_Source):
+    """Label-free self-consistency: agreement with the most common final answer among the samples."""
+    type: Literal["majority_vote"] = "majority_vote"
+    # TTRL-style confidence filter: a prompt whose most common answer holds less than this share of
+    # its samples gets no scores (NULL: it yields no pair), since its pseudo-label is least often right.
+    min_vote_share: float = Field(0.0, ge=0, le=1)
+
+
+class SelfCertaintySource(_Source):
+    """Label-free: mean KL(uniform ‖ policy) over the response's tokens, recorded during generation."""
+    type: Literal["self_certainty"] = "self_certainty"
+
+
+class ImplicitRewardSource(_Source):
+    """DPO's implicit reward β·log π_θ(y|x)/π_ref(y|x) of the round's policy vs its DPO reference."""
+    type: Literal["implicit_reward"] = "implicit_reward"
+    beta: float = Field(0.1, gt=0)
+
+
+SourceConfig = Annotated[
+    VerifierSource | LLMJudgeSource | PairwiseJudgeSource | MajorityVoteSource | SelfCertaintySource
+    | ImplicitRewardSource,
+    Field(discriminator="type"),
+]
 
 
 class JudgeConfig(_Strict):
-    sources: list[SourceConfig] = Field(default_factory=lambda: [_source_spec("verifier")(), _source_spec("llm_judge")()],
-                                        min_length=1)
+    sources: list[SourceConfig] = Field(default_factory=lambda: [VerifierSource(), LLMJudgeSource()], min_length=1)
     batch_size: int = Field(16, ge=1)
     max_prompt_tokens: int = Field(1024, ge=64)
     # all: every candidate; contested: the model-based sources (LLM and pairwise judges, implicit
@@ -196,7 +283,12 @@ class JudgeConfig(_Strict):
 
     def names(self) -> list[str]:
         """Every source's name, with "<name>@previous" for judges that also run on the previous policy."""
-        return [n for s in self.sources for n in s.names()]
+        out = []
+        for s in self.sources:
+            out.append(s.key())
+            if isinstance(s, LLMJudgeSource) and s.previous:
+                out.append(f"{s.key()}@previous")
+        return out
 
 
 class CurationConfig(_Strict):
@@ -545,9 +637,10 @@ class FlywheelConfig(_Strict):
             if getattr(s, "model", None) is not None and s.model.workers > 1:
                 raise ValueError(f"judge source {s.key()!r}: model.workers shards the generate stage only; "
                                  "a judge runs in one process")
-            problem = s.engine_problem(engine)
-            if problem:
-                raise ValueError(problem)
+            if isinstance(s, SelfCertaintySource) and engine != "hf":
+                raise ValueError(f"judge source {s.key()!r} (self_certainty) needs the full next-token distribution "
+                                 f"at every sampled token, and engine {engine} returns top-k log-probs only: "
+                                 "use model.engine: hf, or drop self_certainty")
         return self
 
     def hash(self) -> str:
@@ -564,11 +657,12 @@ class FlywheelConfig(_Strict):
             payload["benchmark"].pop("lm_eval")  # none: hashed as before lm_eval suites existed
         if payload["sampling"].get("shards") == 1:
             payload["sampling"].pop("shards")  # the default: hashed as before shards existed
-        for spec, source in zip(self.judge.sources, payload["judge"]["sources"], strict=True):
-            spec.hashed(source)
+        for source in payload["judge"]["sources"]:
             if "model" in source and source["model"] is None:
                 source.pop("model")  # the policy judges: as hashed before judges could have their own model
             _drop_speed_only(source.get("model"))
+            if source.get("min_vote_share", 1) == 0:
+                source.pop("min_vote_share")  # the default: hashed as before the filter existed
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def flat(self) -> dict[str, str]:
@@ -590,17 +684,20 @@ class FlywheelConfig(_Strict):
 
 
 def _drop_speed_only(model: dict | None) -> None:
-    """A model's settings as hashed: the engine's own block only, without its speed knobs; with the
-    default engine (hf), exactly the fields hashed before engines existed, so old runs resume."""
+    """A model's settings as hashed: the engine's own block only, without the settings its
+    registration declares speed-only; with the default engine (hf), exactly the fields hashed before
+    engines existed, so old runs resume."""
     if not model:
         return
     model.pop("workers", None)
     engine = model.get("engine")
-    for key in ("engine", "vllm", "openai"):
-        if key != engine and (key != "engine" or engine == "hf"):
+    for key in ("engine", *_SETTINGS_FIELDS):
+        if key != engine and (key != "engine" or engine == engine_registry.DEFAULT):
             model.pop(key, None)
-    for f in _SPEED_ONLY.get(engine, ()):
-        model[engine].pop(f, None)
+    block = model.get(engine)
+    if isinstance(block, dict):
+        for f in engine_registry.get(engine).speed_only:
+            block.pop(f, None)
 
 
 def format_validation_error(err: ValidationError) -> str:
@@ -669,34 +766,3 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
         return FlywheelConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e)) from None
-
-
-# judge.sources: the union of the registered reward sources' specs. Their modules (models/rewards/)
-# extend _Source and import ModelConfig from above, so they are loaded here, at the end.
-from flywheel.models.rewards import registry as _source_registry
-
-
-def _source_spec(name: str) -> type[_Source]:
-    return _source_registry.get(name).spec
-
-
-def _rebuild_sources() -> None:
-    """Validate judge.sources against the specs registered now (a source registered after this
-    module was imported appears in the config and its schema from then on)."""
-    global SourceConfig
-    SourceConfig = _source_registry.spec_union()
-    JudgeConfig.__pydantic_fields__["sources"].annotation = list[SourceConfig]
-    JudgeConfig.model_rebuild(force=True)
-    FlywheelConfig.model_rebuild(force=True)
-
-
-def __getattr__(name: str) -> type[_Source]:
-    """A registered source's spec by its class name (config.VerifierSource, config.LLMJudgeSource…)."""
-    for entry in _source_registry.entries().values():
-        if entry.spec.__name__ == name:
-            return entry.spec
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-_rebuild_sources()
-_source_registry.on_change(_rebuild_sources)

@@ -56,6 +56,22 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"flywheel: error: {one_line(message)} (see `{self.prog} -h`)\n")
 
 
+class _PolicyEngines:
+    """The registered engines that can serve the policy (models/engines/registry.py), read only when
+    a value is checked or help is printed: the registry imports pydantic, which only `run` needs."""
+
+    def _names(self) -> list[str]:
+        from flywheel.models import engines
+
+        return [n for n in engines.names() if engines.get(n).serves_policy]
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="flywheel", description="Self-improvement data flywheel for language models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -64,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--preset", help="a shipped config: default, label_free (no verifier in the loop)")
     run.add_argument("--config", type=Path, help="YAML config file (over the preset); flags below override it")
     run.add_argument("--model", help="transformers model id, local checkpoint dir, or embedded:NAME")
-    run.add_argument("--engine", choices=("hf", "vllm"),
-                     help="who runs the policy: hf (in-process transformers, default) or vllm (a GPU)")
+    run.add_argument("--engine", choices=_PolicyEngines(), metavar="ENGINE",
+                     help="who runs the policy: %(choices)s (hf: in-process transformers, the default; vllm: a GPU)")
     run.add_argument("--task", help="reasoning-gym dataset name, e.g. chain_sum, basic_arithmetic")
     run.add_argument("--task-option", action="append", type=_parse_option, default=[], metavar="KEY=VALUE",
                      help="reasoning-gym difficulty option (repeatable), e.g. --task-option max_digits=2")

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from flywheel import compat
 from flywheel.errors import UserError
 
 STARTUP_TIMEOUT_ENV = "FLYWHEEL_PREFECT_STARTUP_TIMEOUT"
@@ -159,9 +160,7 @@ def _settings(url: str) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         stack.enter_context(temporary_settings(updates={PREFECT_API_URL: url}))
         # As prefect_test_harness does: also the global context, for contextvars contexts copied earlier.
-        global_context = getattr(prefect.context, "_temporary_global_settings_context", None)
-        if global_context is not None:
-            stack.enter_context(global_context(prefect.context.get_settings_context()))
+        stack.enter_context(compat.prefect_global_settings(prefect.context.get_settings_context()))
         yield
 
 

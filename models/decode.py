@@ -22,7 +22,6 @@ it would alone.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import reprlib
 from collections.abc import Callable, Sequence
@@ -30,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from flywheel import compat
 from flywheel.errors import EngineError
 
 
@@ -43,11 +43,6 @@ class Row:
     certainty: list[float] = field(default_factory=list)
     stopped: bool = False  # ended with an end-of-sequence token
     finished: bool = False  # stopped, or reached max_new_tokens
-
-
-def row_seed(seed: int, prompt: str, sample: int) -> int:
-    digest = hashlib.sha256(f"{seed}\x00{sample}\x00{prompt}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 class KV:
@@ -137,27 +132,14 @@ class BufferCache:
 
 
 def _buffer_layer(owner: BufferCache, index: int):
-    from transformers.cache_utils import DynamicLayer
+    def update(key_states, value_states):
+        kv, n = owner.kv, owner.new
+        start = kv.length
+        kv.keys[index][:, :, start:start + n] = key_states
+        kv.values[index][:, :, start:start + n] = value_states
+        return kv.keys[index][:, :, : start + n], kv.values[index][:, :, : start + n]
 
-    class BufferLayer(DynamicLayer):
-        def __init__(self) -> None:
-            super().__init__()
-            self.is_initialized = True
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            kv, n = owner.kv, owner.new
-            start = kv.length
-            kv.keys[index][:, :, start:start + n] = key_states
-            kv.values[index][:, :, start:start + n] = value_states
-            return kv.keys[index][:, :, : start + n], kv.values[index][:, :, : start + n]
-
-        def get_seq_length(self) -> int:
-            return owner.kv.length
-
-        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-            return owner.kv.length + query_length, 0
-
-    return BufferLayer()
+    return compat.buffer_cache_layer(update, lambda: owner.kv.length)
 
 
 @dataclass

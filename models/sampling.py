@@ -13,7 +13,8 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from flywheel.models.engines import Generation
+from flywheel.models import decode
+from flywheel.models.generation import Generation, chat_texts, row_seed
 
 
 class _TokenStats(LogitsProcessor):
@@ -42,25 +43,16 @@ class _TokenStats(LogitsProcessor):
 PLAIN = {"top_k": None, "min_p": None, "typical_p": None, "epsilon_cutoff": None, "eta_cutoff": None, "top_h": None}
 
 
-def chat_texts(tokenizer, prompts: Sequence[str]) -> list[str]:
-    if tokenizer.chat_template:
-        return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                              add_generation_prompt=True) for p in prompts]
-    return list(prompts)
-
-
 def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int,
              do_sample: bool, n: int = 1, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
              progress: Callable[[int], None] | None = None) -> list[Generation]:
     """`n` generations per prompt, prompt-major (prompt 0's n, then prompt 1's, …), by continuous
     batching (models/decode.py). A sample's seed derives from (seed, prompt text, sample index), so
     its tokens do not depend on the batch size, the other prompts or their order."""
-    from flywheel.models import decode
-
     texts = chat_texts(tokenizer, prompts)
     token_ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     eos_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
-    seeds = [[decode.row_seed(seed, p, k) for k in range(n)] for p in prompts] if do_sample else None
+    seeds = [[row_seed(seed, p, k) for k in range(n)] for p in prompts] if do_sample else None
     rows = decode.decode(model, token_ids, n=n, max_new_tokens=max_new_tokens, batch_size=batch_size,
                          do_sample=do_sample, eos_ids=eos_ids, pad_id=tokenizer.pad_token_id,
                          temperature=temperature, top_p=top_p, seeds=seeds, progress=progress)
@@ -81,8 +73,6 @@ def generate_reference(model, tokenizer, prompts: Sequence[str], *, max_new_toke
     """transformers' own `generate()`, one generation per entry of `prompts` (repeat a prompt to
     sample it N times), seeded per batch. The reference `generate` is measured and checked against
     (benchmarks/round.py), not used by the stages."""
-    from flywheel.models import decode
-
     tokenizer.padding_side = "left"  # decoder-only: pad on the left so every row ends at the same column
     texts = chat_texts(tokenizer, prompts)
     eos_ids = decode.stop_ids(model, tokenizer.eos_token_id, tokenizer.pad_token_id)  # the decoder's stop tokens

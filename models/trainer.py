@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from flywheel import compat
 from flywheel.config import ConfigError, TrainConfig
 from flywheel.models import loading
 from flywheel.storage import export
@@ -35,15 +36,15 @@ def trainer_args(method: str, cfg: TrainConfig, output_dir: Path, seed: int, rep
     import trl
 
     on_gpu = torch.cuda.is_available()
-    defaults = dict(
-        output_dir=str(output_dir), seed=seed, report_to=report_to,
+    defaults = {
+        "output_dir": str(output_dir), "seed": seed, "report_to": report_to,
         # Checkpoints make a killed training resumable; only the last one is kept.
-        save_strategy="steps", save_steps=checkpoint_steps, save_total_limit=1,
-        bf16=on_gpu and torch.cuda.is_bf16_supported(),
+        "save_strategy": "steps", "save_steps": checkpoint_steps, "save_total_limit": 1,
+        "bf16": on_gpu and torch.cuda.is_bf16_supported(),
         # Activation checkpointing trades compute for memory: worth it on a GPU, not for a small CPU model.
-        activation_checkpointing=on_gpu, use_cpu=not on_gpu, dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
+        "activation_checkpointing": on_gpu, "use_cpu": not on_gpu, "dataloader_num_workers": 0,
+        "disable_tqdm": True,
+    }
     if method == "sft":
         return trl.SFTConfig(**{**defaults, **cfg.sft})
     return trl.DPOConfig(**{**defaults, **cfg.dpo})
@@ -151,29 +152,8 @@ def score_labelled_positions_only() -> bool:
     positions dominated DPO's time (benchmarks/round.py --only train measures it alone). This
     makes the CPU take the labelled-positions path when not under torch.compile: the same
     log-probs, computed on fewer rows. TRL's kernels keep their own choice (no Triton on the CPU).
-    True when it applies (a TRL with that switch)."""
-    import inspect
-
-    import trl.trainer.utils as trl_utils
-
-    original = getattr(trl_utils, "_use_triton", None)
-    if original is None or getattr(original, "flywheel_cpu", False):
-        return original is not None
-    try:
-        source = inspect.getsource(trl_utils.add_fused_lm_head)
-    except (AttributeError, OSError, TypeError):
-        return False
-    if "compact = _use_triton(" not in source:  # another TRL: leave its choice alone
-        return False
-
-    def use_compact(device: torch.device) -> bool:
-        # Eager only: under torch.compile (`train.dpo.torch_compile`) the full path keeps shapes fixed.
-        return (device.type == "cpu" and not torch.compiler.is_compiling()) or original(device)
-
-    use_compact.flywheel_cpu = True
-    use_compact.__wrapped__ = original
-    trl_utils._use_triton = use_compact  # only the fused head's module: TRL's kernels keep their own choice
-    return True
+    True when it applies (a TRL with that switch: flywheel/compat.py)."""
+    return compat.trl_fused_head_on_cpu()
 
 
 def work_key(fingerprint: str, policy: str, seed: int, rows: Sequence[dict]) -> str:
@@ -246,8 +226,8 @@ def train(policy: str, rows: Sequence[dict], cfg: TrainConfig, out: Path, *, bas
 
         progress.say(f"[train] resuming from {Path(resume).name}")
     shown = [_progress_callback()] if rank == 0 else []  # one progress line per job, not per process
-    common = dict(model=model, args=trainer_args(cfg.method, cfg, work / "trainer", seed, [], checkpoint_steps),
-                  processing_class=tok, peft_config=peft_config, callbacks=[*shown, *callbacks])
+    common = {"model": model, "args": trainer_args(cfg.method, cfg, work / "trainer", seed, [], checkpoint_steps),
+                  "processing_class": tok, "peft_config": peft_config, "callbacks": [*shown, *callbacks]}
     if data is None:
         data = dataset(cfg.method, rows)
     if cfg.method == "sft":
@@ -328,8 +308,8 @@ def launch(policy: str, rows: Sequence[dict], cfg: TrainConfig, out: Path, *, ba
     # On disk, once: every process maps the same file-backed dataset, so the caches TRL shares
     # between processes (tokenized rows, precomputed reference log-probs) live beside it.
     dataset(cfg.method, rows).save_to_disk(str(job_dir / "dataset"))
-    job = dict(policy=policy, cfg=cfg.model_dump(mode="json"), out=str(out), base=base, seed=seed, dtype=dtype,
-               fingerprint=fingerprint, checkpoint_steps=checkpoint_steps, mlflow_run_id=mlflow_run_id)
+    job = {"policy": policy, "cfg": cfg.model_dump(mode="json"), "out": str(out), "base": base, "seed": seed, "dtype": dtype,
+               "fingerprint": fingerprint, "checkpoint_steps": checkpoint_steps, "mlflow_run_id": mlflow_run_id}
     (job_dir / "job.json").write_text(json.dumps(job))
     with socket.socket() as sock:  # a free rendezvous port: two jobs on one machine must not collide
         sock.bind(("127.0.0.1", 0))

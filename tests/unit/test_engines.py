@@ -3,6 +3,7 @@ the hash, and the vllm extra's resolution."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -15,6 +16,7 @@ import pytest
 from flywheel import config as C
 from flywheel.errors import ConfigError, EngineError
 from flywheel.models import engines
+from flywheel.models.engines import registry
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -139,7 +141,8 @@ def test_one_engine_open_at_a_time(monkeypatch):
         def close(self):
             closed.append(self.ref)
 
-    monkeypatch.setattr(engines, "HFEngine", Fake)
+    monkeypatch.setitem(registry._BACKENDS, "hf", dataclasses.replace(registry.get("hf"),
+                                                                     factory=lambda cfg, ref: Fake(ref)))
     engines.release()
     cfg = C.ModelConfig()
     a = engines.open_engine(cfg, "a")
