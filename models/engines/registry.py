@@ -15,9 +15,10 @@ A registration declares everything the rest of flywheel needs to know about a ba
     check       (model config) → None; raises ValueError for settings the engine cannot honour, when
                 the config is validated (so the message names the field)
 
-An installed package adds a backend with an entry point in the group `flywheel.engines` whose
-object is a `Backend`; the group is read once, the first time a name is looked up that is not built in
-(or the full list is asked for).
+An installed package adds a backend with an entry point in the group `flywheel.engines`: its object
+is a `Backend`, or a module that calls `register` on import under the entry point's name. The group
+is read once, the first time a name is looked up that is not built in (or the full list is asked
+for); a plugin that fails to load fails in one line naming it.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def _load_plugins() -> None:
         if _plugins_loaded:
             return
         _plugins_loaded = True
-        found = list(entry_points(group=ENTRY_POINTS))
+        found = sorted(entry_points(group=ENTRY_POINTS), key=lambda e: e.name)
     for ep in found:
         try:
             backend = ep.load()
@@ -109,10 +110,10 @@ def _load_plugins() -> None:
             reason = str(e).splitlines()[0] if str(e) else ""
             raise EngineError(f"engine plugin {ep.name!r} ({ep.value}) failed to load: "
                               f"{type(e).__name__}: {reason}".rstrip(": ")) from None
-        if not isinstance(backend, Backend):
-            raise EngineError(f"engine plugin {ep.name!r} ({ep.value}) is not a flywheel Backend "
-                              f"but {type(backend).__name__}")
-        register(backend)
+        if isinstance(backend, Backend):
+            register(backend)
+        elif ep.name not in _BACKENDS:  # a module that registers itself on import, as reward plugins do
+            raise EngineError(f"engine plugin {ep.name!r} ({ep.value}) registered no engine named {ep.name!r}")
 
 
 def _open_hf(model_cfg, ref: str) -> Engine:
