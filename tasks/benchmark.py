@@ -11,8 +11,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from flywheel import progress
-from flywheel.models import engines, judges, sampling
-from flywheel.models.tasksource import BENCHMARK_SEED_BASE, Item, ReasoningGymSource, make_source
+from flywheel.models import engines, sampling
+from flywheel.models.tasksource import BENCHMARK_SEED_BASE, Item, ReasoningGymSource, exactly_correct, make_source
 from flywheel.storage import catalog, parquet
 from flywheel.tasks import promote
 from flywheel.tasks.common import StageContext
@@ -21,13 +21,13 @@ from flywheel.tasks.generate import prompt_rows
 
 def score_rows(items: Sequence[Item], gens: Sequence[engines.Generation], source, *, run_id: str,
                round_: int, model: str, suite: str) -> list[dict]:
+    """One benchmarks row per item: the task reads the answer and scores it (Task.evaluate)."""
     rows = []
     for it, g in zip(items, gens, strict=True):
-        extracted = judges.extract_answer(g.response, it.answer)
-        score = source.score(extracted, it.answer, it.metadata)
-        rows.append(dict(run_id=run_id, round=round_, model=model, suite=suite, item_id=it.id,
-                         response=g.response, extracted=extracted, score=None if score is None else float(score),
-                         n_tokens=g.n_tokens))
+        extracted, score = source.evaluate(g.response, it)
+        rows.append({"run_id": run_id, "round": round_, "model": model, "suite": suite, "item_id": it.id,
+                     "response": g.response, "extracted": extracted,
+                     "score": None if score is None else float(score), "n_tokens": g.n_tokens})
     return rows
 
 
@@ -35,7 +35,7 @@ def summarize(rows: Sequence[dict]) -> dict[str, float | None]:
     """Accuracy (the mean score) and exact match over the items that have a reference answer; None
     when none has (an unscored suite is reported as unscored, never as 0%)."""
     scored = [r["score"] for r in rows if r["score"] is not None]
-    exact = sum(s >= promote.EXACT for s in scored)
+    exact = sum(exactly_correct(s) for s in scored)
     interval = promote.wilson_interval(exact, len(scored))
     return {"accuracy": sum(scored) / len(scored) if scored else None, "scored_items": len(scored),
             # exact match (full credit only), beside the mean of the task's partial credit, with its 95% interval

@@ -41,6 +41,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from flywheel.config import CurationConfig
+from flywheel.models.tasks.base import EXACT  # the one definition of "exactly correct"
 from flywheel.storage import catalog, datacard, parquet
 from flywheel.tasks.common import StageContext
 from flywheel.tasks.generate import DRAW
@@ -190,7 +191,6 @@ class Curated:
     funnel: dict[str, int]  # how many candidates / prompts / pairs each filter kept
 
 
-EXACT = 1 - 1e-9  # a verifier's full credit
 
 
 def curate(con: duckdb.DuckDBPyConnection, cfg: CurationConfig, seed: int = 0, verifier: str | None = None) -> Curated:

@@ -20,9 +20,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from flywheel.config import PromotionConfig
+from flywheel.models.tasks.base import exactly_correct
 
 Z95 = 1.959963984540054
-EXACT = 1.0 - 1e-9  # a score of 1 (the task's full credit) is an exact match
 
 
 def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float] | None:
@@ -130,7 +130,7 @@ def paired_gains(new_rows: Sequence[dict], old_rows: Sequence[dict], seed: int =
     out: dict[str, float] = {}
     if not pairs:
         return out
-    for name, f in (("accuracy", lambda x: x), ("exact_match", lambda x: float(x >= EXACT))):
+    for name, f in (("accuracy", lambda x: x), ("exact_match", lambda x: float(exactly_correct(x)))):
         gain = paired_bootstrap([f(a) for a, _ in pairs], [f(b) for _, b in pairs], seed=seed)
         out |= {f"{prefix}{name}_gain": gain[0], f"{prefix}{name}_gain_low": gain[1],
                 f"{prefix}{name}_gain_high": gain[2]}
