@@ -1,0 +1,1 @@
+"""Example flywheel plugins; each module registers one source when flywheel imports it."""
