@@ -42,15 +42,15 @@ class Engine:
 
     def sample(self, prompts: Sequence[str], *, n: int, max_new_tokens: int, temperature: float, top_p: float,
                seed: int, batch_size: int, progress: Progress = None) -> list[Generation]:
-        raise NotImplementedError
+        raise EngineError(f"engine {self.name} cannot sample")
 
     def greedy(self, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int,
                progress: Progress = None) -> list[Generation]:
-        raise NotImplementedError
+        raise EngineError(f"engine {self.name} cannot generate greedily")
 
     def next_token(self, rubric, renders: Sequence[dict[str, str]], labels: Sequence[str], *, batch_size: int,
                    max_prompt_tokens: int, by_question: bool = True, progress: Progress = None) -> list[NextToken]:
-        raise NotImplementedError
+        raise EngineError(f"engine {self.name} cannot read a judge's verdict (next-token probabilities)")
 
     def sequence_logprobs(self, prompts: Sequence[str], responses: Sequence[str], *, batch_size: int,
                           progress: Progress = None) -> list[float]:
