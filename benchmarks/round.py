@@ -58,7 +58,8 @@ def sampling_and_benchmark(n_prompts: int) -> list:
     items = train_items(source, 1, n_prompts, 0, None)[0]
     prompts = [it.prompt for it in items]
     sampling.generate(model, tok, prompts[:2], n=2, max_new_tokens=4, batch_size=4, do_sample=True)  # warm-up
-    sample = dict(max_new_tokens=s.max_new_tokens, do_sample=True, temperature=s.temperature, top_p=s.top_p, seed=0)
+    sample = {"max_new_tokens": s.max_new_tokens, "do_sample": True, "temperature": s.temperature, "top_p": s.top_p,
+              "seed": 0}
     t0 = time.perf_counter()
     old = sampling.generate_reference(model, tok, [p for p in prompts for _ in range(s.n)], batch_size=64, **sample)
     t_old = time.perf_counter() - t0
@@ -74,7 +75,7 @@ def sampling_and_benchmark(n_prompts: int) -> list:
           "(the rest differ by the logits' rounding)")
     bench_items = benchmark_items(source, b.size, 0)
     bench = [it.prompt for it in bench_items]
-    greedy = dict(max_new_tokens=b.max_new_tokens, do_sample=False)
+    greedy = {"max_new_tokens": b.max_new_tokens, "do_sample": False}
     t0 = time.perf_counter()
     g_old = sampling.generate_reference(model, tok, bench, batch_size=64, **greedy)
     t_old = time.perf_counter() - t0
@@ -121,7 +122,7 @@ def judge(candidates: list, peak: float) -> None:
     # What each candidate computes after the shared prefixes (the rubric's start once, each
     # question's part once for its candidates): its response and the rubric's closing lines.
     from flywheel.models.decode import common_prefix_len
-    from flywheel.models.engines import rendered_prompts
+    from flywheel.models.generation import rendered_prompts
 
     ids = rendered_prompts(tok, rubric, [{"question": q, "response": r} for q, r in candidates],
                            cfg.judge.max_prompt_tokens)
@@ -187,7 +188,7 @@ def train(peak: float) -> None:
     rng = random.Random(0)
     wrong = ["The final answer to this arithmetic problem is 12.", "I think 3.",
              "Let's calculate it step by step: first we add the numbers and get 17, so the answer is 17."]
-    rows = [dict(prompt=it.prompt, chosen=f"The final answer is {it.answer}.", rejected=rng.choice(wrong))
+    rows = [{"prompt": it.prompt, "chosen": f"The final answer is {it.answer}.", "rejected": rng.choice(wrong)}
             for it in items]
     model, tok = loading.load(base)
     from flywheel.models.sampling import chat_texts
@@ -270,7 +271,7 @@ def train_memory() -> None:
 
     cfg = load_config()
     base = loading.resolve(cfg.model.name)
-    rows = [dict(prompt=f"What is {a} + {b}?", chosen=f"The final answer is {a + b}.", rejected="I think 3.")
+    rows = [{"prompt": f"What is {a} + {b}?", "chosen": f"The final answer is {a + b}.", "rejected": "I think 3."}
             for a in range(7) for b in range(6)][:38]
     engines.release()
     loading.load.cache_clear()
@@ -280,11 +281,11 @@ def train_memory() -> None:
         with tempfile.TemporaryDirectory() as d:
             before = _rss_mib()
             if label == "launched":
-                run = lambda: trainer.launch(base, rows, cfg.train, Path(d) / "out", base=base, seed=0,  # noqa: E731
+                run = lambda: trainer.launch(base, rows, cfg.train, Path(d) / "out", base=base, seed=0,
                                              dtype="auto", fingerprint="mem", checkpoint_steps=100,
                                              mlflow_run_id=None, tracking_uri=None)
             else:
-                run = lambda: trainer.train(base, rows, cfg.train, Path(d) / "out", base=base, seed=0)  # noqa: E731
+                run = lambda: trainer.train(base, rows, cfg.train, Path(d) / "out", base=base, seed=0)
             t0 = time.perf_counter()
             peak, _ = _peak_rss_during(run)
             out[label] = (before, peak, time.perf_counter() - t0)
@@ -323,7 +324,7 @@ def _reference_child(label: str) -> None:
 
     cfg = load_config()
     base = loading.resolve(cfg.model.name)
-    rows = [dict(prompt=f"What is {a} + {b}?", chosen=f"The final answer is {a + b}.", rejected="I think 3.")
+    rows = [{"prompt": f"What is {a} + {b}?", "chosen": f"The final answer is {a + b}.", "rejected": "I think 3."}
             for a in range(7) for b in range(6)][:38]
     train_cfg = cfg.train.model_copy(update={"lora": False, "reference": "base", "dpo": {
         **cfg.train.dpo, "num_train_epochs": 1, "precompute_ref_log_probs": label == "precomputed"}})

@@ -308,8 +308,9 @@ def launch(policy: str, rows: Sequence[dict], cfg: TrainConfig, out: Path, *, ba
     # On disk, once: every process maps the same file-backed dataset, so the caches TRL shares
     # between processes (tokenized rows, precomputed reference log-probs) live beside it.
     dataset(cfg.method, rows).save_to_disk(str(job_dir / "dataset"))
-    job = {"policy": policy, "cfg": cfg.model_dump(mode="json"), "out": str(out), "base": base, "seed": seed, "dtype": dtype,
-               "fingerprint": fingerprint, "checkpoint_steps": checkpoint_steps, "mlflow_run_id": mlflow_run_id}
+    job = {"policy": policy, "cfg": cfg.model_dump(mode="json"), "out": str(out), "base": base, "seed": seed,
+           "dtype": dtype, "fingerprint": fingerprint, "checkpoint_steps": checkpoint_steps,
+           "mlflow_run_id": mlflow_run_id}
     (job_dir / "job.json").write_text(json.dumps(job))
     with socket.socket() as sock:  # a free rendezvous port: two jobs on one machine must not collide
         sock.bind(("127.0.0.1", 0))

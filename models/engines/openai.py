@@ -255,7 +255,8 @@ class OpenAIEngine(Engine):
             return [label_mass(_top_logprobs(a) or {}, labels) for a in answers]
         k = self.cfg.verdict_samples
         self.verdict_method = f"sampled_{k}"
-        bodies = [openai_completion("verdict_draw", self.ref, t, seed=row_seed(0, t, j)) for t in texts for j in range(k)]
+        bodies = [openai_completion("verdict_draw", self.ref, t, seed=row_seed(0, t, j))
+                  for t in texts for j in range(k)]
         answers = self._map(bodies, progress, weight=k)
         draws = [a["choices"][0].get("text", "") for a in answers]
         return [draws_mass(draws[i * k:(i + 1) * k], labels) for i in range(len(texts))]

@@ -20,6 +20,7 @@ import pytest
 from flywheel import config as C
 from flywheel.errors import EngineError
 from flywheel.models import engines, judges, loading
+from flywheel.models.engines.hf import HFEngine
 
 KEY_ENV, KEY = "FLYWHEEL_TEST_JUDGE_KEY", "sk-test-5f1c0ffee-do-not-log"
 # Expected rubric scores (0–5) from the served Q4_1 GGUF and the in-process fp32 dequantization of
@@ -82,7 +83,7 @@ def test_served_judge_equals_in_process_judge(server, monkeypatch):
     renders = [{"question": q, "response": r} for q in QUESTIONS for r in RESPONSES]
     rubric = judges.load_rubric()
     remote = engines.OpenAIEngine(served(server, max_concurrency=2))
-    local = engines.HFEngine(loading.resolve(C.EMBEDDED_MODEL))
+    local = HFEngine(loading.resolve(C.EMBEDDED_MODEL))
     a = remote.next_token(rubric, renders, judges.SCORE_LABELS, max_prompt_tokens=1024)
     b = local.next_token(rubric, renders, judges.SCORE_LABELS, batch_size=8, max_prompt_tokens=1024)
     assert remote.verdict_method == "top_logprobs_20" and local.verdict_method == "distribution"

@@ -8,7 +8,8 @@ import pytest
 
 from flywheel import config as C
 
-ENDPOINT = {"name": "big-judge", "engine": "openai", "openai": {"base_url": "http://127.0.0.1:9/v1", "tokenizer": "tok"}}
+ENDPOINT = {"name": "big-judge", "engine": "openai",
+            "openai": {"base_url": "http://127.0.0.1:9/v1", "tokenizer": "tok"}}
 
 
 def judge_on(model: dict) -> dict:

@@ -162,7 +162,8 @@ def test_vllm_extra_resolves_with_flywheels_pins(tmp_path):
                         "--disable-pip-version-check", "--report", str(report), "torch==2.13.0", f"{ROOT}[vllm]"],
                        capture_output=True, text=True, timeout=600, check=False)
     assert p.returncode == 0, p.stderr[-2000:]
-    versions = {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
+    versions = {i["metadata"]["name"].lower(): i["metadata"]["version"]
+                for i in json.loads(report.read_text())["install"]}
     assert versions["vllm"].startswith("0.30.")
     assert versions["torch"].split("+")[0] == "2.13.0"
     assert versions["transformers"].startswith("5.") and versions["trl"].startswith("1.")
