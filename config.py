@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -164,6 +164,10 @@ def _template_exists(v: Path | None) -> Path | None:
 
 
 class _Source(_Strict):
+    """What every reward source's config shares. Each source's own spec (a `type: Literal[...]`
+    field and its settings) is declared in its module under models/rewards/ and registered there;
+    `judge.sources` validates against the union of the registered specs (built at the end of this
+    module, rebuilt when a source registers later)."""
     # A source's name is its column in the judgments table (`source`) and what curation.reward,
     # curation.consistency and the health metrics refer to; it defaults to its type.
     name: str | None = Field(None, min_length=1, pattern=r"^[A-Za-z0-9_.@-]+$")
@@ -171,92 +175,23 @@ class _Source(_Strict):
     def key(self) -> str:
         return self.name or self.type  # type: ignore[attr-defined]
 
+    def names(self) -> list[str]:
+        """The sources (judgments-table names) this spec runs as."""
+        return [self.key()]
 
-class VerifierSource(_Source):
-    """The task's own checker, or a match against the reference answer."""
-    type: Literal["verifier"] = "verifier"
-    # task: reasoning-gym's score_answer (or the prompts file's answer, numerically); exact / numeric:
-    # the extracted final answer vs the reference; regex: `pattern` (with {answer} standing for the
-    # escaped reference) searched in the response; callable: `callable` = "module:function",
-    # called as f(prompt, response, answer, metadata) -> float | None.
-    match: Literal["task", "exact", "numeric", "regex", "callable"] = "task"
-    pattern: str | None = None
-    callable: str | None = None
-    tolerance: float = Field(1e-6, ge=0)
+    def hashed(self, dumped: dict[str, Any]) -> dict[str, Any]:
+        """The dumped spec as the config's and the source's hash see it (a new setting at its default
+        is dropped here, so configs written before it existed keep their hash)."""
+        return dumped
 
-    @model_validator(mode="after")
-    def _needs(self) -> VerifierSource:
-        if self.match == "regex" and not self.pattern:
-            raise ValueError("match: regex needs a pattern")
-        if self.match == "callable" and (not self.callable or ":" not in self.callable):
-            raise ValueError("match: callable needs callable: 'module:function'")
-        return self
-
-
-class LLMJudgeSource(_Source):
-    """The policy as its own judge, pointwise, with a rubric (Self-Rewarding LMs)."""
-    type: Literal["llm_judge"] = "llm_judge"
-    # A text file with {question} and {response}; None = Self-Rewarding's additive 5-point rubric.
-    template: Path | None = None
-    # 0: the expected score under the judge's score distribution; k ≥ 1: the mean of k sampled verdicts.
-    samples: int = Field(0, ge=0)
-    # CREAM: also judge the candidates with the previous round's policy (source "<name>@previous").
-    previous: bool = False
-    # The judge's model: None = the policy judges itself (Self-Rewarding); a checkpoint or hub id,
-    # or a full model config (e.g. a stronger model behind an OpenAI-compatible server).
-    model: ModelConfig | None = None
-    _template = field_validator("template")(_template_exists)
-    _model = field_validator("model", mode="before")(_model_shorthand)
-
-    @model_validator(mode="after")
-    def _previous_needs_policy(self) -> LLMJudgeSource:
-        if self.previous and self.model is not None:
-            raise ValueError("previous: true ranks with the previous round's policy; it cannot go with a fixed "
-                             "judge `model`")
-        return self
-
-
-class PairwiseJudgeSource(_Source):
-    """The policy compares two responses, asked in both orders; a flip with the order is inconsistent."""
-    type: Literal["pairwise_judge"] = "pairwise_judge"
-    # A text file with {question}, {response_a} and {response_b}; None = the built-in one.
-    template: Path | None = None
-    # Each candidate meets this many others of its prompt (a seeded ring; n // 2 = every pair).
-    opponents: int = Field(1, ge=1)
-    # As for llm_judge: None = the policy; else the judge's own model.
-    model: ModelConfig | None = None
-    _template = field_validator("template")(_template_exists)
-    _model = field_validator("model", mode="before")(_model_shorthand)
-
-
-class MajorityVoteSource(_Source):
-    """Label-free self-consistency: agreement with the most common final answer among the samples."""
-    type: Literal["majority_vote"] = "majority_vote"
-    # TTRL-style confidence filter: a prompt whose most common answer holds less than this share of
-    # its samples gets no scores (NULL: it yields no pair), since its pseudo-label is least often right.
-    min_vote_share: float = Field(0.0, ge=0, le=1)
-
-
-class SelfCertaintySource(_Source):
-    """Label-free: mean KL(uniform ‖ policy) over the response's tokens, recorded during generation."""
-    type: Literal["self_certainty"] = "self_certainty"
-
-
-class ImplicitRewardSource(_Source):
-    """DPO's implicit reward β·log π_θ(y|x)/π_ref(y|x) of the round's policy vs its DPO reference."""
-    type: Literal["implicit_reward"] = "implicit_reward"
-    beta: float = Field(0.1, gt=0)
-
-
-SourceConfig = Annotated[
-    VerifierSource | LLMJudgeSource | PairwiseJudgeSource | MajorityVoteSource | SelfCertaintySource
-    | ImplicitRewardSource,
-    Field(discriminator="type"),
-]
+    def engine_problem(self, engine: str) -> str | None:
+        """Why the policy's engine cannot serve this source (one line), or None."""
+        return None
 
 
 class JudgeConfig(_Strict):
-    sources: list[SourceConfig] = Field(default_factory=lambda: [VerifierSource(), LLMJudgeSource()], min_length=1)
+    sources: list[SourceConfig] = Field(default_factory=lambda: [_source_spec("verifier")(), _source_spec("llm_judge")()],
+                                        min_length=1)
     batch_size: int = Field(16, ge=1)
     max_prompt_tokens: int = Field(1024, ge=64)
     # all: every candidate; contested: the model-based sources (LLM and pairwise judges, implicit
@@ -283,12 +218,7 @@ class JudgeConfig(_Strict):
 
     def names(self) -> list[str]:
         """Every source's name, with "<name>@previous" for judges that also run on the previous policy."""
-        out = []
-        for s in self.sources:
-            out.append(s.key())
-            if isinstance(s, LLMJudgeSource) and s.previous:
-                out.append(f"{s.key()}@previous")
-        return out
+        return [n for s in self.sources for n in s.names()]
 
 
 class CurationConfig(_Strict):
@@ -637,10 +567,9 @@ class FlywheelConfig(_Strict):
             if getattr(s, "model", None) is not None and s.model.workers > 1:
                 raise ValueError(f"judge source {s.key()!r}: model.workers shards the generate stage only; "
                                  "a judge runs in one process")
-            if isinstance(s, SelfCertaintySource) and engine != "hf":
-                raise ValueError(f"judge source {s.key()!r} (self_certainty) needs the full next-token distribution "
-                                 f"at every sampled token, and engine {engine} returns top-k log-probs only: "
-                                 "use model.engine: hf, or drop self_certainty")
+            problem = s.engine_problem(engine)
+            if problem:
+                raise ValueError(problem)
         return self
 
     def hash(self) -> str:
@@ -657,12 +586,11 @@ class FlywheelConfig(_Strict):
             payload["benchmark"].pop("lm_eval")  # none: hashed as before lm_eval suites existed
         if payload["sampling"].get("shards") == 1:
             payload["sampling"].pop("shards")  # the default: hashed as before shards existed
-        for source in payload["judge"]["sources"]:
+        for spec, source in zip(self.judge.sources, payload["judge"]["sources"], strict=True):
+            spec.hashed(source)
             if "model" in source and source["model"] is None:
                 source.pop("model")  # the policy judges: as hashed before judges could have their own model
             _drop_speed_only(source.get("model"))
-            if source.get("min_vote_share", 1) == 0:
-                source.pop("min_vote_share")  # the default: hashed as before the filter existed
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def flat(self) -> dict[str, str]:
@@ -766,3 +694,34 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
         return FlywheelConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e)) from None
+
+
+# judge.sources: the union of the registered reward sources' specs. Their modules (models/rewards/)
+# extend _Source and import ModelConfig from above, so they are loaded here, at the end.
+from flywheel.models.rewards import registry as _source_registry
+
+
+def _source_spec(name: str) -> type[_Source]:
+    return _source_registry.get(name).spec
+
+
+def _rebuild_sources() -> None:
+    """Validate judge.sources against the specs registered now (a source registered after this
+    module was imported appears in the config and its schema from then on)."""
+    global SourceConfig
+    SourceConfig = _source_registry.spec_union()
+    JudgeConfig.__pydantic_fields__["sources"].annotation = list[SourceConfig]
+    JudgeConfig.model_rebuild(force=True)
+    FlywheelConfig.model_rebuild(force=True)
+
+
+def __getattr__(name: str) -> type[_Source]:
+    """A registered source's spec by its class name (config.VerifierSource, config.LLMJudgeSource…)."""
+    for entry in _source_registry.entries().values():
+        if entry.spec.__name__ == name:
+            return entry.spec
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+_rebuild_sources()
+_source_registry.on_change(_rebuild_sources)

@@ -25,25 +25,10 @@ from flywheel.errors import RubricError
 from flywheel.models import decode
 from flywheel.models.engines import NextToken, rendered_prompts
 from flywheel.models.sampling import chat_texts
+from flywheel.models.tasks.base import extract_answer  # noqa: F401 - where the judges' callers look for it
 
 ASSISTANT_MARK = "<|assistant|>"
-_ANSWER_TAG = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.DOTALL)
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 SCORES = range(6)
-
-
-def extract_answer(response: str, reference: str | None = None) -> str | None:
-    """The final answer in a response: an <answer> tag, else the last number (numeric tasks),
-    else the last non-empty line."""
-    tag = _ANSWER_TAG.findall(response)
-    if tag:
-        return tag[-1].strip()
-    numeric = reference is None or _NUMBER.fullmatch(reference.strip().replace(" ", "")) is not None
-    if numeric:
-        nums = _NUMBER.findall(response)
-        return nums[-1].replace(",", "") if nums else None
-    lines = [ln.strip() for ln in response.splitlines() if ln.strip()]
-    return lines[-1] if lines else None
 
 
 @dataclass(frozen=True)

@@ -16,21 +16,17 @@ from prefect.cache_policies import NO_CACHE
 
 from flywheel import progress
 from flywheel.models import rewards
-from flywheel.models.tasksource import make_source
+from flywheel.models.tasksource import exactly_correct, make_source
 from flywheel.storage import catalog, parquet, plots
 from flywheel.storage.datacard import card_dir
 from flywheel.tasks.common import StageContext
 
-VERIFIER_THRESHOLD = 1.0  # a verifier score counts as "correct" at this value
-# A score at or above this counts as "good" when compared with the verifier's verdict.
-THRESHOLDS = {"llm_judge": 2.5, "majority_vote": 0.5, "pairwise_judge": 0.5, "verifier": VERIFIER_THRESHOLD}
-
 
 def judgment_rows(ctx: StageContext, source: rewards.Source, candidates: Sequence[dict],
                   verdicts: Sequence[rewards.Verdict]) -> list[dict]:
-    return [dict(run_id=ctx.run_id, round=ctx.round, candidate_id=c["candidate_id"], prompt_id=c["prompt_id"],
-                 source=source.name, spec_hash=source.spec_hash, score=v.score, parse_ok=v.parse_ok, raw=v.raw,
-                 details=json.dumps(v.details) if v.details else None)
+    return [{"run_id": ctx.run_id, "round": ctx.round, "candidate_id": c["candidate_id"], "prompt_id": c["prompt_id"],
+             "source": source.name, "spec_hash": source.spec_hash, "score": v.score, "parse_ok": v.parse_ok,
+             "raw": v.raw, "details": json.dumps(v.details) if v.details else None}
             for c, v in zip(candidates, verdicts, strict=True)]
 
 
@@ -68,9 +64,10 @@ def _pearson(xs: Sequence[float], ys: Sequence[float]) -> float | None:
 
 def health(rows: Sequence[dict], candidates: Sequence[dict], prompts: dict[str, dict],
            types: dict[str, str]) -> list[dict]:
-    """Per source: parse failures, score–length correlation, mean sample variance, position bias,
-    and, where a verifier scored the same candidates, agreement with it (pointwise accuracy and
-    pairwise accuracy on candidate pairs the verifier orders)."""
+    """Per source: parse failures, score–length correlation, the figures its type registers (an LLM
+    judge's sample variance, a pairwise judge's position bias…), and, where a verifier scored the
+    same candidates, agreement with it (pointwise, at the threshold its type registers, against
+    the verifier's "exactly correct"; and pairwise, on candidate pairs the verifier orders)."""
     tokens = {c["candidate_id"]: c["n_tokens"] for c in candidates}
     by_source: dict[str, dict[str, dict]] = {}
     for r in rows:
@@ -89,23 +86,15 @@ def health(rows: Sequence[dict], candidates: Sequence[dict], prompts: dict[str, 
         put(source, "parse_failure_rate", sum(not r["parse_ok"] for r in judged.values()) / len(judged))
         put(source, "mean_score", sum(scored.values()) / len(scored) if scored else None)
         put(source, "length_correlation", _pearson([scored[c] for c in scored], [tokens[c] for c in scored]))
-        details = [json.loads(r["details"]) for r in judged.values() if r["details"]]
-        variances = [d["variance"] for d in details if d.get("variance") is not None]
-        if kind == "llm_judge":
-            put(source, "mean_sample_variance", sum(variances) / len(variances) if variances else None)
-        if kind == "pairwise_judge":
-            comps = sum(d.get("comparisons", 0) for d in details)
-            put(source, "position_bias_rate", sum(d.get("inconsistent", 0) for d in details) / comps if comps else None)
-        if kind == "majority_vote":
-            labels = {r["prompt_id"]: json.loads(r["details"] or "{}").get("label") for r in judged.values()}
-            known = [(pid, lab) for pid, lab in labels.items() if prompts[pid]["answer"] is not None]
-            right = [lab == rewards.extracted_answer(prompts[pid]["answer"], prompts[pid]["answer"]) for pid, lab in known]
-            put(source, "pseudo_label_accuracy", sum(right) / len(right) if right else None)
+        entry = rewards.get(kind)
+        if entry is not None and entry.health is not None:
+            for metric, value in entry.health(list(judged.values()), prompts).items():
+                put(source, metric, value)
         if source == verifier or not truth:
             continue
         both = [c for c in scored if c in truth]
-        if kind in THRESHOLDS and both:
-            agree = [(scored[c] >= THRESHOLDS[kind]) == (truth[c] >= VERIFIER_THRESHOLD) for c in both]
+        if entry is not None and entry.threshold is not None and both:
+            agree = [(scored[c] >= entry.threshold) == exactly_correct(truth[c]) for c in both]
             put(source, "verifier_agreement", sum(agree) / len(agree))
         by_prompt: dict[str, list[str]] = {}
         for c in candidates:
