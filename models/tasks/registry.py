@@ -41,7 +41,8 @@ def make(task_cfg) -> Any:
     _load()
     if task_cfg.prompts_file is not None:
         return _FACTORIES[PROMPTS_FILE](task_cfg)
-    return _FACTORIES.get(task_cfg.name, _FACTORIES[FALLBACK])(task_cfg)
+    by_name = _FACTORIES.get(task_cfg.name) if task_cfg.name != PROMPTS_FILE else None
+    return (by_name or _FACTORIES[FALLBACK])(task_cfg)
 
 
 def _load() -> None:
