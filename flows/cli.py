@@ -72,6 +72,16 @@ class _PolicyEngines:
         return iter(self._names())
 
 
+class _Stages(_PolicyEngines):
+    """The registered stages (tasks/stage.py), read only when a value is checked or help is printed:
+    the stage modules import the ML libraries, which only `run` needs."""
+
+    def _names(self) -> list[str]:
+        from flywheel.tasks import stage
+
+        return list(stage.names())
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="flywheel", description="Self-improvement data flywheel for language models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -90,8 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--until-no-improvement", type=int, metavar="K",
                      help="stop after K rounds in a row whose model was not promoted")
     run.add_argument("--resume", metavar="RUN_ID", type=_run_id, help="continue this run where it stopped")
-    run.add_argument("--force-from-stage", choices=["generate", "judge", "curate", "train", "benchmark"],
-                     help="with --resume: redo this stage and the ones after it, even if the config changed")
+    run.add_argument("--force-from-stage", choices=_Stages(), metavar="STAGE",
+                     help="with --resume: redo this stage and the ones after it in the run's latest round, under "
+                          "the config given")
     run.add_argument("--samples", type=int, help="samples per prompt")
     run.add_argument("--prompts-per-round", type=int)
     run.add_argument("--benchmark-size", type=int)
@@ -309,12 +320,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
                arg_max(accuracy, round) FILTER (WHERE promoted) AS champion_accuracy,
                max(finished_at) AS updated
         FROM rounds GROUP BY run_id ORDER BY run_id""").to_pylist()
-    busy = False
-    try:
-        with lock.workspace_lock(args.workspace):
-            pass
-    except lock.WorkspaceBusy:
-        busy = True
+    busy = lock.busy(args.workspace)  # a probe: a run starting meanwhile waits it out (storage/lock.py)
     from flywheel.progress import results
 
     t = Table(title=f"runs in {args.workspace}")

@@ -23,7 +23,7 @@ import torch
 
 from flywheel.errors import RubricError
 from flywheel.models import decode
-from flywheel.models.engines import NextToken, rendered_prompts
+from flywheel.models.generation import NextToken, rendered_prompts
 from flywheel.models.sampling import chat_texts
 from flywheel.models.tasks.base import extract_answer  # noqa: F401 - where the judges' callers look for it
 

@@ -15,8 +15,9 @@ from flywheel.models import engines, sampling
 from flywheel.models.tasksource import BENCHMARK_SEED_BASE, Item, ReasoningGymSource, exactly_correct, make_source
 from flywheel.storage import catalog, parquet
 from flywheel.tasks import promote
-from flywheel.tasks.common import StageContext
+from flywheel.tasks.common import StageContext, short_hash
 from flywheel.tasks.generate import prompt_rows
+from flywheel.tasks.stage import Stage, register
 
 
 def score_rows(items: Sequence[Item], gens: Sequence[engines.Generation], source, *, run_id: str,
@@ -111,3 +112,12 @@ def benchmark_task(ctx: StageContext, validation: list[Item], test: list[Item], 
     out["benchmark_seconds_all_suites"] = time.perf_counter() - t0
     catalog.refresh(ctx.workspace)
     return out
+
+
+register(Stage("benchmark", 50, benchmark_task,
+               # round 0 benchmarks the starting model with no stage before it
+               fingerprint=lambda fp, s: (short_hash("benchmark", fp) if fp is not None
+                                          else short_hash("benchmark", s.config.hash(), s.round, s.policy)),
+               args=lambda ctx, prepared, params, fp: (prepared.validation, prepared.test, params["policy"]),
+               params=lambda s: {"policy": s.policy_out or s.policy},
+               outputs=(("benchmarks", "*"),), baseline=True))

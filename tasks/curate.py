@@ -43,8 +43,9 @@ from prefect.cache_policies import NO_CACHE
 from flywheel.config import CurationConfig
 from flywheel.models.tasks.base import EXACT  # the one definition of "exactly correct"
 from flywheel.storage import catalog, datacard, parquet
-from flywheel.tasks.common import StageContext
+from flywheel.tasks.common import StageContext, short_hash
 from flywheel.tasks.generate import DRAW
+from flywheel.tasks.stage import Stage, register
 
 # Per-candidate reward from the judgments table (one row per candidate and source).
 _REWARD = """
@@ -302,3 +303,7 @@ def pair_labels(con: duckdb.DuckDBPyConnection, pairs: pa.Table, verifier: str |
     """).fetchall()[0]
     con.unregister("cur_labelled")
     return {"chosen_exact": chosen, "rejected_wrong": rejected}
+
+
+register(Stage("curate", 30, curate_task, fingerprint=lambda fp, s: short_hash("curate", fp),
+               outputs=(("pairs", "*"), ("sft", "*"))))

@@ -11,8 +11,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from flywheel import progress
-from flywheel.models import decode, engines, sampling, shards
+from flywheel.models import engines, sampling, shards
 from flywheel.models.decontam import Overlap
+from flywheel.models.generation import row_seed
 from flywheel.models.tasksource import Item, train_items
 from flywheel.storage import catalog, datacard, parquet
 from flywheel.tasks.common import StageContext, short_hash
@@ -37,7 +38,7 @@ def candidate_rows(prompts: Sequence[dict], gens: Sequence[engines.Generation], 
         p, k = prompts[i // n], i % n
         rows.append(dict(run_id=run_id, round=round_, candidate_id=short_hash(run_id, round_, p["prompt_id"], k),
                          prompt_id=p["prompt_id"], policy=policy, sample_index=k,
-                         seed=decode.row_seed(seed, p["prompt"], k),
+                         seed=row_seed(seed, p["prompt"], k),
                          response=g.response, n_tokens=g.n_tokens, finish_reason=g.finish_reason,
                          mean_logprob=g.mean_logprob, self_certainty=g.self_certainty, sampling=sampling_json))
     return rows

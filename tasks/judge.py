@@ -19,7 +19,8 @@ from flywheel.models import rewards
 from flywheel.models.tasksource import exactly_correct, make_source
 from flywheel.storage import catalog, parquet, plots
 from flywheel.storage.datacard import card_dir
-from flywheel.tasks.common import StageContext
+from flywheel.tasks.common import StageContext, short_hash
+from flywheel.tasks.stage import RoundState, Stage, register
 
 
 def judgment_rows(ctx: StageContext, source: rewards.Source, candidates: Sequence[dict],
@@ -180,3 +181,16 @@ def candidates_sample(ctx: StageContext, limit: int = 64) -> pa.Table:
                FROM read_parquet({c}) c JOIN read_parquet({p}) p USING (prompt_id)
                LEFT JOIN read_parquet({j}) j USING (candidate_id))
         ON source USING max(score) ORDER BY prompt, response LIMIT {int(limit)}""").to_arrow_table()
+
+
+def _previous(s: RoundState) -> str | None:
+    """CREAM's second ranking: the policy the previous round started from, if it differs."""
+    return s.previous if s.previous != s.policy else None
+
+
+register(Stage("judge", 20, judge_task,
+               fingerprint=lambda fp, s: short_hash("judge", fp, _previous(s), s.reference),
+               args=lambda ctx, prepared, params, fp: (params["policy"], params.get("previous"),
+                                                       params.get("reference")),
+               params=lambda s: {"policy": s.policy, "previous": _previous(s), "reference": s.reference},
+               outputs=(("judgments", "*"), ("judge_health", "*"))))

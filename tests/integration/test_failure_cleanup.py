@@ -1,5 +1,5 @@
 """A round that fails ends its MLflow runs FAILED and reports its own error, even when every step
-of the cleanup fails too (injected: the rounds table cannot be written, the catalog cannot be
+of the cleanup fails too (injected: the failed round's row cannot be written, the catalog cannot be
 published, the round's error tag cannot be set)."""
 
 import os
@@ -32,10 +32,10 @@ RUN = textwrap.dedent("""
 
     real_write, real_tags = parquet.write_table, tracking.set_tags
 
-    def write_table(root, table, *a, **k):
-        if table == "rounds":
-            raise OSError("injected: the rounds table cannot be written")
-        return real_write(root, table, *a, **k)
+    def write_table(root, table, run_id, round_, rows, *a, **k):
+        if table == "rounds" and any(r["status"] == "failed" for r in rows):
+            raise OSError("injected: the failed round's row cannot be written")
+        return real_write(root, table, run_id, round_, rows, *a, **k)
 
     def build(root, target):
         raise duckdb.IOException("injected: the catalog cannot be published")
