@@ -130,25 +130,16 @@ def test_file_source_jsonl_and_parquet(tmp_path):
     assert [it.prompt for it in FileSource(pf).items(0, 2)] == ["a?", "b?"]
 
 
-@pytest.mark.parametrize("content, message", [
-    ("", "has no prompts"),
-    ('{"prompt": "ok"}\n{"prompt": "broken"\n', r"p.jsonl:2: malformed JSON"),
-    ('{"prompt": "ok"}\n\n{"answer": "1"}\n', r"p.jsonl:3: missing or empty 'prompt'"),
-    ('["a list"]\n', r"p.jsonl:1: expected a JSON object"),
-])
-def test_bad_prompt_files_name_the_line(tmp_path, content, message):
-    f = tmp_path / "p.jsonl"
-    f.write_text(content)
-    with pytest.raises(TaskError, match=message):
-        FileSource(f)
-
-
 def test_missing_prompt_file(tmp_path):
     with pytest.raises(TaskError, match="not found"):
         FileSource(tmp_path / "nope.jsonl")
 
 
 @pytest.mark.parametrize("content, message", [
+    (b"", "has no prompts"),
+    (b'{"prompt": "ok"}\n{"prompt": "broken"\n', r"p.jsonl:2: malformed JSON"),
+    (b'{"prompt": "ok"}\n\n{"answer": "1"}\n', r"p.jsonl:3: missing or empty 'prompt'"),
+    (b'["a list"]\n', r"p.jsonl:1: expected a JSON object"),
     (b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n', r"p.jsonl:2: not UTF-8 text \(byte 16 of the line\)"),
     (b'{"prompt": "x", "n": ' + b"1" * 5000 + b"}\n", r"p.jsonl:1: unreadable JSON \(Exceeds the limit"),
     (b'{"prompt": "x", "n": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n", r"p.jsonl:1: unreadable JSON"),
@@ -156,7 +147,7 @@ def test_missing_prompt_file(tmp_path):
     (b'{"prompt": "x", "topic": {"k\\udfff": 1}}\n', r"p.jsonl:1: a string holds a lone surrogate escape"),
     (b'{"prompt": 7}\n', r"p.jsonl:1: missing or empty 'prompt'"),
 ])
-def test_unreadable_prompt_lines_name_the_line(tmp_path, content, message):
+def test_bad_prompt_files_name_the_line(tmp_path, content, message):
     f = tmp_path / "p.jsonl"
     f.write_bytes(content)
     with pytest.raises(TaskError, match=message):
