@@ -36,7 +36,7 @@ TESTED: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
 
 
 def release(version: str) -> tuple[int, ...]:
-    """"5.25.0.dev0" → (5, 25, 0); "2.13.0+cu128" → (2, 13, 0)."""
+    """ "5.25.0.dev0" → (5, 25, 0); "2.13.0+cu128" → (2, 13, 0)."""
     m = re.match(r"(\d+(?:\.\d+)*)", version)
     return tuple(int(p) for p in m.group(1).split(".")) if m else ()
 
@@ -60,8 +60,14 @@ def tested(dist: str) -> bool:
     lo, hi = TESTED[dist]
     if version is not None and lo <= release(version) < hi:
         return True
-    log.warning("%s %s is outside the releases flywheel was tested with (>=%s,<%s): its private API is not "
-                "used (see flywheel/compat.py)", dist, version or "(not installed)", _show(lo), _show(hi))
+    log.warning(
+        "%s %s is outside the releases flywheel was tested with (>=%s,<%s): its private API is not "
+        "used (see flywheel/compat.py)",
+        dist,
+        version or "(not installed)",
+        _show(lo),
+        _show(hi),
+    )
     return False
 
 
@@ -104,6 +110,7 @@ def trl_fused_head_on_cpu() -> bool:
 
 # ------------------------------------------------------------------------------------ transformers
 
+
 def buffer_cache_layer(update, length):
     """A transformers cache layer whose storage is the caller's: `update(keys, values)` writes a
     step's new columns and returns the filled (keys, values); `length()` is the filled length.
@@ -137,6 +144,7 @@ def _buffer_layer_class():
 
 # ----------------------------------------------------------------------------------------- Prefect
 
+
 def prefect_global_settings(settings_context):
     """A context in which Prefect's process-global settings context is `settings_context`, as
     prefect_test_harness does: contextvars contexts copied before the settings changed (a thread's, a
@@ -151,6 +159,7 @@ def prefect_global_settings(settings_context):
 
 
 # -------------------------------------------------------------------------------------------- vLLM
+
 
 def shutdown_vllm_engine_core(llm) -> bool:
     """Shut down an offline vLLM engine's core (a separate process by default), which frees its GPU

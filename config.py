@@ -168,6 +168,7 @@ class _Source(_Strict):
     field and its settings) is declared in its module under models/rewards/ and registered there;
     `judge.sources` validates against the union of the registered specs (built at the end of this
     module, rebuilt when a source registers later)."""
+
     # A source's name is its column in the judgments table (`source`) and what curation.reward,
     # curation.consistency and the health metrics refer to; it defaults to its type.
     name: str | None = Field(None, min_length=1, pattern=r"^[A-Za-z0-9_.@-]+$")
@@ -190,8 +191,9 @@ class _Source(_Strict):
 
 
 class JudgeConfig(_Strict):
-    sources: list[SourceConfig] = Field(default_factory=lambda: [_source_spec("verifier")(), _source_spec("llm_judge")()],
-                                        min_length=1)
+    sources: list[SourceConfig] = Field(
+        default_factory=lambda: [_source_spec("verifier")(), _source_spec("llm_judge")()], min_length=1
+    )
     batch_size: int = Field(16, ge=1)
     max_prompt_tokens: int = Field(1024, ge=64)
     # all: every candidate; contested: the model-based sources (LLM and pairwise judges, implicit
@@ -302,8 +304,12 @@ _TRAINING_DEFAULTS: dict[str, Any] = {
 }
 # The reference model's log-probs are computed once, before training, not again every epoch: the
 # same loss (measured: 0.2413 both ways on 38 pairs), 11% less time for the default 2 epochs.
-DPO_DEFAULTS: dict[str, Any] = {"beta": 0.1, **_TRAINING_DEFAULTS, "precompute_ref_log_probs": True,
-                                "precompute_ref_batch_size": 32}
+DPO_DEFAULTS: dict[str, Any] = {
+    "beta": 0.1,
+    **_TRAINING_DEFAULTS,
+    "precompute_ref_log_probs": True,
+    "precompute_ref_batch_size": 32,
+}
 SFT_DEFAULTS: dict[str, Any] = dict(_TRAINING_DEFAULTS)
 
 
@@ -384,8 +390,9 @@ class TrainConfig(_Strict):
         except yaml.YAMLError as e:
             raise ValueError(f"Accelerate config {v} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(data, dict) or "distributed_type" not in data:
-            raise ValueError(f"Accelerate config {v} is not one (no distributed_type; write one with "
-                             "`accelerate config`)")
+            raise ValueError(
+                f"Accelerate config {v} is not one (no distributed_type; write one with `accelerate config`)"
+            )
         return v
 
     def launched(self) -> bool:
@@ -404,10 +411,13 @@ class TrainConfig(_Strict):
 
 class GuardSuite(_Strict):
     """An out-of-domain suite the promotion gate watches: a reasoning-gym task that must not drop."""
+
     task: str
     options: dict[str, Any] = Field(default_factory=dict)
     size: int = Field(50, ge=1)
-    max_drop: float = Field(0.05, ge=0, le=1, description="accuracy (0–1) it may lose against the starting model (round 0)")
+    max_drop: float = Field(
+        0.05, ge=0, le=1, description="accuracy (0–1) it may lose against the starting model (round 0)"
+    )
 
 
 class LmEvalConfig(_Strict):
@@ -416,6 +426,7 @@ class LmEvalConfig(_Strict):
     the benchmarks table as suite `lm_eval:<task>`), never used for a decision. Its named tasks
     download their datasets from the hub; a task defined by a YAML file in `include_path` can read a
     local JSONL file (`dataset_path: json`), which runs offline."""
+
     tasks: list[str] = Field(min_length=1)
     include_path: Path | None = Field(None, description="a folder of task YAML files")
     limit: int | None = Field(None, ge=1, description="at most this many items per task")
@@ -435,6 +446,7 @@ class BenchmarkConfig(_Strict):
     """Two held-out splits, drawn without replacement and disjoint (by normalised form) from each
     other and from every training prompt: `validation` decides (the promotion gate, early stop);
     `test` (`size` items) is reported and never used for a decision."""
+
     size: int = Field(200, ge=1, description="test items")
     validation_size: int = Field(100, ge=1, description="validation items (the promotion gate's)")
     max_new_tokens: int = Field(48, ge=1)
@@ -443,10 +455,16 @@ class BenchmarkConfig(_Strict):
     # (operators and parentheses the default task lacks; the embedded model: 28% exact) and a
     # counting word problem (12%). A round that scores more than max_drop below the starting model's
     # (round 0's) score on either is not promoted.
-    guards: list[GuardSuite] = Field(default_factory=lambda: [
-        GuardSuite(task="basic_arithmetic", options={"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 1},
-                   size=100),
-        GuardSuite(task="letter_counting", size=100)])
+    guards: list[GuardSuite] = Field(
+        default_factory=lambda: [
+            GuardSuite(
+                task="basic_arithmetic",
+                options={"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 1},
+                size=100,
+            ),
+            GuardSuite(task="letter_counting", size=100),
+        ]
+    )
     # Optional lm-evaluation-harness suites (None: none), reported beside the task's own.
     lm_eval: LmEvalConfig | None = None
 
@@ -456,6 +474,7 @@ class PromotionConfig(_Strict):
     starts from: it beats the champion's held-out accuracy by min_improvement, its mean response
     length grows at most max_length_growth, and no guard suite drops more than its max_drop below the
     starting model's score."""
+
     min_improvement: float = Field(0.0, ge=-1, le=1)
     # point: the accuracy gain over the champion must be ≥ min_improvement; interval: the lower end
     # of its 95% paired-bootstrap interval (over the same items) must be, so a gain within noise
@@ -478,6 +497,7 @@ class RegistryConfig(_Strict):
     `copy`: the checkpoint is copied into MLflow's artifact store, so the registry stands on its
     own (a serving cluster without the workspace) at the cost of a second copy of every round's
     weights. Not hashed: it changes where weights are kept, not what a round computes."""
+
     weights: Literal["reference", "copy"] = "reference"
 
 
@@ -487,6 +507,7 @@ class StagePlacement(_Strict):
     one per pool), which that pool's worker starts on its infrastructure (a Kubernetes job with a
     GPU request, a Docker container, a process). `job_variables` override the pool's job template
     for this stage, e.g. {"env": {...}} or a Kubernetes pool's resource requests."""
+
     work_pool: str | None = Field(None, min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     job_variables: dict[str, Any] = Field(default_factory=dict)
 
@@ -502,6 +523,7 @@ class StagesConfig(_Strict):
     died) are retried with exponential backoff; a stage that runs past its timeout fails the round.
     Each stage may run on a Prefect work pool of its own (not hashed: where a stage runs does not
     change what it computes)."""
+
     retries: int = Field(2, ge=0)
     retry_delay_s: float = Field(10, ge=0)
     timeout_s: float = Field(6 * 3600, gt=0)
@@ -515,8 +537,11 @@ class StagesConfig(_Strict):
 
     def placed(self) -> dict[str, StagePlacement]:
         """The stages sent to a work pool, by stage name."""
-        return {s: p for s in ("generate", "judge", "curate", "train", "benchmark")
-                if (p := getattr(self, s)).work_pool is not None}
+        return {
+            s: p
+            for s in ("generate", "judge", "curate", "train", "benchmark")
+            if (p := getattr(self, s)).work_pool is not None
+        }
 
 
 class FlywheelConfig(_Strict):
@@ -543,8 +568,7 @@ class FlywheelConfig(_Strict):
         for what, names in (("curation.reward", cur.weights()), ("curation.consistency", cur.consistency)):
             missing = [n for n in names if n not in known]
             if missing:
-                raise ValueError(f"{what} names {missing[0]!r}, which is not among judge.sources "
-                                 f"({', '.join(known)})")
+                raise ValueError(f"{what} names {missing[0]!r}, which is not among judge.sources ({', '.join(known)})")
         if cur.cream == "weight" and self.train.method != "dpo":
             raise ValueError("curation.cream=weight sets DPO label smoothing: it needs train.method=dpo")
         if cur.cream != "off" and f"{cur.cream_source}@previous" not in known:
@@ -556,17 +580,23 @@ class FlywheelConfig(_Strict):
         """A statistic an engine cannot give fails here, never as a silent NULL later."""
         engine = self.model.engine
         if engine == "openai":
-            raise ValueError("model.engine: openai cannot serve the policy: the policy is retrained every round and "
-                             "a running server keeps its weights; use hf or vllm for the policy, and openai for a "
-                             "judge's `model`")
+            raise ValueError(
+                "model.engine: openai cannot serve the policy: the policy is retrained every round and "
+                "a running server keeps its weights; use hf or vllm for the policy, and openai for a "
+                "judge's `model`"
+            )
         if self.model.workers > self.sampling.shards:
-            raise ValueError(f"model.workers ({self.model.workers}) > sampling.shards ({self.sampling.shards}): a "
-                             "worker decodes whole shards, so the extra workers would idle; set sampling.shards to "
-                             "at least the number of workers")
+            raise ValueError(
+                f"model.workers ({self.model.workers}) > sampling.shards ({self.sampling.shards}): a "
+                "worker decodes whole shards, so the extra workers would idle; set sampling.shards to "
+                "at least the number of workers"
+            )
         for s in self.judge.sources:
             if getattr(s, "model", None) is not None and s.model.workers > 1:
-                raise ValueError(f"judge source {s.key()!r}: model.workers shards the generate stage only; "
-                                 "a judge runs in one process")
+                raise ValueError(
+                    f"judge source {s.key()!r}: model.workers shards the generate stage only; "
+                    "a judge runs in one process"
+                )
             problem = s.engine_problem(engine)
             if problem:
                 raise ValueError(problem)
@@ -576,9 +606,17 @@ class FlywheelConfig(_Strict):
         """Hash of what the settings mean: not the workspace location, not the judge's batch size (a
         speed knob), not how many rounds to run or when to stop, not retries and timeouts. The
         sampling and benchmark batch sizes count: decoding's batch shape can flip a token."""
-        payload = self.model_dump(mode="json", exclude={"workspace": True, "rounds": True,
-                                                        "judge": {"batch_size"}, "stages": True, "registry": True,
-                                                        "promotion": {"stop_after"}})
+        payload = self.model_dump(
+            mode="json",
+            exclude={
+                "workspace": True,
+                "rounds": True,
+                "judge": {"batch_size"},
+                "stages": True,
+                "registry": True,
+                "promotion": {"stop_after"},
+            },
+        )
         if payload["promotion"].get("rule") == "point":
             payload["promotion"].pop("rule")  # the default: hashed as before the rule existed
         _drop_speed_only(payload["model"])
@@ -607,8 +645,6 @@ class FlywheelConfig(_Strict):
 
         walk("cfg", self.model_dump(mode="json"))
         return out
-
-
 
 
 def _drop_speed_only(model: dict | None) -> None:
@@ -678,8 +714,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None,
-                preset: str | None = None) -> FlywheelConfig:
+def load_config(
+    path: Path | None = None, overrides: dict[str, Any] | None = None, preset: str | None = None
+) -> FlywheelConfig:
     """Preset (optional) < YAML file (optional) < overrides (CLI flags, nested dicts) → validated config."""
     data: dict[str, Any] = {}
     if preset is not None:

@@ -66,12 +66,16 @@ class PlacementError(UserError, RuntimeError):
 # may hold ':' or an unescaped '@'. Any scheme (postgresql+psycopg://, https://, s3://).
 _USERINFO = r"(?<=//)[^\s/\"'<>`]*@"
 # query-string and connection-string settings that hold a secret (`?api_key=…`, `password=…`)
-_SECRET_SETTING = (r"(?i)(?<![\w-])((?:api[_-]?key|access[_-]?token|auth[_-]?token|token|secret|password|passwd|pwd)"
-                   r"\s*[=:]\s*)[^\s&;,'\"]+")
+_SECRET_SETTING = (
+    r"(?i)(?<![\w-])((?:api[_-]?key|access[_-]?token|auth[_-]?token|token|secret|password|passwd|pwd)"
+    r"\s*[=:]\s*)[^\s&;,'\"]+"
+)
 _BEARER = r"(?i)\b(bearer\s+)[\w.~+/=-]{16,}"
 # The shapes of common API keys: OpenAI/Anthropic (sk-…), Hugging Face, GitHub, GitLab, AWS, Slack.
-_KEY_SHAPES = (r"\b(?:sk-[\w-]{16,}|hf_[A-Za-z0-9]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|glpat-[\w-]{20,}"
-               r"|AKIA[0-9A-Z]{16}|xox[abprs]-[\w-]{10,})")
+_KEY_SHAPES = (
+    r"\b(?:sk-[\w-]{16,}|hf_[A-Za-z0-9]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|glpat-[\w-]{20,}"
+    r"|AKIA[0-9A-Z]{16}|xox[abprs]-[\w-]{10,})"
+)
 # Environment variables whose names say they hold a secret (OPENAI_API_KEY, HF_TOKEN, an engine's
 # openai.api_key_env): their values are masked wherever they appear, whatever their shape. Short
 # values are left alone: masking "true" or a port number would garble every text it occurs in.
@@ -86,8 +90,11 @@ def mask_credentials(text: str) -> str:
     import os
     import re
 
-    for value in sorted((v for k, v in os.environ.items() if re.search(_SECRET_ENV, k) and len(v) >= _MIN_SECRET_LEN),
-                        key=len, reverse=True):
+    for value in sorted(
+        (v for k, v in os.environ.items() if re.search(_SECRET_ENV, k) and len(v) >= _MIN_SECRET_LEN),
+        key=len,
+        reverse=True,
+    ):
         text = text.replace(value, "***")
     text = re.sub(_USERINFO, "***@", text)
     text = re.sub(_SECRET_SETTING, r"\1***", text)

@@ -41,9 +41,17 @@ def stage(name: str, total: int, unit: str = "items", done: int = 0) -> Iterator
     start = time.perf_counter()
     already = done
     if console.is_terminal:
-        with Progress(TextColumn(f"[bold]{name:<10}"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"),
-                      TimeRemainingColumn(), console=console, transient=False) as bar:
+        with Progress(
+            TextColumn(f"[bold]{name:<10}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        ) as bar:
             task = bar.add_task(name, total=total, rate="", completed=done)
 
             def advance(n: int) -> None:
@@ -72,6 +80,7 @@ def stage(name: str, total: int, unit: str = "items", done: int = 0) -> Iterator
 
 
 # --- Prefect's UI: what a user looking at a flow run sees -----------------------------------------
+
 
 def _run_logger():
     """The current Prefect flow or task run's logger; None outside a run (a plain function call)."""
@@ -107,28 +116,43 @@ def name_flow_run(name: str) -> None:
         client.update_flow_run(flow_run.get_id(), name=name)
 
 
-_SUMMARY_KEYS = (("exact_match", "test exact match", "{:.1%}"), ("exact_match_low", "… 95% interval low", "{:.1%}"),
-                 ("exact_match_high", "… 95% interval high", "{:.1%}"), ("accuracy", "test mean score", "{:.1%}"),
-                 ("exact_match_gain", "exact-match gain vs champion (test)", "{:+.3f}"),
-                 ("exact_match_gain_low", "gain, 95% interval low", "{:+.3f}"),
-                 ("exact_match_gain_high", "gain, 95% interval high", "{:+.3f}"),
-                 ("validation_exact_match", "validation exact match (decides)", "{:.1%}"),
-                 ("pairs_chosen_exact_share", "pairs whose chosen is exactly correct", "{:.0%}"),
-                 ("scored_items", "scored items", "{}"),
-                 ("mean_response_tokens", "mean response tokens", "{:.1f}"), ("candidates", "candidates", "{}"),
-                 ("pairs", "pairs", "{}"), ("judge_verifier_agreement", "judge–verifier agreement", "{:.1%}"),
-                 ("train_loss", "train loss", "{:.4f}"), ("generate_seconds", "generate s", "{:.0f}"),
-                 ("judge_seconds", "judge s", "{:.0f}"), ("train_seconds", "train s", "{:.0f}"),
-                 ("benchmark_seconds", "benchmark s", "{:.0f}"), ("round_seconds", "round s", "{:.0f}"))
+_SUMMARY_KEYS = (
+    ("exact_match", "test exact match", "{:.1%}"),
+    ("exact_match_low", "… 95% interval low", "{:.1%}"),
+    ("exact_match_high", "… 95% interval high", "{:.1%}"),
+    ("accuracy", "test mean score", "{:.1%}"),
+    ("exact_match_gain", "exact-match gain vs champion (test)", "{:+.3f}"),
+    ("exact_match_gain_low", "gain, 95% interval low", "{:+.3f}"),
+    ("exact_match_gain_high", "gain, 95% interval high", "{:+.3f}"),
+    ("validation_exact_match", "validation exact match (decides)", "{:.1%}"),
+    ("pairs_chosen_exact_share", "pairs whose chosen is exactly correct", "{:.0%}"),
+    ("scored_items", "scored items", "{}"),
+    ("mean_response_tokens", "mean response tokens", "{:.1f}"),
+    ("candidates", "candidates", "{}"),
+    ("pairs", "pairs", "{}"),
+    ("judge_verifier_agreement", "judge–verifier agreement", "{:.1%}"),
+    ("train_loss", "train loss", "{:.4f}"),
+    ("generate_seconds", "generate s", "{:.0f}"),
+    ("judge_seconds", "judge s", "{:.0f}"),
+    ("train_seconds", "train s", "{:.0f}"),
+    ("benchmark_seconds", "benchmark s", "{:.0f}"),
+    ("round_seconds", "round s", "{:.0f}"),
+)
 
 
 def summary_markdown(run_id: str, round_: int, metrics: dict) -> str:
-    rows = [f"| {label} | {fmt.format(metrics[key])} |" for key, label, fmt in _SUMMARY_KEYS
-            if isinstance(metrics.get(key), (int, float))]
+    rows = [
+        f"| {label} | {fmt.format(metrics[key])} |"
+        for key, label, fmt in _SUMMARY_KEYS
+        if isinstance(metrics.get(key), (int, float))
+    ]
     decision = "promoted to champion" if metrics.get("promoted") else "not promoted"
     reasons = "\n".join(f"- {r}" for r in metrics.get("promotion_reasons") or [])
-    return (f"# flywheel run {run_id}, round {round_}: {decision}\n\n| metric | value |\n|---|---|\n"
-            + "\n".join(rows) + f"\n\n**Promotion gate**\n\n{reasons}\n")
+    return (
+        f"# flywheel run {run_id}, round {round_}: {decision}\n\n| metric | value |\n|---|---|\n"
+        + "\n".join(rows)
+        + f"\n\n**Promotion gate**\n\n{reasons}\n"
+    )
 
 
 def summary_key(run_id: str) -> str:
@@ -146,5 +170,8 @@ def publish_summary(name: str, run_id: str, round_: int, metrics: dict) -> None:
         return
     from prefect.artifacts import create_markdown_artifact
 
-    create_markdown_artifact(markdown=summary_markdown(run_id, round_, metrics), key=summary_key(run_id),
-                             description=f"flywheel {name}: run {run_id}, round {round_}")
+    create_markdown_artifact(
+        markdown=summary_markdown(run_id, round_, metrics),
+        key=summary_key(run_id),
+        description=f"flywheel {name}: run {run_id}, round {round_}",
+    )

@@ -34,28 +34,102 @@ def synthetic_workspace(root: Path, rounds: int = 3, pairs_per_round: int = 64) 
     (root / "runs" / RUN_ID).mkdir(parents=True, exist_ok=True)
     (root / "runs" / RUN_ID / "config.yaml").write_text("name: bench-cli\n")
     for k in range(rounds + 1):
-        result = {"round": k, "accuracy": 0.4 + 0.05 * k, "promoted": True, "pairs": pairs_per_round * (k > 0),
-                  "mean_response_tokens": 11.0, "generate_seconds": 90.0, "judge_seconds": 60.0,
-                  "train_seconds": 100.0, "benchmark_seconds": 30.0, "round_seconds": 280.0}
-        parquet.write_table(root, "rounds", RUN_ID, k, [dict(
-            run_id=RUN_ID, round=k, status="completed", policy_in="base", policy_out=f"m{k}", weights_sha256=None,
-            reference_model=None,
-            config_hash="h", judge_template_hash=None, seed=0, code_version="0", package_versions="{}",
-            mlflow_run_id=None, registered_version=None, promoted=True, promotion_reasons=None,
-            accuracy=result["accuracy"], n_pairs=result["pairs"], started_at=now, finished_at=now, error=None)])
+        result = {
+            "round": k,
+            "accuracy": 0.4 + 0.05 * k,
+            "promoted": True,
+            "pairs": pairs_per_round * (k > 0),
+            "mean_response_tokens": 11.0,
+            "generate_seconds": 90.0,
+            "judge_seconds": 60.0,
+            "train_seconds": 100.0,
+            "benchmark_seconds": 30.0,
+            "round_seconds": 280.0,
+        }
+        parquet.write_table(
+            root,
+            "rounds",
+            RUN_ID,
+            k,
+            [
+                dict(
+                    run_id=RUN_ID,
+                    round=k,
+                    status="completed",
+                    policy_in="base",
+                    policy_out=f"m{k}",
+                    weights_sha256=None,
+                    reference_model=None,
+                    config_hash="h",
+                    judge_template_hash=None,
+                    seed=0,
+                    code_version="0",
+                    package_versions="{}",
+                    mlflow_run_id=None,
+                    registered_version=None,
+                    promoted=True,
+                    promotion_reasons=None,
+                    accuracy=result["accuracy"],
+                    n_pairs=result["pairs"],
+                    started_at=now,
+                    finished_at=now,
+                    error=None,
+                )
+            ],
+        )
         manifest.write(root, RUN_ID, k, "round", "fp", result)
         if k == 0:
             continue
-        parquet.write_table(root, "pairs", RUN_ID, k, [dict(
-            run_id=RUN_ID, round=k, pair_id=f"p{k}-{i}", prompt_id=f"q{i}", prompt=f"What is {i} + 1?",
-            chosen=str(i + 1), rejected=str(i + 2), chosen_score=1.0, rejected_score=0.0, margin=1.0,
-            rule="max_min", reward="verifier", chosen_id=f"c{k}-{i}", rejected_id=f"r{k}-{i}",
-            category="synthetic", chosen_tokens=2, rejected_tokens=3, cream_tau=None)
-            for i in range(pairs_per_round)])
-        parquet.write_table(root, "sft", RUN_ID, k, [dict(
-            run_id=RUN_ID, round=k, prompt_id=f"q{i}", prompt=f"What is {i} + 1?", completion=str(i + 1),
-            score=1.0, reward="verifier", candidate_id=f"c{k}-{i}", category="synthetic", n_tokens=2)
-            for i in range(pairs_per_round)])
+        parquet.write_table(
+            root,
+            "pairs",
+            RUN_ID,
+            k,
+            [
+                dict(
+                    run_id=RUN_ID,
+                    round=k,
+                    pair_id=f"p{k}-{i}",
+                    prompt_id=f"q{i}",
+                    prompt=f"What is {i} + 1?",
+                    chosen=str(i + 1),
+                    rejected=str(i + 2),
+                    chosen_score=1.0,
+                    rejected_score=0.0,
+                    margin=1.0,
+                    rule="max_min",
+                    reward="verifier",
+                    chosen_id=f"c{k}-{i}",
+                    rejected_id=f"r{k}-{i}",
+                    category="synthetic",
+                    chosen_tokens=2,
+                    rejected_tokens=3,
+                    cream_tau=None,
+                )
+                for i in range(pairs_per_round)
+            ],
+        )
+        parquet.write_table(
+            root,
+            "sft",
+            RUN_ID,
+            k,
+            [
+                dict(
+                    run_id=RUN_ID,
+                    round=k,
+                    prompt_id=f"q{i}",
+                    prompt=f"What is {i} + 1?",
+                    completion=str(i + 1),
+                    score=1.0,
+                    reward="verifier",
+                    candidate_id=f"c{k}-{i}",
+                    category="synthetic",
+                    n_tokens=2,
+                )
+                for i in range(pairs_per_round)
+            ],
+        )
     catalog.refresh(root)
     return root
 
@@ -111,8 +185,10 @@ def main() -> None:
             argv = [a.replace("{ws}", str(ws)) for a in template]
             seconds = timed([flywheel, *argv], args.repeat)
             rc, heavy = heavy_imports(argv)
-            print(f"  flywheel {name:<19} {seconds:6.2f}   {seconds / full:5.2f}x of the run path's imports; "
-                  f"exit {rc}; heavy modules imported: {', '.join(heavy) or 'none'}")
+            print(
+                f"  flywheel {name:<19} {seconds:6.2f}   {seconds / full:5.2f}x of the run path's imports; "
+                f"exit {rc}; heavy modules imported: {', '.join(heavy) or 'none'}"
+            )
 
 
 if __name__ == "__main__":

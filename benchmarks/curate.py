@@ -71,14 +71,16 @@ def run_pandas(root: Path) -> dict:
 
     t0 = time.perf_counter()
     prompts = pd.read_parquet(root / "prompts.parquet", columns=["prompt_id", "prompt"])
-    cands = pd.read_parquet(root / "candidates.parquet", columns=["candidate_id", "prompt_id", "sample_index",
-                                                                  "response"])
+    cands = pd.read_parquet(
+        root / "candidates.parquet", columns=["candidate_id", "prompt_id", "sample_index", "response"]
+    )
     judg = pd.read_parquet(root / "judgments.parquet", columns=["candidate_id", "source", "score"])
     reward = judg[judg.source == "verifier"].groupby("candidate_id", sort=False)["score"].max().rename("reward")
     df = cands.merge(reward, left_on="candidate_id", right_index=True).dropna(subset=["reward"])
     df["norm"] = df["response"].str.strip().str.replace(r"\s+", " ", regex=True)
-    df = df.sort_values(["prompt_id", "norm", "reward", "sample_index", "candidate_id"],
-                        ascending=[True, True, False, True, True])
+    df = df.sort_values(
+        ["prompt_id", "norm", "reward", "sample_index", "candidate_id"], ascending=[True, True, False, True, True]
+    )
     df = df.drop_duplicates(["prompt_id", "norm"])
     order = ["prompt_id", "reward", "sample_index", "candidate_id"]
     best = df.sort_values(order, ascending=[True, False, True, True]).drop_duplicates("prompt_id")
@@ -94,7 +96,7 @@ def run_pandas(root: Path) -> dict:
 
 def child(engine: str, root: Path, memory_limit: str) -> None:
     result = run_duckdb(root, memory_limit) if engine == "duckdb" else run_pandas(root)
-    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2  # KiB on Linux
+    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
     print(json.dumps(result))
 
 
@@ -114,25 +116,36 @@ def main() -> None:
         root = Path(tmp)
         t0 = time.perf_counter()
         generate(root, args.prompts, args.candidates)
-        print(f"synthetic data: {args.prompts:,} prompts × {args.candidates} candidates = {rows:,} judgment rows "
-              f"({time.perf_counter() - t0:.1f} s to write)")
+        print(
+            f"synthetic data: {args.prompts:,} prompts × {args.candidates} candidates = {rows:,} judgment rows "
+            f"({time.perf_counter() - t0:.1f} s to write)"
+        )
         results = {}
         for engine in ("duckdb", "pandas"):
-            p = subprocess.run([sys.executable, __file__, "--child", engine, "--root", str(root),
-                                "--memory-limit", args.memory_limit], capture_output=True, text=True)
+            p = subprocess.run(
+                [sys.executable, __file__, "--child", engine, "--root", str(root), "--memory-limit", args.memory_limit],
+                capture_output=True,
+                text=True,
+            )
             if p.returncode != 0:
                 print(f"{engine} failed:\n{p.stderr[-2000:]}")
                 continue
             results[engine] = r = json.loads(p.stdout.strip().splitlines()[-1])
-            print(f"  {engine:<7}: {r['seconds']:7.1f} s  {rows / r['seconds'] / 1e6:6.2f} M rows/s  "
-                  f"peak RSS {r['peak_rss_gb']:5.2f} GB  pairs {r['pairs']:,}")
+            print(
+                f"  {engine:<7}: {r['seconds']:7.1f} s  {rows / r['seconds'] / 1e6:6.2f} M rows/s  "
+                f"peak RSS {r['peak_rss_gb']:5.2f} GB  pairs {r['pairs']:,}"
+            )
         if len(results) == 2:
             d, p_ = results["duckdb"], results["pandas"]
             same = (root / "duckdb_pairs.json").read_text() == (root / "pandas_pairs.json").read_text()
-            print(f"  pandas / duckdb: time {p_['seconds'] / d['seconds']:.2f}x, "
-                  f"peak memory {p_['peak_rss_gb'] / d['peak_rss_gb']:.2f}x; identical pairs: {same}")
-            print(f"  target (duckdb): < 30 s → {'met' if d['seconds'] < 30 else 'MISSED'}; "
-                  f"< 4 GB → {'met' if d['peak_rss_gb'] < 4 else 'MISSED'}")
+            print(
+                f"  pandas / duckdb: time {p_['seconds'] / d['seconds']:.2f}x, "
+                f"peak memory {p_['peak_rss_gb'] / d['peak_rss_gb']:.2f}x; identical pairs: {same}"
+            )
+            print(
+                f"  target (duckdb): < 30 s → {'met' if d['seconds'] < 30 else 'MISSED'}; "
+                f"< 4 GB → {'met' if d['peak_rss_gb'] < 4 else 'MISSED'}"
+            )
 
 
 if __name__ == "__main__":

@@ -28,8 +28,11 @@ def run_seed(seed: int, preset: str | None, workspace: Path, overrides: dict | N
     from flywheel.tasks import promote
     from flywheel.tasks.benchmark import suite_names
 
-    config = load_config(None, {**(overrides or {}), "seed": seed, "workspace": str(workspace),
-                                "name": f"efficacy-{seed}"}, preset=preset)
+    config = load_config(
+        None,
+        {**(overrides or {}), "seed": seed, "workspace": str(workspace), "name": f"efficacy-{seed}"},
+        preset=preset,
+    )
     t0 = time.perf_counter()
     with prefect_api():
         result = flywheel(config)
@@ -44,17 +47,28 @@ def run_seed(seed: int, preset: str | None, workspace: Path, overrides: dict | N
     champ_gain = promote.paired_gains(champ_rows, first, seed=seed, suite=test_suite)
     guards = sorted(k.removeprefix("guard_accuracy.") for k in rounds[0] if k.startswith("guard_accuracy."))
     catalog.refresh(workspace)
-    return {"seed": seed, "seconds": seconds, "chosen_right": chosen_right(workspace),
-            "test": [r["exact_match"] for r in rounds], "validation": [r.get("validation_exact_match") for r in rounds],
-            "pairs": [r.get("pairs") for r in rounds[1:]], "promoted": [r["promoted"] for r in rounds[1:]],
-            "gain": (gain.get("exact_match_gain"), gain.get("exact_match_gain_low"), gain.get("exact_match_gain_high")),
-            "champion": champ, "champion_gain": (champ_gain.get("exact_match_gain"), champ_gain.get("exact_match_gain_low"),
-                                                 champ_gain.get("exact_match_gain_high")),
-            "guards": {g: (rounds[0][f"guard_accuracy.{g}"], rounds[-1][f"guard_accuracy.{g}"]) for g in guards},
-            # each guard's mean-score change from round 0, paired over its items, with its 95% interval:
-            # the last round's and the champion's
-            "guard_gains": {g: tuple(_mean_gain(rows, first, seed, f"guard:{g}") for rows in (last, champ_rows))
-                            for g in guards}}
+    return {
+        "seed": seed,
+        "seconds": seconds,
+        "chosen_right": chosen_right(workspace),
+        "test": [r["exact_match"] for r in rounds],
+        "validation": [r.get("validation_exact_match") for r in rounds],
+        "pairs": [r.get("pairs") for r in rounds[1:]],
+        "promoted": [r["promoted"] for r in rounds[1:]],
+        "gain": (gain.get("exact_match_gain"), gain.get("exact_match_gain_low"), gain.get("exact_match_gain_high")),
+        "champion": champ,
+        "champion_gain": (
+            champ_gain.get("exact_match_gain"),
+            champ_gain.get("exact_match_gain_low"),
+            champ_gain.get("exact_match_gain_high"),
+        ),
+        "guards": {g: (rounds[0][f"guard_accuracy.{g}"], rounds[-1][f"guard_accuracy.{g}"]) for g in guards},
+        # each guard's mean-score change from round 0, paired over its items, with its 95% interval:
+        # the last round's and the champion's
+        "guard_gains": {
+            g: tuple(_mean_gain(rows, first, seed, f"guard:{g}") for rows in (last, champ_rows)) for g in guards
+        },
+    }
 
 
 def round_rows(workspace: Path, run_id: str, round_: int) -> list[dict]:
@@ -82,8 +96,11 @@ def chosen_right(workspace: Path) -> list[float | None]:
     from flywheel.models.rewards import extracted_answer
     from flywheel.storage import catalog
 
-    rows = catalog.query(workspace, "SELECT p.round, p.chosen, q.answer FROM pairs p JOIN prompts q "
-                                    "ON q.prompt_id = p.prompt_id AND q.round = p.round").to_pylist()
+    rows = catalog.query(
+        workspace,
+        "SELECT p.round, p.chosen, q.answer FROM pairs p JOIN prompts q "
+        "ON q.prompt_id = p.prompt_id AND q.round = p.round",
+    ).to_pylist()
     out = []
     for k in sorted({r["round"] for r in rows}):
         rs = [r for r in rows if r["round"] == k and r["answer"] is not None]
@@ -124,33 +141,52 @@ def mean_sd(xs) -> str:
 def report(results: list[dict]) -> None:
     for r in results:
         g, low, high = r["gain"]
-        print(f"seed {r['seed']}: test exact match by round {' → '.join(pct(x) for x in r['test'])}; "
-              f"validation {' → '.join(pct(x) for x in r['validation'])}; promoted {r['promoted']}")
-        print(f"  last round vs round 0 (test, paired): {g * 100:+.1f} points, 95% interval "
-              f"[{low * 100:+.1f}, {high * 100:+.1f}]" if g is not None else "  no paired gain (unscored)")
+        print(
+            f"seed {r['seed']}: test exact match by round {' → '.join(pct(x) for x in r['test'])}; "
+            f"validation {' → '.join(pct(x) for x in r['validation'])}; promoted {r['promoted']}"
+        )
+        print(
+            f"  last round vs round 0 (test, paired): {g * 100:+.1f} points, 95% interval "
+            f"[{low * 100:+.1f}, {high * 100:+.1f}]"
+            if g is not None
+            else "  no paired gain (unscored)"
+        )
         cg, clow, chigh = r["champion_gain"]
         if r["champion"] and cg is not None:
-            print(f"  the run's champion (round {r['champion']}) vs round 0 (test, paired): {cg * 100:+.1f} points, "
-                  f"95% interval [{clow * 100:+.1f}, {chigh * 100:+.1f}]")
-        print("  guards: " + ", ".join(f"{k} {pct(a)} → {pct(b)} ({(b - a) * 100:+.1f})"
-                                       for k, (a, b) in r["guards"].items()))
-        print("  guards' mean-score change from round 0, paired (95% interval): last round " + ", ".join(
-            f"{k} {points(last)}" for k, (last, _) in r["guard_gains"].items()) + f"; champion (round {r['champion']}) "
-            + ", ".join(f"{k} {points(ch)}" for k, (_, ch) in r["guard_gains"].items()))
+            print(
+                f"  the run's champion (round {r['champion']}) vs round 0 (test, paired): {cg * 100:+.1f} points, "
+                f"95% interval [{clow * 100:+.1f}, {chigh * 100:+.1f}]"
+            )
+        print(
+            "  guards: "
+            + ", ".join(f"{k} {pct(a)} → {pct(b)} ({(b - a) * 100:+.1f})" for k, (a, b) in r["guards"].items())
+        )
+        print(
+            "  guards' mean-score change from round 0, paired (95% interval): last round "
+            + ", ".join(f"{k} {points(last)}" for k, (last, _) in r["guard_gains"].items())
+            + f"; champion (round {r['champion']}) "
+            + ", ".join(f"{k} {points(ch)}" for k, (_, ch) in r["guard_gains"].items())
+        )
         gap = r["validation"][-1] - r["test"][-1] if None not in (r["validation"][-1], r["test"][-1]) else None
-        print(f"  validation − test, last round: {'–' if gap is None else f'{gap * 100:+.1f} points'}; "
-              f"pairs per round {r['pairs']}; {r['seconds'] / 60:.1f} min")
+        print(
+            f"  validation − test, last round: {'–' if gap is None else f'{gap * 100:+.1f} points'}; "
+            f"pairs per round {r['pairs']}; {r['seconds'] / 60:.1f} min"
+        )
         print("  pairs whose chosen answer is right, by round: " + ", ".join(pct(x) for x in r["chosen_right"]))
     if len(results) > 1:
         n = len(results[0]["test"])
         print(f"over {len(results)} seeds (mean ± sd, points):")
         print("  test exact match by round: " + " → ".join(mean_sd([r["test"][k] for r in results]) for k in range(n)))
-        print(f"  last round's paired gain: {mean_sd([r['gain'][0] for r in results])}; "
-              f"its interval's low end: {mean_sd([r['gain'][1] for r in results])}")
+        print(
+            f"  last round's paired gain: {mean_sd([r['gain'][0] for r in results])}; "
+            f"its interval's low end: {mean_sd([r['gain'][1] for r in results])}"
+        )
         print(f"  the champion's paired gain: {mean_sd([r['champion_gain'][0] for r in results])}")
         for k in results[0]["guards"]:
-            print(f"  guard {k} change: last round {mean_sd([r['guards'][k][1] - r['guards'][k][0] for r in results])}"
-                  f", champion {mean_sd([(r['guard_gains'][k][1] or (None,))[0] for r in results])}")
+            print(
+                f"  guard {k} change: last round {mean_sd([r['guards'][k][1] - r['guards'][k][0] for r in results])}"
+                f", champion {mean_sd([(r['guard_gains'][k][1] or (None,))[0] for r in results])}"
+            )
         print(f"  time: {statistics.fmean(r['seconds'] for r in results) / 60:.1f} min a run")
 
 
@@ -164,8 +200,13 @@ if __name__ == "__main__":
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--preset", default=None, help="a shipped config, e.g. label_free")
     ap.add_argument("--keep", type=Path, default=None, help="keep each seed's workspace under this folder")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="a setting over the default's, dotted, YAML value: --set promotion.guard_rule=point")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting over the default's, dotted, YAML value: --set promotion.guard_rule=point",
+    )
     args = ap.parse_args()
     overrides = settings(args.set)
     results = []

@@ -53,8 +53,7 @@ def items_from_task(prompts: int) -> dict:
     source = make_source(cfg.task)
     _, test = eval_items(source, cfg.benchmark.validation_size, cfg.benchmark.size, cfg.seed)
     train = train_items(source, 1, prompts, cfg.seed, None).items
-    return {"train": [it.prompt for it in train],
-            "test": [{"prompt": it.prompt, "answer": it.answer} for it in test]}
+    return {"train": [it.prompt for it in train], "test": [{"prompt": it.prompt, "answer": it.answer} for it in test]}
 
 
 def section(name: str, fn) -> None:
@@ -71,15 +70,24 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--skip-round", action="store_true")
     ap.add_argument("--rounds", type=int, default=1, help="rounds of the default run in the round section")
-    ap.add_argument("--round-config", type=Path, default=None, help="a YAML config for the round section (the default's)")
+    ap.add_argument(
+        "--round-config", type=Path, default=None, help="a YAML config for the round section (the default's)"
+    )
     ap.add_argument("--items", type=Path, default=None, help="train prompts and test items (from --dump-items)")
     ap.add_argument("--dump-items", type=Path, default=None, help="write the default task's items here and exit")
     ap.add_argument("--train-steps", type=int, default=10)
     ap.add_argument("--large-layers", type=int, default=16, help="train_large: layers (16 × hidden 2048 ≈ 1B)")
     ap.add_argument("--large-hidden", type=int, default=2048, help="train_large: hidden size (a multiple of 256)")
     ap.add_argument("--large-tokens", type=int, default=256, help="train_large: words per response")
-    ap.add_argument("--large-dpo", type=json.loads, default={}, help='train_large: DPO settings, e.g. \'{"activation_checkpointing": false}\'')
-    ap.add_argument("--large-lora", choices=["both", "lora", "full"], default="both", help="train_large: which fine-tunes")
+    ap.add_argument(
+        "--large-dpo",
+        type=json.loads,
+        default={},
+        help="train_large: DPO settings, e.g. '{\"activation_checkpointing\": false}'",
+    )
+    ap.add_argument(
+        "--large-lora", choices=["both", "lora", "full"], default="both", help="train_large: which fine-tunes"
+    )
     ap.add_argument("--test", type=int, default=None, help="at most this many test items")
     ap.add_argument("--only", nargs="+", default=None, help="run only these sections (sample is always run)")
     ap.add_argument("--allow-cpu", action="store_true", help="a dry run of every section on the CPU")
@@ -107,19 +115,29 @@ def main() -> int:
     name, mem = (props.name, props.total_memory / 2**30) if cuda else ("CPU (dry run)", 0)
     peak = next((v for k, v in BF16_PEAK.items() if k in name), None)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    print(f"device   {name}, {mem:.0f} GiB, bf16 {cuda and torch.cuda.is_bf16_supported()}, "
-          f"torch {torch.__version__}, transformers {transformers.__version__}, bf16 dense peak "
-          f"{peak or '?'} TFLOP/s")
+    print(
+        f"device   {name}, {mem:.0f} GiB, bf16 {cuda and torch.cuda.is_bf16_supported()}, "
+        f"torch {torch.__version__}, transformers {transformers.__version__}, bf16 dense peak "
+        f"{peak or '?'} TFLOP/s"
+    )
     cfg = C.FlywheelConfig()
     s = cfg.sampling
     t0 = time.perf_counter()
     ref = loading.resolve(cfg.model.name)
-    print(f"model    {ref} ({loading.model_bytes(ref) / 2**20:.0f} MiB on disk, resolved in "
-          f"{time.perf_counter() - t0:.1f} s)")
+    print(
+        f"model    {ref} ({loading.model_bytes(ref) / 2**20:.0f} MiB on disk, resolved in "
+        f"{time.perf_counter() - t0:.1f} s)"
+    )
     data = json.loads(args.items.read_text()) if args.items else items_from_task(args.prompts * 8)
-    prompts, many, test = data["train"][:args.prompts], data["train"][:args.prompts * 8], data["test"][:args.test]
-    kw = dict(n=s.n, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, seed=1000,
-              batch_size=s.batch_size)
+    prompts, many, test = data["train"][: args.prompts], data["train"][: args.prompts * 8], data["test"][: args.test]
+    kw = dict(
+        n=s.n,
+        max_new_tokens=s.max_new_tokens,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        seed=1000,
+        batch_size=s.batch_size,
+    )
     state: dict = {}
 
     def timed(fn):
@@ -138,15 +156,27 @@ def main() -> int:
             state[dtype] = gens
             line = f"sample   {dtype:9s} flywheel decode {tok / t:8.0f} tok/s ({len(gens)} samples, {tok} tokens, {t:.2f} s)"
             rep = [p for p in prompts for _ in range(s.n)]
-            ref_gens, t2 = timed(lambda: sampling.generate_reference(
-                eng.model, eng.tokenizer, rep, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size,
-                do_sample=True, temperature=s.temperature, top_p=s.top_p, seed=1000))
+            ref_gens, t2 = timed(
+                lambda: sampling.generate_reference(
+                    eng.model,
+                    eng.tokenizer,
+                    rep,
+                    max_new_tokens=s.max_new_tokens,
+                    batch_size=s.batch_size,
+                    do_sample=True,
+                    temperature=s.temperature,
+                    top_p=s.top_p,
+                    seed=1000,
+                )
+            )
             tok2 = sum(g.n_tokens for g in ref_gens)
             print(line + f"; transformers generate() {tok2 / t2:8.0f} tok/s ({t2:.2f} s)")
             if dtype == "bfloat16" and len(many) > len(prompts):
                 big, t3 = timed(lambda: eng.sample(many, **kw))
                 tok3 = sum(g.n_tokens for g in big)
-                print(f"scale    bfloat16  {len(many)} prompts × {s.n}: {tok3 / t3:8.0f} tok/s ({tok3} tokens, {t3:.2f} s)")
+                print(
+                    f"scale    bfloat16  {len(many)} prompts × {s.n}: {tok3 / t3:8.0f} tok/s ({tok3} tokens, {t3:.2f} s)"
+                )
             state[f"engine_{dtype}"] = eng
 
     def greedy():
@@ -160,13 +190,22 @@ def main() -> int:
         res = {}
         for dtype in ("bfloat16", "float32"):
             eng = state[f"engine_{dtype}"]
-            gens, t = timed(lambda: eng.greedy([it.prompt for it in items], max_new_tokens=cfg.benchmark.max_new_tokens,
-                                               batch_size=cfg.benchmark.batch_size))
-            exact = [src.score(judges.extract_answer(g.response, it.answer), it.answer, it.metadata) == 1.0
-                     for g, it in zip(gens, items)]
+            gens, t = timed(
+                lambda: eng.greedy(
+                    [it.prompt for it in items],
+                    max_new_tokens=cfg.benchmark.max_new_tokens,
+                    batch_size=cfg.benchmark.batch_size,
+                )
+            )
+            exact = [
+                src.score(judges.extract_answer(g.response, it.answer), it.answer, it.metadata) == 1.0
+                for g, it in zip(gens, items)
+            ]
             res[dtype] = gens
-            print(f"greedy   {dtype:9s} exact match {sum(exact)}/{len(items)} = {sum(exact) / len(items):.1%}, "
-                  f"{sum(g.n_tokens for g in gens) / t:8.0f} tok/s ({t:.2f} s)")
+            print(
+                f"greedy   {dtype:9s} exact match {sum(exact)}/{len(items)} = {sum(exact) / len(items):.1%}, "
+                f"{sum(g.n_tokens for g in gens) / t:8.0f} tok/s ({t:.2f} s)"
+            )
         same = sum(a.response == b.response for a, b in zip(res["bfloat16"], res["float32"]))
         print(f"greedy   bf16 vs fp32: identical responses {same}/{len(items)}")
 
@@ -179,19 +218,26 @@ def main() -> int:
         for dtype in ("bfloat16", "float32"):
             eng = state[f"engine_{dtype}"]
             eng.next_token(rubric, renders[:8], judges.SCORE_LABELS, batch_size=64, max_prompt_tokens=1024)
-            nts, t = timed(lambda: eng.next_token(rubric, renders, judges.SCORE_LABELS, batch_size=64,
-                                                   max_prompt_tokens=1024))
+            nts, t = timed(
+                lambda: eng.next_token(rubric, renders, judges.SCORE_LABELS, batch_size=64, max_prompt_tokens=1024)
+            )
             scores[dtype] = judges.verdicts(nts, 0, 0)
             print(f"judge    {dtype:9s} {len(renders) / t:8.1f} candidates/s ({len(renders)} candidates, {t:.2f} s)")
-        d = [abs(a.score - b.score) for a, b in zip(scores["bfloat16"], scores["float32"])
-             if a.score is not None and b.score is not None]
-        print(f"judge    bf16 vs fp32 expected score: max difference {max(d, default=float('nan')):.3f}, "
-              f"mean {sum(d) / max(len(d), 1):.3f} (scores 1-5)")
+        d = [
+            abs(a.score - b.score)
+            for a, b in zip(scores["bfloat16"], scores["float32"])
+            if a.score is not None and b.score is not None
+        ]
+        print(
+            f"judge    bf16 vs fp32 expected score: max difference {max(d, default=float('nan')):.3f}, "
+            f"mean {sum(d) / max(len(d), 1):.3f} (scores 1-5)"
+        )
 
     from transformers import TrainerCallback
 
     class StepClock(TrainerCallback):
         """Wall time of the steps after the first (kernels compiled, caches warm)."""
+
         def __init__(self):
             self.marks = []
 
@@ -210,10 +256,18 @@ def main() -> int:
 
         def tokens(r):
             msgs = [{"role": "user", "content": r["prompt"]}]
-            return sum(min(len(tok(tok.apply_chat_template(msgs + [{"role": "assistant", "content": r[k]}],
-                                                           tokenize=False), add_special_tokens=False)["input_ids"]),
-                           dpo.get("max_length") or 10**9)
-                       for k in ("chosen", "rejected"))
+            return sum(
+                min(
+                    len(
+                        tok(
+                            tok.apply_chat_template(msgs + [{"role": "assistant", "content": r[k]}], tokenize=False),
+                            add_special_tokens=False,
+                        )["input_ids"]
+                    ),
+                    dpo.get("max_length") or 10**9,
+                )
+                for k in ("chosen", "rejected")
+            )
 
         tc = C.TrainConfig(lora=lora, dpo={**C.DPO_DEFAULTS, **dpo, "max_steps": args.train_steps, "logging_steps": 1})
         bs = tc.dpo.get("per_device_train_batch_size", 8) * tc.dpo.get("gradient_accumulation_steps", 1)
@@ -226,8 +280,17 @@ def main() -> int:
             torch.cuda.reset_peak_memory_stats()
         with tempfile.TemporaryDirectory() as d:
             t = time.perf_counter()
-            m = trainer.train(model_ref, rows, tc, Path(d) / "out", base=model_ref, seed=0, fingerprint=f"gpu-{lora}",
-                              checkpoint_steps=10**6, callbacks=[clock])
+            m = trainer.train(
+                model_ref,
+                rows,
+                tc,
+                Path(d) / "out",
+                base=model_ref,
+                seed=0,
+                fingerprint=f"gpu-{lora}",
+                checkpoint_steps=10**6,
+                callbacks=[clock],
+            )
             wall = time.perf_counter() - t
         steady = (clock.marks[-1] - clock.marks[0]) / max(len(clock.marks) - 1, 1)
         # policy forward+backward 6·N·T (a LoRA backward skips the frozen weights' gradients: ≈ 4·N·T),
@@ -236,11 +299,13 @@ def main() -> int:
         step_flop = ((4 if lora else 6) * n_params * toks + 2 * n_params * toks) / steps
         achieved = step_flop / steady / 1e12
         mem = f"; peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if cuda else ""
-        print(f"{label:8s} {'LoRA' if lora else 'full'} DPO {steps} steps × batch {bs} ({toks / steps:.0f} tokens a "
-              f"step): {wall:.1f} s in all (load, precompute, steps, merge, save); a step after the first "
-              f"{steady * 1000:.0f} ms = {toks / steps / steady:.0f} tokens/s ≈ {achieved:.3f} TFLOP/s"
-              + (f" = {achieved / peak:.2%} of the bf16 dense peak" if peak else "")
-              + f"; loss {m['train_loss']:.4f}{mem}")
+        print(
+            f"{label:8s} {'LoRA' if lora else 'full'} DPO {steps} steps × batch {bs} ({toks / steps:.0f} tokens a "
+            f"step): {wall:.1f} s in all (load, precompute, steps, merge, save); a step after the first "
+            f"{steady * 1000:.0f} ms = {toks / steps / steady:.0f} tokens/s ≈ {achieved:.3f} TFLOP/s"
+            + (f" = {achieved / peak:.2%} of the bf16 dense peak" if peak else "")
+            + f"; loss {m['train_loss']:.4f}{mem}"
+        )
 
     def free_engines():
         """Close the sections' engines and free their GPU memory before training."""
@@ -253,10 +318,14 @@ def main() -> int:
         gens = state["float32"]
         rows = []
         for i, p in enumerate(prompts):
-            g = gens[i * s.n:(i + 1) * s.n]
+            g = gens[i * s.n : (i + 1) * s.n]
             rows.append({"prompt": p, "chosen": g[0].response or "0", "rejected": g[1].response or "1"})
-        n_params = sum(p.numel() for p in __import__("safetensors.torch", fromlist=["x"]).load_file(
-            str(next(Path(ref).glob("*.safetensors")))).values())
+        n_params = sum(
+            p.numel()
+            for p in __import__("safetensors.torch", fromlist=["x"])
+            .load_file(str(next(Path(ref).glob("*.safetensors"))))
+            .values()
+        )
         for lora in (True, False):
             dpo_speed("train", ref, rows, n_params, lora, {})
 
@@ -271,15 +340,25 @@ def main() -> int:
         free_engines()
         h = args.large_hidden
         mc = AutoConfig.from_pretrained(ref)
-        mc.update({"hidden_size": h, "intermediate_size": 4 * h, "num_hidden_layers": args.large_layers,
-                   "num_attention_heads": h // 64, "num_key_value_heads": max(h // 256, 1), "head_dim": 64,
-                   "max_position_embeddings": 4096})
+        mc.update(
+            {
+                "hidden_size": h,
+                "intermediate_size": 4 * h,
+                "num_hidden_layers": args.large_layers,
+                "num_attention_heads": h // 64,
+                "num_key_value_heads": max(h // 256, 1),
+                "head_dim": 64,
+                "max_position_embeddings": 4096,
+            }
+        )
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(mc, dtype=torch.bfloat16 if cuda else torch.float32)
         n_params = sum(p.numel() for p in model.parameters())
         rng = random.Random(0)
-        words = ("the model answers each question with a short sum of two numbers and then explains "
-                 "why that sum is right in one or two plain sentences").split()
+        words = (
+            "the model answers each question with a short sum of two numbers and then explains "
+            "why that sum is right in one or two plain sentences"
+        ).split()
 
         def text(n):
             return " ".join(rng.choice(words) for _ in range(n))
@@ -290,8 +369,10 @@ def main() -> int:
             model.save_pretrained(d)
             AutoTokenizer.from_pretrained(ref).save_pretrained(d)
             del model
-            print(f"large    {n_params / 1e9:.2f}B parameters ({args.large_layers} layers × hidden {h}), random "
-                  f"weights in {'bf16' if cuda else 'fp32'}; pairs of ~{n} words a side")
+            print(
+                f"large    {n_params / 1e9:.2f}B parameters ({args.large_layers} layers × hidden {h}), random "
+                f"weights in {'bf16' if cuda else 'fp32'}; pairs of ~{n} words a side"
+            )
             for lora in {"both": (True, False), "lora": (True,), "full": (False,)}[args.large_lora]:
                 dpo_speed("large", d, rows, n_params, lora, {"max_length": 2 * n + n // 2, **args.large_dpo})
 
@@ -306,10 +387,20 @@ def main() -> int:
             eng.greedy(batch[:4], max_new_tokens=8, batch_size=64)  # warm-up
             sync()
             if dtype == "bfloat16":  # torch's own choice of attention kernel (cuDNN's on Hopper), for comparison
-                gens, t = timed(lambda: sampling.generate(eng.model, eng.tokenizer, batch, do_sample=False,
-                                                          max_new_tokens=cfg.benchmark.max_new_tokens, batch_size=64))
-                print(f"profile  {dtype:9s} greedy {len(batch)} items with torch's default attention backends: "
-                      f"{t:.2f} s, {sum(g.n_tokens for g in gens) / t:.0f} tok/s")
+                gens, t = timed(
+                    lambda: sampling.generate(
+                        eng.model,
+                        eng.tokenizer,
+                        batch,
+                        do_sample=False,
+                        max_new_tokens=cfg.benchmark.max_new_tokens,
+                        batch_size=64,
+                    )
+                )
+                print(
+                    f"profile  {dtype:9s} greedy {len(batch)} items with torch's default attention backends: "
+                    f"{t:.2f} s, {sum(g.n_tokens for g in gens) / t:.0f} tok/s"
+                )
             with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 gens, t = timed(lambda: eng.greedy(batch, max_new_tokens=cfg.benchmark.max_new_tokens, batch_size=64))
             events = prof.key_averages()
@@ -317,14 +408,18 @@ def main() -> int:
             launches = sum(e.count for e in kernels)
             gpu_us = sum(e.self_device_time_total for e in kernels)
             tokens = sum(g.n_tokens for g in gens)
-            print(f"profile  {dtype:9s} greedy {len(batch)} items, flywheel's backends: {t:.2f} s wall, GPU busy {gpu_us / 1e6:.2f} s "
-                  f"({gpu_us / 1e6 / t:.0%}), {launches} kernel launches ({launches / max(tokens, 1):.0f} per token "
-                  f"generated), {tokens} tokens")
+            print(
+                f"profile  {dtype:9s} greedy {len(batch)} items, flywheel's backends: {t:.2f} s wall, GPU busy {gpu_us / 1e6:.2f} s "
+                f"({gpu_us / 1e6 / t:.0%}), {launches} kernel launches ({launches / max(tokens, 1):.0f} per token "
+                f"generated), {tokens} tokens"
+            )
             top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:6]
             for e in top:
                 print(f"profile  {dtype:9s}   {e.self_device_time_total / 1e3:8.1f} ms  {e.count:6d}×  {e.key[:90]}")
-            cpu = sorted([e for e in events if e.device_type == torch.autograd.DeviceType.CPU],
-                         key=lambda e: -e.self_cpu_time_total)[:6]
+            cpu = sorted(
+                [e for e in events if e.device_type == torch.autograd.DeviceType.CPU],
+                key=lambda e: -e.self_cpu_time_total,
+            )[:6]
             for e in cpu:
                 print(f"profile  {dtype:9s}   host {e.self_cpu_time_total / 1e3:8.1f} ms  {e.count:6d}×  {e.key[:80]}")
 
@@ -341,9 +436,17 @@ def main() -> int:
         for p, pid in zip(prompts, ids):
             for k in range(s.n):
                 token_ids.append(pid)
-                params.append(vllm.SamplingParams(**engines.vllm_sampling_params(
-                    "sample", max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                    seed=engines.row_seed(1000, p, k))))
+                params.append(
+                    vllm.SamplingParams(
+                        **engines.vllm_sampling_params(
+                            "sample",
+                            max_new_tokens=s.max_new_tokens,
+                            temperature=s.temperature,
+                            top_p=s.top_p,
+                            seed=engines.row_seed(1000, p, k),
+                        )
+                    )
+                )
         engine.llm.generate([{"prompt_token_ids": ids[0]}], params[:1], use_tqdm=False)  # warm-up
         t0 = time.perf_counter()
         alone = engine.llm.generate([{"prompt_token_ids": t} for t in token_ids], params, use_tqdm=False)
@@ -354,9 +457,11 @@ def main() -> int:
         t_through = time.perf_counter() - t0
         tok_through = sum(g.n_tokens for g in through)
         same = sum(o.outputs[0].text.strip() == g.response for o, g in zip(alone, through))
-        print(f"vllm     {vllm.__version__}: alone {tok_alone / t_alone:9.1f} tok/s ({t_alone:.2f} s)   through "
-              f"flywheel {tok_through / t_through:9.1f} tok/s ({t_through:.2f} s)   overhead "
-              f"{(t_through / t_alone - 1) * 100:+.1f}%   identical samples {same}/{len(through)}")
+        print(
+            f"vllm     {vllm.__version__}: alone {tok_alone / t_alone:9.1f} tok/s ({t_alone:.2f} s)   through "
+            f"flywheel {tok_through / t_through:9.1f} tok/s ({t_through:.2f} s)   overhead "
+            f"{(t_through / t_alone - 1) * 100:+.1f}%   identical samples {same}/{len(through)}"
+        )
         engines.release()
         torch.cuda.synchronize()
         free, total = torch.cuda.mem_get_info()
@@ -372,28 +477,43 @@ def main() -> int:
             return
         try:
             import vllm  # noqa: F401
+
             engine = "vllm"
         except ImportError:
             engine = "hf"  # the in-process engine on the GPU: the round's other stages are the same
         from flywheel.flows.flywheel import flywheel
 
         with tempfile.TemporaryDirectory() as ws:
-            config = C.load_config(args.round_config, {"rounds": args.rounds, "workspace": ws, "model": {"engine": engine}})
+            config = C.load_config(
+                args.round_config, {"rounds": args.rounds, "workspace": ws, "model": {"engine": engine}}
+            )
             t0 = time.perf_counter()
             result = flywheel(config)
             rounds = result["rounds"]
-            print(f"round    engine {engine}, {args.rounds} round(s): {time.perf_counter() - t0:.1f} s with round "
-                  f"0's benchmark; test exact match " + " → ".join(f"{r['exact_match']:.3f}" for r in rounds))
+            print(
+                f"round    engine {engine}, {args.rounds} round(s): {time.perf_counter() - t0:.1f} s with round "
+                f"0's benchmark; test exact match " + " → ".join(f"{r['exact_match']:.3f}" for r in rounds)
+            )
             for k, r in enumerate(rounds[1:], 1):
-                print(f"round    {k}: {r['round_seconds']:.1f} s: " + ", ".join(
-                    f"{st} {r.get(st + '_seconds', 0):.1f} s" for st in ("generate", "judge", "train", "benchmark"))
-                    + f"; pairs {r.get('pairs')}; promoted {r.get('promoted')}")
+                print(
+                    f"round    {k}: {r['round_seconds']:.1f} s: "
+                    + ", ".join(
+                        f"{st} {r.get(st + '_seconds', 0):.1f} s" for st in ("generate", "judge", "train", "benchmark")
+                    )
+                    + f"; pairs {r.get('pairs')}; promoted {r.get('promoted')}"
+                )
 
     want = set(args.only or ["greedy", "judge", "train", "vllm", "round"])  # profile, train_large: when named
     section("sample", sample)
-    for name, fn in (("greedy", greedy), ("profile", profile), ("judge", judge), ("train", train),
-                     ("train_large", train_large), ("vllm", vllm_section),
-                     ("round", round_section)):
+    for name, fn in (
+        ("greedy", greedy),
+        ("profile", profile),
+        ("judge", judge),
+        ("train", train),
+        ("train_large", train_large),
+        ("vllm", vllm_section),
+        ("round", round_section),
+    ):
         if name in want and not (name == "round" and args.skip_round):
             section(name, fn)
     return 0

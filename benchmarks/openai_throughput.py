@@ -32,11 +32,31 @@ def llama_server(threads: int):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model",
-                             str(loading.embedded_gguf("smollm2-135m-instruct")), "--model_alias", "smollm",
-                             "--host", "127.0.0.1", "--port", str(port), "--n_threads", str(threads),
-                             "--n_threads_batch", str(threads), "--interrupt_requests", "False",
-                             "--verbose", "False"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(loading.embedded_gguf("smollm2-135m-instruct")),
+            "--model_alias",
+            "smollm",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--n_threads",
+            str(threads),
+            "--n_threads_batch",
+            str(threads),
+            "--interrupt_requests",
+            "False",
+            "--verbose",
+            "False",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}/v1"
     try:
         for _ in range(240):
@@ -81,14 +101,20 @@ def main() -> None:
     prompts = [it.prompt for it in items]
 
     def run(url: str) -> None:
-        cfg = C.ModelConfig(name=args.model, engine="openai", openai={
-            "base_url": url, "tokenizer": args.tokenizer, "max_concurrency": args.concurrency})
+        cfg = C.ModelConfig(
+            name=args.model,
+            engine="openai",
+            openai={"base_url": url, "tokenizer": args.tokenizer, "max_concurrency": args.concurrency},
+        )
         engine = engines.OpenAIEngine(cfg)
         texts = engine._texts(prompts)
         engine.greedy(prompts[:1], max_new_tokens=4)  # warm: tokenizer loaded, connection open
         kw = dict(max_new_tokens=32, temperature=1.0, top_p=1.0)
-        bodies = [engines.openai_completion("sample", args.model, t, seed=engines.row_seed(0, p, k), **kw)
-                  for p, t in zip(prompts, texts) for k in range(args.samples)]
+        bodies = [
+            engines.openai_completion("sample", args.model, t, seed=engines.row_seed(0, p, k), **kw)
+            for p, t in zip(prompts, texts)
+            for k in range(args.samples)
+        ]
         t_plain = plain(url, bodies, args.concurrency)
         t0 = time.perf_counter()
         gens = engine.sample(prompts, n=args.samples, seed=0, **kw)
@@ -96,12 +122,16 @@ def main() -> None:
         tokens = sum(g.n_tokens for g in gens)
         print(f"sampling {len(bodies)} requests, {tokens} tokens, concurrency {args.concurrency}")
         print(f"  plain   {len(bodies) / t_plain:7.2f} req/s  ({t_plain:.1f} s)")
-        print(f"  engine  {len(bodies) / t_engine:7.2f} req/s  ({t_engine:.1f} s, {tokens / t_engine:.1f} tok/s)"
-              f"  {t_plain / t_engine:.2f} of plain")
+        print(
+            f"  engine  {len(bodies) / t_engine:7.2f} req/s  ({t_engine:.1f} s, {tokens / t_engine:.1f} tok/s)"
+            f"  {t_plain / t_engine:.2f} of plain"
+        )
 
         rubric = judges.load_rubric()
-        renders = [{"question": p, "response": g.response} for p, g in zip(
-            [p for p in prompts for _ in range(args.samples)], gens)]
+        renders = [
+            {"question": p, "response": g.response}
+            for p, g in zip([p for p in prompts for _ in range(args.samples)], gens)
+        ]
         tok = engine.tokenizer
         judge_texts = [tok.decode(ids) for ids in engines.rendered_prompts(tok, rubric, renders, 1024)]
         jbodies = [engines.openai_completion("next_token", args.model, t) for t in judge_texts]

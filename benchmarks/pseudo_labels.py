@@ -24,7 +24,8 @@ def corr(a, b) -> float:
         return float("nan")
     ma, mb = statistics.fmean(a), statistics.fmean(b)
     return sum((x - ma) * (y - mb) for x, y in zip(a, b)) / math.sqrt(
-        sum((x - ma) ** 2 for x in a) * sum((y - mb) ** 2 for y in b))
+        sum((x - ma) ** 2 for x in a) * sum((y - mb) ** 2 for y in b)
+    )
 
 
 def main() -> int:
@@ -47,17 +48,26 @@ def main() -> int:
     items = train_items(source, 1, args.prompts, cfg.seed, prepared.decontaminator()).items
     engine = engines.open_engine(cfg.model, loading.resolve(cfg.model.name))
     print(f"{len(items)} prompts of {cfg.task.name} × {args.n} samples, the starting model")
-    print("temperature  sample-exact  pass@n  prompts≥50%  right  all-prompts-majority-right  tokens  "
-          "corr(certainty,len)  corr(certainty,right)  seconds")
+    print(
+        "temperature  sample-exact  pass@n  prompts≥50%  right  all-prompts-majority-right  tokens  "
+        "corr(certainty,len)  corr(certainty,right)  seconds"
+    )
     for t in args.temperatures:
         t0 = time.perf_counter()
-        gens = engine.sample([it.prompt for it in items], n=args.n, max_new_tokens=cfg.sampling.max_new_tokens,
-                             temperature=t, top_p=cfg.sampling.top_p, seed=cfg.seed * 1000 + 1, batch_size=cfg.sampling.batch_size)
+        gens = engine.sample(
+            [it.prompt for it in items],
+            n=args.n,
+            max_new_tokens=cfg.sampling.max_new_tokens,
+            temperature=t,
+            top_p=cfg.sampling.top_p,
+            seed=cfg.seed * 1000 + 1,
+            batch_size=cfg.sampling.batch_size,
+        )
         seconds = time.perf_counter() - t0
         right, certainty, length = [], [], []
         sure = sure_right = majority_right = passed = 0
         for i, it in enumerate(items):
-            group = gens[i * args.n:(i + 1) * args.n]
+            group = gens[i * args.n : (i + 1) * args.n]
             answers = [extracted_answer(g.response, it.answer) for g in group]
             ok = [source.score(a, it.answer, it.metadata) == 1.0 for a in answers]
             right += ok
@@ -73,10 +83,12 @@ def main() -> int:
                     sure += 1
                     sure_right += hit
         n = len(items)
-        print(f"{t:11.2f}  {sum(right) / len(right):12.1%}  {passed / n:6.1%}  {sure:11d}  "
-              f"{(sure_right / sure if sure else float('nan')):5.0%}  {majority_right / n:26.1%}  "
-              f"{statistics.fmean(length):6.1f}  {corr(certainty, length):19.2f}  "
-              f"{corr(certainty, [float(r) for r in right]):21.2f}  {seconds:7.1f}")
+        print(
+            f"{t:11.2f}  {sum(right) / len(right):12.1%}  {passed / n:6.1%}  {sure:11d}  "
+            f"{(sure_right / sure if sure else float('nan')):5.0%}  {majority_right / n:26.1%}  "
+            f"{statistics.fmean(length):6.1f}  {corr(certainty, length):19.2f}  "
+            f"{corr(certainty, [float(r) for r in right]):21.2f}  {seconds:7.1f}"
+        )
     return 0
 
 

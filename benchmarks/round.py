@@ -58,8 +58,13 @@ def sampling_and_benchmark(n_prompts: int) -> list:
     items = train_items(source, 1, n_prompts, 0, None)[0]
     prompts = [it.prompt for it in items]
     sampling.generate(model, tok, prompts[:2], n=2, max_new_tokens=4, batch_size=4, do_sample=True)  # warm-up
-    sample = {"max_new_tokens": s.max_new_tokens, "do_sample": True, "temperature": s.temperature, "top_p": s.top_p,
-              "seed": 0}
+    sample = {
+        "max_new_tokens": s.max_new_tokens,
+        "do_sample": True,
+        "temperature": s.temperature,
+        "top_p": s.top_p,
+        "seed": 0,
+    }
     t0 = time.perf_counter()
     old = sampling.generate_reference(model, tok, [p for p in prompts for _ in range(s.n)], batch_size=64, **sample)
     t_old = time.perf_counter() - t0
@@ -67,12 +72,19 @@ def sampling_and_benchmark(n_prompts: int) -> list:
     new = sampling.generate(model, tok, prompts, n=s.n, batch_size=s.batch_size, **sample)
     t_new = time.perf_counter() - t0
     gen_rate = sampling.tokens_per_second(new, t_new)
-    row("generate", sampling.tokens_per_second(old, t_old), gen_rate, "tokens/s",
-        f"({len(new)} samples; {t_old:.1f} s → {t_new:.1f} s; batch 64 → {s.batch_size})")
+    row(
+        "generate",
+        sampling.tokens_per_second(old, t_old),
+        gen_rate,
+        "tokens/s",
+        f"({len(new)} samples; {t_old:.1f} s → {t_new:.1f} s; batch 64 → {s.batch_size})",
+    )
     other = sampling.generate(model, tok, prompts, n=s.n, batch_size=64, **sample)
     same = sum(a.response == b.response for a, b in zip(new, other))
-    print(f"  {'':<10} the same seeds at batch 64 instead of {s.batch_size}: {same}/{len(new)} samples identical "
-          "(the rest differ by the logits' rounding)")
+    print(
+        f"  {'':<10} the same seeds at batch 64 instead of {s.batch_size}: {same}/{len(new)} samples identical "
+        "(the rest differ by the logits' rounding)"
+    )
     bench_items = benchmark_items(source, b.size, 0)
     bench = [it.prompt for it in bench_items]
     greedy = {"max_new_tokens": b.max_new_tokens, "do_sample": False}
@@ -83,8 +95,13 @@ def sampling_and_benchmark(n_prompts: int) -> list:
     g_new = sampling.generate(model, tok, bench, batch_size=b.batch_size, **greedy)
     bench_rate = sampling.tokens_per_second(g_new, time.perf_counter() - t0)
     same = sum(x.response == y.response for x, y in zip(g_old, g_new))
-    row("benchmark", sampling.tokens_per_second(g_old, t_old), bench_rate, "tokens/s",
-        f"(greedy, {len(bench)} items: {same}/{len(bench)} answers identical)")
+    row(
+        "benchmark",
+        sampling.tokens_per_second(g_old, t_old),
+        bench_rate,
+        "tokens/s",
+        f"(greedy, {len(bench)} items: {same}/{len(bench)} answers identical)",
+    )
     # model.dtype: bfloat16 (opt-in): sampling and greedy speed, and exact match on the same items,
     # scored as the benchmark stage scores them
     import copy
@@ -94,20 +111,31 @@ def sampling_and_benchmark(n_prompts: int) -> list:
     from flywheel.tasks.benchmark import score_rows, summarize
 
     def exact(gens) -> float:
-        return summarize(score_rows(bench_items, gens, source, run_id="bench", round_=0, model="m",
-                                    suite="round.py"))["exact_match"]
+        return summarize(score_rows(bench_items, gens, source, run_id="bench", round_=0, model="m", suite="round.py"))[
+            "exact_match"
+        ]
 
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
     sampling.generate(bf16, tok, prompts[:2], n=2, max_new_tokens=4, batch_size=4, do_sample=True)  # warm-up
     t0 = time.perf_counter()
     low = sampling.generate(bf16, tok, prompts, n=s.n, batch_size=s.batch_size, **sample)
-    row("gen bf16", gen_rate, sampling.tokens_per_second(low, time.perf_counter() - t0), "tokens/s",
-        "(model.dtype bfloat16 vs fp32, the new decoder both)")
+    row(
+        "gen bf16",
+        gen_rate,
+        sampling.tokens_per_second(low, time.perf_counter() - t0),
+        "tokens/s",
+        "(model.dtype bfloat16 vs fp32, the new decoder both)",
+    )
     t0 = time.perf_counter()
     g_low = sampling.generate(bf16, tok, bench, batch_size=b.batch_size, **greedy)
-    row("bench bf16", bench_rate, sampling.tokens_per_second(g_low, time.perf_counter() - t0), "tokens/s",
+    row(
+        "bench bf16",
+        bench_rate,
+        sampling.tokens_per_second(g_low, time.perf_counter() - t0),
+        "tokens/s",
         f"(greedy: exact match fp32 {exact(g_new):.1%}, bf16 {exact(g_low):.1%}; "
-        f"{sum(x.response == y.response for x, y in zip(g_new, g_low))}/{len(bench)} answers identical)")
+        f"{sum(x.response == y.response for x, y in zip(g_new, g_low))}/{len(bench)} answers identical)",
+    )
     return [(prompts[i // s.n], g.response) for i, g in enumerate(new)]
 
 
@@ -124,31 +152,41 @@ def judge(candidates: list, peak: float) -> None:
     from flywheel.models.decode import common_prefix_len
     from flywheel.models.generation import rendered_prompts
 
-    ids = rendered_prompts(tok, rubric, [{"question": q, "response": r} for q, r in candidates],
-                           cfg.judge.max_prompt_tokens)
+    ids = rendered_prompts(
+        tok, rubric, [{"question": q, "response": r} for q, r in candidates], cfg.judge.max_prompt_tokens
+    )
     p0, groups = common_prefix_len(ids), {}
     for q, t in zip(qs, ids):
         groups.setdefault(q, []).append(t[p0:])
-    own = sum(sum(len(t) - (common_prefix_len(ts) if len(ts) > 1 else 0) for t in ts)
-              for ts in groups.values()) / len(ids)
+    own = sum(sum(len(t) - (common_prefix_len(ts) if len(ts) > 1 else 0) for t in ts) for ts in groups.values()) / len(
+        ids
+    )
     text = tok.decode(ids[0])
     end = text.rfind(rs[0])  # -1 if decoding does not give the response back verbatim
-    closing = len(tok(text[end + len(rs[0]):], add_special_tokens=False)["input_ids"]) if end >= 0 else -1
+    closing = len(tok(text[end + len(rs[0]) :], add_special_tokens=False)["input_ids"]) if end >= 0 else -1
     body = sum(p.numel() for p in model.parameters()) - model.get_output_embeddings().weight.numel()
     gflop = 2 * body * own / 1e9
-    print(f"  {'':<10} per candidate after the shared prefixes: {own:.1f} tokens (the rubric's closing lines "
-          f"{closing} of them), {gflop:.1f} GFLOP: at most {peak / gflop:.1f} candidates/s at the fp32 peak")
+    print(
+        f"  {'':<10} per candidate after the shared prefixes: {own:.1f} tokens (the rubric's closing lines "
+        f"{closing} of them), {gflop:.1f} GFLOP: at most {peak / gflop:.1f} candidates/s at the fp32 peak"
+    )
     t0 = time.perf_counter()
     old = judges.llm_judge(model, tok, rubric, qs, rs, batch_size=16, max_prompt_tokens=1024, by_question=False)
     t_old = time.perf_counter() - t0
     t0 = time.perf_counter()
-    new = judges.llm_judge(model, tok, rubric, qs, rs, batch_size=cfg.judge.batch_size,
-                           max_prompt_tokens=cfg.judge.max_prompt_tokens)
+    new = judges.llm_judge(
+        model, tok, rubric, qs, rs, batch_size=cfg.judge.batch_size, max_prompt_tokens=cfg.judge.max_prompt_tokens
+    )
     t_new = time.perf_counter() - t0
     same = sum(a.parse_ok == b.parse_ok for a, b in zip(old, new))
     diff = max((abs(a.score - b.score) for a, b in zip(old, new) if a.parse_ok and b.parse_ok), default=0.0)
-    row("judge", len(qs) / t_old, len(qs) / t_new, "candidates/s",
-        f"(every candidate; same parse {same}/{len(qs)}, largest score change {diff:.1e})")
+    row(
+        "judge",
+        len(qs) / t_old,
+        len(qs) / t_new,
+        "candidates/s",
+        f"(every candidate; same parse {same}/{len(qs)}, largest score change {diff:.1e})",
+    )
     # model.dtype: bfloat16 (opt-in): the same candidates, against the fp32 verdicts above
     import copy
 
@@ -157,14 +195,20 @@ def judge(candidates: list, peak: float) -> None:
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
     judges.llm_judge(bf16, tok, rubric, qs[:16], rs[:16], batch_size=16, max_prompt_tokens=1024)  # warm-up
     t0 = time.perf_counter()
-    low = judges.llm_judge(bf16, tok, rubric, qs, rs, batch_size=cfg.judge.batch_size,
-                           max_prompt_tokens=cfg.judge.max_prompt_tokens)
+    low = judges.llm_judge(
+        bf16, tok, rubric, qs, rs, batch_size=cfg.judge.batch_size, max_prompt_tokens=cfg.judge.max_prompt_tokens
+    )
     t_low = time.perf_counter() - t0
     same = sum(a.parse_ok == b.parse_ok for a, b in zip(new, low))
     d = [abs(a.score - b.score) for a, b in zip(new, low) if a.parse_ok and b.parse_ok]
-    row("judge bf16", len(qs) / t_new, len(qs) / t_low, "candidates/s",
+    row(
+        "judge bf16",
+        len(qs) / t_new,
+        len(qs) / t_low,
+        "candidates/s",
         f"(model.dtype bfloat16 vs fp32, the new path both: same parse {same}/{len(qs)}, score change mean "
-        f"{sum(d) / max(1, len(d)):.3f}, largest {max(d, default=0.0):.3f})")
+        f"{sum(d) / max(1, len(d)):.3f}, largest {max(d, default=0.0):.3f})",
+    )
 
 
 def train(peak: float) -> None:
@@ -186,10 +230,15 @@ def train(peak: float) -> None:
     base = loading.resolve(cfg.model.name)
     items = train_items(make_source(cfg.task), 1, 38, 0, None)[0]
     rng = random.Random(0)
-    wrong = ["The final answer to this arithmetic problem is 12.", "I think 3.",
-             "Let's calculate it step by step: first we add the numbers and get 17, so the answer is 17."]
-    rows = [{"prompt": it.prompt, "chosen": f"The final answer is {it.answer}.", "rejected": rng.choice(wrong)}
-            for it in items]
+    wrong = [
+        "The final answer to this arithmetic problem is 12.",
+        "I think 3.",
+        "Let's calculate it step by step: first we add the numbers and get 17, so the answer is 17.",
+    ]
+    rows = [
+        {"prompt": it.prompt, "chosen": f"The final answer is {it.answer}.", "rejected": rng.choice(wrong)}
+        for it in items
+    ]
     model, tok = loading.load(base)
     from flywheel.models.sampling import chat_texts
 
@@ -228,12 +277,18 @@ def train(peak: float) -> None:
     t_pre, l_pre, _ = results["precomputed"]
     f_model, f_needed = estimate(r_new, False), estimate(r_new, True)
     row("train", t_old, t_new, "s (less=better)", f"(38 pairs, {epochs} epochs, loss {l_old:.4f} vs {l_new:.4f})")
-    print(f"  {'':<10} of which the labelled positions alone: {t_pre:.1f} s with the reference precomputed and every "
-          f"position projected → {t_new:.1f} s (loss {l_pre:.4f} vs {l_new:.4f})")
-    print(f"  {'':<10} FLOP estimate: {f_model:.0f} GFLOP model FLOPs, {f_needed:.0f} GFLOP needed; fp32 peak "
-          f"{min(peaks):.0f}–{best:.0f} GFLOP/s across the run ({len(peaks)} measurements), the best used")
-    print(f"  {'':<10} achieved, load, merge and save included: new {f_model / t_new / best:.0%} (model FLOPs), "
-          f"{f_needed / t_new / best:.0%} (needed); old {estimate(r_old, False) / t_old / best:.0%} (model FLOPs)")
+    print(
+        f"  {'':<10} of which the labelled positions alone: {t_pre:.1f} s with the reference precomputed and every "
+        f"position projected → {t_new:.1f} s (loss {l_pre:.4f} vs {l_new:.4f})"
+    )
+    print(
+        f"  {'':<10} FLOP estimate: {f_model:.0f} GFLOP model FLOPs, {f_needed:.0f} GFLOP needed; fp32 peak "
+        f"{min(peaks):.0f}–{best:.0f} GFLOP/s across the run ({len(peaks)} measurements), the best used"
+    )
+    print(
+        f"  {'':<10} achieved, load, merge and save included: new {f_model / t_new / best:.0%} (model FLOPs), "
+        f"{f_needed / t_new / best:.0%} (needed); old {estimate(r_old, False) / t_old / best:.0%} (model FLOPs)"
+    )
 
 
 def _rss_mib() -> float:
@@ -271,8 +326,11 @@ def train_memory() -> None:
 
     cfg = load_config()
     base = loading.resolve(cfg.model.name)
-    rows = [{"prompt": f"What is {a} + {b}?", "chosen": f"The final answer is {a + b}.", "rejected": "I think 3."}
-            for a in range(7) for b in range(6)][:38]
+    rows = [
+        {"prompt": f"What is {a} + {b}?", "chosen": f"The final answer is {a + b}.", "rejected": "I think 3."}
+        for a in range(7)
+        for b in range(6)
+    ][:38]
     engines.release()
     loading.load.cache_clear()
     gc.collect()
@@ -281,9 +339,19 @@ def train_memory() -> None:
         with tempfile.TemporaryDirectory() as d:
             before = _rss_mib()
             if label == "launched":
-                run = lambda: trainer.launch(base, rows, cfg.train, Path(d) / "out", base=base, seed=0,
-                                             dtype="auto", fingerprint="mem", checkpoint_steps=100,
-                                             mlflow_run_id=None, tracking_uri=None)
+                run = lambda: trainer.launch(
+                    base,
+                    rows,
+                    cfg.train,
+                    Path(d) / "out",
+                    base=base,
+                    seed=0,
+                    dtype="auto",
+                    fingerprint="mem",
+                    checkpoint_steps=100,
+                    mlflow_run_id=None,
+                    tracking_uri=None,
+                )
             else:
                 run = lambda: trainer.train(base, rows, cfg.train, Path(d) / "out", base=base, seed=0)
             t0 = time.perf_counter()
@@ -291,9 +359,11 @@ def train_memory() -> None:
             out[label] = (before, peak, time.perf_counter() - t0)
         gc.collect()
     (b_l, p_l, t_l), (b_i, p_i, t_i) = out["launched"], out["in-process"]
-    print(f"  train RSS  orchestrating process while training 38 pairs: in-process peak {p_i:.0f} MiB "
-          f"(+{p_i - b_i:.0f}, {t_i:.0f} s); launched job peak {p_l:.0f} MiB (+{p_l - b_l:.0f}, {t_l:.0f} s, "
-          "the model lives in the job's process)")
+    print(
+        f"  train RSS  orchestrating process while training 38 pairs: in-process peak {p_i:.0f} MiB "
+        f"(+{p_i - b_i:.0f}, {t_i:.0f} s); launched job peak {p_l:.0f} MiB (+{p_l - b_l:.0f}, {t_l:.0f} s, "
+        "the model lives in the job's process)"
+    )
 
 
 def reference_memory() -> None:
@@ -307,13 +377,16 @@ def reference_memory() -> None:
 
     out = {}
     for label in ("kept", "precomputed"):
-        p = subprocess.run([sys.executable, __file__, "--reference-child", label], capture_output=True, text=True,
-                           check=True)
+        p = subprocess.run(
+            [sys.executable, __file__, "--reference-child", label], capture_output=True, text=True, check=True
+        )
         out[label] = json.loads(p.stdout.strip().splitlines()[-1])
     k, p = out["kept"], out["precomputed"]
-    print(f"  reference  full DPO fine-tune, 38 pairs, 1 epoch, peak RSS above the loaded process: reference model "
-          f"kept +{k['mib']:.0f} MiB ({k['reference']}, {k['s']:.0f} s, loss {k['loss']:.4f}); precomputed "
-          f"+{p['mib']:.0f} MiB ({p['reference']}, {p['s']:.0f} s, loss {p['loss']:.4f}): {p['mib'] / k['mib']:.2f}×")
+    print(
+        f"  reference  full DPO fine-tune, 38 pairs, 1 epoch, peak RSS above the loaded process: reference model "
+        f"kept +{k['mib']:.0f} MiB ({k['reference']}, {k['s']:.0f} s, loss {k['loss']:.4f}); precomputed "
+        f"+{p['mib']:.0f} MiB ({p['reference']}, {p['s']:.0f} s, loss {p['loss']:.4f}): {p['mib'] / k['mib']:.2f}×"
+    )
 
 
 def _reference_child(label: str) -> None:
@@ -324,16 +397,32 @@ def _reference_child(label: str) -> None:
 
     cfg = load_config()
     base = loading.resolve(cfg.model.name)
-    rows = [{"prompt": f"What is {a} + {b}?", "chosen": f"The final answer is {a + b}.", "rejected": "I think 3."}
-            for a in range(7) for b in range(6)][:38]
-    train_cfg = cfg.train.model_copy(update={"lora": False, "reference": "base", "dpo": {
-        **cfg.train.dpo, "num_train_epochs": 1, "precompute_ref_log_probs": label == "precomputed"}})
+    rows = [
+        {"prompt": f"What is {a} + {b}?", "chosen": f"The final answer is {a + b}.", "rejected": "I think 3."}
+        for a in range(7)
+        for b in range(6)
+    ][:38]
+    train_cfg = cfg.train.model_copy(
+        update={
+            "lora": False,
+            "reference": "base",
+            "dpo": {**cfg.train.dpo, "num_train_epochs": 1, "precompute_ref_log_probs": label == "precomputed"},
+        }
+    )
     with tempfile.TemporaryDirectory() as d:
         before = _rss_mib()
         t0 = time.perf_counter()
         peak, m = _peak_rss_during(lambda: trainer.train(base, rows, train_cfg, Path(d) / "out", base=base, seed=0))
-    print(json.dumps({"mib": peak - before, "s": time.perf_counter() - t0, "loss": m["train_loss"],
-                      "reference": m["train_reference"]}))
+    print(
+        json.dumps(
+            {
+                "mib": peak - before,
+                "s": time.perf_counter() - t0,
+                "loss": m["train_loss"],
+                "reference": m["train_reference"],
+            }
+        )
+    )
 
 
 def one_round() -> None:
@@ -370,8 +459,11 @@ if __name__ == "__main__":
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--skip-round", action="store_true")
     ap.add_argument("--memory-only", action="store_true", help="only the training memory measurement")
-    ap.add_argument("--only", choices=("peak", "generate", "judge", "train"),
-                    help="the peaks and one stage (judge samples its candidates first)")
+    ap.add_argument(
+        "--only",
+        choices=("peak", "generate", "judge", "train"),
+        help="the peaks and one stage (judge samples its candidates first)",
+    )
     ap.add_argument("--reference-child", choices=("kept", "precomputed"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.reference_child:

@@ -90,19 +90,36 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--preset", help="a shipped config: default, label_free (no verifier in the loop)")
     run.add_argument("--config", type=Path, help="YAML config file (over the preset); flags below override it")
     run.add_argument("--model", help="transformers model id, local checkpoint dir, or embedded:NAME")
-    run.add_argument("--engine", choices=_PolicyEngines(), metavar="ENGINE",
-                     help="who runs the policy: %(choices)s (hf: in-process transformers, the default; vllm: a GPU)")
+    run.add_argument(
+        "--engine",
+        choices=_PolicyEngines(),
+        metavar="ENGINE",
+        help="who runs the policy: %(choices)s (hf: in-process transformers, the default; vllm: a GPU)",
+    )
     run.add_argument("--task", help="reasoning-gym dataset name, e.g. chain_sum, basic_arithmetic")
-    run.add_argument("--task-option", action="append", type=_parse_option, default=[], metavar="KEY=VALUE",
-                     help="reasoning-gym difficulty option (repeatable), e.g. --task-option max_digits=2")
+    run.add_argument(
+        "--task-option",
+        action="append",
+        type=_parse_option,
+        default=[],
+        metavar="KEY=VALUE",
+        help="reasoning-gym difficulty option (repeatable), e.g. --task-option max_digits=2",
+    )
     run.add_argument("--prompts", type=Path, help="JSONL/Parquet prompts file ('prompt', optional 'answer')")
     run.add_argument("--rounds", "--max-rounds", type=int, dest="rounds", help="rounds to run (at most)")
-    run.add_argument("--until-no-improvement", type=int, metavar="K",
-                     help="stop after K rounds in a row whose model was not promoted")
+    run.add_argument(
+        "--until-no-improvement",
+        type=int,
+        metavar="K",
+        help="stop after K rounds in a row whose model was not promoted",
+    )
     run.add_argument("--resume", metavar="RUN_ID", type=_run_id, help="continue this run where it stopped")
-    run.add_argument("--force-from-stage", choices=_Stages(), metavar="STAGE",
-                     help="with --resume: redo this stage and the ones after it in the run's latest round, under "
-                          "the config given")
+    run.add_argument(
+        "--force-from-stage",
+        choices=_Stages(),
+        metavar="STAGE",
+        help="with --resume: redo this stage and the ones after it in the run's latest round, under the config given",
+    )
     run.add_argument("--samples", type=int, help="samples per prompt")
     run.add_argument("--prompts-per-round", type=int)
     run.add_argument("--benchmark-size", type=int)
@@ -210,11 +227,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         check(config, args.resume, args.force_from_stage)
         with lock.workspace_lock(config.workspace):
             tracking.setup(config.workspace, config.name)
-            console.print(f"[bold]flywheel[/bold] {config.rounds} round(s) of {config.model.name} on "
-                          f"{config.task.prompts_file or config.task.name} → {Path(config.workspace).resolve()}")
+            console.print(
+                f"[bold]flywheel[/bold] {config.rounds} round(s) of {config.model.name} on "
+                f"{config.task.prompts_file or config.task.name} → {Path(config.workspace).resolve()}"
+            )
             with prefect_ready():
-                result = flywheel(config, resume=args.resume, force_from_stage=args.force_from_stage,
-                                  run_id=None if args.resume else new_run_id())
+                result = flywheel(
+                    config,
+                    resume=args.resume,
+                    force_from_stage=args.force_from_stage,
+                    run_id=None if args.resume else new_run_id(),
+                )
     print_summary(result)
     return 0
 
@@ -225,20 +248,41 @@ def print_summary(result: dict) -> None:
     from flywheel.progress import console
 
     t = Table(title=f"flywheel run {result['run_id']}")
-    for col in ("round", "test exact", "95% interval", "mean score", "validation exact", "pairs", "judge≈verifier",
-                "mean length", "time", "promoted"):
+    for col in (
+        "round",
+        "test exact",
+        "95% interval",
+        "mean score",
+        "validation exact",
+        "pairs",
+        "judge≈verifier",
+        "mean length",
+        "time",
+        "promoted",
+    ):
         t.add_column(col, justify="right")
 
     def fmt(v: Any, pattern: str) -> str:
         return pattern.format(v) if isinstance(v, (int, float)) else "–"
 
     for r in result["rounds"]:
-        interval = (f"{r['exact_match_low']:.1%}–{r['exact_match_high']:.1%}"
-                    if isinstance(r.get("exact_match_low"), float) else "–")
-        t.add_row(str(r["round"]), fmt(r.get("exact_match"), "{:.1%}"), interval, fmt(r.get("accuracy"), "{:.1%}"),
-                  fmt(r.get("validation_exact_match"), "{:.1%}"), fmt(r.get("pairs"), "{:d}"),
-                  fmt(r.get("judge_verifier_agreement"), "{:.1%}"), fmt(r.get("mean_response_tokens"), "{:.1f} tok"),
-                  fmt(r.get("round_seconds"), "{:.0f} s"), "yes" if r.get("promoted") else "no")
+        interval = (
+            f"{r['exact_match_low']:.1%}–{r['exact_match_high']:.1%}"
+            if isinstance(r.get("exact_match_low"), float)
+            else "–"
+        )
+        t.add_row(
+            str(r["round"]),
+            fmt(r.get("exact_match"), "{:.1%}"),
+            interval,
+            fmt(r.get("accuracy"), "{:.1%}"),
+            fmt(r.get("validation_exact_match"), "{:.1%}"),
+            fmt(r.get("pairs"), "{:d}"),
+            fmt(r.get("judge_verifier_agreement"), "{:.1%}"),
+            fmt(r.get("mean_response_tokens"), "{:.1f} tok"),
+            fmt(r.get("round_seconds"), "{:.0f} s"),
+            "yes" if r.get("promoted") else "no",
+        )
     from flywheel.progress import results
 
     results.print(t)
@@ -249,11 +293,15 @@ def print_summary(result: dict) -> None:
         last_round = result["rounds"][-1]
         gain = ""
         if isinstance(last_round.get("exact_match_gain_low"), float):
-            gain = (f"; the last round vs its champion: {last_round['exact_match_gain'] * 100:+.1f} points, 95% interval "
-                    f"[{last_round['exact_match_gain_low'] * 100:+.1f}, {last_round['exact_match_gain_high'] * 100:+.1f}]")
-        console.print(f"test exact match {first:.1%} → {last:.1%} after the last round "
-                      f"({(last - first) * 100:+.1f} points{gain}); champion: {result['champion']}")
-    console.print(f"MLflow run {result['mlflow_run_id']}; tables: flywheel sql \"SELECT * FROM rounds\"")
+            gain = (
+                f"; the last round vs its champion: {last_round['exact_match_gain'] * 100:+.1f} points, 95% interval "
+                f"[{last_round['exact_match_gain_low'] * 100:+.1f}, {last_round['exact_match_gain_high'] * 100:+.1f}]"
+            )
+        console.print(
+            f"test exact match {first:.1%} → {last:.1%} after the last round "
+            f"({(last - first) * 100:+.1f} points{gain}); champion: {result['champion']}"
+        )
+    console.print(f'MLflow run {result["mlflow_run_id"]}; tables: flywheel sql "SELECT * FROM rounds"')
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
@@ -313,13 +361,16 @@ def cmd_runs(args: argparse.Namespace) -> int:
     from flywheel.progress import console
     from flywheel.storage import catalog, lock
 
-    rows = catalog.query(args.workspace, """
+    rows = catalog.query(
+        args.workspace,
+        """
         SELECT run_id, count(*) FILTER (WHERE status = 'completed') - 1 AS rounds,
                max(round) AS last_round, arg_max(status, round) AS last_status,
                max(accuracy) FILTER (WHERE round = 0) AS start_accuracy,
                arg_max(accuracy, round) FILTER (WHERE promoted) AS champion_accuracy,
                max(finished_at) AS updated
-        FROM rounds GROUP BY run_id ORDER BY run_id""").to_pylist()
+        FROM rounds GROUP BY run_id ORDER BY run_id""",
+    ).to_pylist()
     busy = lock.busy(args.workspace)  # a probe: a run starting meanwhile waits it out (storage/lock.py)
     from flywheel.progress import results
 
@@ -328,12 +379,19 @@ def cmd_runs(args: argparse.Namespace) -> int:
         t.add_column(col)
     for i, r in enumerate(rows):
         done = (args.workspace / "runs" / r["run_id"] / f"round={r['last_round']}" / "round.done.json").is_file()
-        status = ("failed" if r["last_status"] == "failed" else "completed" if done else "interrupted")
+        status = "failed" if r["last_status"] == "failed" else "completed" if done else "interrupted"
         if busy and i == len(rows) - 1 and status != "completed":
             status = "running?"
         fmt = lambda v: "–" if v is None else f"{v:.1%}"  # noqa: E731
-        t.add_row(r["run_id"], str(r["rounds"]), str(r["last_round"]), fmt(r["start_accuracy"]),
-                  fmt(r["champion_accuracy"]), status, str(r["updated"])[:19])
+        t.add_row(
+            r["run_id"],
+            str(r["rounds"]),
+            str(r["last_round"]),
+            fmt(r["start_accuracy"]),
+            fmt(r["champion_accuracy"]),
+            status,
+            str(r["updated"])[:19],
+        )
     results.print(t)
     if any(r["last_status"] == "failed" for r in rows) or busy:
         console.print("resume an interrupted or failed run: flywheel run --resume RUN")
@@ -348,16 +406,33 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     rows = compare.collect(args.workspace, args.run_ids)
     t = Table(title=f"compare {', '.join(args.run_ids)}")
-    heads = ("run", "round", "accuracy", "promoted", "pairs", "judge≈verifier", "mean length", "gen s", "judge s",
-             "train s", "bench s")
+    heads = (
+        "run",
+        "round",
+        "accuracy",
+        "promoted",
+        "pairs",
+        "judge≈verifier",
+        "mean length",
+        "gen s",
+        "judge s",
+        "train s",
+        "bench s",
+    )
     for h in heads:
         t.add_column(h, justify="right")
     fmt = lambda v, p: "–" if v is None else p.format(v)  # noqa: E731
     for r in rows:
-        t.add_row(r["run"], str(r["round"]), fmt(r.get("accuracy"), "{:.1%}"),
-                  "yes" if r.get("promoted") else "no", fmt(r.get("pairs"), "{:.0f}"),
-                  fmt(r.get("judge_verifier_agreement"), "{:.1%}"), fmt(r.get("mean_response_tokens"), "{:.1f}"),
-                  *(fmt(r.get(f"{s}_seconds"), "{:.0f}") for s in ("generate", "judge", "train", "benchmark")))
+        t.add_row(
+            r["run"],
+            str(r["round"]),
+            fmt(r.get("accuracy"), "{:.1%}"),
+            "yes" if r.get("promoted") else "no",
+            fmt(r.get("pairs"), "{:.0f}"),
+            fmt(r.get("judge_verifier_agreement"), "{:.1%}"),
+            fmt(r.get("mean_response_tokens"), "{:.1f}"),
+            *(fmt(r.get(f"{s}_seconds"), "{:.0f}") for s in ("generate", "judge", "train", "benchmark")),
+        )
     results.print(t)
     out = args.out or args.workspace / f"compare-{'-'.join(r[-6:] for r in args.run_ids)}.png"
     plots.compare_plot(rows, out)
@@ -381,12 +456,16 @@ def cmd_data(args: argparse.Namespace) -> int:
     console.print(f"[bold]{args.table}[/bold] of {where}: {len(rows)} row(s), showing {min(args.limit, len(rows))}")
     for r in rows[: args.limit]:
         if args.table == "pairs":
-            body = (f"[bold]prompt[/bold]   {r['prompt']}\n"
-                    f"[green]chosen[/green]   ({r['chosen_score']:.3g}, {r['chosen_tokens']} tok) {r['chosen']}\n"
-                    f"[red]rejected[/red] ({r['rejected_score']:.3g}, {r['rejected_tokens']} tok) {r['rejected']}")
+            body = (
+                f"[bold]prompt[/bold]   {r['prompt']}\n"
+                f"[green]chosen[/green]   ({r['chosen_score']:.3g}, {r['chosen_tokens']} tok) {r['chosen']}\n"
+                f"[red]rejected[/red] ({r['rejected_score']:.3g}, {r['rejected_tokens']} tok) {r['rejected']}"
+            )
             title = f"round {r['round']} · {r['rule']} on {r['reward']} · margin {r['margin']:.3g} · {r['category']}"
         else:
-            body = f"[bold]prompt[/bold]     {r['prompt']}\n[green]completion[/green] ({r['score']:.3g}) {r['completion']}"
+            body = (
+                f"[bold]prompt[/bold]     {r['prompt']}\n[green]completion[/green] ({r['score']:.3g}) {r['completion']}"
+            )
             title = f"round {r['round']} · {r['reward']} · {r['category']}"
         console.print(Panel(body, title=title, title_align="left"))
     return 0
@@ -403,10 +482,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 def quiet_libraries(verbose: bool = False) -> None:
     """Our own progress lines say what is happening; the libraries' bars and notices only bury them.
     Without --verbose no library warning reaches the terminal (flywheel's own errors still do)."""
-    for var, value in (("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
-                       ("TRANSFORMERS_VERBOSITY", "error"), ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"),
-                       ("TOKENIZERS_PARALLELISM", "false"), ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
-                       ("TQDM_DISABLE", "1")):  # TRL's own bars (reference log-probs) ignore disable_tqdm
+    for var, value in (
+        ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"),
+        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+        ("TRANSFORMERS_VERBOSITY", "error"),
+        ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"),
+        ("TOKENIZERS_PARALLELISM", "false"),
+        ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
+        ("TQDM_DISABLE", "1"),
+    ):  # TRL's own bars (reference log-probs) ignore disable_tqdm
         os.environ.setdefault(var, value)
     import warnings
 
@@ -430,8 +514,14 @@ def main(argv: list[str] | None = None) -> int:
     from flywheel.errors import UserError
 
     try:
-        commands = {"run": cmd_run, "sql": cmd_sql, "data": cmd_data, "export": cmd_export, "runs": cmd_runs,
-                    "compare": cmd_compare}
+        commands = {
+            "run": cmd_run,
+            "sql": cmd_sql,
+            "data": cmd_data,
+            "export": cmd_export,
+            "runs": cmd_runs,
+            "compare": cmd_compare,
+        }
         return commands[args.command](args)
     except (UserError, OSError) as e:
         print(f"flywheel: error: {one_line(str(e))}", file=sys.stderr)

@@ -46,6 +46,7 @@ _VERSIONED = ("torch", "transformers", "trl", "peft", "prefect", "mlflow", "duck
 @dataclass
 class Prepared:
     """Everything checked before the first write: a bad input fails here, leaving no trace."""
+
     config: FlywheelConfig
     base: str
     source: object
@@ -55,8 +56,12 @@ class Prepared:
     def decontaminator(self) -> Decontaminator:
         """Training prompts may overlap neither split."""
         cur, held = self.config.curation, self.validation + self.test
-        return Decontaminator([it.prompt for it in held], cur.decontam_ngram, cur.decontam_threshold,
-                              metadata=[it.metadata for it in held])
+        return Decontaminator(
+            [it.prompt for it in held],
+            cur.decontam_ngram,
+            cur.decontam_threshold,
+            metadata=[it.metadata for it in held],
+        )
 
 
 def prepare(config: FlywheelConfig) -> Prepared:
@@ -123,31 +128,76 @@ def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
 
 
-def _round_row(ctx: StageContext, *, status: str, policy_in: str, started: datetime, policy_out: str | None = None,
-               accuracy: float | None = None, n_pairs: int | None = None, error: str | None = None,
-               template_hash: str | None = None, registered_version: str | None = None,
-               base: str | None = None, promoted: bool = False, reasons: list[str] | None = None,
-               weights_sha256: str | None = None) -> dict:
+def _round_row(
+    ctx: StageContext,
+    *,
+    status: str,
+    policy_in: str,
+    started: datetime,
+    policy_out: str | None = None,
+    accuracy: float | None = None,
+    n_pairs: int | None = None,
+    error: str | None = None,
+    template_hash: str | None = None,
+    registered_version: str | None = None,
+    base: str | None = None,
+    promoted: bool = False,
+    reasons: list[str] | None = None,
+    weights_sha256: str | None = None,
+) -> dict:
     cfg = ctx.config
     reference = None
     if ctx.round > 0:  # which model DPO measured against: this round's start ("previous") or the base
         reference = base if cfg.train.reference == "base" else policy_in
-    return dict(run_id=ctx.run_id, round=ctx.round, status=status, policy_in=policy_in, policy_out=policy_out,
-                weights_sha256=weights_sha256, reference_model=reference,
-                config_hash=cfg.hash(), judge_template_hash=template_hash, seed=cfg.seed,
-                code_version=code_version(), package_versions=json.dumps(package_versions()),
-                mlflow_run_id=ctx.mlflow_run_id, registered_version=registered_version,
-                promoted=promoted, promotion_reasons="; ".join(reasons) if reasons else None,
-                accuracy=accuracy, n_pairs=n_pairs,
-                started_at=started, finished_at=datetime.now(timezone.utc), error=error)
+    return dict(
+        run_id=ctx.run_id,
+        round=ctx.round,
+        status=status,
+        policy_in=policy_in,
+        policy_out=policy_out,
+        weights_sha256=weights_sha256,
+        reference_model=reference,
+        config_hash=cfg.hash(),
+        judge_template_hash=template_hash,
+        seed=cfg.seed,
+        code_version=code_version(),
+        package_versions=json.dumps(package_versions()),
+        mlflow_run_id=ctx.mlflow_run_id,
+        registered_version=registered_version,
+        promoted=promoted,
+        promotion_reasons="; ".join(reasons) if reasons else None,
+        accuracy=accuracy,
+        n_pairs=n_pairs,
+        started_at=started,
+        finished_at=datetime.now(timezone.utc),
+        error=error,
+    )
 
 
 # Only failures that may pass on their own are retried: a lost connection, a timed-out request, a
 # busy or briefly failing (network) filesystem. A missing file, a denied permission or a path
 # that is a directory stay what they are on every try, and a bug is never retried either.
-TRANSIENT_ERRNOS = frozenset(getattr(errno, name) for name in (
-    "EAGAIN", "EBUSY", "EINTR", "EIO", "ETIMEDOUT", "ECONNRESET", "ECONNREFUSED", "ECONNABORTED", "EPIPE",
-    "EHOSTUNREACH", "ENETUNREACH", "ENETDOWN", "ESTALE", "ENOLCK", "EREMOTEIO") if hasattr(errno, name))
+TRANSIENT_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "EAGAIN",
+        "EBUSY",
+        "EINTR",
+        "EIO",
+        "ETIMEDOUT",
+        "ECONNRESET",
+        "ECONNREFUSED",
+        "ECONNABORTED",
+        "EPIPE",
+        "EHOSTUNREACH",
+        "ENETUNREACH",
+        "ENETDOWN",
+        "ESTALE",
+        "ENOLCK",
+        "EREMOTEIO",
+    )
+    if hasattr(errno, name)
+)
 
 
 def is_transient(e: BaseException) -> bool:
@@ -179,8 +229,12 @@ def _retry_transient(task, task_run, state) -> bool:
 
 def _with_policy(task, config: FlywheelConfig):
     st = config.stages
-    return task.with_options(retries=st.retries, retry_delay_seconds=exponential_backoff(st.retry_delay_s),
-                             retry_condition_fn=_retry_transient, timeout_seconds=st.timeout_s)
+    return task.with_options(
+        retries=st.retries,
+        retry_delay_seconds=exponential_backoff(st.retry_delay_s),
+        retry_condition_fn=_retry_transient,
+        timeout_seconds=st.timeout_s,
+    )
 
 
 def stage_call(stage: str, ctx: StageContext, prepared: Prepared, params: dict, fingerprint: str) -> tuple:
@@ -194,6 +248,7 @@ def stage_call(stage: str, ctx: StageContext, prepared: Prepared, params: dict, 
 class Stages:
     """Runs a round's stages through their manifests: a completed stage is reused, not rerun. A
     stage placed on a work pool runs there (flows/placement.py), the rest in this process."""
+
     ctx: StageContext
     prepared: Prepared
     force_from: str | None = None
@@ -208,8 +263,10 @@ class Stages:
         if done is not None and not forced:
             if done["fingerprint"] != fingerprint:
                 if self.force_from is None:
-                    raise ResumeError(f"run {run_id} round {k}: stage {stage} was computed from other inputs (the "
-                                      f"config changed); use --force-from-stage {stage} to redo it and what follows")
+                    raise ResumeError(
+                        f"run {run_id} round {k}: stage {stage} was computed from other inputs (the "
+                        f"config changed); use --force-from-stage {stage} to redo it and what follows"
+                    )
                 # kept under the new config, as the user asked: recorded under its new fingerprint, so
                 # the stages after it chain from the new config and a later plain resume matches
                 manifest.write(root, run_id, k, stage, fingerprint, done["result"])
@@ -230,8 +287,10 @@ class Stages:
         except TimeoutError as e:
             if type(e).__name__ != "TaskRunTimeoutError":
                 raise
-            raise StageTimeout(f"round {k}: stage {stage} ran past its timeout "
-                               f"(stages.timeout_s = {self.ctx.config.stages.timeout_s:g} s)") from None
+            raise StageTimeout(
+                f"round {k}: stage {stage} ran past its timeout "
+                f"(stages.timeout_s = {self.ctx.config.stages.timeout_s:g} s)"
+            ) from None
         manifest.write(root, run_id, k, stage, fingerprint, result)
         progress.log(f"round {k}: {stage} done in {time.perf_counter() - t0:.1f} s ({_stage_summary(result)})")
         return result, fingerprint
@@ -239,17 +298,38 @@ class Stages:
 
 def _stage_summary(result: dict) -> str:
     """The counts a stage's log line carries: whichever of these its result has."""
-    keys = ("candidates", "generate_tokens_per_s", "judge_verifier_agreement", "pairs", "sft_examples",
-            "train_rows", "train_loss", "accuracy", "mean_response_tokens")
-    parts = [f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k in keys
-             if (v := result.get(k)) is not None and not isinstance(v, (dict, list))]
+    keys = (
+        "candidates",
+        "generate_tokens_per_s",
+        "judge_verifier_agreement",
+        "pairs",
+        "sft_examples",
+        "train_rows",
+        "train_loss",
+        "accuracy",
+        "mean_response_tokens",
+    )
+    parts = [
+        f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+        for k in keys
+        if (v := result.get(k)) is not None and not isinstance(v, (dict, list))
+    ]
     return ", ".join(parts) or "no counts"
 
 
 @flow(name="flywheel-round", flow_run_name="{run_id}-round-{round}")
-def one_round(config: FlywheelConfig, run_id: str, round: int, champion: dict, base: str, parent_run_id: str,
-              experiment_id: str, previous: str | None = None, policy_reference: str | None = None,
-              force_from_stage: str | None = None) -> dict:
+def one_round(
+    config: FlywheelConfig,
+    run_id: str,
+    round: int,
+    champion: dict,
+    base: str,
+    parent_run_id: str,
+    experiment_id: str,
+    previous: str | None = None,
+    policy_reference: str | None = None,
+    force_from_stage: str | None = None,
+) -> dict:
     """generate → judge → curate → train → benchmark → promotion gate, for one round.
 
     The round starts from `champion` (its policy and benchmark figures). `previous` is the policy
@@ -260,8 +340,9 @@ def one_round(config: FlywheelConfig, run_id: str, round: int, champion: dict, b
     champ = promote.Champion(**champion)
     policy = champ.policy
     prepared = prepare(config)
-    mlflow_run = tracking.find_or_start_run(experiment_id, f"round-{round}", parent_run_id, tags={
-        "flywheel.run_id": run_id, "flywheel.round": str(round)})
+    mlflow_run = tracking.find_or_start_run(
+        experiment_id, f"round-{round}", parent_run_id, tags={"flywheel.run_id": run_id, "flywheel.round": str(round)}
+    )
     tracking.log_params(mlflow_run, config.flat() | {"round": round, "policy_in": policy, "base_model": base})
     ctx = StageContext(config, run_id, round, mlflow_run)
     stages = Stages(ctx, prepared, force_from_stage)
@@ -280,33 +361,71 @@ def one_round(config: FlywheelConfig, run_id: str, round: int, champion: dict, b
         version = _log_round_artifacts(ctx, config, metrics, policy_out, metrics["trained"], promoted)
     except BaseException as e:
         error = _error_text(e)
-        best_effort(lambda: parquet.write_table(config.workspace, "rounds", run_id, round, [_round_row(
-                        ctx, status="failed", policy_in=policy, started=started, error=error[:2000], base=base)]),
-                    lambda: catalog.refresh(config.workspace),
-                    lambda: tracking.set_tags(mlflow_run, {"flywheel.error": error[:5000]}),
-                    lambda: tracking.end_run(mlflow_run, "FAILED"))
+        best_effort(
+            lambda: parquet.write_table(
+                config.workspace,
+                "rounds",
+                run_id,
+                round,
+                [_round_row(ctx, status="failed", policy_in=policy, started=started, error=error[:2000], base=base)],
+            ),
+            lambda: catalog.refresh(config.workspace),
+            lambda: tracking.set_tags(mlflow_run, {"flywheel.error": error[:5000]}),
+            lambda: tracking.end_run(mlflow_run, "FAILED"),
+        )
         raise
-    parquet.write_table(config.workspace, "rounds", run_id, round, [_round_row(
-        ctx, status="completed", policy_in=policy, started=started, policy_out=policy_out,
-        accuracy=metrics["accuracy"], n_pairs=metrics["pairs"], template_hash=metrics.get("judge_template_hash"),
-        registered_version=version, base=base, promoted=promoted, reasons=reasons,
-        weights_sha256=metrics["weights_sha256"])])
+    parquet.write_table(
+        config.workspace,
+        "rounds",
+        run_id,
+        round,
+        [
+            _round_row(
+                ctx,
+                status="completed",
+                policy_in=policy,
+                started=started,
+                policy_out=policy_out,
+                accuracy=metrics["accuracy"],
+                n_pairs=metrics["pairs"],
+                template_hash=metrics.get("judge_template_hash"),
+                registered_version=version,
+                base=base,
+                promoted=promoted,
+                reasons=reasons,
+                weights_sha256=metrics["weights_sha256"],
+            )
+        ],
+    )
     catalog.refresh(config.workspace)
     tracking.end_run(mlflow_run)
     progress.publish_summary(config.name, run_id, round, metrics)
     reference = base if config.train.reference == "base" else policy
-    return {"round": round, "policy_in": policy, "policy_out": policy_out, "registered_version": version,
-            "reference_model": reference if metrics["trained"] else policy_reference, **metrics}
+    return {
+        "round": round,
+        "policy_in": policy,
+        "policy_out": policy_out,
+        "registered_version": version,
+        "reference_model": reference if metrics["trained"] else policy_reference,
+        **metrics,
+    }
 
 
-def _log_round_artifacts(ctx: StageContext, config: FlywheelConfig, metrics: dict, policy_out: str,
-                         trained: bool, promoted: bool) -> str | None:
+def _log_round_artifacts(
+    ctx: StageContext, config: FlywheelConfig, metrics: dict, policy_out: str, trained: bool, promoted: bool
+) -> str | None:
     run = ctx.mlflow_run_id
     numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     tracking.log_metrics(run, numeric | {"promoted": float(promoted)}, step=ctx.round)
     reasons = "; ".join(metrics["promotion_reasons"])
-    tracking.set_tags(run, {"flywheel.promoted": str(promoted).lower(), "flywheel.promotion_reasons": reasons[:5000],
-                            "flywheel.weights_sha256": str(metrics.get("weights_sha256"))})
+    tracking.set_tags(
+        run,
+        {
+            "flywheel.promoted": str(promoted).lower(),
+            "flywheel.promotion_reasons": reasons[:5000],
+            "flywheel.weights_sha256": str(metrics.get("weights_sha256")),
+        },
+    )
     tracking.log_table(run, candidates_sample(ctx).to_pandas(), "samples/candidates.json")
     pairs = parquet.table_path(config.workspace, "pairs", ctx.run_id, ctx.round)
     tracking.log_artifact(run, pairs, "pairs")
@@ -316,15 +435,25 @@ def _log_round_artifacts(ctx: StageContext, config: FlywheelConfig, metrics: dic
         return None
     exact, mean = metrics.get("exact_match"), metrics.get("accuracy")
     version = tracking.log_and_register_model(
-        run, Path(policy_out), config.name,
-        tags={"flywheel.run_id": ctx.run_id, "flywheel.round": str(ctx.round),
-              "exact_match": "unscored" if exact is None else f"{exact:.4f}",
-              "mean_score": "unscored" if mean is None else f"{mean:.4f}",
-              "promoted": str(promoted).lower(), "weights_sha256": str(metrics.get("weights_sha256"))},
-        description=(f"flywheel run {ctx.run_id}, round {ctx.round}: test exact match {_pct(exact)} "
-                     f"(mean score {_pct(mean)}); "
-                     f"{'promoted to champion' if promoted else 'not promoted'} ({reasons[:1500]})"),
-        weights=config.registry.weights, weights_sha256=metrics.get("weights_sha256"))
+        run,
+        Path(policy_out),
+        config.name,
+        tags={
+            "flywheel.run_id": ctx.run_id,
+            "flywheel.round": str(ctx.round),
+            "exact_match": "unscored" if exact is None else f"{exact:.4f}",
+            "mean_score": "unscored" if mean is None else f"{mean:.4f}",
+            "promoted": str(promoted).lower(),
+            "weights_sha256": str(metrics.get("weights_sha256")),
+        },
+        description=(
+            f"flywheel run {ctx.run_id}, round {ctx.round}: test exact match {_pct(exact)} "
+            f"(mean score {_pct(mean)}); "
+            f"{'promoted to champion' if promoted else 'not promoted'} ({reasons[:1500]})"
+        ),
+        weights=config.registry.weights,
+        weights_sha256=metrics.get("weights_sha256"),
+    )
     if promoted:
         tracking.set_champion(config.name, version)
     return version
@@ -356,20 +485,27 @@ def check_resumable(config: FlywheelConfig, run_id: str, force_from_stage: str |
         return
     changed = changed_settings(saved, config)
     if force_from_stage is None:
-        raise ResumeError(f"run {run_id} was made with other settings ({', '.join(changed[:3])} differ); resume it "
-                          "with its own config, or use --force-from-stage STAGE")
+        raise ResumeError(
+            f"run {run_id} was made with other settings ({', '.join(changed[:3])} differ); resume it "
+            "with its own config, or use --force-from-stage STAGE"
+        )
     fixed = [c for c in changed if c.split(".")[0] in FORCE_FIXED]
     if fixed:
-        raise ResumeError(f"run {run_id}: {', '.join(fixed[:3])} changed, and its splits and earlier rounds rest "
-                          f"on {'it' if len(fixed) == 1 else 'them'}; --force-from-stage cannot redo that: "
-                          "start a new run")
+        raise ResumeError(
+            f"run {run_id}: {', '.join(fixed[:3])} changed, and its splits and earlier rounds rest "
+            f"on {'it' if len(fixed) == 1 else 'them'}; --force-from-stage cannot redo that: "
+            "start a new run"
+        )
 
 
 def changed_settings(a: FlywheelConfig, b: FlywheelConfig) -> list[str]:
     """The dotted settings whose values differ between two configs, bar where the run is and how it runs."""
     fa, fb = a.flat(), b.flat()
-    return sorted(k[4:] for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k)
-                  and k.split(".")[1] not in ("workspace", "rounds", "stages"))
+    return sorted(
+        k[4:]
+        for k in fa.keys() | fb.keys()
+        if fa.get(k) != fb.get(k) and k.split(".")[1] not in ("workspace", "rounds", "stages")
+    )
 
 
 def round_bytes(model_bytes: int, registry_copy: bool = False) -> int:
@@ -394,9 +530,11 @@ def preflight(root: Path, model_bytes: int = 0, registry_copy: bool = False) -> 
         raise OSError(f"workspace {root} is not writable: {e.strerror or e}") from None
     free, need = shutil.disk_usage(root).free, round_bytes(model_bytes, registry_copy)
     if free < need:
-        raise OSError(f"workspace {root} has only {free / 2**20:.0f} MiB free; a round needs about "
-                      f"{need / 2**20:.0f} MiB (checkpoints, tables, MLflow artifacts"
-                      + (f", for a {model_bytes / 2**30:.1f} GiB model)" if model_bytes else ")"))
+        raise OSError(
+            f"workspace {root} has only {free / 2**20:.0f} MiB free; a round needs about "
+            f"{need / 2**20:.0f} MiB (checkpoints, tables, MLflow artifacts"
+            + (f", for a {model_bytes / 2**30:.1f} GiB model)" if model_bytes else ")")
+        )
 
 
 MIN_FREE_BYTES = 2 * 2**30
@@ -412,8 +550,9 @@ def _flow_run_name() -> str:
 
 
 @flow(name="flywheel", flow_run_name=_flow_run_name)
-def flywheel(config: FlywheelConfig, resume: str | None = None, force_from_stage: str | None = None,
-             run_id: str | None = None) -> dict:
+def flywheel(
+    config: FlywheelConfig, resume: str | None = None, force_from_stage: str | None = None, run_id: str | None = None
+) -> dict:
     """Benchmark the starting model (round 0), then run rounds up to `config.rounds`, each from
     the champion: the last round's model if it passed the promotion gate, else the best so far.
     Stops early after `promotion.stop_after` rounds in a row without a promotion.
@@ -447,10 +586,12 @@ def _flywheel(config: FlywheelConfig, prepared: Prepared, run_id: str, force_fro
     root = Path(config.workspace)
     progress.name_flow_run(run_id)
     experiment_id = tracking.setup(root, config.name)
-    parent = tracking.find_or_start_run(experiment_id, f"flywheel-{run_id}", None,
-                                        tags={"flywheel.run_id": run_id, "flywheel.kind": "run"})
-    tracking.log_params(parent, config.flat() | {"run_id": run_id, "base_model": prepared.base,
-                                                 "code_version": code_version()})
+    parent = tracking.find_or_start_run(
+        experiment_id, f"flywheel-{run_id}", None, tags={"flywheel.run_id": run_id, "flywheel.kind": "run"}
+    )
+    tracking.log_params(
+        parent, config.flat() | {"run_id": run_id, "base_model": prepared.base, "code_version": code_version()}
+    )
     save_config(root, run_id, config, parent)
     history = manifest.history(root, run_id)
     if force_from_stage is not None:
@@ -465,26 +606,47 @@ def _flywheel(config: FlywheelConfig, prepared: Prepared, run_id: str, force_fro
 
                 console.print(f"stopping: {since} round(s) in a row without a promotion")
                 break
-            result = one_round(config, run_id, k, champion.__dict__, prepared.base, parent, experiment_id,
-                               previous, references.get(champion.policy), force_from_stage)
+            result = one_round(
+                config,
+                run_id,
+                k,
+                champion.__dict__,
+                prepared.base,
+                parent,
+                experiment_id,
+                previous,
+                references.get(champion.policy),
+                force_from_stage,
+            )
             manifest.write(root, run_id, k, "round", short_hash("round", config.hash(), k), result)
             history.append(result)
             tracking.log_metrics(parent, _parent_metrics(result), step=k)
-            progress.log(f"round {k}: {'promoted' if result['promoted'] else 'not promoted'}, test exact match "
-                         f"{_pct(result.get('exact_match'))}; its stages are logged on flow run {run_id}-round-{k}")
+            progress.log(
+                f"round {k}: {'promoted' if result['promoted'] else 'not promoted'}, test exact match "
+                f"{_pct(result.get('exact_match'))}; its stages are logged on flow run {run_id}-round-{k}"
+            )
             champion, references, previous, since = _replay(history, prepared.base)
     except BaseException as e:
         # the cleanup is best-effort: whatever it meets, the run ends FAILED and the original error is raised
         error = _error_text(e)
-        best_effort(lambda: tracking.set_tags(parent, {"flywheel.error": error[:5000]}),
-                    lambda: tracking.end_run(parent, "FAILED"), lambda: _publish_run(root, run_id, parent, history))
+        best_effort(
+            lambda: tracking.set_tags(parent, {"flywheel.error": error[:5000]}),
+            lambda: tracking.end_run(parent, "FAILED"),
+            lambda: _publish_run(root, run_id, parent, history),
+        )
         raise
     _publish_run(root, run_id, parent, history)
     _log_run_figures(parent, history, champion)
     tracking.set_tags(parent, {"flywheel.champion": champion.policy})
     tracking.end_run(parent)
-    return {"run_id": run_id, "mlflow_run_id": parent, "experiment_id": experiment_id, "rounds": history,
-            "champion": champion.policy, "champion_accuracy": champion.accuracy}
+    return {
+        "run_id": run_id,
+        "mlflow_run_id": parent,
+        "experiment_id": experiment_id,
+        "rounds": history,
+        "champion": champion.policy,
+        "champion_accuracy": champion.accuracy,
+    }
 
 
 def save_config(root: Path, run_id: str, config: FlywheelConfig, parent: str) -> None:
@@ -515,8 +677,10 @@ def _reopen_for_force(root: Path, run_id: str, history: list[dict], stage: str) 
         k -= 1
         history.pop()
         manifest.remove(root, run_id, k, "round")
-    console.print(f"--force-from-stage {stage}: round {k} is redone from {stage} on"
-                  + (f"; rounds 1–{k - 1} stay as they were made" if k > 1 else ""))
+    console.print(
+        f"--force-from-stage {stage}: round {k} is redone from {stage} on"
+        + (f"; rounds 1–{k - 1} stay as they were made" if k > 1 else "")
+    )
 
 
 def best_effort(*steps) -> None:
@@ -534,22 +698,31 @@ def best_effort(*steps) -> None:
 def _publish_run(root: Path, run_id: str, parent: str, history: list[dict]) -> None:
     """The run's readable outputs: its per-round plot (and its MLflow copy) and the catalog."""
     if history:
-        best_effort(lambda: tracking.log_artifact(parent, plots.rounds_plot(history, root / "runs" / run_id
-                                                                            / "rounds.png")))
+        best_effort(
+            lambda: tracking.log_artifact(parent, plots.rounds_plot(history, root / "runs" / run_id / "rounds.png"))
+        )
     catalog.refresh(root)
 
 
 def _log_run_figures(parent: str, history: list[dict], champion: promote.Champion) -> None:
     """End-of-run figures under keys of their own at the last round's step, so they never add a
     point to a per-round curve: the headline's change over the run and the champion's scores."""
+
     def gain(key: str) -> float | None:
         first, last = history[0].get(key), history[-1].get(key)
         return None if first is None or last is None else last - first
 
     best = next((r for r in history if r["round"] == champion.round), history[0])
-    tracking.log_metrics(parent, {"run.exact_match_gain": gain("exact_match"), "run.mean_score_gain": gain("accuracy"),
-                                  "run.champion_exact_match": best.get("exact_match"),
-                                  "run.champion_mean_score": champion.accuracy}, step=history[-1]["round"])
+    tracking.log_metrics(
+        parent,
+        {
+            "run.exact_match_gain": gain("exact_match"),
+            "run.mean_score_gain": gain("accuracy"),
+            "run.champion_exact_match": best.get("exact_match"),
+            "run.champion_mean_score": champion.accuracy,
+        },
+        step=history[-1]["round"],
+    )
 
 
 def _pct(v: float | None) -> str:
@@ -569,17 +742,46 @@ def _round_zero(config: FlywheelConfig, prepared: Prepared, run_id: str, parent:
         metrics = state.metrics
     except BaseException as e:
         error = _error_text(e)
-        best_effort(lambda: parquet.write_table(root, "rounds", run_id, 0, [_round_row(
-            ctx0, status="failed", policy_in=prepared.base, started=started, error=error[:2000])]),
-                    lambda: catalog.refresh(root))
+        best_effort(
+            lambda: parquet.write_table(
+                root,
+                "rounds",
+                run_id,
+                0,
+                [_round_row(ctx0, status="failed", policy_in=prepared.base, started=started, error=error[:2000])],
+            ),
+            lambda: catalog.refresh(root),
+        )
         raise
     metrics = dict(metrics, round_seconds=time.perf_counter() - t0)
-    parquet.write_table(root, "rounds", run_id, 0, [_round_row(
-        ctx0, status="completed", policy_in=prepared.base, policy_out=prepared.base, started=started,
-        accuracy=metrics["accuracy"], n_pairs=0, promoted=True, reasons=["the starting model"],
-        weights_sha256=loading.weights_hash(prepared.base))])
-    result = {"round": 0, "policy_in": prepared.base, "policy_out": prepared.base, "promoted": True,
-              "reference_model": None, **metrics}
+    parquet.write_table(
+        root,
+        "rounds",
+        run_id,
+        0,
+        [
+            _round_row(
+                ctx0,
+                status="completed",
+                policy_in=prepared.base,
+                policy_out=prepared.base,
+                started=started,
+                accuracy=metrics["accuracy"],
+                n_pairs=0,
+                promoted=True,
+                reasons=["the starting model"],
+                weights_sha256=loading.weights_hash(prepared.base),
+            )
+        ],
+    )
+    result = {
+        "round": 0,
+        "policy_in": prepared.base,
+        "policy_out": prepared.base,
+        "promoted": True,
+        "reference_model": None,
+        **metrics,
+    }
     manifest.write(root, run_id, 0, "round", short_hash("round", config.hash(), 0), result)
     tracking.log_metrics(parent, _parent_metrics(result), step=0)
     progress.publish_summary(config.name, run_id, 0, result)
@@ -603,8 +805,15 @@ def _replay(history: list[dict], base: str) -> tuple[promote.Champion, dict, str
 
 
 @flow(name=placement.STAGE_FLOW, flow_run_name="{run_id}-round-{round}-{stage}")
-def stage_run(workspace: str, run_id: str, round: int, stage: str, fingerprint: str, params: dict,
-              mlflow_run_id: str | None = None) -> dict:
+def stage_run(
+    workspace: str,
+    run_id: str,
+    round: int,
+    stage: str,
+    fingerprint: str,
+    params: dict,
+    mlflow_run_id: str | None = None,
+) -> dict:
     """One stage of one round, as a flow run on a work pool's worker (the stage deployments of
     prefect.yaml): it reads the run's saved config from the shared workspace, rebuilds the stage's
     inputs from it and `params` (ids and paths), and records its result in the workspace's
@@ -644,11 +853,33 @@ def _error_text(e: BaseException) -> str:
 
 def _parent_metrics(m: dict) -> dict:
     # the parent run draws each as a line over rounds (step = round), stage times included
-    keys = ("accuracy", "exact_match", "exact_match_low", "exact_match_high", "accuracy_gain", "accuracy_gain_low",
-            "accuracy_gain_high", "exact_match_gain", "exact_match_gain_low", "exact_match_gain_high",
-            "validation_exact_match", "validation_accuracy", "pairs_chosen_exact_share", "mean_response_tokens", "pairs", "mean_margin", "pair_length_gap", "judge_verifier_agreement",
-            "judge_parse_failure_rate", "generate_seconds", "judge_seconds", "curate_seconds", "train_seconds",
-            "benchmark_seconds", "round_seconds")
+    keys = (
+        "accuracy",
+        "exact_match",
+        "exact_match_low",
+        "exact_match_high",
+        "accuracy_gain",
+        "accuracy_gain_low",
+        "accuracy_gain_high",
+        "exact_match_gain",
+        "exact_match_gain_low",
+        "exact_match_gain_high",
+        "validation_exact_match",
+        "validation_accuracy",
+        "pairs_chosen_exact_share",
+        "mean_response_tokens",
+        "pairs",
+        "mean_margin",
+        "pair_length_gap",
+        "judge_verifier_agreement",
+        "judge_parse_failure_rate",
+        "generate_seconds",
+        "judge_seconds",
+        "curate_seconds",
+        "train_seconds",
+        "benchmark_seconds",
+        "round_seconds",
+    )
     return {k: m[k] for k in keys if isinstance(m.get(k), (int, float))}
 
 

@@ -48,8 +48,10 @@ def check(config) -> None:
     url = api_url()
     first = next(iter(placed))
     if url is None:
-        raise PlacementError(f"stages.{first}.work_pool is set, but no Prefect server is configured: set "
-                             "PREFECT_API_URL (stages on work pools need a server and its workers)")
+        raise PlacementError(
+            f"stages.{first}.work_pool is set, but no Prefect server is configured: set "
+            "PREFECT_API_URL (stages on work pools need a server and its workers)"
+        )
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
@@ -60,22 +62,30 @@ def check(config) -> None:
             for stage, place in placed.items():
                 pool = place.work_pool
                 if pool not in pools:
-                    raise PlacementError(f"stages.{stage}.work_pool: no work pool {pool!r} on the Prefect server "
-                                         f"{where} (pools: {', '.join(sorted(pools)) or 'none'})")
+                    raise PlacementError(
+                        f"stages.{stage}.work_pool: no work pool {pool!r} on the Prefect server "
+                        f"{where} (pools: {', '.join(sorted(pools)) or 'none'})"
+                    )
                 try:
                     dep = client.read_deployment_by_name(deployment(pool))
                 except ObjectNotFound:
-                    raise PlacementError(f"stages.{stage}.work_pool: work pool {pool!r} has no stage deployment "
-                                         f"{deployment(pool)}; create it with `prefect deploy --name {pool}` "
-                                         "(prefect.yaml)") from None
+                    raise PlacementError(
+                        f"stages.{stage}.work_pool: work pool {pool!r} has no stage deployment "
+                        f"{deployment(pool)}; create it with `prefect deploy --name {pool}` "
+                        "(prefect.yaml)"
+                    ) from None
                 if dep.work_pool_name != pool:
-                    raise PlacementError(f"stages.{stage}.work_pool: deployment {deployment(pool)} runs on work pool "
-                                         f"{dep.work_pool_name!r}, not {pool!r}")
+                    raise PlacementError(
+                        f"stages.{stage}.work_pool: deployment {deployment(pool)} runs on work pool "
+                        f"{dep.work_pool_name!r}, not {pool!r}"
+                    )
     except PlacementError:
         raise
     except Exception as e:  # noqa: BLE001 - httpx, the server's errors: all mean "cannot reach it" here
-        raise PlacementError(f"Prefect server {where} is unreachable: {type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:200] if str(e) else ''}") from None
+        raise PlacementError(
+            f"Prefect server {where} is unreachable: {type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200] if str(e) else ''}"
+        ) from None
 
 
 @task(name="remote-stage", cache_policy=NO_CACHE)
@@ -88,16 +98,28 @@ def remote_stage(ctx: StageContext, stage: str, fingerprint: str, params: dict) 
     pool = place.work_pool
     run = run_deployment(
         deployment(pool),
-        parameters=dict(workspace=str(ctx.workspace), run_id=ctx.run_id, round=ctx.round, stage=stage,
-                        fingerprint=fingerprint, params=params, mlflow_run_id=ctx.mlflow_run_id),
-        job_variables=place.job_variables or None, timeout=None, poll_interval=2)
+        parameters=dict(
+            workspace=str(ctx.workspace),
+            run_id=ctx.run_id,
+            round=ctx.round,
+            stage=stage,
+            fingerprint=fingerprint,
+            params=params,
+            mlflow_run_id=ctx.mlflow_run_id,
+        ),
+        job_variables=place.job_variables or None,
+        timeout=None,
+        poll_interval=2,
+    )
     state = run.state
     what = f"round {ctx.round}: stage {stage} on work pool {pool!r} (flow run {run.name})"
     if state is not None and state.is_completed():
         done = manifest.read(ctx.workspace, ctx.run_id, ctx.round, stage)
         if done is None or done["fingerprint"] != fingerprint:
-            raise PlacementError(f"{what} completed, but its result is not in the workspace {ctx.workspace}: "
-                                 "the worker must see the same workspace (a shared filesystem, at the same path)")
+            raise PlacementError(
+                f"{what} completed, but its result is not in the workspace {ctx.workspace}: "
+                "the worker must see the same workspace (a shared filesystem, at the same path)"
+            )
         return done["result"]
     message = (state.message or "").splitlines()[0][:500] if state is not None else ""
     if state is not None and state.is_crashed():

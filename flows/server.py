@@ -35,8 +35,10 @@ STARTUP_TIMEOUT_ENV = "FLYWHEEL_PREFECT_STARTUP_TIMEOUT"
 _PR_SET_PDEATHSIG = 1
 _PORT_RETRIES = 3
 _ADVICE = "set PREFECT_API_URL to a running server (prefect server start) or retry"
-_ADVICE_SLOW = ("set PREFECT_API_URL to a running server (prefect server start) or retry with a longer "
-                "FLYWHEEL_PREFECT_STARTUP_TIMEOUT")
+_ADVICE_SLOW = (
+    "set PREFECT_API_URL to a running server (prefect server start) or retry with a longer "
+    "FLYWHEEL_PREFECT_STARTUP_TIMEOUT"
+)
 
 
 class PrefectServerError(UserError, RuntimeError):
@@ -47,6 +49,7 @@ class PrefectServerError(UserError, RuntimeError):
 @dataclass(frozen=True)
 class OwnedServer:
     """The Prefect API server this process started (and will stop)."""
+
     url: str  # the API URL, ending in /api
     pid: int  # its output: /proc/<pid>/fd/1 while it runs; a copy is kept when it fails
 
@@ -88,8 +91,9 @@ def prefect_api(*, startup_timeout_s: float = 180.0) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def starting_prefect_api(*, startup_timeout_s: float = 180.0
-                         ) -> Iterator[Callable[[], contextlib.AbstractContextManager[str]]]:
+def starting_prefect_api(
+    *, startup_timeout_s: float = 180.0
+) -> Iterator[Callable[[], contextlib.AbstractContextManager[str]]]:
     """prefect_api() in two steps, so that the server starts while this process does other work.
 
     Entering starts the local server (when no server is configured) and returns at once; `ready()`
@@ -99,6 +103,7 @@ def starting_prefect_api(*, startup_timeout_s: float = 180.0
     setup and the imports of the flows."""
     user_url = configured_url()
     if user_url:
+
         @contextlib.contextmanager
         def configured() -> Iterator[str]:
             with _settings(user_url):
@@ -252,8 +257,11 @@ class _Server:
         if failed or died is not None:
             kept = self.log.keep()
         if died is not None and not failed:
-            print(f"flywheel: warning: the local Prefect API server stopped while in use (exit code {died}): "
-                  f"{_what_went_wrong(self.log.text())}; its log: {kept}", file=sys.stderr)
+            print(
+                f"flywheel: warning: the local Prefect API server stopped while in use (exit code {died}): "
+                f"{_what_went_wrong(self.log.text())}; its log: {kept}",
+                file=sys.stderr,
+            )
         self.log.close()
         return kept
 
@@ -268,17 +276,36 @@ def _command(port: int) -> list[str]:
     """Prefect 3.9.1's SubprocessASGIServer._run_uvicorn_command, on our port."""
     import prefect
 
-    return [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent),
-            "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
-            "--log-level", "error", "--lifespan", "on"]
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--app-dir",
+        str(prefect.__module_path__.parent),
+        "--factory",
+        "prefect.server.api.server:create_app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "error",
+        "--lifespan",
+        "on",
+    ]
 
 
 def _environment() -> dict[str, str]:
     """As SubprocessASGIServer: no UI, ephemeral services, and every setting set here (profile too)."""
     from prefect.settings import get_current_settings
 
-    return {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
-            **get_current_settings().to_environment_variables(exclude_unset=True)}
+    return {
+        **os.environ,
+        "PREFECT_UI_ENABLED": "0",
+        "PREFECT__SERVER_EPHEMERAL": "1",
+        "PREFECT__SERVER_FINAL": "1",
+        **get_current_settings().to_environment_variables(exclude_unset=True),
+    }
 
 
 def _die_with_parent() -> Callable[[], None] | None:
@@ -336,9 +363,15 @@ class _Starting:
         port = _free_port()
         try:
             # Its own session: Ctrl-C stops the CLI's flows first, not the API they report to.
-            proc = subprocess.Popen(_command(port), env=self.env, stdin=subprocess.DEVNULL, stdout=self.log.fd,
-                                    stderr=subprocess.STDOUT, start_new_session=True,
-                                    preexec_fn=self.preexec)  # noqa: PLW1509 - see _die_with_parent
+            proc = subprocess.Popen(
+                _command(port),
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=self.log.fd,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=self.preexec,
+            )  # noqa: PLW1509 - see _die_with_parent
         except (OSError, subprocess.SubprocessError) as e:
             self.log.close()
             raise PrefectServerError(f"could not start a local Prefect API server ({e}); {_ADVICE}") from None
@@ -351,8 +384,9 @@ class _Starting:
     def _fail(self, what: str, advice: str = _ADVICE) -> PrefectServerError:
         detail = _what_went_wrong(self.log.text()) or "it wrote nothing"
         kept, self.server = self.server.stop(failed=True), None
-        return PrefectServerError(f"could not start a local Prefect API server {what}: {detail}; {advice} "
-                                  f"(server log: {kept})")
+        return PrefectServerError(
+            f"could not start a local Prefect API server {what}: {detail}; {advice} (server log: {kept})"
+        )
 
     def wait(self) -> _Server:
         if self.ready:

@@ -95,7 +95,7 @@ class KV:
         for store, new in ((self.keys, keys), (self.values, values)):
             for i, (t, n) in enumerate(zip(store, new)):
                 block = n.new_zeros(n.shape[0], n.shape[1], cap, n.shape[3])
-                block[:, :, pad:self.length] = n
+                block[:, :, pad : self.length] = n
                 store[i] = torch.cat([t, block], dim=0)
         self.mask = torch.cat([self.mask, torch.cat([mask.new_zeros(mask.shape[0], pad), mask], dim=1)], dim=0)
 
@@ -110,7 +110,7 @@ class KV:
         if start > 0:
             for store in (self.keys, self.values):
                 for t in store:
-                    t[:, :, : self.length - start] = t[:, :, start:self.length].clone()
+                    t[:, :, : self.length - start] = t[:, :, start : self.length].clone()
             self.mask = self.mask[:, start:]
             self.length -= start
 
@@ -135,8 +135,8 @@ def _buffer_layer(owner: BufferCache, index: int):
     def update(key_states, value_states):
         kv, n = owner.kv, owner.new
         start = kv.length
-        kv.keys[index][:, :, start:start + n] = key_states
-        kv.values[index][:, :, start:start + n] = value_states
+        kv.keys[index][:, :, start : start + n] = key_states
+        kv.values[index][:, :, start : start + n] = value_states
         return kv.keys[index][:, :, : start + n], kv.values[index][:, :, : start + n]
 
     return compat.buffer_cache_layer(update, lambda: owner.kv.length)
@@ -145,13 +145,13 @@ def _buffer_layer(owner: BufferCache, index: int):
 @dataclass
 class Step:
     """What sampling needs from one step's logits."""
+
     token: torch.Tensor  # [rows]
     logp: torch.Tensor  # [rows] log-prob of the token under the model's own (pre-temperature) distribution
     certainty: torch.Tensor  # [rows] KL(uniform || p)
 
 
-def choose(logits: torch.Tensor, rows: Sequence[Row], *, do_sample: bool, temperature: float,
-           top_p: float) -> Step:
+def choose(logits: torch.Tensor, rows: Sequence[Row], *, do_sample: bool, temperature: float, top_p: float) -> Step:
     logits = logits.float()
     logp = torch.log_softmax(logits, dim=-1)
     certainty = -math.log(logp.shape[-1]) - logp.mean(dim=-1)
@@ -178,13 +178,28 @@ def choose(logits: torch.Tensor, rows: Sequence[Row], *, do_sample: bool, temper
 # config's distribution (its temperature and top_p, the others off) whatever a checkpoint suggests,
 # and sampling.generate_reference asks generate() for the same.
 UNSUPPORTED = {
-    "repetition_penalty": (None, 1.0), "encoder_repetition_penalty": (None, 1.0),
-    "no_repeat_ngram_size": (None, 0), "encoder_no_repeat_ngram_size": (None, 0),
-    "bad_words_ids": (None,), "sequence_bias": (None,), "min_length": (None, 0), "min_new_tokens": (None, 0),
-    "forced_bos_token_id": (None,), "forced_eos_token_id": (None,), "exponential_decay_length_penalty": (None,),
-    "suppress_tokens": (None,), "begin_suppress_tokens": (None,), "remove_invalid_values": (None, False),
-    "guidance_scale": (None, 1.0), "watermarking_config": (None,), "stop_strings": (None,), "max_time": (None,),
-    "num_beams": (None, 1), "dola_layers": (None,), "constraints": (None,), "force_words_ids": (None,),
+    "repetition_penalty": (None, 1.0),
+    "encoder_repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0),
+    "encoder_no_repeat_ngram_size": (None, 0),
+    "bad_words_ids": (None,),
+    "sequence_bias": (None,),
+    "min_length": (None, 0),
+    "min_new_tokens": (None, 0),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+    "exponential_decay_length_penalty": (None,),
+    "suppress_tokens": (None,),
+    "begin_suppress_tokens": (None,),
+    "remove_invalid_values": (None, False),
+    "guidance_scale": (None, 1.0),
+    "watermarking_config": (None,),
+    "stop_strings": (None,),
+    "max_time": (None,),
+    "num_beams": (None, 1),
+    "dola_layers": (None,),
+    "constraints": (None,),
+    "force_words_ids": (None,),
     "token_healing": (None, False),
 }
 
@@ -196,9 +211,11 @@ def check_generation_config(model) -> None:
     for name, neutral in UNSUPPORTED.items():
         value = getattr(config, name, None)
         if value not in neutral:
-            raise EngineError(f"model {model.name_or_path}: its generation_config sets {name}={reprlib.repr(value)}, "
-                              "which flywheel's decoder does not apply (generate() would); remove it from the "
-                              "checkpoint's generation_config.json")
+            raise EngineError(
+                f"model {model.name_or_path}: its generation_config sets {name}={reprlib.repr(value)}, "
+                "which flywheel's decoder does not apply (generate() would); remove it from the "
+                "checkpoint's generation_config.json"
+            )
 
 
 def stop_ids(model, *extra: int | None) -> set[int]:
@@ -224,10 +241,21 @@ def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
 
 
 @torch.inference_mode()
-def decode(model, token_ids: Sequence[Sequence[int]], *, n: int, max_new_tokens: int, batch_size: int,
-           do_sample: bool, eos_ids: set[int], pad_id: int, temperature: float = 1.0, top_p: float = 1.0,
-           seeds: Sequence[Sequence[int]] | None = None,
-           progress: Callable[[int], None] | None = None) -> list[Row]:
+def decode(
+    model,
+    token_ids: Sequence[Sequence[int]],
+    *,
+    n: int,
+    max_new_tokens: int,
+    batch_size: int,
+    do_sample: bool,
+    eos_ids: set[int],
+    pad_id: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seeds: Sequence[Sequence[int]] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[Row]:
     """`n` rows per prompt (token ids, chat-formatted); rows in prompt-major order when returned.
     `seeds[p][s]`: row (p, s)'s generator seed (sampling only). A row ends on any of `eos_ids` or of
     the model's own end-of-sequence ids."""
@@ -252,8 +280,12 @@ def decode(model, token_ids: Sequence[Sequence[int]], *, n: int, max_new_tokens:
         and add the rows to the KV; the rows, their first step, and their next positions."""
         ids, mask = left_pad([token_ids[p][n_prefix:] for p in prompts], pad_id, device, lead=n_prefix)
         positions = (mask.cumsum(1) - 1).clamp(min=0)[:, n_prefix:]
-        cache = _cache_from([(k.expand(len(prompts), -1, -1, -1).contiguous(),
-                              v.expand(len(prompts), -1, -1, -1).contiguous()) for k, v in prefix or []])
+        cache = _cache_from(
+            [
+                (k.expand(len(prompts), -1, -1, -1).contiguous(), v.expand(len(prompts), -1, -1, -1).contiguous())
+                for k, v in prefix or []
+            ]
+        )
         logits = _fill(model, cache, input_ids=ids, attention_mask=mask, position_ids=positions)
         keys = [layer.keys.repeat_interleave(n, dim=0) for layer in cache.layers[:n_layers]]
         values = [layer.values.repeat_interleave(n, dim=0) for layer in cache.layers[:n_layers]]
@@ -265,8 +297,9 @@ def decode(model, token_ids: Sequence[Sequence[int]], *, n: int, max_new_tokens:
                 if do_sample:
                     g = torch.Generator().manual_seed(seeds[p][s] if seeds else 0)
                 rows.append(Row(p, s, g))
-        step = choose(logits.repeat_interleave(n, dim=0), rows, do_sample=do_sample, temperature=temperature,
-                      top_p=top_p)
+        step = choose(
+            logits.repeat_interleave(n, dim=0), rows, do_sample=do_sample, temperature=temperature, top_p=top_p
+        )
         first_pos = mask.sum(1).repeat_interleave(n)
         return rows, step, first_pos
 
@@ -304,7 +337,7 @@ def decode(model, token_ids: Sequence[Sequence[int]], *, n: int, max_new_tokens:
                 kv = KV()
         if admit_now:
             take = waiting[: max(1, free // n)]
-            waiting = waiting[len(take):]
+            waiting = waiting[len(take) :]
             rows, step, first_pos = admit(take)
             record(rows, step)
             live += rows
@@ -313,8 +346,14 @@ def decode(model, token_ids: Sequence[Sequence[int]], *, n: int, max_new_tokens:
         elif live:
             bc = BufferCache(kv, 1)
             mask = torch.cat([kv.mask, kv.mask.new_ones(kv.rows, 1)], dim=1)
-            logits = model(input_ids=pending[:, None], attention_mask=mask, position_ids=pos[:, None],
-                           cache=bc.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+            logits = model(
+                input_ids=pending[:, None],
+                attention_mask=mask,
+                position_ids=pos[:, None],
+                cache=bc.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            ).logits[:, -1]
             bc.commit()
             kv.mask = mask
             pos = pos + 1
@@ -324,8 +363,9 @@ def decode(model, token_ids: Sequence[Sequence[int]], *, n: int, max_new_tokens:
     return [done[(p, s)] for p in range(len(token_ids)) for s in range(n)]
 
 
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device=None, lead: int = 0
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(
+    rows: Sequence[Sequence[int]], pad_id: int, device=None, lead: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Token rows padded on the left to one width, and their attention mask; `lead` columns of ones
     in front of the mask stand for a prefix already in the cache."""
     width = max(len(r) for r in rows)
@@ -334,8 +374,8 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device=None, lead: int 
     mask[:, :lead] = 1
     for i, r in enumerate(rows):
         if r:
-            ids[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long, device=device)
-            mask[i, lead + width - len(r):] = 1
+            ids[i, width - len(r) :] = torch.tensor(list(r), dtype=torch.long, device=device)
+            mask[i, lead + width - len(r) :] = 1
     return ids, mask
 
 
@@ -343,7 +383,7 @@ def _prefix_kv(model, ids: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tens
     """Each layer's keys and values for one token sequence (a prefix many rows share)."""
     cache = _cache_from([])
     _fill(model, cache, input_ids=torch.tensor([list(ids)], device=model.device))
-    return [(layer.keys, layer.values) for layer in cache.layers[:model.config.num_hidden_layers]]
+    return [(layer.keys, layer.values) for layer in cache.layers[: model.config.num_hidden_layers]]
 
 
 def _fill(model, cache, **inputs) -> torch.Tensor:
@@ -356,8 +396,10 @@ def _fill(model, cache, **inputs) -> torch.Tensor:
     if cache.get_seq_length() != expected:
         import transformers
 
-        raise EngineError(f"transformers {transformers.__version__} ignored the KV cache passed as `cache=`: "
-                          "install a transformers release flywheel supports (pyproject.toml)")
+        raise EngineError(
+            f"transformers {transformers.__version__} ignored the KV cache passed as `cache=`: "
+            "install a transformers release flywheel supports (pyproject.toml)"
+        )
     return logits
 
 
@@ -371,8 +413,15 @@ def _cache_from(kv: Sequence[tuple[torch.Tensor, torch.Tensor]]):
 
 
 @torch.inference_mode()
-def last_logits(model, token_ids: Sequence[Sequence[int]], groups: Sequence[object], *, batch_size: int,
-                pad_id: int, progress: Callable[[int], None] | None = None):
+def last_logits(
+    model,
+    token_ids: Sequence[Sequence[int]],
+    groups: Sequence[object],
+    *,
+    batch_size: int,
+    pad_id: int,
+    progress: Callable[[int], None] | None = None,
+):
     """The next-token logits after each sequence (one forward each, no generation), computing every
     shared prefix once: the prefix all sequences share (a judge's rubric) once for all, then per
     group (sequences with the same `groups` key: the same question) the tokens its members share,
@@ -388,7 +437,7 @@ def last_logits(model, token_ids: Sequence[Sequence[int]], groups: Sequence[obje
     chunks: list[list[list[int]]] = [[]]
     for idx in members.values():
         for start in range(0, len(idx), batch_size):  # a group larger than a batch is split
-            part = idx[start:start + batch_size]
+            part = idx[start : start + batch_size]
             if sum(map(len, chunks[-1])) + len(part) > batch_size:
                 chunks.append([])
             chunks[-1].append(part)
@@ -397,13 +446,16 @@ def last_logits(model, token_ids: Sequence[Sequence[int]], groups: Sequence[obje
             continue
         # per group: the tokens its members share after the global prefix (none for a lone member)
         ends = [p0 + common_prefix_len([token_ids[i][p0:] for i in part]) if len(part) > 1 else p0 for part in chunk]
-        ids, g_mask = left_pad([token_ids[part[0]][p0:end] for part, end in zip(chunk, ends)], pad_id, device,
-                               lead=p0)
+        ids, g_mask = left_pad([token_ids[part[0]][p0:end] for part, end in zip(chunk, ends)], pad_id, device, lead=p0)
         width = ids.shape[1]
         cache_rows = None
         if width:
-            cache = _cache_from([(k.expand(len(chunk), -1, -1, -1).contiguous(),
-                                  v.expand(len(chunk), -1, -1, -1).contiguous()) for k, v in prefix or []])
+            cache = _cache_from(
+                [
+                    (k.expand(len(chunk), -1, -1, -1).contiguous(), v.expand(len(chunk), -1, -1, -1).contiguous())
+                    for k, v in prefix or []
+                ]
+            )
             positions = (g_mask.cumsum(1) - 1).clamp(min=0)[:, p0:]
             _fill(model, cache, input_ids=ids, attention_mask=g_mask, position_ids=positions)
             cache_rows = [(layer.keys, layer.values) for layer in cache.layers[:n_layers]]
@@ -415,12 +467,18 @@ def last_logits(model, token_ids: Sequence[Sequence[int]], groups: Sequence[obje
         ids, t_mask = left_pad(tails, pad_id, device)
         t_width = ids.shape[1]
         mask = torch.cat([g_mask.index_select(0, owner), t_mask], dim=1)
-        positions = (mask.cumsum(1) - 1).clamp(min=0)[:, mask.shape[1] - t_width:]
+        positions = (mask.cumsum(1) - 1).clamp(min=0)[:, mask.shape[1] - t_width :]
         cache = None
         if cache_rows is not None:
             cache = _cache_from([(k.index_select(0, owner), v.index_select(0, owner)) for k, v in cache_rows])
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                       use_cache=cache is not None, logits_to_keep=1).logits[:, -1]
+        logits = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=cache is not None,
+            logits_to_keep=1,
+        ).logits[:, -1]
         if progress:
             progress(len(rows))
         yield rows, logits

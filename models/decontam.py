@@ -39,7 +39,7 @@ def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
     w = words(text)
     if len(w) <= n:
         return {tuple(w)} if w else set()
-    return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}
+    return {tuple(w[i : i + n]) for i in range(len(w) - n + 1)}
 
 
 def scaled_n(length: int, n: int) -> int:
@@ -91,8 +91,14 @@ class Overlap:
 
 
 class Decontaminator:
-    def __init__(self, benchmark: Sequence[str], n: int = 8, threshold: float = 0.7,
-                 boilerplate_share: float = 0.2, metadata: Sequence[dict] | None = None) -> None:
+    def __init__(
+        self,
+        benchmark: Sequence[str],
+        n: int = 8,
+        threshold: float = 0.7,
+        boilerplate_share: float = 0.2,
+        metadata: Sequence[dict] | None = None,
+    ) -> None:
         self.n, self.threshold = n, threshold
         metadata = list(metadata) if metadata is not None else [{}] * len(benchmark)
         self.exact = {exact_form(t): i for i, t in enumerate(benchmark)}
@@ -128,8 +134,12 @@ class Decontaminator:
             grams = ngrams(text, m) - self.boilerplate[m]
             if not grams:
                 continue
-            shared = Counter(i for g in grams for i in self.index[m].get(g, ())
-                             if scaled_n(min(length, self.lengths[i]), self.n) == m)
+            shared = Counter(
+                i
+                for g in grams
+                for i in self.index[m].get(g, ())
+                if scaled_n(min(length, self.lengths[i]), self.n) == m
+            )
             for i, c in shared.items():
                 share = c / max(1, min(len(grams), self.sizes[m][i]))
                 if (share, -i) > (best[0], -(best[1] if best[1] is not None else 1 << 60)):

@@ -35,8 +35,10 @@ def row_seed(seed: int, prompt: str, sample: int) -> int:
 
 def chat_texts(tokenizer, prompts: Sequence[str]) -> list[str]:
     if tokenizer.chat_template:
-        return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                              add_generation_prompt=True) for p in prompts]
+        return [
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in prompts
+        ]
     return list(prompts)
 
 

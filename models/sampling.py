@@ -43,9 +43,20 @@ class _TokenStats(LogitsProcessor):
 PLAIN = {"top_k": None, "min_p": None, "typical_p": None, "epsilon_cutoff": None, "eta_cutoff": None, "top_h": None}
 
 
-def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int,
-             do_sample: bool, n: int = 1, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-             progress: Callable[[int], None] | None = None) -> list[Generation]:
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    do_sample: bool,
+    n: int = 1,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> list[Generation]:
     """`n` generations per prompt, prompt-major (prompt 0's n, then prompt 1's, …), by continuous
     batching (models/decode.py). A sample's seed derives from (seed, prompt text, sample index), so
     its tokens do not depend on the batch size, the other prompts or their order."""
@@ -53,23 +64,49 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, b
     token_ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     eos_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
     seeds = [[row_seed(seed, p, k) for k in range(n)] for p in prompts] if do_sample else None
-    rows = decode.decode(model, token_ids, n=n, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                         do_sample=do_sample, eos_ids=eos_ids, pad_id=tokenizer.pad_token_id,
-                         temperature=temperature, top_p=top_p, seeds=seeds, progress=progress)
+    rows = decode.decode(
+        model,
+        token_ids,
+        n=n,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        do_sample=do_sample,
+        eos_ids=eos_ids,
+        pad_id=tokenizer.pad_token_id,
+        temperature=temperature,
+        top_p=top_p,
+        seeds=seeds,
+        progress=progress,
+    )
     out = []
     for r in rows:
         k = len(r.tokens)
-        out.append(Generation(
-            response=tokenizer.decode(r.tokens, skip_special_tokens=True).strip(), n_tokens=k,
-            finish_reason="stop" if r.stopped else "length",
-            mean_logprob=sum(r.logps) / k if k else None, self_certainty=sum(r.certainty) / k if k else None))
+        out.append(
+            Generation(
+                response=tokenizer.decode(r.tokens, skip_special_tokens=True).strip(),
+                n_tokens=k,
+                finish_reason="stop" if r.stopped else "length",
+                mean_logprob=sum(r.logps) / k if k else None,
+                self_certainty=sum(r.certainty) / k if k else None,
+            )
+        )
     return out
 
 
 @torch.inference_mode()
-def generate_reference(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int,
-             do_sample: bool, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-             progress: Callable[[int], None] | None = None) -> list[Generation]:
+def generate_reference(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    do_sample: bool,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> list[Generation]:
     """transformers' own `generate()`, one generation per entry of `prompts` (repeat a prompt to
     sample it N times), seeded per batch. The reference `generate` is measured and checked against
     (benchmarks/round.py), not used by the stages."""
@@ -78,26 +115,37 @@ def generate_reference(model, tokenizer, prompts: Sequence[str], *, max_new_toke
     eos_ids = decode.stop_ids(model, tokenizer.eos_token_id, tokenizer.pad_token_id)  # the decoder's stop tokens
     out: list[Generation] = []
     for start in range(0, len(texts), batch_size):
-        batch = texts[start:start + batch_size]
+        batch = texts[start : start + batch_size]
         torch.manual_seed(seed + start)  # seed per batch start: reruns with the same batch size reproduce
         enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         stats = _TokenStats()
         warp = {"temperature": temperature, "top_p": top_p} if do_sample else {}
-        seqs = model.generate(**enc, do_sample=do_sample, max_new_tokens=max_new_tokens,
-                              pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos_ids),
-                              logits_processor=LogitsProcessorList([stats]), **PLAIN, **warp)
-        new = seqs[:, enc["input_ids"].shape[1]:]
+        seqs = model.generate(
+            **enc,
+            do_sample=do_sample,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=sorted(eos_ids),
+            logits_processor=LogitsProcessorList([stats]),
+            **PLAIN,
+            **warp,
+        )
+        new = seqs[:, enc["input_ids"].shape[1] :]
         logp, cert = stats.finish(new[:, -1])
         for row in range(new.shape[0]):
             toks = new[row].tolist()
             stop = next((i for i, t in enumerate(toks) if t in eos_ids), None)
             n = len(toks) if stop is None else stop + 1
             text = tokenizer.decode(toks[:n], skip_special_tokens=True).strip()
-            out.append(Generation(
-                response=text, n_tokens=n, finish_reason="length" if stop is None else "stop",
-                mean_logprob=float(logp[row, :n].mean()) if n else None,
-                self_certainty=float(cert[row, :n].mean()) if n else None,
-            ))
+            out.append(
+                Generation(
+                    response=text,
+                    n_tokens=n,
+                    finish_reason="length" if stop is None else "stop",
+                    mean_logprob=float(logp[row, :n].mean()) if n else None,
+                    self_certainty=float(cert[row, :n].mean()) if n else None,
+                )
+            )
         if progress:
             progress(len(batch))
     return out
@@ -105,4 +153,3 @@ def generate_reference(model, tokenizer, prompts: Sequence[str], *, max_new_toke
 
 def tokens_per_second(gens: Sequence[Generation], seconds: float) -> float:
     return sum(g.n_tokens for g in gens) / max(seconds, 1e-9)
-

@@ -35,8 +35,9 @@ def cut(n: int, shards: int) -> list[range]:
     return out
 
 
-def sample(model_cfg, ref: str, prompts: Sequence[str], *, shards: int, workers: int, n: int, progress=None,
-           **kwargs) -> list[engines.Generation]:
+def sample(
+    model_cfg, ref: str, prompts: Sequence[str], *, shards: int, workers: int, n: int, progress=None, **kwargs
+) -> list[engines.Generation]:
     """engine.sample over `prompts`, shard by shard (in this process when workers is 1, else in a
     pool of `workers` processes); n generations per prompt, prompt-major, as engine.sample."""
     ranges = cut(len(prompts), shards)
@@ -80,10 +81,12 @@ def _in_workers(model_cfg, ref, parts, workers: int, n: int, kwargs: dict, progr
     watcher = threading.Thread(target=drain, daemon=True)
     watcher.start()
     try:
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                 initargs=(devices, done, threads)) as pool:
-            futures = [pool.submit(_sample_part, model_cfg.model_dump(mode="json"), ref, part, n, kwargs)
-                       for part in parts]
+        with ProcessPoolExecutor(
+            workers, mp_context=ctx, initializer=_init_worker, initargs=(devices, done, threads)
+        ) as pool:
+            futures = [
+                pool.submit(_sample_part, model_cfg.model_dump(mode="json"), ref, part, n, kwargs) for part in parts
+            ]
             results = [f.result() for f in futures]
     finally:
         stop.set()

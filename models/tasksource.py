@@ -19,8 +19,18 @@ from flywheel.models.tasks.base import EXACT, Item, Task, category, exactly_corr
 from flywheel.models.tasks.prompts_file import FileSource
 from flywheel.models.tasks.reasoning_gym import ReasoningGymSource
 
-__all__ = ["EXACT", "FileSource", "Item", "ReasoningGymSource", "Task", "TaskError", "category", "exactly_correct",
-           "extract_answer", "prompt_id"]
+__all__ = [
+    "EXACT",
+    "FileSource",
+    "Item",
+    "ReasoningGymSource",
+    "Task",
+    "TaskError",
+    "category",
+    "exactly_correct",
+    "extract_answer",
+    "prompt_id",
+]
 
 BENCHMARK_SEED_BASE = 10_000_000
 TRAIN_SEED_BASE = 20_000_000

@@ -28,18 +28,29 @@ def main(job_file: str) -> int:
 
     class RecordSteps(TrainerCallback):
         def on_train_end(self, args, state, control, **kwargs):
-            (job_dir / f"rank-{args.process_index}.json").write_text(json.dumps(
-                {"global_step": state.global_step, "world_size": args.world_size}))
+            (job_dir / f"rank-{args.process_index}.json").write_text(
+                json.dumps({"global_step": state.global_step, "world_size": args.world_size})
+            )
 
     callbacks = [RecordSteps()]
     if rank == 0 and job["mlflow_run_id"]:
         from flywheel.storage import tracking
 
         callbacks.append(tracking.training_callback(job["mlflow_run_id"]))
-    metrics = trainer.train(job["policy"], [], TrainConfig.model_validate(job["cfg"]), Path(job["out"]),
-                            base=job["base"], seed=job["seed"], callbacks=callbacks, dtype=job["dtype"],
-                            fingerprint=job["fingerprint"], checkpoint_steps=job["checkpoint_steps"], prepared=True,
-                            data=data)
+    metrics = trainer.train(
+        job["policy"],
+        [],
+        TrainConfig.model_validate(job["cfg"]),
+        Path(job["out"]),
+        base=job["base"],
+        seed=job["seed"],
+        callbacks=callbacks,
+        dtype=job["dtype"],
+        fingerprint=job["fingerprint"],
+        checkpoint_steps=job["checkpoint_steps"],
+        prepared=True,
+        data=data,
+    )
     if rank == 0:
         (job_dir / "result.json").write_text(json.dumps(metrics))
     return 0

@@ -31,18 +31,25 @@ def dataset(method: str, rows: Sequence[dict]):
     return Dataset.from_list(export.conversational("sft" if method == "sft" else "pairs", rows))
 
 
-def trainer_args(method: str, cfg: TrainConfig, output_dir: Path, seed: int, report_to: list[str],
-                 checkpoint_steps: int = 5) -> Any:
+def trainer_args(
+    method: str, cfg: TrainConfig, output_dir: Path, seed: int, report_to: list[str], checkpoint_steps: int = 5
+) -> Any:
     import trl
 
     on_gpu = torch.cuda.is_available()
     defaults = {
-        "output_dir": str(output_dir), "seed": seed, "report_to": report_to,
+        "output_dir": str(output_dir),
+        "seed": seed,
+        "report_to": report_to,
         # Checkpoints make a killed training resumable; only the last one is kept.
-        "save_strategy": "steps", "save_steps": checkpoint_steps, "save_total_limit": 1,
+        "save_strategy": "steps",
+        "save_steps": checkpoint_steps,
+        "save_total_limit": 1,
         "bf16": on_gpu and torch.cuda.is_bf16_supported(),
         # Activation checkpointing trades compute for memory: worth it on a GPU, not for a small CPU model.
-        "activation_checkpointing": on_gpu, "use_cpu": not on_gpu, "dataloader_num_workers": 0,
+        "activation_checkpointing": on_gpu,
+        "use_cpu": not on_gpu,
+        "dataloader_num_workers": 0,
         "disable_tqdm": True,
     }
     if method == "sft":
@@ -51,8 +58,15 @@ def trainer_args(method: str, cfg: TrainConfig, output_dir: Path, seed: int, rep
 
 
 # Bounds TRL leaves to the training loop (where they fail after generation and judging, or never).
-_POSITIVE = ("learning_rate", "num_train_epochs", "beta", "per_device_train_batch_size",
-             "gradient_accumulation_steps", "max_length", "logging_steps")
+_POSITIVE = (
+    "learning_rate",
+    "num_train_epochs",
+    "beta",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "max_length",
+    "logging_steps",
+)
 
 
 def check_args(cfg: TrainConfig, checkpoint_steps: int = 5) -> None:
@@ -128,7 +142,8 @@ def _progress_callback():
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.advance = self.stack.enter_context(
-                progress.stage("train", state.max_steps, "steps", done=state.global_step))
+                progress.stage("train", state.max_steps, "steps", done=state.global_step)
+            )
 
         def on_step_end(self, args, state, control, **kwargs):
             if self.advance:
@@ -195,9 +210,21 @@ def last_complete_checkpoint(folder: Path) -> str | None:
     return str(max(done, key=lambda p: int(p.name[11:]))) if done else None
 
 
-def train(policy: str, rows: Sequence[dict], cfg: TrainConfig, out: Path, *, base: str, seed: int,
-          callbacks: Sequence[Any] = (), dtype: str = "auto", fingerprint: str = "", checkpoint_steps: int = 5,
-          prepared: bool = False, data=None) -> dict[str, float]:
+def train(
+    policy: str,
+    rows: Sequence[dict],
+    cfg: TrainConfig,
+    out: Path,
+    *,
+    base: str,
+    seed: int,
+    callbacks: Sequence[Any] = (),
+    dtype: str = "auto",
+    fingerprint: str = "",
+    checkpoint_steps: int = 5,
+    prepared: bool = False,
+    data=None,
+) -> dict[str, float]:
     """Train from `policy` on `rows` (pairs for DPO, prompt/completion for SFT, by `cfg.method`),
     write a merged checkpoint to `out`, return final train metrics. A training killed midway
     resumes from its last checkpoint when called again with the same fingerprint. `callbacks`:
@@ -214,20 +241,29 @@ def train(policy: str, rows: Sequence[dict], cfg: TrainConfig, out: Path, *, bas
     model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch_dtype)
     peft_config = None
     if cfg.lora:
-        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                 target_modules="all-linear", task_type="CAUSAL_LM")
+        peft_config = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        )
     rank = int(os.environ.get("RANK", "0"))  # set by `accelerate launch` in each process of a training job
     # A launched job's work directory was prepared by the stage before launch (one process, no race).
-    work = (out.parent / f".{out.name}.work" if prepared
-            else work_dir(out, work_key(fingerprint, policy, seed, rows)))
+    work = out.parent / f".{out.name}.work" if prepared else work_dir(out, work_key(fingerprint, policy, seed, rows))
     resume = last_complete_checkpoint(work / "trainer")
     if resume and rank == 0:
         from flywheel import progress
 
         progress.say(f"[train] resuming from {Path(resume).name}")
     shown = [_progress_callback()] if rank == 0 else []  # one progress line per job, not per process
-    common = {"model": model, "args": trainer_args(cfg.method, cfg, work / "trainer", seed, [], checkpoint_steps),
-                  "processing_class": tok, "peft_config": peft_config, "callbacks": [*shown, *callbacks]}
+    common = {
+        "model": model,
+        "args": trainer_args(cfg.method, cfg, work / "trainer", seed, [], checkpoint_steps),
+        "processing_class": tok,
+        "peft_config": peft_config,
+        "callbacks": [*shown, *callbacks],
+    }
     if data is None:
         data = dataset(cfg.method, rows)
     if cfg.method == "sft":
@@ -252,8 +288,12 @@ def train(policy: str, rows: Sequence[dict], cfg: TrainConfig, out: Path, *, bas
     # and 12% slower in a full fine-tune (benchmarks/gpu_smoke.py), so decoding alone avoids it
     result = trainer.train(resume_from_checkpoint=resume)
     history = [h for h in trainer.state.log_history if "loss" in h]
-    metrics = {"train_loss": result.training_loss, "train_steps": result.global_step,
-               "train_world_size": trainer.args.world_size, "train_reference": reference_in_memory(trainer)}
+    metrics = {
+        "train_loss": result.training_loss,
+        "train_steps": result.global_step,
+        "train_world_size": trainer.args.world_size,
+        "train_reference": reference_in_memory(trainer),
+    }
     if prepared:
         # A launched job's weights may be sharded (FSDP, ZeRO-3): every process takes part in
         # save_model, which gathers them; then the main process merges the adapter into the policy.
@@ -266,8 +306,9 @@ def train(policy: str, rows: Sequence[dict], cfg: TrainConfig, out: Path, *, bas
         if cfg.lora:
             from peft import PeftModel
 
-            merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(policy, dtype=torch_dtype),
-                                               str(work / "saved")).merge_and_unload()
+            merged = PeftModel.from_pretrained(
+                AutoModelForCausalLM.from_pretrained(policy, dtype=torch_dtype), str(work / "saved")
+            ).merge_and_unload()
             merged.save_pretrained(work / "model")
         else:
             os.replace(work / "saved", work / "model")
@@ -287,8 +328,20 @@ def train(policy: str, rows: Sequence[dict], cfg: TrainConfig, out: Path, *, bas
     return metrics
 
 
-def launch(policy: str, rows: Sequence[dict], cfg: TrainConfig, out: Path, *, base: str, seed: int, dtype: str,
-           fingerprint: str, checkpoint_steps: int, mlflow_run_id: str | None, tracking_uri: str | None) -> dict:
+def launch(
+    policy: str,
+    rows: Sequence[dict],
+    cfg: TrainConfig,
+    out: Path,
+    *,
+    base: str,
+    seed: int,
+    dtype: str,
+    fingerprint: str,
+    checkpoint_steps: int,
+    mlflow_run_id: str | None,
+    tracking_uri: str | None,
+) -> dict:
     """Train as its own job: `accelerate launch -m flywheel.models.train_job` with the user's
     Accelerate config (DDP, FSDP, DeepSpeed) and/or `cfg.num_processes` processes. The stage's
     process holds no model meanwhile; the job reads the dataset from disk, every process trains,
@@ -308,9 +361,17 @@ def launch(policy: str, rows: Sequence[dict], cfg: TrainConfig, out: Path, *, ba
     # On disk, once: every process maps the same file-backed dataset, so the caches TRL shares
     # between processes (tokenized rows, precomputed reference log-probs) live beside it.
     dataset(cfg.method, rows).save_to_disk(str(job_dir / "dataset"))
-    job = {"policy": policy, "cfg": cfg.model_dump(mode="json"), "out": str(out), "base": base, "seed": seed,
-           "dtype": dtype, "fingerprint": fingerprint, "checkpoint_steps": checkpoint_steps,
-           "mlflow_run_id": mlflow_run_id}
+    job = {
+        "policy": policy,
+        "cfg": cfg.model_dump(mode="json"),
+        "out": str(out),
+        "base": base,
+        "seed": seed,
+        "dtype": dtype,
+        "fingerprint": fingerprint,
+        "checkpoint_steps": checkpoint_steps,
+        "mlflow_run_id": mlflow_run_id,
+    }
     (job_dir / "job.json").write_text(json.dumps(job))
     with socket.socket() as sock:  # a free rendezvous port: two jobs on one machine must not collide
         sock.bind(("127.0.0.1", 0))
@@ -322,8 +383,16 @@ def launch(policy: str, rows: Sequence[dict], cfg: TrainConfig, out: Path, *, ba
         if cfg.num_processes > 1:
             cmd += ["--num_processes", str(cfg.num_processes)]
     else:
-        cmd += ["--num_processes", str(cfg.num_processes), "--num_machines", "1", "--mixed_precision", "no",
-                "--dynamo_backend", "no"]
+        cmd += [
+            "--num_processes",
+            str(cfg.num_processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+        ]
         if cfg.num_processes > 1:
             cmd += ["--multi_gpu"]  # DDP; without a GPU, Accelerate runs it on the CPU over gloo
         if not torch.cuda.is_available():
@@ -343,11 +412,13 @@ def launch(policy: str, rows: Sequence[dict], cfg: TrainConfig, out: Path, *, ba
     result = job_dir / "result.json"
     if rc != 0 or not result.is_file():
         cause = next((ln for ln in reversed(tail) if "Error" in ln or "error" in ln), tail[-1] if tail else "")
-        raise TrainJobError(f"training job failed (exit {rc}): {cause.strip()[:300]} "
-                            f"(full output: {job_dir / 'train.log'})")
+        raise TrainJobError(
+            f"training job failed (exit {rc}): {cause.strip()[:300]} (full output: {job_dir / 'train.log'})"
+        )
     out_metrics = json.loads(result.read_text())
     out_metrics["train_ranks_stepped"] = sorted(
-        json.loads(f.read_text())["global_step"] for f in job_dir.glob("rank-*.json"))
+        json.loads(f.read_text())["global_step"] for f in job_dir.glob("rank-*.json")
+    )
     return out_metrics
 
 

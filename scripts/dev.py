@@ -48,8 +48,12 @@ def install_project(pip: list, *extra: str, extras: str = "dev") -> None:
     # the test extra compiles llama.cpp once: on every core, not one, and without its multimodal
     # library (mtmd: image and audio models), which a text model's server never loads (3 min 30 s
     # on 2 cores instead of 4 min 42 s). CMAKE_ARGS set by the user wins.
-    env = {**os.environ, **QUIET_BUILD, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2),
-           "CMAKE_ARGS": os.environ.get("CMAKE_ARGS", "-DLLAVA_BUILD=OFF")}
+    env = {
+        **os.environ,
+        **QUIET_BUILD,
+        "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2),
+        "CMAKE_ARGS": os.environ.get("CMAKE_ARGS", "-DLLAVA_BUILD=OFF"),
+    }
     sh(*pip, *extra, "-e", f"{ROOT}[{extras}]", env=env)
 
 
@@ -89,8 +93,20 @@ def lock() -> None:
     constraints.txt."""
     setup("test", locked=False)
     # TORCH named beside the project: the upgrade keeps the pinned torch that setup() installs first
-    sh(PY, "-m", "pip", "install", "--quiet", "--upgrade", "--upgrade-strategy", "eager", TORCH, "-e",
-       f"{ROOT}[test]", env={**os.environ, **QUIET_BUILD})
+    sh(
+        PY,
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--upgrade",
+        "--upgrade-strategy",
+        "eager",
+        TORCH,
+        "-e",
+        f"{ROOT}[test]",
+        env={**os.environ, **QUIET_BUILD},
+    )
     freeze()  # the setup stamps hash the file: the next run or test installs the new pins
 
 
@@ -98,12 +114,18 @@ def freeze() -> None:
     """constraints.txt from the environment's packages: exact versions, flywheel itself and pip left
     out (setuptools stays: torch needs it at run time), local build labels dropped (torch==2.13.0
     holds for its CPU and CUDA builds alike)."""
-    frozen = subprocess.run([str(PY), "-m", "pip", "freeze", "--all", "--exclude-editable", "--exclude", "flywheel",
-                             "--exclude", "pip"], check=True, capture_output=True, text=True).stdout.splitlines()
+    frozen = subprocess.run(
+        [str(PY), "-m", "pip", "freeze", "--all", "--exclude-editable", "--exclude", "flywheel", "--exclude", "pip"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.splitlines()
     pins = sorted((ln.split("+")[0] for ln in frozen if "==" in ln), key=str.lower)
-    head = (f"# The tested set, frozen by `python3 scripts/dev.py lock` (CPython {sys.version_info.major}."
-            f"{sys.version_info.minor}, {sys.platform}).\n"
-            "# scripts/dev.py installs with `pip install -c` this file; edit pyproject.toml's ranges, not this.\n")
+    head = (
+        f"# The tested set, frozen by `python3 scripts/dev.py lock` (CPython {sys.version_info.major}."
+        f"{sys.version_info.minor}, {sys.platform}).\n"
+        "# scripts/dev.py installs with `pip install -c` this file; edit pyproject.toml's ranges, not this.\n"
+    )
     CONSTRAINTS.write_text(head + "\n".join(pins) + "\n")
 
 
@@ -122,8 +144,10 @@ def main() -> int:
         print(__doc__, file=sys.stderr)
         return 2
     if sys.version_info < (3, 11):  # noqa: UP036 - the user's python3 runs this, before pip reads requires-python
-        print("scripts/dev.py: flywheel needs Python 3.11+ (so do its tested transformers, TRL, Prefect, DuckDB)",
-              file=sys.stderr)
+        print(
+            "scripts/dev.py: flywheel needs Python 3.11+ (so do its tested transformers, TRL, Prefect, DuckDB)",
+            file=sys.stderr,
+        )
         return 2
     command, rest = sys.argv[1], sys.argv[2:]
     if command == "lock":

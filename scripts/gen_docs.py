@@ -35,6 +35,7 @@ PAGES = ("reference/config.md", "reference/cli.md", "reference/tables.md")
 # ---------------------------------------------------------------------------------------------
 # shared helpers
 
+
 def _cell(text: str) -> str:
     """Text for a Markdown table cell: one line, no pipe or angle bracket that Markdown would read."""
     text = " ".join(text.split())
@@ -74,6 +75,7 @@ def _comment_for(lines: list[str], comments: dict[int, str], lineno: int) -> str
 
 # ---------------------------------------------------------------------------------------------
 # configuration
+
 
 def _models_in(annotation: Any) -> list[type]:
     """The pydantic model classes an annotation holds (inside lists, unions, Optional, Annotated)."""
@@ -195,7 +197,7 @@ _MEASURED = re.compile(r"\s*Measured\b.*?\.(?=\s|$)")
 FALLBACK = {
     "rounds": "Rounds to run after round 0 (the starting model's benchmark); `--rounds` sets it. Not hashed.",
     "workspace": "The folder that holds the run's tables, catalog, checkpoints, run files and (by default) the "
-                 "MLflow store. Not hashed.",
+    "MLflow store. Not hashed.",
     "model.dtype": "auto: bfloat16 on a GPU that supports it, float32 otherwise (the CPU).",
     "model.vllm": "Used when `engine` is vllm.",
     "model.openai": "Where the server is, for `engine: openai` (required then).",
@@ -205,7 +207,7 @@ FALLBACK = {
     "model.vllm.enforce_eager": "Run without CUDA graphs. Not hashed.",
     "model.openai.top_logprobs": "How many top log-probs a rubric score asks for at the verdict position.",
     "task.prompts_file": "A JSONL or Parquet file with a `prompt` and an optional `answer` per row; when set, "
-                         "it replaces the reasoning-gym task.",
+    "it replaces the reasoning-gym task.",
     "task.prompts_per_round": "Training prompts drawn for each round.",
     "sampling.temperature": "Sampling temperature of the generate stage.",
     "sampling.top_p": "Nucleus sampling's cumulative probability.",
@@ -214,17 +216,17 @@ FALLBACK = {
     "judge.batch_size": "Candidates a model-based judge scores together. Not hashed.",
     "judge.max_prompt_tokens": "A judge prompt longer than this loses its start (never the verdict cue at its end).",
     "judge.sources[].name": "The source's name: its `source` in the judgments table, and how curation refers to it "
-                            "(default: its type).",
+    "(default: its type).",
     "judge.sources[].type": "Which kind of reward source this is.",
     "judge.sources[].pattern": "match: regex: the pattern searched in the response ({answer}: the escaped reference).",
-    "judge.sources[].callable": "match: callable: \"module:function\", called as f(prompt, response, answer, "
-                                "metadata) -> float or None.",
+    "judge.sources[].callable": 'match: callable: "module:function", called as f(prompt, response, answer, '
+    "metadata) -> float or None.",
     "judge.sources[].tolerance": "match: numeric: the largest difference still counted as equal.",
     "judge.sources[].beta": "β in β·log π_θ(y|x)/π_ref(y|x).",
     "curation.cream_source": "The LLM judge whose rankings CREAM compares (it needs previous: true).",
     "curation.cream_min_tau": "cream: skip drops the pairs of prompts whose Kendall τ is below this.",
     "curation.min_margin": "A pair's chosen reward must exceed its rejected one by at least this: ties and NULL "
-                           "scores are never paired.",
+    "scores are never paired.",
     "curation.pairs_per_prompt": "At most this many pairs per prompt.",
     "curation.max_pairs_per_category": "At most this many pairs per category (null: no cap).",
     "curation.decontam_threshold": "See decontam_ngram.",
@@ -234,10 +236,10 @@ FALLBACK = {
     "train.lora_dropout": "LoRA's dropout.",
     "train.sft": "Any field of trl.SFTConfig, for `method: sft`; merged over these defaults.",
     "train.accelerate_config": "An Accelerate config file, or ddp, fsdp, deepspeed_zero3 (the ones shipped in "
-                               "configs/accelerate/): training runs as `accelerate launch`.",
+    "configs/accelerate/): training runs as `accelerate launch`.",
     "benchmark.max_new_tokens": "Longest greedy answer, in tokens.",
     "benchmark.batch_size": "Rows decoded together in the benchmark stage (part of the config's hash: the batch's "
-                            "shape can change a greedy token).",
+    "shape can change a greedy token).",
     "benchmark.guards[].task": "A reasoning-gym task name.",
     "benchmark.guards[].options": "The task's options.",
     "benchmark.guards[].size": "Items in the suite.",
@@ -253,7 +255,7 @@ FALLBACK = {
     "stages.generate.work_pool": "A Prefect work pool's name; null: the round's own process.",
     "stages.generate.job_variables": "Overrides of the pool's job template for this stage (needs work_pool).",
     "registry.weights": "reference: the registered model points at the round's checkpoint; copy: the weights are "
-                        "copied into MLflow's artifact store.",
+    "copied into MLflow's artifact store.",
 }
 
 
@@ -287,10 +289,18 @@ def config_sections() -> list[dict]:
                 default = f"[below](#{anchor(seen[_models_in(field.annotation)[0]])})"
             else:
                 default = _code(default)
-            rows.append({"path": fpath, "type": _type_name(field.annotation), "default": default,
-                         "bounds": _bounds(field), "description": text.strip()})
-        sections.append({"path": path, "title": title, "id": ident, "doc": inspect.getdoc(cls) if cls.__doc__ else "",
-                         "rows": rows})
+            rows.append(
+                {
+                    "path": fpath,
+                    "type": _type_name(field.annotation),
+                    "default": default,
+                    "bounds": _bounds(field),
+                    "description": text.strip(),
+                }
+            )
+        sections.append(
+            {"path": path, "title": title, "id": ident, "doc": inspect.getdoc(cls) if cls.__doc__ else "", "rows": rows}
+        )
         for m in nested:
             kind = m.model_fields.get("type")
             title = seen[m]
@@ -323,14 +333,17 @@ def config_page() -> str:
         out.append("| setting | type | default | bounds | description |")
         out.append("|---|---|---|---|---|")
         for r in s["rows"]:
-            out.append(f"| {_code(r['path'])} | {_cell(r['type'])} | {r['default']} | {_cell(r['bounds'])} "
-                       f"| {_cell(r['description'])} |")
+            out.append(
+                f"| {_code(r['path'])} | {_cell(r['type'])} | {r['default']} | {_cell(r['bounds'])} "
+                f"| {_cell(r['description'])} |"
+            )
         out.append("")
     return "\n".join(out)
 
 
 # ---------------------------------------------------------------------------------------------
 # command line
+
 
 def cli_commands() -> list[tuple[str, argparse.ArgumentParser, str]]:
     """(full command, its parser, its one-line help) for every subcommand, nested ones included."""
@@ -368,8 +381,10 @@ def _argument_row(action: argparse.Action) -> str | None:
     if action.default not in (None, False, argparse.SUPPRESS) and action.default != []:
         default = str(action.default)
     need = "required" if action.required or not action.option_strings else ""
-    return (f"| {_code(names)} | {_cell(value)} | {_code(default) if default else ''} | {need} "
-            f"| {_cell(action.help or '')} |")
+    return (
+        f"| {_code(names)} | {_cell(value)} | {_code(default) if default else ''} | {need} "
+        f"| {_cell(action.help or '')} |"
+    )
 
 
 def cli_page() -> str:
@@ -419,22 +434,24 @@ def cli_page() -> str:
 # What one row of each table is (the columns' own descriptions come from storage/schemas.py).
 TABLE_ROWS = {
     "prompts": "A prompt a run drew: a training prompt of a round (split `train`), a validation or test item "
-               "(written with round 0), or a training prompt dropped as overlapping an evaluation item "
-               "(`decontaminated`, the overlap in its metadata).",
+    "(written with round 0), or a training prompt dropped as overlapping an evaluation item "
+    "(`decontaminated`, the overlap in its metadata).",
     "candidates": "One sampled response of the round's policy to one training prompt.",
     "judgments": "One reward source's verdict on one candidate; a verdict that did not parse keeps its row, "
-                 "with `score` NULL and its raw text.",
+    "with `score` NULL and its raw text.",
     "judge_health": "One judge-health figure of one reward source in one round.",
     "pairs": "One preference pair, in TRL's `prompt`/`chosen`/`rejected` columns plus scores, margin, rule, "
-             "category and lengths.",
+    "category and lengths.",
     "sft": "One SFT example: a prompt's best sample at or above `curation.sft_threshold`.",
     "benchmarks": "One benchmark item answered greedily by one round's model, in one suite (test, validation, "
-                  "a guard, or an lm-evaluation-harness task).",
+    "a guard, or an lm-evaluation-harness task).",
     "rounds": "The lineage of one round: the policy in and out, the config hash, the seed, code and package "
-              "versions, the MLflow run, the registered version and the promotion decision.",
+    "versions, the MLflow run, the registered version and the promotion decision.",
 }
-_KEY_COLUMNS = {"run_id": "the run the row belongs to (also the folder `run_id=…`)",
-                "round": "the round the row belongs to (also the folder `round=…`)"}
+_KEY_COLUMNS = {
+    "run_id": "the run the row belongs to (also the folder `run_id=…`)",
+    "round": "the round the row belongs to (also the folder `round=…`)",
+}
 
 
 def _column_comments() -> dict[str, dict[str, str]]:
@@ -449,8 +466,13 @@ def _column_comments() -> dict[str, dict[str, str]]:
             continue
         cols: dict[str, str] = {}
         for call in ast.walk(node.value):
-            if (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr == "field"
-                    and call.args and isinstance(call.args[0], ast.Constant)):
+            if (
+                isinstance(call, ast.Call)
+                and isinstance(call.func, ast.Attribute)
+                and call.func.attr == "field"
+                and call.args
+                and isinstance(call.args[0], ast.Constant)
+            ):
                 cols[call.args[0].value] = _comment_for(lines, comments, call.lineno)
         out[node.targets[0].id] = cols
     return out
@@ -462,8 +484,11 @@ def _table_comment() -> dict[str, str]:
 
     source = Path(inspect.getsourcefile(schemas)).read_text()
     lines, comments = source.splitlines(), _comments(source)
-    return {node.targets[0].id: _comment_for(lines, comments, node.lineno) for node in ast.parse(source).body
-            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)}
+    return {
+        node.targets[0].id: _comment_for(lines, comments, node.lineno)
+        for node in ast.parse(source).body
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+    }
 
 
 def tables_page() -> str:
@@ -475,11 +500,13 @@ def tables_page() -> str:
         "# Tables and columns",
         "",
         "Generated from `TABLES` in `storage/schemas.py` when the site is built (`scripts/gen_docs.py`).",
-        ("Every table is Parquet under `<workspace>/tables/<table>/run_id=…/round=…/`, one file per part, "
-         "and a view of the same name in the DuckDB catalog `<workspace>/catalog.duckdb` covers every run. "
-         "Every file carries its own `run_id` and `round` columns, so a file read alone is complete. "
-         "A write checks the rows against the schema below: a missing column, or a NULL in a column that is "
-         "not nullable, fails before the file is replaced."),
+        (
+            "Every table is Parquet under `<workspace>/tables/<table>/run_id=…/round=…/`, one file per part, "
+            "and a view of the same name in the DuckDB catalog `<workspace>/catalog.duckdb` covers every run. "
+            "Every file carries its own `run_id` and `round` columns, so a file read alone is complete. "
+            "A write checks the rows against the schema below: a missing column, or a NULL in a column that is "
+            "not nullable, fails before the file is replaced."
+        ),
         "",
         "| table | one row is |",
         "|---|---|",
@@ -507,6 +534,7 @@ def tables_page() -> str:
 
 # ---------------------------------------------------------------------------------------------
 # entry points: the mkdocs hook, and the command line
+
 
 def pages() -> dict[str, str]:
     return {"reference/config.md": config_page(), "reference/cli.md": cli_page(), "reference/tables.md": tables_page()}

@@ -54,8 +54,10 @@ def tables_dir(root: Path) -> Path:
 def view_sql(root: Path, table: str) -> str:
     glob = tables_dir(root) / table / "*" / "*" / "*.parquet"
     if any((Path(root) / "tables" / table).glob("*/*/*.parquet")):
-        return (f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM read_parquet({sql_str(str(glob))}, "
-                "union_by_name = true, hive_partitioning = false)")
+        return (
+            f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM read_parquet({sql_str(str(glob))}, "
+            "union_by_name = true, hive_partitioning = false)"
+        )
     cols = ", ".join(f"CAST(NULL AS {_DUCK_TYPES[f.type]}) AS {f.name}" for f in TABLES[table])
     return f"CREATE OR REPLACE VIEW {table} AS SELECT {cols} WHERE false"
 
@@ -92,12 +94,14 @@ def refresh(root: Path) -> Path | None:
 # access is still on; the lock comes last and makes every SET/RESET/PRAGMA after it fail). Spilling
 # is off: it would write a temporary directory in the working directory.
 def _guards(root: Path) -> list[str]:
-    return [f"SET allowed_directories = [{sql_str(str(tables_dir(root)) + os.sep)}]",
-            "SET temp_directory = ''",
-            "SET enable_external_access = false",
-            "SET autoinstall_known_extensions = false",
-            "SET autoload_known_extensions = false",
-            "SET lock_configuration = true"]
+    return [
+        f"SET allowed_directories = [{sql_str(str(tables_dir(root)) + os.sep)}]",
+        "SET temp_directory = ''",
+        "SET enable_external_access = false",
+        "SET autoinstall_known_extensions = false",
+        "SET autoload_known_extensions = false",
+        "SET lock_configuration = true",
+    ]
 
 
 def connect(root: Path) -> duckdb.DuckDBPyConnection:
@@ -138,7 +142,8 @@ def query(root: Path, sql: str) -> pa.Table:
     with connect(root) as con:
         kind = statement_kind(con, sql)
         if kind not in ("SELECT", "EXPLAIN SELECT"):
-            raise ReadOnlyError(f"the catalog is read-only: {kind} statements are refused (SELECT and EXPLAIN "
-                                "SELECT only)")
+            raise ReadOnlyError(
+                f"the catalog is read-only: {kind} statements are refused (SELECT and EXPLAIN SELECT only)"
+            )
         rel = con.sql(sql)
         return rel.to_arrow_table() if rel is not None else pa.table({})

@@ -12,8 +12,19 @@ from pathlib import Path
 from flywheel.errors import CompareError, mask_credentials
 from flywheel.storage import manifest
 
-COLUMNS = ("exact_match", "accuracy", "promoted", "pairs", "judge_verifier_agreement", "mean_response_tokens",
-           "generate_seconds", "judge_seconds", "train_seconds", "benchmark_seconds", "round_seconds")
+COLUMNS = (
+    "exact_match",
+    "accuracy",
+    "promoted",
+    "pairs",
+    "judge_verifier_agreement",
+    "mean_response_tokens",
+    "generate_seconds",
+    "judge_seconds",
+    "train_seconds",
+    "benchmark_seconds",
+    "round_seconds",
+)
 
 
 def collect(workspace: Path, run_ids: Sequence[str]) -> list[dict]:
@@ -23,8 +34,9 @@ def collect(workspace: Path, run_ids: Sequence[str]) -> list[dict]:
         history = manifest.history(workspace, run_id)
         if not history:
             known = sorted(p.name for p in (Path(workspace) / "runs").glob("*") if p.is_dir())
-            raise CompareError(f"no run {run_id!r} with a completed round in {workspace} "
-                               f"(known: {', '.join(known[-5:]) or 'none'})")
+            raise CompareError(
+                f"no run {run_id!r} with a completed round in {workspace} (known: {', '.join(known[-5:]) or 'none'})"
+            )
         for result in history:
             rows.append({"run": run_id, "round": result["round"], **{k: result.get(k) for k in COLUMNS}})
     return rows
@@ -41,6 +53,7 @@ def log_plot(workspace: Path, run_ids: Sequence[str], plot: Path) -> None:
         experiment = tracking.setup(workspace, saved.get("name", "flywheel"))
         parent = tracking.find_run(experiment, {"flywheel.run_id": run_id, "flywheel.kind": "run"})
         if parent is None:
-            raise CompareError(f"run {run_id!r} has no MLflow run in "
-                               f"{mask_credentials(tracking.tracking_uri(workspace))}")
+            raise CompareError(
+                f"run {run_id!r} has no MLflow run in {mask_credentials(tracking.tracking_uri(workspace))}"
+            )
         tracking.log_artifact(parent, plot, "compare")

@@ -52,57 +52,102 @@ def _short(text: str, n: int = 120) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-def render(run_id: str, round_: int, cfg, funnel: dict[str, int], pairs: pa.Table, sft: pa.Table,
-           removed: Sequence[dict], draw: dict | None = None, labels: dict | None = None) -> str:
+def render(
+    run_id: str,
+    round_: int,
+    cfg,
+    funnel: dict[str, int],
+    pairs: pa.Table,
+    sft: pa.Table,
+    removed: Sequence[dict],
+    draw: dict | None = None,
+    labels: dict | None = None,
+) -> str:
     p = pairs.to_pylist()
     margins = [r["margin"] for r in p]
     chosen_len, rejected_len = [r["chosen_tokens"] for r in p], [r["rejected_tokens"] for r in p]
     gap = statistics.fmean(c - r for c, r in zip(chosen_len, rejected_len)) if p else 0.0
-    lines = [f"# Data card: run {run_id}, round {round_}", "",
-             f"Rule `{cfg.rule}` on reward `{cfg.reward_name()}` (normalize {cfg.normalize}), min_margin {cfg.min_margin}, length_penalty "
-             f"{cfg.length_penalty}, dedup {cfg.dedup}, pairs_per_prompt {cfg.pairs_per_prompt}, "
-             f"balance_categories {cfg.balance_categories}, max_pairs_per_category {cfg.max_pairs_per_category}.",
-             "", "## What each filter kept", "", "| step | count |", "|---|---:|"]
+    lines = [
+        f"# Data card: run {run_id}, round {round_}",
+        "",
+        f"Rule `{cfg.rule}` on reward `{cfg.reward_name()}` (normalize {cfg.normalize}), min_margin {cfg.min_margin}, length_penalty "
+        f"{cfg.length_penalty}, dedup {cfg.dedup}, pairs_per_prompt {cfg.pairs_per_prompt}, "
+        f"balance_categories {cfg.balance_categories}, max_pairs_per_category {cfg.max_pairs_per_category}.",
+        "",
+        "## What each filter kept",
+        "",
+        "| step | count |",
+        "|---|---:|",
+    ]
     lines += [f"| {label} | {funnel.get(key, 0)} |" for key, label in _FUNNEL_ROWS]
     if funnel.get("cream_tau") is not None:
-        lines.append(f"| CREAM: mean Kendall τ, this round's vs the previous round's judge | {funnel['cream_tau']:.3f} |")
-    lines += [f"| SFT examples (best sample with reward ≥ {cfg.sft_threshold}) | {sft.num_rows} |",
-              f"| training prompts dropped as evaluation overlaps | {len(removed)} |",
-              "", "## Margins and lengths", "",
-              "| | min / q25 / median / q75 / max | mean |", "|---|---|---:|",
-              f"| margin | {_quantiles(margins)} | {statistics.fmean(margins) if p else 0:.3g} |",
-              f"| chosen tokens | {_quantiles(chosen_len)} | {statistics.fmean(chosen_len) if p else 0:.3g} |",
-              f"| rejected tokens | {_quantiles(rejected_len)} | {statistics.fmean(rejected_len) if p else 0:.3g} |",
-              "", f"Chosen-vs-rejected length gap: {gap:+.2f} tokens on average "
-              "(positive: the chosen answers are longer).", "", "## Category mix", "",
-              "| category | pairs | SFT examples |", "|---|---:|---:|"]
+        lines.append(
+            f"| CREAM: mean Kendall τ, this round's vs the previous round's judge | {funnel['cream_tau']:.3f} |"
+        )
+    lines += [
+        f"| SFT examples (best sample with reward ≥ {cfg.sft_threshold}) | {sft.num_rows} |",
+        f"| training prompts dropped as evaluation overlaps | {len(removed)} |",
+        "",
+        "## Margins and lengths",
+        "",
+        "| | min / q25 / median / q75 / max | mean |",
+        "|---|---|---:|",
+        f"| margin | {_quantiles(margins)} | {statistics.fmean(margins) if p else 0:.3g} |",
+        f"| chosen tokens | {_quantiles(chosen_len)} | {statistics.fmean(chosen_len) if p else 0:.3g} |",
+        f"| rejected tokens | {_quantiles(rejected_len)} | {statistics.fmean(rejected_len) if p else 0:.3g} |",
+        "",
+        f"Chosen-vs-rejected length gap: {gap:+.2f} tokens on average (positive: the chosen answers are longer).",
+        "",
+        "## Category mix",
+        "",
+        "| category | pairs | SFT examples |",
+        "|---|---:|---:|",
+    ]
     pair_cats, sft_cats = Counter(r["category"] for r in p), Counter(sft.column("category").to_pylist())
     for cat in sorted(set(pair_cats) | set(sft_cats)):
         lines.append(f"| {cat} | {pair_cats[cat]} | {sft_cats[cat]} |")
     if labels:
-        lines += ["", "## What the pairs teach (against the verifier)", "", "| | share |", "|---|---:|",
-                  f"| chosen responses exactly correct | {_share(labels.get('chosen_exact'))} |",
-                  f"| rejected responses wrong (not exactly correct) | {_share(labels.get('rejected_wrong'))} |"]
+        lines += [
+            "",
+            "## What the pairs teach (against the verifier)",
+            "",
+            "| | share |",
+            "|---|---:|",
+            f"| chosen responses exactly correct | {_share(labels.get('chosen_exact'))} |",
+            f"| rejected responses wrong (not exactly correct) | {_share(labels.get('rejected_wrong'))} |",
+        ]
     if draw:
         d = draw.get("removed", {})
-        lines += ["", "## Overlap checks", "",
-                  f"This round's {draw.get('prompts', 0)} training prompts were checked against the "
-                  f"{draw.get('evaluation_items', 0)} evaluation items (validation and test) and against the "
-                  "prompts of earlier rounds.", "", "| check | prompts dropped |", "|---|---:|",
-                  f"| exact copy (case and spacing aside) | {d.get('exact', 0)} |",
-                  f"| normalised form (numbers and operators; a sum's terms in any order) | {d.get('normalised', 0)} |",
-                  f"| n-gram overlap ≥ {cfg.decontam_threshold:g} (n scaled to the prompt's length, at most "
-                  f"{cfg.decontam_ngram}) | {d.get('ngram', 0)} |",
-                  f"| trained on in an earlier round (fresh prompts each round) | {draw.get('repeats_skipped', 0)} |"]
+        lines += [
+            "",
+            "## Overlap checks",
+            "",
+            f"This round's {draw.get('prompts', 0)} training prompts were checked against the "
+            f"{draw.get('evaluation_items', 0)} evaluation items (validation and test) and against the "
+            "prompts of earlier rounds.",
+            "",
+            "| check | prompts dropped |",
+            "|---|---:|",
+            f"| exact copy (case and spacing aside) | {d.get('exact', 0)} |",
+            f"| normalised form (numbers and operators; a sum's terms in any order) | {d.get('normalised', 0)} |",
+            f"| n-gram overlap ≥ {cfg.decontam_threshold:g} (n scaled to the prompt's length, at most "
+            f"{cfg.decontam_ngram}) | {d.get('ngram', 0)} |",
+            f"| trained on in an earlier round (fresh prompts each round) | {draw.get('repeats_skipped', 0)} |",
+        ]
     if removed:
         lines += ["", "## Dropped as evaluation overlaps", ""]
         lines += [f"- {_short(r['prompt'])}" for r in removed[:50]]
         if len(removed) > 50:
-            lines.append(f"- … and {len(removed) - 50} more: `SELECT prompt FROM prompts WHERE split = 'decontaminated'`")
+            lines.append(
+                f"- … and {len(removed) - 50} more: `SELECT prompt FROM prompts WHERE split = 'decontaminated'`"
+            )
     if p:
         lines += ["", "## Examples", "", "| prompt | chosen | rejected | margin |", "|---|---|---|---:|"]
-        lines += [f"| {_short(r['prompt'], 80)} | {_short(r['chosen'], 60)} | {_short(r['rejected'], 60)} | "
-                  f"{r['margin']:.3g} |" for r in p[:5]]
+        lines += [
+            f"| {_short(r['prompt'], 80)} | {_short(r['chosen'], 60)} | {_short(r['rejected'], 60)} | "
+            f"{r['margin']:.3g} |"
+            for r in p[:5]
+        ]
     lines += ["", f"![margins, lengths and categories]({FIGURE})", ""]
     return "\n".join(lines)
 
@@ -111,8 +156,18 @@ def _share(x: float | None) -> str:
     return "–" if x is None else f"{x:.0%}"
 
 
-def write(out: Path, run_id: str, round_: int, cfg, funnel: dict[str, int], pairs: pa.Table, sft: pa.Table,
-          removed: Sequence[dict], draw: dict | None = None, labels: dict | None = None) -> list[Path]:
+def write(
+    out: Path,
+    run_id: str,
+    round_: int,
+    cfg,
+    funnel: dict[str, int],
+    pairs: pa.Table,
+    sft: pa.Table,
+    removed: Sequence[dict],
+    draw: dict | None = None,
+    labels: dict | None = None,
+) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     card = out / CARD
     tmp = card.with_suffix(".md.tmp")

@@ -23,11 +23,21 @@ from flywheel.storage import catalog
 
 FORMATS = ("parquet", "jsonl", "hf")
 EXPORTABLE = ("pairs", "sft")
-_PROVENANCE = {"pairs": ("run_id", "round", "pair_id", "prompt_id", "chosen_score", "rejected_score", "margin",
-                         "rule", "reward", "category"),
-               "sft": ("run_id", "round", "candidate_id", "prompt_id", "score", "reward", "category")}
-
-
+_PROVENANCE = {
+    "pairs": (
+        "run_id",
+        "round",
+        "pair_id",
+        "prompt_id",
+        "chosen_score",
+        "rejected_score",
+        "margin",
+        "rule",
+        "reward",
+        "category",
+    ),
+    "sft": ("run_id", "round", "candidate_id", "prompt_id", "score", "reward", "category"),
+}
 
 
 def _user(text: str) -> list[dict]:
@@ -41,8 +51,10 @@ def _assistant(text: str) -> list[dict]:
 def conversational(table: str, rows: Sequence[dict]) -> list[dict]:
     """Rows of the pairs / sft table → TRL's conversational records (plus provenance columns)."""
     if table == "pairs":
-        out = [{"prompt": _user(r["prompt"]), "chosen": _assistant(r["chosen"]),
-                "rejected": _assistant(r["rejected"])} for r in rows]
+        out = [
+            {"prompt": _user(r["prompt"]), "chosen": _assistant(r["chosen"]), "rejected": _assistant(r["rejected"])}
+            for r in rows
+        ]
     else:
         out = [{"prompt": _user(r["prompt"]), "completion": _assistant(r["completion"])} for r in rows]
     for rec, r in zip(out, rows):
@@ -63,7 +75,9 @@ def select(root: Path, table: str, run_id: str | None, round_: int | None) -> tu
         params = {"run": run_id} | ({} if round_ is None else {"round": round_})
         rows = con.sql(f"SELECT * FROM {table} WHERE {where} ORDER BY round, prompt_id", params=params).to_arrow_table()
         if rows.num_rows == 0:
-            known = con.sql(f"SELECT count(*) FROM {table} WHERE run_id = $run", params={"run": run_id}).fetchall()[0][0]
+            known = con.sql(f"SELECT count(*) FROM {table} WHERE run_id = $run", params={"run": run_id}).fetchall()[0][
+                0
+            ]
             what = f"run {run_id!r}" if not known else f"round {round_} of run {run_id!r}"
             raise ExportError(f"no {table} for {what}")
     return rows, run_id
@@ -71,9 +85,11 @@ def select(root: Path, table: str, run_id: str | None, round_: int | None) -> tu
 
 def card(table: str, run_id: str, round_: int | None, n: int, fmt: str) -> str:
     kind = "preference pairs (prompt / chosen / rejected)" if table == "pairs" else "SFT examples (prompt / completion)"
-    load = {"hf": 'datasets.load_from_disk("<dir>")',
-            "parquet": 'datasets.load_dataset("parquet", data_files="<dir>/train.parquet")',
-            "jsonl": 'datasets.load_dataset("json", data_files="<dir>/train.jsonl")'}[fmt]
+    load = {
+        "hf": 'datasets.load_from_disk("<dir>")',
+        "parquet": 'datasets.load_dataset("parquet", data_files="<dir>/train.parquet")',
+        "jsonl": 'datasets.load_dataset("json", data_files="<dir>/train.jsonl")',
+    }[fmt]
     return f"""---
 tags: [flywheel, {"dpo" if table == "pairs" else "sft"}, synthetic]
 ---

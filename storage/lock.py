@@ -73,8 +73,10 @@ def workspace_lock(root: Path, wait_s: float = WAIT_S) -> Iterator[None]:
                 f.seek(0)
                 holder = f.read().strip() or "another process"
                 f.close()
-                raise WorkspaceBusy(f"workspace {root} is in use by another flywheel run ({holder}); "
-                                    "wait for it to finish or use another --workspace") from None
+                raise WorkspaceBusy(
+                    f"workspace {root} is in use by another flywheel run ({holder}); "
+                    "wait for it to finish or use another --workspace"
+                ) from None
             f.seek(0)
             f.truncate()
             f.write(f"pid {os.getpid()}")

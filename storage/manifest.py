@@ -44,9 +44,19 @@ def write_text_atomic(p: Path, text: str) -> Path:
 
 
 def write(root: Path, run_id: str, round_: int, stage: str, fingerprint: str, result: dict[str, Any]) -> Path:
-    return write_text_atomic(path(root, run_id, round_, stage), json.dumps(
-        {"stage": stage, "fingerprint": fingerprint, "result": result,
-         "finished_at": datetime.now(timezone.utc).isoformat()}, default=str, indent=1))
+    return write_text_atomic(
+        path(root, run_id, round_, stage),
+        json.dumps(
+            {
+                "stage": stage,
+                "fingerprint": fingerprint,
+                "result": result,
+                "finished_at": datetime.now(timezone.utc).isoformat(),
+            },
+            default=str,
+            indent=1,
+        ),
+    )
 
 
 def remove(root: Path, run_id: str, round_: int, stage: str) -> None:

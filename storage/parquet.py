@@ -36,8 +36,9 @@ def to_table(table: str, rows: Sequence[Mapping[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist([dict(r) for r in rows], schema=schema)
 
 
-def write_table(root: Path, table: str, run_id: str, round_: int, data: pa.Table | Sequence[Mapping[str, Any]],
-                part: str = "data") -> Path:
+def write_table(
+    root: Path, table: str, run_id: str, round_: int, data: pa.Table | Sequence[Mapping[str, Any]], part: str = "data"
+) -> Path:
     tbl = data if isinstance(data, pa.Table) else to_table(table, data)
     tbl = tbl.cast(TABLES[table])  # enforce the declared schema (column order, types, nullability)
     final = table_path(root, table, run_id, round_, part)
@@ -62,8 +63,11 @@ def read_parts(root: Path, table: str, run_id: str, round_: int, pattern: str = 
     glob: "guard-*" for the benchmarks table's guard suites), parts in name order. A file being
     written is never read: its temporary name does not end in .parquet."""
     folder = partition_dir(root, table, run_id, round_)
-    return [r for f in sorted(folder.glob(f"{pattern}.parquet"))
-            for r in read_table(root, table, run_id, round_, part=f.stem).to_pylist()]
+    return [
+        r
+        for f in sorted(folder.glob(f"{pattern}.parquet"))
+        for r in read_table(root, table, run_id, round_, part=f.stem).to_pylist()
+    ]
 
 
 def remove_parts(root: Path, table: str, run_id: str, round_: int, pattern: str = "*") -> list[Path]:

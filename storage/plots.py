@@ -6,8 +6,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 # The headline first: test exact match (full credit only), with the partial-credit mean score beside it.
-PANELS = (("exact_match", "test exact match"), ("pairs", "preference pairs"),
-          ("judge_verifier_agreement", "judge–verifier agreement"), ("mean_response_tokens", "mean response tokens"))
+PANELS = (
+    ("exact_match", "test exact match"),
+    ("pairs", "preference pairs"),
+    ("judge_verifier_agreement", "judge–verifier agreement"),
+    ("mean_response_tokens", "mean response tokens"),
+)
 
 
 def rounds_plot(history: Sequence[dict], out: Path) -> Path:
@@ -25,8 +29,11 @@ def rounds_plot(history: Sequence[dict], out: Path) -> Path:
         mean = [(h["round"], h["accuracy"]) for h in history if isinstance(h.get("accuracy"), (int, float))]
         if key == "exact_match" and mean:
             ax.plot(*zip(*mean), linestyle="--", color="tab:gray", label="mean score")
-        rejected = [(h["round"], h[key]) for h in history if not h.get("promoted", True)
-                    and isinstance(h.get(key), (int, float))]
+        rejected = [
+            (h["round"], h[key])
+            for h in history
+            if not h.get("promoted", True) and isinstance(h.get(key), (int, float))
+        ]
         if key == "exact_match" and rejected:  # the next round started from the champion instead
             ax.scatter(*zip(*rejected), marker="x", s=90, color="tab:red", zorder=3, label="not promoted")
         if key == "exact_match":
@@ -119,8 +126,11 @@ def compare_plot(rows: Sequence[dict], out: Path) -> Path:
             if pts:
                 xs, ys = zip(*pts)
                 ax.plot(xs, ys, marker="o", label=run)
-                promoted = [(r["round"], r[key]) for r in rows if r["run"] == run and r.get("promoted")
-                            and isinstance(r.get(key), (int, float))]
+                promoted = [
+                    (r["round"], r[key])
+                    for r in rows
+                    if r["run"] == run and r.get("promoted") and isinstance(r.get(key), (int, float))
+                ]
                 if promoted and key == "exact_match":
                     ax.scatter(*zip(*promoted), s=80, facecolors="none", edgecolors="k", zorder=3)
         if key in ("exact_match", "judge_verifier_agreement"):

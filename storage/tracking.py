@@ -20,8 +20,11 @@ from flywheel.errors import TrackingError, mask_credentials
 
 # A key names a secret when its last word is one: `hub_token`, `api_key`, `db_password`,
 # `aws_secret_access_key`. Counts of tokens (`max_new_tokens`, `max_prompt_tokens`) are not secrets.
-_SECRET = re.compile(r"(?:^|[._-])(token|secret|password|passwd|api[_-]?key|access[_-]?key|credentials?"
-                     r"|private[_-]?key|auth)$", re.IGNORECASE)
+_SECRET = re.compile(
+    r"(?:^|[._-])(token|secret|password|passwd|api[_-]?key|access[_-]?key|credentials?"
+    r"|private[_-]?key|auth)$",
+    re.IGNORECASE,
+)
 
 
 # URIs this process pointed MLflow at. `mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI
@@ -40,8 +43,6 @@ def tracking_uri(workspace: Path) -> str:
     return user_tracking_uri() or f"sqlite:///{Path(workspace).resolve() / 'mlflow.db'}"
 
 
-
-
 def setup(workspace: Path, experiment: str) -> str:
     """Point MLflow at the store and return the experiment id (created on first use). An
     unreachable store fails here, before any work, with the URI (credentials masked)."""
@@ -49,8 +50,11 @@ def setup(workspace: Path, experiment: str) -> str:
         return _setup(workspace, experiment)
     except Exception as e:  # noqa: BLE001 - sqlalchemy, requests, … all mean the same to the user
         detail = str(e).splitlines()[0][:300] if str(e) else ""
-        raise TrackingError(mask_credentials(f"MLflow tracking store {tracking_uri(workspace)} is unreachable: "
-                                             f"{type(e).__name__}: {detail}")) from None
+        raise TrackingError(
+            mask_credentials(
+                f"MLflow tracking store {tracking_uri(workspace)} is unreachable: {type(e).__name__}: {detail}"
+            )
+        ) from None
 
 
 def _setup(workspace: Path, experiment: str) -> str:
@@ -89,8 +93,9 @@ def _masked_data(value: Any) -> Any:
 _TAG_LIMIT = 8000  # MLflow's longest tag value
 
 
-def start_run(experiment_id: str, name: str, parent_run_id: str | None = None,
-              tags: Mapping[str, str] | None = None) -> str:
+def start_run(
+    experiment_id: str, name: str, parent_run_id: str | None = None, tags: Mapping[str, str] | None = None
+) -> str:
     import mlflow
 
     all_tags = redact(tags or {}, _TAG_LIMIT)
@@ -145,7 +150,7 @@ def log_params(run_id: str, params: Mapping[str, Any]) -> None:
     logged = client.get_run(run_id).data.params  # a resumed run already has them; MLflow refuses to rewrite
     items = [Param(k, v) for k, v in redact(params).items() if k not in logged]
     for i in range(0, len(items), 100):
-        client.log_batch(run_id, params=items[i:i + 100])
+        client.log_batch(run_id, params=items[i : i + 100])
 
 
 def log_metrics(run_id: str, metrics: Mapping[str, float | None], step: int = 0) -> None:
@@ -206,8 +211,7 @@ def training_callback(run_id: str):
             mlflow.MlflowClient().log_dict(run_id, _masked_data(args.to_dict()), "train/trl_config.json")
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            numeric = {k: v for k, v in (logs or {}).items()
-                       if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            numeric = {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
             log_metrics(run_id, numeric, step=state.global_step)
 
     return RoundRunLogger()
@@ -262,9 +266,15 @@ def model_requirements() -> list[str]:
 REFERENCE = "checkpoint_reference.json"  # models/pyfunc.py reads a file of this name as a pointer
 
 
-def log_and_register_model(run_id: str, checkpoint: Path, registered_name: str,
-                           tags: Mapping[str, str] | None = None, description: str | None = None,
-                           weights: str = "reference", weights_sha256: str | None = None) -> str:
+def log_and_register_model(
+    run_id: str,
+    checkpoint: Path,
+    registered_name: str,
+    tags: Mapping[str, str] | None = None,
+    description: str | None = None,
+    weights: str = "reference",
+    weights_sha256: str | None = None,
+) -> str:
     """Log a transformers checkpoint as the run's model (from code: no pickle), register it, tag the
     version and describe it, the tags and description as given (credentials masked); returns the version.
     `weights="reference"`: the model's artifact is a pointer to `checkpoint` (its absolute path and
@@ -298,11 +308,14 @@ def _register(run_id: str, checkpoint: Path, registered_name: str, weights: str,
         artifact = str(checkpoint)
         if weights == "reference":
             artifact = str(Path(tmp) / REFERENCE)
-            Path(artifact).write_text(json.dumps({"checkpoint": str(Path(checkpoint).resolve()),
-                                                  "weights_sha256": weights_sha256}, indent=1))
+            Path(artifact).write_text(
+                json.dumps({"checkpoint": str(Path(checkpoint).resolve()), "weights_sha256": weights_sha256}, indent=1)
+            )
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(Path(__file__).resolve().parent.parent / "models" / "pyfunc.py"),
-            artifacts={"checkpoint": artifact}, registered_model_name=registered_name,
+            name="model",
+            python_model=str(Path(__file__).resolve().parent.parent / "models" / "pyfunc.py"),
+            artifacts={"checkpoint": artifact},
+            registered_model_name=registered_name,
             # Declared, not inferred: inference would import and probe the whole environment.
             pip_requirements=model_requirements(),
         )

@@ -20,15 +20,33 @@ from flywheel.tasks.generate import prompt_rows
 from flywheel.tasks.stage import Stage, register
 
 
-def score_rows(items: Sequence[Item], gens: Sequence[engines.Generation], source, *, run_id: str,
-               round_: int, model: str, suite: str) -> list[dict]:
+def score_rows(
+    items: Sequence[Item],
+    gens: Sequence[engines.Generation],
+    source,
+    *,
+    run_id: str,
+    round_: int,
+    model: str,
+    suite: str,
+) -> list[dict]:
     """One benchmarks row per item: the task reads the answer and scores it (Task.evaluate)."""
     rows = []
     for it, g in zip(items, gens, strict=True):
         extracted, score = source.evaluate(g.response, it)
-        rows.append({"run_id": run_id, "round": round_, "model": model, "suite": suite, "item_id": it.id,
-                     "response": g.response, "extracted": extracted,
-                     "score": None if score is None else float(score), "n_tokens": g.n_tokens})
+        rows.append(
+            {
+                "run_id": run_id,
+                "round": round_,
+                "model": model,
+                "suite": suite,
+                "item_id": it.id,
+                "response": g.response,
+                "extracted": extracted,
+                "score": None if score is None else float(score),
+                "n_tokens": g.n_tokens,
+            }
+        )
     return rows
 
 
@@ -38,11 +56,15 @@ def summarize(rows: Sequence[dict]) -> dict[str, float | None]:
     scored = [r["score"] for r in rows if r["score"] is not None]
     exact = sum(exactly_correct(s) for s in scored)
     interval = promote.wilson_interval(exact, len(scored))
-    return {"accuracy": sum(scored) / len(scored) if scored else None, "scored_items": len(scored),
-            # exact match (full credit only), beside the mean of the task's partial credit, with its 95% interval
-            "exact_match": exact / len(scored) if scored else None,
-            "exact_match_low": interval[0] if interval else None, "exact_match_high": interval[1] if interval else None,
-            "mean_response_tokens": sum(r["n_tokens"] for r in rows) / len(rows)}
+    return {
+        "accuracy": sum(scored) / len(scored) if scored else None,
+        "scored_items": len(scored),
+        # exact match (full credit only), beside the mean of the task's partial credit, with its 95% interval
+        "exact_match": exact / len(scored) if scored else None,
+        "exact_match_low": interval[0] if interval else None,
+        "exact_match_high": interval[1] if interval else None,
+        "mean_response_tokens": sum(r["n_tokens"] for r in rows) / len(rows),
+    }
 
 
 def guard_suites(cfg, seed: int) -> list[tuple[str, ReasoningGymSource, list[Item]]]:
@@ -67,33 +89,47 @@ def benchmark_task(ctx: StageContext, validation: list[Item], test: list[Item], 
     cfg = ctx.config
     if ctx.round == 0:
         for split, items in (("validation", validation), ("test", test)):
-            parquet.write_table(ctx.workspace, "prompts", ctx.run_id, 0, prompt_rows(items, ctx.run_id, 0, split),
-                                part=split)
+            parquet.write_table(
+                ctx.workspace, "prompts", ctx.run_id, 0, prompt_rows(items, ctx.run_id, 0, split), part=split
+            )
     engine = engines.open_engine(cfg.model, model_ref)
     v_name, t_name = suite_names(cfg)
     source = make_source(cfg.task)
     # the test split's file keeps the name every benchmark table had before splits ("data")
     suites = [(t_name, source, test, "data"), (v_name, source, validation, "validation")] + [
         (f"guard:{name}", guard_source, guard_items, f"guard-{i}")
-        for i, (name, guard_source, guard_items) in enumerate(guard_suites(cfg, cfg.seed))]
+        for i, (name, guard_source, guard_items) in enumerate(guard_suites(cfg, cfg.seed))
+    ]
     out: dict = {"guard_limits": {g.task: g.max_drop for g in cfg.benchmark.guards}}
     t0 = time.perf_counter()
     for name, suite_source, suite_items, part in suites:
         if not suite_items:  # a prompts file too small for a validation split: the gate reports it unmeasured
             continue
         with progress.stage("benchmark" if part == "data" else name, len(suite_items), "items") as advance:
-            gens = engine.greedy([it.prompt for it in suite_items], max_new_tokens=cfg.benchmark.max_new_tokens,
-                                 batch_size=cfg.benchmark.batch_size, progress=advance)
-        rows = score_rows(suite_items, gens, suite_source, run_id=ctx.run_id, round_=ctx.round, model=model_ref,
-                          suite=name)
+            gens = engine.greedy(
+                [it.prompt for it in suite_items],
+                max_new_tokens=cfg.benchmark.max_new_tokens,
+                batch_size=cfg.benchmark.batch_size,
+                progress=advance,
+            )
+        rows = score_rows(
+            suite_items, gens, suite_source, run_id=ctx.run_id, round_=ctx.round, model=model_ref, suite=name
+        )
         parquet.write_table(ctx.workspace, "benchmarks", ctx.run_id, ctx.round, rows, part=part)
         if part == "data":
             seconds = time.perf_counter() - t0
-            out |= {"benchmark_seconds": seconds, "benchmark_tokens_per_s": sampling.tokens_per_second(gens, seconds),
-                    **summarize(rows), "suite": json.dumps({"name": name, "size": len(test)})}
+            out |= {
+                "benchmark_seconds": seconds,
+                "benchmark_tokens_per_s": sampling.tokens_per_second(gens, seconds),
+                **summarize(rows),
+                "suite": json.dumps({"name": name, "size": len(test)}),
+            }
         elif part == "validation":
-            out |= {f"validation_{k}": v for k, v in summarize(rows).items()
-                    if k in ("accuracy", "exact_match", "exact_match_low", "exact_match_high", "mean_response_tokens")}
+            out |= {
+                f"validation_{k}": v
+                for k, v in summarize(rows).items()
+                if k in ("accuracy", "exact_match", "exact_match_low", "exact_match_high", "mean_response_tokens")
+            }
         else:
             out[f"guard_accuracy.{name.removeprefix('guard:')}"] = summarize(rows)["accuracy"]
     if cfg.benchmark.lm_eval is not None:
@@ -104,8 +140,9 @@ def benchmark_task(ctx: StageContext, validation: list[Item], test: list[Item], 
         metrics, samples = harness.evaluate(cfg.benchmark.lm_eval, model_ref, engine, seed=cfg.seed)
         out |= metrics
         for i, (task_name, rows) in enumerate(sorted(samples.items())):
-            rows = [dict(r, run_id=ctx.run_id, round=ctx.round, model=model_ref, suite=f"lm_eval:{task_name}")
-                    for r in rows]
+            rows = [
+                dict(r, run_id=ctx.run_id, round=ctx.round, model=model_ref, suite=f"lm_eval:{task_name}") for r in rows
+            ]
             if rows:
                 parquet.write_table(ctx.workspace, "benchmarks", ctx.run_id, ctx.round, rows, part=f"lm-eval-{i}")
         out["lm_eval_seconds"] = time.perf_counter() - t1
@@ -114,10 +151,20 @@ def benchmark_task(ctx: StageContext, validation: list[Item], test: list[Item], 
     return out
 
 
-register(Stage("benchmark", 50, benchmark_task,
-               # round 0 benchmarks the starting model with no stage before it
-               fingerprint=lambda fp, s: (short_hash("benchmark", fp) if fp is not None
-                                          else short_hash("benchmark", s.config.hash(), s.round, s.policy)),
-               args=lambda ctx, prepared, params, fp: (prepared.validation, prepared.test, params["policy"]),
-               params=lambda s: {"policy": s.policy_out or s.policy},
-               outputs=(("benchmarks", "*"),), baseline=True))
+register(
+    Stage(
+        "benchmark",
+        50,
+        benchmark_task,
+        # round 0 benchmarks the starting model with no stage before it
+        fingerprint=lambda fp, s: (
+            short_hash("benchmark", fp)
+            if fp is not None
+            else short_hash("benchmark", s.config.hash(), s.round, s.policy)
+        ),
+        args=lambda ctx, prepared, params, fp: (prepared.validation, prepared.test, params["policy"]),
+        params=lambda s: {"policy": s.policy_out or s.policy},
+        outputs=(("benchmarks", "*"),),
+        baseline=True,
+    )
+)

@@ -192,72 +192,109 @@ class Curated:
     funnel: dict[str, int]  # how many candidates / prompts / pairs each filter kept
 
 
-
-
 def curate(con: duckdb.DuckDBPyConnection, cfg: CurationConfig, seed: int = 0, verifier: str | None = None) -> Curated:
     """Pairs and the SFT set from the relations `prompts`, `candidates`, `judgments` on `con`.
     `verifier`: the name of the verifier source, when there is one (with cfg.chosen "exact", a
     pair's chosen response must have its full credit)."""
     m = _num(cfg.min_margin)
     weights = cfg.weights()
-    con.execute(_REWARD.format(
-        weights=", ".join(f"({catalog.sql_str(n)}, {_num(w)})" for n, w in weights.items()), n_sources=len(weights),
-        scaled=_MINMAX if cfg.normalize == "prompt_minmax" else "score"))
-    con.execute(_CREAM.format(now=catalog.sql_str(cfg.cream_source),
-                              before=catalog.sql_str(f"{cfg.cream_source}@previous")))
-    dedup = ("QUALIFY row_number() OVER (PARTITION BY prompt_id, norm ORDER BY reward DESC, sample_index, "
-             "candidate_id) = 1"
-             if cfg.dedup else "")
+    con.execute(
+        _REWARD.format(
+            weights=", ".join(f"({catalog.sql_str(n)}, {_num(w)})" for n, w in weights.items()),
+            n_sources=len(weights),
+            scaled=_MINMAX if cfg.normalize == "prompt_minmax" else "score",
+        )
+    )
+    con.execute(
+        _CREAM.format(now=catalog.sql_str(cfg.cream_source), before=catalog.sql_str(f"{cfg.cream_source}@previous"))
+    )
+    dedup = (
+        "QUALIFY row_number() OVER (PARTITION BY prompt_id, norm ORDER BY reward DESC, sample_index, candidate_id) = 1"
+        if cfg.dedup
+        else ""
+    )
     limits = []
     if cfg.balance_categories:
         limits.append("(SELECT min(n) FROM (SELECT count(*) AS n FROM cur_capped GROUP BY category))")
     if cfg.max_pairs_per_category is not None:
         limits.append(str(int(cfg.max_pairs_per_category)))
-    category_limit = f"least({', '.join(limits)})" if len(limits) > 1 else (limits[0] if limits else "9223372036854775807")
+    category_limit = (
+        f"least({', '.join(limits)})" if len(limits) > 1 else (limits[0] if limits else "9223372036854775807")
+    )
     columns = _PAIR_COLUMNS.format(rule=cfg.rule, reward_name=cfg.reward_name().replace("'", "''"))
     con.execute(_SCORED.format(length_penalty=_num(cfg.length_penalty)))
     con.execute(_UNIQUE.format(dedup=dedup))
     con.execute(_SIGNAL.format(min_margin=m))
-    con.execute("CREATE OR REPLACE TEMP TABLE cur_pairs AS "
-                + _RULES[cfg.rule].format(columns=columns, min_margin=m, seed=int(seed)))
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE cur_pairs AS "
+        + _RULES[cfg.rule].format(columns=columns, min_margin=m, seed=int(seed))
+    )
     joins, conditions = [], ["true"]
     for i, source in enumerate(cfg.consistency):
         name = catalog.sql_str(source)
         for side, cid in (("b", "chosen_id"), ("w", "rejected_id")):
-            joins.append(f"LEFT JOIN (SELECT candidate_id, score FROM judgments WHERE source = {name}) {side}{i} "
-                         f"ON {side}{i}.candidate_id = p.{cid}")
+            joins.append(
+                f"LEFT JOIN (SELECT candidate_id, score FROM judgments WHERE source = {name}) {side}{i} "
+                f"ON {side}{i}.candidate_id = p.{cid}"
+            )
         conditions.append(f"coalesce(b{i}.score > w{i}.score, false)")
     cream_keep = f"(c.tau IS NULL OR c.tau >= {_num(cfg.cream_min_tau)})" if cfg.cream == "skip" else "true"
     chosen_correct = "true"
     if verifier is not None and cfg.chosen == "exact":
-        chosen_correct = (f"chosen_id IN (SELECT candidate_id FROM judgments WHERE source = {catalog.sql_str(verifier)} "
-                          f"AND score >= {_num(EXACT)})")
-    con.execute(_KEEP.format(consistency_joins=" ".join(joins), consistency=" AND ".join(conditions),
-                             cream_keep=cream_keep, chosen_correct=chosen_correct))
-    con.execute(_CAP_AND_BALANCE.format(pairs_per_prompt=int(cfg.pairs_per_prompt), seed=int(seed),
-                                        category_limit=category_limit))
-    pairs = con.sql(f"SELECT f.*, p.prompt FROM cur_final f JOIN ({_PROMPT_TEXT}) p USING (prompt_id) "
-                    "ORDER BY prompt_id, chosen_id, rejected_id").to_arrow_table()
-    sft = con.sql(_SFT.format(reward_name=cfg.reward_name().replace("'", "''"), threshold=_num(cfg.sft_threshold),
-                              prompt_text=_PROMPT_TEXT)).to_arrow_table()
+        chosen_correct = (
+            f"chosen_id IN (SELECT candidate_id FROM judgments WHERE source = {catalog.sql_str(verifier)} "
+            f"AND score >= {_num(EXACT)})"
+        )
+    con.execute(
+        _KEEP.format(
+            consistency_joins=" ".join(joins),
+            consistency=" AND ".join(conditions),
+            cream_keep=cream_keep,
+            chosen_correct=chosen_correct,
+        )
+    )
+    con.execute(
+        _CAP_AND_BALANCE.format(
+            pairs_per_prompt=int(cfg.pairs_per_prompt), seed=int(seed), category_limit=category_limit
+        )
+    )
+    pairs = con.sql(
+        f"SELECT f.*, p.prompt FROM cur_final f JOIN ({_PROMPT_TEXT}) p USING (prompt_id) "
+        "ORDER BY prompt_id, chosen_id, rejected_id"
+    ).to_arrow_table()
+    sft = con.sql(
+        _SFT.format(
+            reward_name=cfg.reward_name().replace("'", "''"),
+            threshold=_num(cfg.sft_threshold),
+            prompt_text=_PROMPT_TEXT,
+        )
+    ).to_arrow_table()
     funnel = con.sql(_FUNNEL.format(min_margin=m)).to_arrow_table().to_pylist()[0]
-    return Curated(pairs.select(parquet.TABLES["pairs"].names).cast(parquet.TABLES["pairs"]),
-                   sft.cast(parquet.TABLES["sft"]),
-                   {k: (v if k == "cream_tau" else int(v)) for k, v in funnel.items()})
+    return Curated(
+        pairs.select(parquet.TABLES["pairs"].names).cast(parquet.TABLES["pairs"]),
+        sft.cast(parquet.TABLES["sft"]),
+        {k: (v if k == "cream_tau" else int(v)) for k, v in funnel.items()},
+    )
 
 
 def pair_metrics(curated: Curated) -> dict[str, float]:
     pairs, f = curated.pairs, curated.funnel
     margins = pairs.column("margin").to_pylist()
-    gaps = [c - r for c, r in zip(pairs.column("chosen_tokens").to_pylist(),
-                                  pairs.column("rejected_tokens").to_pylist())]
-    return {"pairs": len(margins), "mean_margin": sum(margins) / len(margins) if margins else 0.0,
-            "prompts_with_pair": len({*pairs.column("prompt_id").to_pylist()}) / f["prompts"] if f["prompts"] else 0.0,
-            "pair_length_gap": sum(gaps) / len(gaps) if gaps else 0.0,
-            "prompts_no_signal": f["prompts_uniform"], "duplicates_removed": f["candidates_scored"] - f["candidates_unique"],
-            "pairs_inconsistent": f["pairs_eligible"] - f["pairs_consistent"],
-            "pairs_cream_skipped": f["pairs_consistent"] - f["pairs_cream_kept"], "cream_tau": f["cream_tau"],
-            "sft_examples": curated.sft.num_rows}
+    gaps = [
+        c - r for c, r in zip(pairs.column("chosen_tokens").to_pylist(), pairs.column("rejected_tokens").to_pylist())
+    ]
+    return {
+        "pairs": len(margins),
+        "mean_margin": sum(margins) / len(margins) if margins else 0.0,
+        "prompts_with_pair": len({*pairs.column("prompt_id").to_pylist()}) / f["prompts"] if f["prompts"] else 0.0,
+        "pair_length_gap": sum(gaps) / len(gaps) if gaps else 0.0,
+        "prompts_no_signal": f["prompts_uniform"],
+        "duplicates_removed": f["candidates_scored"] - f["candidates_unique"],
+        "pairs_inconsistent": f["pairs_eligible"] - f["pairs_consistent"],
+        "pairs_cream_skipped": f["pairs_consistent"] - f["pairs_cream_kept"],
+        "cream_tau": f["cream_tau"],
+        "sft_examples": curated.sft.num_rows,
+    }
 
 
 @task(name="curate", cache_policy=NO_CACHE)
@@ -273,15 +310,32 @@ def curate_task(ctx: StageContext) -> dict:
         labels = pair_labels(con, curated.pairs, verifier)
     parquet.write_table(root, "pairs", ctx.run_id, ctx.round, curated.pairs)
     parquet.write_table(root, "sft", ctx.run_id, ctx.round, curated.sft)
-    removed = (parquet.read_table(root, "prompts", ctx.run_id, ctx.round, part="decontaminated").to_pylist()
-               if parquet.exists(root, "prompts", ctx.run_id, ctx.round, part="decontaminated") else [])
+    removed = (
+        parquet.read_table(root, "prompts", ctx.run_id, ctx.round, part="decontaminated").to_pylist()
+        if parquet.exists(root, "prompts", ctx.run_id, ctx.round, part="decontaminated")
+        else []
+    )
     out = datacard.card_dir(root, ctx.run_id, ctx.round)
     draw = json.loads((out / DRAW).read_text()) if (out / DRAW).is_file() else None
-    datacard.write(out, ctx.run_id, ctx.round, ctx.config.curation, curated.funnel, curated.pairs, curated.sft,
-                   removed, draw, labels)
+    datacard.write(
+        out,
+        ctx.run_id,
+        ctx.round,
+        ctx.config.curation,
+        curated.funnel,
+        curated.pairs,
+        curated.sft,
+        removed,
+        draw,
+        labels,
+    )
     catalog.refresh(root)
-    return {"curate_seconds": time.perf_counter() - t0, "decontaminated_prompts": len(removed),
-            **{f"pairs_{k}_share": v for k, v in labels.items() if v is not None}, **pair_metrics(curated)}
+    return {
+        "curate_seconds": time.perf_counter() - t0,
+        "decontaminated_prompts": len(removed),
+        **{f"pairs_{k}_share": v for k, v in labels.items() if v is not None},
+        **pair_metrics(curated),
+    }
 
 
 def verifier_source(config) -> str | None:
@@ -305,5 +359,12 @@ def pair_labels(con: duckdb.DuckDBPyConnection, pairs: pa.Table, verifier: str |
     return {"chosen_exact": chosen, "rejected_wrong": rejected}
 
 
-register(Stage("curate", 30, curate_task, fingerprint=lambda fp, s: short_hash("curate", fp),
-               outputs=(("pairs", "*"), ("sft", "*"))))
+register(
+    Stage(
+        "curate",
+        30,
+        curate_task,
+        fingerprint=lambda fp, s: short_hash("curate", fp),
+        outputs=(("pairs", "*"), ("sft", "*")),
+    )
+)

@@ -36,13 +36,21 @@ def promote_task(ctx: StageContext, champion: dict, metrics: dict) -> dict:
     # each guard suite is its own part file of the round's benchmarks ("guard-<i>")
     now_g, start_g = (parquet.read_parts(root, "benchmarks", run_id, k, "guard-*") for k in (ctx.round, 0))
     for g in config.benchmark.guards:
-        gains |= promote.paired_gains(now_g, start_g, seed=config.seed, suite=f"guard:{g.task}",
-                                      prefix=f"guard_change.{g.task}.")
+        gains |= promote.paired_gains(
+            now_g, start_g, seed=config.seed, suite=f"guard:{g.task}", prefix=f"guard_change.{g.task}."
+        )
     promoted, reasons = promote.decide(metrics | gains, champ, config.promotion, bool(metrics.get("trained")))
     return gains | {"promoted": promoted, "promotion_reasons": reasons}
 
 
-register(Stage("promote", 60, promote_task,
-               fingerprint=lambda fp, s: short_hash("promote", fp, s.champion.policy, s.champion.round),
-               args=lambda ctx, prepared, params, fp: (params["champion"], params["metrics"]),
-               params=lambda s: {"champion": s.champion.__dict__, "metrics": s.metrics}, placeable=False))
+register(
+    Stage(
+        "promote",
+        60,
+        promote_task,
+        fingerprint=lambda fp, s: short_hash("promote", fp, s.champion.policy, s.champion.round),
+        args=lambda ctx, prepared, params, fp: (params["champion"], params["metrics"]),
+        params=lambda s: {"champion": s.champion.__dict__, "metrics": s.metrics},
+        placeable=False,
+    )
+)

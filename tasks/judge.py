@@ -23,12 +23,24 @@ from flywheel.tasks.common import StageContext, short_hash
 from flywheel.tasks.stage import RoundState, Stage, register
 
 
-def judgment_rows(ctx: StageContext, source: rewards.Source, candidates: Sequence[dict],
-                  verdicts: Sequence[rewards.Verdict]) -> list[dict]:
-    return [{"run_id": ctx.run_id, "round": ctx.round, "candidate_id": c["candidate_id"], "prompt_id": c["prompt_id"],
-             "source": source.name, "spec_hash": source.spec_hash, "score": v.score, "parse_ok": v.parse_ok,
-             "raw": v.raw, "details": json.dumps(v.details) if v.details else None}
-            for c, v in zip(candidates, verdicts, strict=True)]
+def judgment_rows(
+    ctx: StageContext, source: rewards.Source, candidates: Sequence[dict], verdicts: Sequence[rewards.Verdict]
+) -> list[dict]:
+    return [
+        {
+            "run_id": ctx.run_id,
+            "round": ctx.round,
+            "candidate_id": c["candidate_id"],
+            "prompt_id": c["prompt_id"],
+            "source": source.name,
+            "spec_hash": source.spec_hash,
+            "score": v.score,
+            "parse_ok": v.parse_ok,
+            "raw": v.raw,
+            "details": json.dumps(v.details) if v.details else None,
+        }
+        for c, v in zip(candidates, verdicts, strict=True)
+    ]
 
 
 def subset(cfg, sources: Sequence) -> str:
@@ -63,8 +75,9 @@ def _pearson(xs: Sequence[float], ys: Sequence[float]) -> float | None:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / (sx * sy)
 
 
-def health(rows: Sequence[dict], candidates: Sequence[dict], prompts: dict[str, dict],
-           types: dict[str, str]) -> list[dict]:
+def health(
+    rows: Sequence[dict], candidates: Sequence[dict], prompts: dict[str, dict], types: dict[str, str]
+) -> list[dict]:
     """Per source: parse failures, score–length correlation, the figures its type registers (an LLM
     judge's sample variance, a pairwise judge's position bias…), and, where a verifier scored the
     same candidates, agreement with it (pointwise, at the threshold its type registers, against
@@ -118,9 +131,11 @@ def headline(health_rows: Sequence[dict], types: dict[str, str]) -> dict[str, fl
     judge = next((s for s, t in types.items() if t == "llm_judge"), None)
     get = {(h["source"], h["metric"]): h["value"] for h in health_rows}
     verifier = next((s for s, t in types.items() if t == "verifier"), None)
-    return {"judge_parse_failure_rate": get.get((judge, "parse_failure_rate")),
-            "judge_verifier_agreement": get.get((judge, "verifier_agreement")),
-            "verifier_mean_score": get.get((verifier, "mean_score"))}
+    return {
+        "judge_parse_failure_rate": get.get((judge, "parse_failure_rate")),
+        "judge_verifier_agreement": get.get((judge, "verifier_agreement")),
+        "verifier_mean_score": get.get((verifier, "mean_score")),
+    }
 
 
 @task(name="judge", cache_policy=NO_CACHE)
@@ -128,12 +143,22 @@ def judge_task(ctx: StageContext, policy: str, previous: str | None = None, refe
     """`previous`: the previous round's policy (for judges with previous: true); `reference`: the
     DPO reference `policy` was trained against (for the implicit reward)."""
     cfg = ctx.config
-    prompts = {p["prompt_id"]: p for p in
-               parquet.read_table(ctx.workspace, "prompts", ctx.run_id, ctx.round, part="train").to_pylist()}
+    prompts = {
+        p["prompt_id"]: p
+        for p in parquet.read_table(ctx.workspace, "prompts", ctx.run_id, ctx.round, part="train").to_pylist()
+    }
     candidates = parquet.read_table(ctx.workspace, "candidates", ctx.run_id, ctx.round).to_pylist()
     sources = rewards.build(cfg.judge, make_source(cfg.task))
-    models = rewards.Models(policy, previous, reference, cfg.model.dtype, cfg.judge.batch_size,
-                            cfg.judge.max_prompt_tokens, cfg.seed * 1000 + ctx.round, cfg.model)
+    models = rewards.Models(
+        policy,
+        previous,
+        reference,
+        cfg.model.dtype,
+        cfg.judge.batch_size,
+        cfg.judge.max_prompt_tokens,
+        cfg.seed * 1000 + ctx.round,
+        cfg.model,
+    )
     rows: list[dict] = []
     metrics: dict = {}
     t_all = time.perf_counter()
@@ -156,24 +181,38 @@ def judge_task(ctx: StageContext, policy: str, previous: str | None = None, refe
     parquet.write_table(ctx.workspace, "judgments", ctx.run_id, ctx.round, rows)
     types = {s.spec.key(): s.spec.type for s in sources}
     judged_by = {s.name: s for s in sources}
-    health_rows = [dict(run_id=ctx.run_id, round=ctx.round, **h, model=judged_by[h["source"]].judged_by,
-                        method=judged_by[h["source"]].method) for h in health(rows, candidates, prompts, types)]
+    health_rows = [
+        dict(
+            run_id=ctx.run_id,
+            round=ctx.round,
+            **h,
+            model=judged_by[h["source"]].judged_by,
+            method=judged_by[h["source"]].method,
+        )
+        for h in health(rows, candidates, prompts, types)
+    ]
     parquet.write_table(ctx.workspace, "judge_health", ctx.run_id, ctx.round, health_rows)
     plots.score_histograms(rows, card_dir(ctx.workspace, ctx.run_id, ctx.round) / "judge_scores.png")
     catalog.refresh(ctx.workspace)
     metrics |= {f"judge.{h['source'].replace('@', '_at_')}.{h['metric']}": h["value"] for h in health_rows}
     llm = next((s for s in sources if isinstance(s, rewards.LLMJudge)), None)
-    return {"judge_seconds": time.perf_counter() - t_all, "judge_subset": which,
-            "judge_template_hash": llm.rubric.hash if llm else None,
-            "judge_models": {s.name: s.judged_by for s in sources if s.judged_by},
-            **headline(health_rows, types), **metrics}
+    return {
+        "judge_seconds": time.perf_counter() - t_all,
+        "judge_subset": which,
+        "judge_template_hash": llm.rubric.hash if llm else None,
+        "judge_models": {s.name: s.judged_by for s in sources if s.judged_by},
+        **headline(health_rows, types),
+        **metrics,
+    }
 
 
 def candidates_sample(ctx: StageContext, limit: int = 64) -> pa.Table:
     """Candidates with every source's score, for an MLflow table artifact."""
     root = ctx.workspace
-    c, j, p = (catalog.sql_str(str(parquet.table_path(root, t, ctx.run_id, ctx.round, part))) for t, part in
-               (("candidates", "data"), ("judgments", "data"), ("prompts", "train")))
+    c, j, p = (
+        catalog.sql_str(str(parquet.table_path(root, t, ctx.run_id, ctx.round, part)))
+        for t, part in (("candidates", "data"), ("judgments", "data"), ("prompts", "train"))
+    )
     import duckdb
 
     return duckdb.sql(f"""
@@ -188,9 +227,14 @@ def _previous(s: RoundState) -> str | None:
     return s.previous if s.previous != s.policy else None
 
 
-register(Stage("judge", 20, judge_task,
-               fingerprint=lambda fp, s: short_hash("judge", fp, _previous(s), s.reference),
-               args=lambda ctx, prepared, params, fp: (params["policy"], params.get("previous"),
-                                                       params.get("reference")),
-               params=lambda s: {"policy": s.policy, "previous": _previous(s), "reference": s.reference},
-               outputs=(("judgments", "*"), ("judge_health", "*"))))
+register(
+    Stage(
+        "judge",
+        20,
+        judge_task,
+        fingerprint=lambda fp, s: short_hash("judge", fp, _previous(s), s.reference),
+        args=lambda ctx, prepared, params, fp: (params["policy"], params.get("previous"), params.get("reference")),
+        params=lambda s: {"policy": s.policy, "previous": _previous(s), "reference": s.reference},
+        outputs=(("judgments", "*"), ("judge_health", "*")),
+    )
+)

@@ -35,8 +35,9 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float] | Non
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def paired_bootstrap(new: Sequence[float], old: Sequence[float], resamples: int = 2000,
-                     seed: int = 0) -> tuple[float, float, float] | None:
+def paired_bootstrap(
+    new: Sequence[float], old: Sequence[float], resamples: int = 2000, seed: int = 0
+) -> tuple[float, float, float] | None:
     """(mean gain, 2.5th, 97.5th percentile) of mean(new − old) over the same items, resampling items
     with replacement: the round-vs-champion difference with its 95% interval. None with no items."""
     if len(new) != len(old):
@@ -64,10 +65,15 @@ class Champion:
     @classmethod
     def of(cls, policy: str, round_: int, metrics: dict, start: dict | None = None) -> Champion:
         """The champion from its round's metrics; `start`: round 0's metrics (the guards' baseline)."""
-        return cls(policy, round_, metrics["accuracy"],
-                   metrics.get("validation_mean_response_tokens", metrics["mean_response_tokens"]),
-                   guard_scores(metrics), metrics.get("validation_exact_match"),
-                   guard_scores(start if start is not None else metrics))
+        return cls(
+            policy,
+            round_,
+            metrics["accuracy"],
+            metrics.get("validation_mean_response_tokens", metrics["mean_response_tokens"]),
+            guard_scores(metrics),
+            metrics.get("validation_exact_match"),
+            guard_scores(start if start is not None else metrics),
+        )
 
 
 def guard_scores(metrics: dict) -> dict[str, float]:
@@ -85,23 +91,32 @@ def decide(metrics: dict, champion: Champion, cfg: PromotionConfig, trained: boo
     elif cfg.rule == "interval" and metrics.get("validation_exact_match_gain_low") is not None:
         gain = metrics["validation_exact_match_gain"]
         low, high = metrics["validation_exact_match_gain_low"], metrics["validation_exact_match_gain_high"]
-        line = (f"validation exact match {acc:.1%} vs champion (round {champion.round}) {champion.validation:.1%}: "
-                f"{gain * 100:+.1f} points, 95% interval [{low * 100:+.1f}, {high * 100:+.1f}] (paired bootstrap); "
-                f"its lower bound needs ≥ {cfg.min_improvement * 100:+.1f}")
+        line = (
+            f"validation exact match {acc:.1%} vs champion (round {champion.round}) {champion.validation:.1%}: "
+            f"{gain * 100:+.1f} points, 95% interval [{low * 100:+.1f}, {high * 100:+.1f}] (paired bootstrap); "
+            f"its lower bound needs ≥ {cfg.min_improvement * 100:+.1f}"
+        )
         (passed if low >= cfg.min_improvement - 1e-12 else failed).append(line)
     else:
         gain = acc - champion.validation
-        line = (f"validation exact match {acc:.1%} vs champion (round {champion.round}) {champion.validation:.1%}: "
-                f"{gain * 100:+.1f} points, needs ≥ {cfg.min_improvement * 100:+.1f}")
+        line = (
+            f"validation exact match {acc:.1%} vs champion (round {champion.round}) {champion.validation:.1%}: "
+            f"{gain * 100:+.1f} points, needs ≥ {cfg.min_improvement * 100:+.1f}"
+        )
         (passed if gain >= cfg.min_improvement - 1e-12 else failed).append(line)
     length = metrics.get("validation_mean_response_tokens", metrics["mean_response_tokens"])
     if cfg.max_length_growth is not None and champion.mean_tokens > 0:
         growth = length / champion.mean_tokens - 1
-        line = (f"mean length {length:.1f} vs {champion.mean_tokens:.1f} tokens: "
-                f"{growth:+.0%}, limit +{cfg.max_length_growth:.0%}")
+        line = (
+            f"mean length {length:.1f} vs {champion.mean_tokens:.1f} tokens: "
+            f"{growth:+.0%}, limit +{cfg.max_length_growth:.0%}"
+        )
         (passed if growth <= cfg.max_length_growth + 1e-12 else failed).append(line)
     for name, max_drop in metrics.get("guard_limits", {}).items():
-        now, before = metrics.get(f"guard_accuracy.{name}"), champion.baseline_guards.get(name, champion.guards.get(name))
+        now, before = (
+            metrics.get(f"guard_accuracy.{name}"),
+            champion.baseline_guards.get(name, champion.guards.get(name)),
+        )
         if now is None or before is None:
             continue
         line = f"guard {name} {now:.1%} vs the starting model's {before:.1%}: {(now - before) * 100:+.1f} points"
@@ -117,8 +132,9 @@ def decide(metrics: dict, champion: Champion, cfg: PromotionConfig, trained: boo
     return (not failed), (failed or passed)
 
 
-def paired_gains(new_rows: Sequence[dict], old_rows: Sequence[dict], seed: int = 0, suite: str | None = None,
-                 prefix: str = "") -> dict[str, float]:
+def paired_gains(
+    new_rows: Sequence[dict], old_rows: Sequence[dict], seed: int = 0, suite: str | None = None, prefix: str = ""
+) -> dict[str, float]:
     """The round's benchmark rows vs the champion's, joined on item (of `suite`, when given): mean-score
     gain and exact-match gain, each with its paired-bootstrap 95% interval, keys prefixed with
     `prefix`. Items either left unscored drop out."""
@@ -132,7 +148,10 @@ def paired_gains(new_rows: Sequence[dict], old_rows: Sequence[dict], seed: int =
         return out
     for name, f in (("accuracy", lambda x: x), ("exact_match", lambda x: float(exactly_correct(x)))):
         gain = paired_bootstrap([f(a) for a, _ in pairs], [f(b) for _, b in pairs], seed=seed)
-        out |= {f"{prefix}{name}_gain": gain[0], f"{prefix}{name}_gain_low": gain[1],
-                f"{prefix}{name}_gain_high": gain[2]}
+        out |= {
+            f"{prefix}{name}_gain": gain[0],
+            f"{prefix}{name}_gain_low": gain[1],
+            f"{prefix}{name}_gain_high": gain[2],
+        }
     out[f"{prefix}paired_items"] = len(pairs)
     return out

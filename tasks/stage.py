@@ -41,6 +41,7 @@ class PluginError(UserError, ImportError):
 @dataclass
 class RoundState:
     """What one round's stages hand on: ids and paths, never models or tables."""
+
     config: Any  # FlywheelConfig
     round: int
     policy: str  # the model the round starts from

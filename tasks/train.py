@@ -74,21 +74,45 @@ def train_task(ctx: StageContext, policy: str, base: str, fingerprint: str = "")
         extra["dpo_label_smoothing"] = smoothing
     # TRL's training metrics (loss, reward margins) go to the round's run by step; its full config
     # is an artifact, so the run's params stay flywheel's own.
-    common = dict(base=base, seed=ctx.config.seed + ctx.round, dtype=ctx.config.model.dtype, fingerprint=fingerprint,
-                  checkpoint_steps=ctx.config.stages.checkpoint_steps)
+    common = dict(
+        base=base,
+        seed=ctx.config.seed + ctx.round,
+        dtype=ctx.config.model.dtype,
+        fingerprint=fingerprint,
+        checkpoint_steps=ctx.config.stages.checkpoint_steps,
+    )
     if train_cfg.launched():
         # its own job (accelerate launch): this process holds no model while it runs
-        metrics = trainer.launch(policy, rows, train_cfg, out, mlflow_run_id=ctx.mlflow_run_id,
-                                 tracking_uri=tracking.tracking_uri(ctx.workspace), **common)
+        metrics = trainer.launch(
+            policy,
+            rows,
+            train_cfg,
+            out,
+            mlflow_run_id=ctx.mlflow_run_id,
+            tracking_uri=tracking.tracking_uri(ctx.workspace),
+            **common,
+        )
     else:
         callbacks = [tracking.training_callback(ctx.mlflow_run_id)] if ctx.mlflow_run_id is not None else []
         metrics = trainer.train(policy, rows, train_cfg, out, callbacks=callbacks, **common)
     if ctx.mlflow_run_id is not None:
-        tracking.log_params(ctx.mlflow_run_id, {"train.world_size": metrics["train_world_size"],
-                                                "train.reference": metrics.get("train_reference", "none")})
-    return {"train_seconds": time.perf_counter() - t0, "policy_out": str(out), "trained": True,
-            "train_rows": len(rows), "replayed_rows": n_replay, "weights_sha256": loading.weights_hash(str(out)),
-            **extra, **metrics}
+        tracking.log_params(
+            ctx.mlflow_run_id,
+            {
+                "train.world_size": metrics["train_world_size"],
+                "train.reference": metrics.get("train_reference", "none"),
+            },
+        )
+    return {
+        "train_seconds": time.perf_counter() - t0,
+        "policy_out": str(out),
+        "trained": True,
+        "train_rows": len(rows),
+        "replayed_rows": n_replay,
+        "weights_sha256": loading.weights_hash(str(out)),
+        **extra,
+        **metrics,
+    }
 
 
 def _absorb(state: RoundState, result: dict) -> None:
@@ -100,7 +124,14 @@ def _absorb(state: RoundState, result: dict) -> None:
     state.metrics |= trained
 
 
-register(Stage("train", 40, train_task,
-               fingerprint=lambda fp, s: short_hash("train", fp, s.base),
-               args=lambda ctx, prepared, params, fp: (params["policy"], params["base"], fp),
-               params=lambda s: {"policy": s.policy, "base": s.base}, absorb=_absorb))
+register(
+    Stage(
+        "train",
+        40,
+        train_task,
+        fingerprint=lambda fp, s: short_hash("train", fp, s.base),
+        args=lambda ctx, prepared, params, fp: (params["policy"], params["base"], fp),
+        params=lambda s: {"policy": s.policy, "base": s.base},
+        absorb=_absorb,
+    )
+)

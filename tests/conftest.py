@@ -65,8 +65,14 @@ def script():
 # training 160, served engines 110, end to end 100, lifecycle runs 95). Two workers take whole files
 # in this order (scripts/dev.py: --dist loadfile --no-loadscope-reorder), so that no long file is
 # left to the end for one worker while the other has nothing to do. Within a file the order stays.
-LONGEST_FIRST = ("test_resume.py", "test_work_pools.py", "test_distributed_training.py", "test_openai_engine.py",
-                 "test_end_to_end.py", "test_lifecycle_runs.py")
+LONGEST_FIRST = (
+    "test_resume.py",
+    "test_work_pools.py",
+    "test_distributed_training.py",
+    "test_openai_engine.py",
+    "test_end_to_end.py",
+    "test_lifecycle_runs.py",
+)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -24,11 +24,13 @@ from flywheel.models.generation import Generation, NextToken, Progress
 class Settings(BaseModel):
     """An engine's own block of a model config (`vllm:`, `openai:`, a plugin's): unknown keys are
     errors and assignments are checked, as everywhere in the config."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class Engine:
     """The interface every backend implements. `describe` names the model as judge health records it."""
+
     name = "engine"
     # how next_token reads a verdict: "distribution" (the full softmax), "top_logprobs" (the
     # server's top-k log-probs: a label outside the top k counts 0), or "sampled_<k>" (k sampled verdicts)
@@ -40,20 +42,41 @@ class Engine:
     def describe(self) -> str:
         return f"{self.name}:{self.ref}"
 
-    def sample(self, prompts: Sequence[str], *, n: int, max_new_tokens: int, temperature: float, top_p: float,
-               seed: int, batch_size: int, progress: Progress = None) -> list[Generation]:
+    def sample(
+        self,
+        prompts: Sequence[str],
+        *,
+        n: int,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int,
+        batch_size: int,
+        progress: Progress = None,
+    ) -> list[Generation]:
         raise EngineError(f"engine {self.name} cannot sample")
 
-    def greedy(self, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int,
-               progress: Progress = None) -> list[Generation]:
+    def greedy(
+        self, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int, progress: Progress = None
+    ) -> list[Generation]:
         raise EngineError(f"engine {self.name} cannot generate greedily")
 
-    def next_token(self, rubric, renders: Sequence[dict[str, str]], labels: Sequence[str], *, batch_size: int,
-                   max_prompt_tokens: int, by_question: bool = True, progress: Progress = None) -> list[NextToken]:
+    def next_token(
+        self,
+        rubric,
+        renders: Sequence[dict[str, str]],
+        labels: Sequence[str],
+        *,
+        batch_size: int,
+        max_prompt_tokens: int,
+        by_question: bool = True,
+        progress: Progress = None,
+    ) -> list[NextToken]:
         raise EngineError(f"engine {self.name} cannot read a judge's verdict (next-token probabilities)")
 
-    def sequence_logprobs(self, prompts: Sequence[str], responses: Sequence[str], *, batch_size: int,
-                          progress: Progress = None) -> list[float]:
+    def sequence_logprobs(
+        self, prompts: Sequence[str], responses: Sequence[str], *, batch_size: int, progress: Progress = None
+    ) -> list[float]:
         raise EngineError(f"engine {self.name} cannot score given responses (sequence log-probs); use hf or vllm")
 
     def close(self) -> None:

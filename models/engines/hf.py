@@ -21,25 +21,51 @@ class HFEngine(Engine):
 
     def sample(self, prompts, *, n, max_new_tokens, temperature, top_p, seed, batch_size, progress=None):
         with loading.attention_backends():
-            return sampling.generate(self.model, self.tokenizer, prompts, n=n, max_new_tokens=max_new_tokens,
-                                     batch_size=batch_size, do_sample=True, temperature=temperature, top_p=top_p,
-                                     seed=seed, progress=progress)
+            return sampling.generate(
+                self.model,
+                self.tokenizer,
+                prompts,
+                n=n,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+                do_sample=True,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed,
+                progress=progress,
+            )
 
     def greedy(self, prompts, *, max_new_tokens, batch_size, progress=None):
         with loading.attention_backends():
-            return sampling.generate(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                     batch_size=batch_size, do_sample=False, progress=progress)
+            return sampling.generate(
+                self.model,
+                self.tokenizer,
+                prompts,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+                do_sample=False,
+                progress=progress,
+            )
 
-    def next_token(self, rubric, renders, labels, *, batch_size, max_prompt_tokens, by_question=True,
-                   progress=None):
+    def next_token(self, rubric, renders, labels, *, batch_size, max_prompt_tokens, by_question=True, progress=None):
         with loading.attention_backends():
-            return judges.next_token(self.model, self.tokenizer, rubric, renders, labels, batch_size=batch_size,
-                                     max_prompt_tokens=max_prompt_tokens, by_question=by_question, progress=progress)
+            return judges.next_token(
+                self.model,
+                self.tokenizer,
+                rubric,
+                renders,
+                labels,
+                batch_size=batch_size,
+                max_prompt_tokens=max_prompt_tokens,
+                by_question=by_question,
+                progress=progress,
+            )
 
     def sequence_logprobs(self, prompts, responses, *, batch_size, progress=None):
         with loading.attention_backends():
-            return judges.sequence_logprobs(self.model, self.tokenizer, prompts, responses, batch_size=batch_size,
-                                            progress=progress)
+            return judges.sequence_logprobs(
+                self.model, self.tokenizer, prompts, responses, batch_size=batch_size, progress=progress
+            )
 
     def close(self) -> None:
         self.model = self.tokenizer = None

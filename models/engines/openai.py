@@ -26,6 +26,7 @@ from flywheel.models.generation import Generation, NextToken, Progress, chat_tex
 class OpenAISettings(Settings):
     """Any OpenAI-compatible server (`vllm serve`, SGLang, TGI, llama.cpp's server, `transformers
     serve`). The model's `name` is the name the server serves it under."""
+
     base_url: str = Field(min_length=1, pattern=r"^https?://", description="e.g. http://127.0.0.1:8000/v1")
     # The *name* of an environment variable holding the API key; the key itself never enters a
     # config, a log, a param or a table.
@@ -48,8 +49,10 @@ class OpenAISettings(Settings):
         # The config is saved with the run (config.yaml) and logged as MLflow params: a password in
         # the URL would be kept in both.
         if "@" in urlsplit(v).netloc:
-            raise ValueError("holds credentials (user:password@): remove them and pass the key in an "
-                             "environment variable named by `api_key_env`")
+            raise ValueError(
+                "holds credentials (user:password@): remove them and pass the key in an "
+                "environment variable named by `api_key_env`"
+            )
         return v
 
 
@@ -58,16 +61,30 @@ class OpenAISettings(Settings):
 SPEED_ONLY = frozenset({"api_key_env", "max_concurrency", "timeout_s", "retries", "backoff_s"})
 
 
-def openai_completion(kind: str, model: str, prompt: str, *, max_new_tokens: int = 1, temperature: float = 1.0,
-                      top_p: float = 1.0, seed: int | None = None, top_logprobs: int = 20) -> dict:
+def openai_completion(
+    kind: str,
+    model: str,
+    prompt: str,
+    *,
+    max_new_tokens: int = 1,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    top_logprobs: int = 20,
+) -> dict:
     """The JSON body of a POST /completions for each kind of request. Sampling knobs that servers
     default differently (llama.cpp's top_k 40, min_p 0.05, repeat penalty 1.1) are set to the
     plain distribution's values, so every server samples what the hf engine samples."""
     plain = {"top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
     body = {"model": model, "prompt": prompt, "stream": False, **plain}
     if kind == "sample":
-        return body | {"max_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
-                       "logprobs": 1}
+        return body | {
+            "max_tokens": max_new_tokens,
+            "temperature": temperature,
+            "top_p": top_p,
+            "seed": seed,
+            "logprobs": 1,
+        }
     if kind == "greedy":
         return body | {"max_tokens": max_new_tokens, "temperature": 0.0, "logprobs": 1}
     if kind == "next_token":
@@ -85,7 +102,6 @@ def draws_mass(draws: Sequence[str], labels: Sequence[str]) -> NextToken:
     return NextToken(mass, top)
 
 
-
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 
 
@@ -100,6 +116,7 @@ class OpenAIEngine(Engine):
     is retried with exponential backoff (a server's Retry-After is honoured), then fails with one
     line that names the endpoint, credentials masked. The API key is read from the environment
     variable `api_key_env` names and sent only as the Authorization header."""
+
     name = "openai"
 
     def __init__(self, model_cfg) -> None:
@@ -113,11 +130,14 @@ class OpenAIEngine(Engine):
         if self.cfg.api_key_env:
             key = os.environ.get(self.cfg.api_key_env)
             if not key:
-                raise EngineError(f"endpoint {self.endpoint}: environment variable {self.cfg.api_key_env} "
-                                  "(openai.api_key_env) is not set")
+                raise EngineError(
+                    f"endpoint {self.endpoint}: environment variable {self.cfg.api_key_env} "
+                    "(openai.api_key_env) is not set"
+                )
             headers["Authorization"] = f"Bearer {key}"
-        self.client = httpx.Client(headers=headers, timeout=self.cfg.timeout_s,
-                                   limits=httpx.Limits(max_connections=self.cfg.max_concurrency))
+        self.client = httpx.Client(
+            headers=headers, timeout=self.cfg.timeout_s, limits=httpx.Limits(max_connections=self.cfg.max_concurrency)
+        )
         self._tokenizer = None
         self._lock = threading.Lock()
         self.verdict_method = f"top_logprobs_{self.cfg.top_logprobs}"
@@ -152,8 +172,9 @@ class OpenAIEngine(Engine):
                 return answer
             if retry_after is not None:
                 delay = max(delay, retry_after)
-        raise EngineError(mask_credentials(
-            f"endpoint {self.endpoint} failed after {self.cfg.retries + 1} tries: {last}"))
+        raise EngineError(
+            mask_credentials(f"endpoint {self.endpoint} failed after {self.cfg.retries + 1} tries: {last}")
+        )
 
     def _try(self, body: dict) -> tuple[dict | None, str, float | None]:
         """One POST: (the answer, "", None), or for a failure worth retrying (None, what failed, the
@@ -219,25 +240,39 @@ class OpenAIEngine(Engine):
             lps = [lp for lp in ((choice.get("logprobs") or {}).get("token_logprobs") or []) if lp is not None]
             usage = a.get("usage") or {}
             n_tokens = usage.get("completion_tokens") or len(lps)
-            out.append(Generation(response=choice.get("text", "").strip(), n_tokens=int(n_tokens),
-                                  finish_reason="length" if choice.get("finish_reason") == "length" else "stop",
-                                  mean_logprob=sum(lps) / len(lps) if lps else None, self_certainty=None))
+            out.append(
+                Generation(
+                    response=choice.get("text", "").strip(),
+                    n_tokens=int(n_tokens),
+                    finish_reason="length" if choice.get("finish_reason") == "length" else "stop",
+                    mean_logprob=sum(lps) / len(lps) if lps else None,
+                    self_certainty=None,
+                )
+            )
         return out
 
     def sample(self, prompts, *, n, max_new_tokens, temperature, top_p, seed, batch_size=0, progress=None):
         texts = self._texts(prompts)
-        bodies = [openai_completion("sample", self.ref, t, max_new_tokens=max_new_tokens, temperature=temperature,
-                                    top_p=top_p, seed=row_seed(seed, p, k))
-                  for p, t in zip(prompts, texts) for k in range(n)]
+        bodies = [
+            openai_completion(
+                "sample",
+                self.ref,
+                t,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=row_seed(seed, p, k),
+            )
+            for p, t in zip(prompts, texts)
+            for k in range(n)
+        ]
         return self._generations(self._map(bodies, progress))
 
     def greedy(self, prompts, *, max_new_tokens, batch_size=0, progress=None):
-        bodies = [openai_completion("greedy", self.ref, t, max_new_tokens=max_new_tokens)
-                  for t in self._texts(prompts)]
+        bodies = [openai_completion("greedy", self.ref, t, max_new_tokens=max_new_tokens) for t in self._texts(prompts)]
         return self._generations(self._map(bodies, progress))
 
-    def next_token(self, rubric, renders, labels, *, batch_size=0, max_prompt_tokens, by_question=True,
-                   progress=None):
+    def next_token(self, rubric, renders, labels, *, batch_size=0, max_prompt_tokens, by_question=True, progress=None):
         tok = self.tokenizer
         texts = [tok.decode(ids) for ids in rendered_prompts(tok, rubric, renders, max_prompt_tokens)]
         if not texts:
@@ -247,19 +282,21 @@ class OpenAIEngine(Engine):
         first = self.post(openai_completion("next_token", self.ref, texts[0], top_logprobs=self.cfg.top_logprobs))
         if _top_logprobs(first) is not None:
             self.verdict_method = f"top_logprobs_{self.cfg.top_logprobs}"
-            answers = [first] + self._map([openai_completion("next_token", self.ref, t,
-                                                             top_logprobs=self.cfg.top_logprobs)
-                                           for t in texts[1:]], progress)
+            answers = [first] + self._map(
+                [openai_completion("next_token", self.ref, t, top_logprobs=self.cfg.top_logprobs) for t in texts[1:]],
+                progress,
+            )
             if progress:
                 progress(1)
             return [label_mass(_top_logprobs(a) or {}, labels) for a in answers]
         k = self.cfg.verdict_samples
         self.verdict_method = f"sampled_{k}"
-        bodies = [openai_completion("verdict_draw", self.ref, t, seed=row_seed(0, t, j))
-                  for t in texts for j in range(k)]
+        bodies = [
+            openai_completion("verdict_draw", self.ref, t, seed=row_seed(0, t, j)) for t in texts for j in range(k)
+        ]
         answers = self._map(bodies, progress, weight=k)
         draws = [a["choices"][0].get("text", "") for a in answers]
-        return [draws_mass(draws[i * k:(i + 1) * k], labels) for i in range(len(texts))]
+        return [draws_mass(draws[i * k : (i + 1) * k], labels) for i in range(len(texts))]
 
     def close(self) -> None:
         self.client.close()
@@ -311,8 +348,7 @@ def served_name(model_cfg) -> str:
 
 def check(model_cfg) -> None:
     if model_cfg.workers > 1:
-        raise ValueError("workers: an openai server is one endpoint; its requests in flight are "
-                         "openai.max_concurrency")
+        raise ValueError("workers: an openai server is one endpoint; its requests in flight are openai.max_concurrency")
 
 
 def preflight(model_cfg, *, policy: bool) -> None:
@@ -321,8 +357,10 @@ def preflight(model_cfg, *, policy: bool) -> None:
         return
     m = model_cfg
     if m.openai.api_key_env and not os.environ.get(m.openai.api_key_env):
-        raise EngineError(f"endpoint {mask_credentials(m.openai.base_url)}: environment variable "
-                          f"{m.openai.api_key_env} (openai.api_key_env) is not set")
+        raise EngineError(
+            f"endpoint {mask_credentials(m.openai.base_url)}: environment variable "
+            f"{m.openai.api_key_env} (openai.api_key_env) is not set"
+        )
     from flywheel.models import loading  # torch loads here, when the tokenizer is resolved, not on import
 
     loading.resolve(m.openai.tokenizer or m.name)

@@ -108,8 +108,9 @@ def _load_plugins() -> None:
             backend = ep.load()
         except Exception as e:  # noqa: BLE001 - a plugin's own bug, whatever it is, is one line naming it
             reason = str(e).splitlines()[0] if str(e) else ""
-            raise EngineError(f"engine plugin {ep.name!r} ({ep.value}) failed to load: "
-                              f"{type(e).__name__}: {reason}".rstrip(": ")) from None
+            raise EngineError(
+                f"engine plugin {ep.name!r} ({ep.value}) failed to load: {type(e).__name__}: {reason}".rstrip(": ")
+            ) from None
         if isinstance(backend, Backend):
             register(backend)
         elif ep.name not in _BACKENDS:  # a module that registers itself on import, as reward plugins do
@@ -123,8 +124,20 @@ def _open_hf(model_cfg, ref: str) -> Engine:
 
 
 register(Backend("hf", factory=_open_hf))
-register(Backend("vllm", factory=vllm.open_vllm, settings=vllm.VLLMSettings, speed_only=vllm.SPEED_ONLY,
-                 preflight=vllm.preflight))
-register(Backend("openai", factory=openai.open_openai, settings=openai.OpenAISettings,
-                 speed_only=openai.SPEED_ONLY, preflight=openai.preflight, ref=openai.served_name,
-                 check=openai.check, serves_policy=False))
+register(
+    Backend(
+        "vllm", factory=vllm.open_vllm, settings=vllm.VLLMSettings, speed_only=vllm.SPEED_ONLY, preflight=vllm.preflight
+    )
+)
+register(
+    Backend(
+        "openai",
+        factory=openai.open_openai,
+        settings=openai.OpenAISettings,
+        speed_only=openai.SPEED_ONLY,
+        preflight=openai.preflight,
+        ref=openai.served_name,
+        check=openai.check,
+        serves_policy=False,
+    )
+)

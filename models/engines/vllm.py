@@ -21,6 +21,7 @@ NEEDS_VLLM = "engine vllm needs vLLM: pip install 'flywheel[vllm]' (a CUDA GPU)"
 
 class VLLMSettings(Settings):
     """vLLM's offline engine (`pip install flywheel[vllm]`, a CUDA GPU). Each field is vllm.LLM's own."""
+
     tensor_parallel_size: int = Field(1, ge=1)
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     max_model_len: int | None = Field(None, ge=16)
@@ -36,12 +37,27 @@ class VLLMSettings(Settings):
 SPEED_ONLY = frozenset({"gpu_memory_utilization", "enforce_eager"})
 
 
-def vllm_sampling_params(kind: str, *, max_new_tokens: int = 1, temperature: float = 1.0, top_p: float = 1.0,
-                         seed: int | None = None, top_logprobs: int = 20) -> dict:
+def vllm_sampling_params(
+    kind: str,
+    *,
+    max_new_tokens: int = 1,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    top_logprobs: int = 20,
+) -> dict:
     """vllm.SamplingParams fields for each kind of request: plain data, tested without vLLM installed."""
     if kind == "sample":
-        return {"n": 1, "temperature": temperature, "top_p": top_p, "top_k": 0, "max_tokens": max_new_tokens,
-                "seed": seed, "logprobs": 0, "skip_special_tokens": True}
+        return {
+            "n": 1,
+            "temperature": temperature,
+            "top_p": top_p,
+            "top_k": 0,
+            "max_tokens": max_new_tokens,
+            "seed": seed,
+            "logprobs": 0,
+            "skip_special_tokens": True,
+        }
     if kind == "greedy":
         return {"n": 1, "temperature": 0.0, "max_tokens": max_new_tokens, "logprobs": 0, "skip_special_tokens": True}
     if kind == "next_token":
@@ -62,11 +78,18 @@ class VLLMEngine(Engine):
             raise EngineError(NEEDS_VLLM) from None
         s = model_cfg.vllm
         dtype = "auto" if model_cfg.dtype == "auto" else model_cfg.dtype
-        self.llm = vllm.LLM(model=ref, tokenizer=ref, dtype=dtype, seed=0,
-                            tensor_parallel_size=s.tensor_parallel_size,
-                            gpu_memory_utilization=s.gpu_memory_utilization, max_model_len=s.max_model_len,
-                            enable_prefix_caching=s.enable_prefix_caching, enforce_eager=s.enforce_eager,
-                            max_logprobs=s.max_logprobs)
+        self.llm = vllm.LLM(
+            model=ref,
+            tokenizer=ref,
+            dtype=dtype,
+            seed=0,
+            tensor_parallel_size=s.tensor_parallel_size,
+            gpu_memory_utilization=s.gpu_memory_utilization,
+            max_model_len=s.max_model_len,
+            enable_prefix_caching=s.enable_prefix_caching,
+            enforce_eager=s.enforce_eager,
+            max_logprobs=s.max_logprobs,
+        )
         self.tokenizer = self.llm.get_tokenizer()
         self.top_logprobs = s.max_logprobs
         self.verdict_method = f"top_logprobs_{s.max_logprobs}"
@@ -76,8 +99,8 @@ class VLLMEngine(Engine):
 
         out = []
         for start in range(0, len(token_ids), chunk):
-            reqs = [{"prompt_token_ids": ids} for ids in token_ids[start:start + chunk]]
-            sps = [SamplingParams(**p) for p in params[start:start + chunk]]
+            reqs = [{"prompt_token_ids": ids} for ids in token_ids[start : start + chunk]]
+            sps = [SamplingParams(**p) for p in params[start : start + chunk]]
             out += self.llm.generate(reqs, sps, use_tqdm=False)
             if progress:
                 progress(len(reqs))
@@ -88,12 +111,18 @@ class VLLMEngine(Engine):
 
     @staticmethod
     def _generation(completion) -> Generation:
-        lps = [next(iter(d.values())).logprob if len(d) == 1 else d[t].logprob
-               for t, d in zip(completion.token_ids, completion.logprobs or [])]
+        lps = [
+            next(iter(d.values())).logprob if len(d) == 1 else d[t].logprob
+            for t, d in zip(completion.token_ids, completion.logprobs or [])
+        ]
         k = len(completion.token_ids)
-        return Generation(response=completion.text.strip(), n_tokens=k,
-                          finish_reason="length" if completion.finish_reason == "length" else "stop",
-                          mean_logprob=sum(lps) / len(lps) if lps else None, self_certainty=None)
+        return Generation(
+            response=completion.text.strip(),
+            n_tokens=k,
+            finish_reason="length" if completion.finish_reason == "length" else "stop",
+            mean_logprob=sum(lps) / len(lps) if lps else None,
+            self_certainty=None,
+        )
 
     def sample(self, prompts, *, n, max_new_tokens, temperature, top_p, seed, batch_size=0, progress=None):
         ids = self._ids(prompts)
@@ -101,8 +130,15 @@ class VLLMEngine(Engine):
         for p, pid in zip(prompts, ids):
             for k in range(n):
                 token_ids.append(pid)
-                params.append(vllm_sampling_params("sample", max_new_tokens=max_new_tokens, temperature=temperature,
-                                                   top_p=top_p, seed=row_seed(seed, p, k)))
+                params.append(
+                    vllm_sampling_params(
+                        "sample",
+                        max_new_tokens=max_new_tokens,
+                        temperature=temperature,
+                        top_p=top_p,
+                        seed=row_seed(seed, p, k),
+                    )
+                )
         return [self._generation(o.outputs[0]) for o in self._run(token_ids, params, progress)]
 
     def greedy(self, prompts, *, max_new_tokens, batch_size=0, progress=None):
@@ -110,8 +146,7 @@ class VLLMEngine(Engine):
         params = [vllm_sampling_params("greedy", max_new_tokens=max_new_tokens)] * len(ids)
         return [self._generation(o.outputs[0]) for o in self._run(ids, params, progress)]
 
-    def next_token(self, rubric, renders, labels, *, batch_size=0, max_prompt_tokens, by_question=True,
-                   progress=None):
+    def next_token(self, rubric, renders, labels, *, batch_size=0, max_prompt_tokens, by_question=True, progress=None):
         ids = rendered_prompts(self.tokenizer, rubric, renders, max_prompt_tokens)
         params = [vllm_sampling_params("next_token", top_logprobs=self.top_logprobs)] * len(ids)
         out = []

@@ -35,9 +35,30 @@ from flywheel.models.rewards.pairwise_judge import PairwiseJudge, pairwise_outco
 from flywheel.models.rewards.self_certainty import SelfCertainty
 from flywheel.models.rewards.verifier import Verifier, probe
 
-__all__ = ["Batch", "Entry", "ImplicitReward", "LLMJudge", "MajorityVote", "Models", "PairwiseJudge", "Progress",
-           "SelfCertainty", "Source", "Verdict", "Verifier", "build", "entries", "extracted_answer", "get",
-           "pairwise_outcome", "pairwise_scores", "probe", "register", "ring_pairs", "unregister"]
+__all__ = [
+    "Batch",
+    "Entry",
+    "ImplicitReward",
+    "LLMJudge",
+    "MajorityVote",
+    "Models",
+    "PairwiseJudge",
+    "Progress",
+    "SelfCertainty",
+    "Source",
+    "Verdict",
+    "Verifier",
+    "build",
+    "entries",
+    "extracted_answer",
+    "get",
+    "pairwise_outcome",
+    "pairwise_scores",
+    "probe",
+    "register",
+    "ring_pairs",
+    "unregister",
+]
 
 
 def build(judge_cfg, task_source) -> list[Source]:

@@ -24,6 +24,7 @@ class Verdict:
 @dataclass
 class Batch:
     """What a source sees: the round's candidates and their prompts."""
+
     prompts: dict[str, dict]  # prompt_id → prompts-table row
     candidates: list[dict]  # candidates-table rows
 
@@ -47,6 +48,7 @@ class Batch:
 @dataclass
 class Models:
     """Model refs a source may need, opened on demand as engines (models/engines: one open at a time)."""
+
     policy: str
     previous: str | None = None  # the previous round's policy (CREAM's second ranking)
     reference: str | None = None  # the DPO reference the policy was trained against
@@ -92,8 +94,7 @@ class Source:
     @property
     def spec_hash(self) -> str:
         spec = self.spec.hashed(self.spec.model_dump(mode="json"))
-        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()
-                              + self._extra_hash().encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode() + self._extra_hash().encode()).hexdigest()[:16]
 
     def _extra_hash(self) -> str:
         return ""

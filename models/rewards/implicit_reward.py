@@ -14,6 +14,7 @@ from flywheel.models.rewards.registry import register
 
 class ImplicitRewardSource(_Source):
     """DPO's implicit reward β·log π_θ(y|x)/π_ref(y|x) of the round's policy vs its DPO reference."""
+
     type: Literal["implicit_reward"] = "implicit_reward"
     beta: float = Field(0.1, gt=0)
 
@@ -28,15 +29,13 @@ class ImplicitReward(Source):
     def judge(self, batch: Batch, models: Models, progress: Progress | None = None) -> list[Verdict]:
         if models.reference is None or models.reference == models.policy:
             # round 1's policy is the base model: it has no DPO reference, so no implicit reward
-            return [Verdict(None, False, None, {"reason": "the policy has no DPO reference"})
-                    for _ in batch.candidates]
+            return [Verdict(None, False, None, {"reason": "the policy has no DPO reference"}) for _ in batch.candidates]
         reps, index = batch.unique()
         prompts, responses = [batch.prompt_of(c)["prompt"] for c in reps], [c["response"] for c in reps]
         logps = {}
         for which, ref in (("policy", models.policy), ("reference", models.reference)):
             engine = models.engine(ref)
-            logps[which] = engine.sequence_logprobs(prompts, responses, batch_size=models.batch_size,
-                                                    progress=progress)
+            logps[which] = engine.sequence_logprobs(prompts, responses, batch_size=models.batch_size, progress=progress)
             self.judged_by, self.method = engine.describe(), "sequence_logprobs"
         beta = self.spec.beta
         out = []

@@ -16,6 +16,7 @@ from flywheel.models.rewards.registry import register
 
 class LLMJudgeSource(_Source):
     """The policy as its own judge, pointwise, with a rubric (Self-Rewarding LMs)."""
+
     type: Literal["llm_judge"] = "llm_judge"
     # A text file with {question} and {response}; None = Self-Rewarding's additive 5-point rubric.
     template: Path | None = None
@@ -32,8 +33,9 @@ class LLMJudgeSource(_Source):
     @model_validator(mode="after")
     def _previous_needs_policy(self) -> LLMJudgeSource:
         if self.previous and self.model is not None:
-            raise ValueError("previous: true ranks with the previous round's policy; it cannot go with a fixed "
-                             "judge `model`")
+            raise ValueError(
+                "previous: true ranks with the previous round's policy; it cannot go with a fixed judge `model`"
+            )
         return self
 
     def names(self) -> list[str]:
@@ -67,9 +69,14 @@ class LLMJudge(Source):
             return [Verdict(None, False, None, {"reason": "no previous policy"}) for _ in batch.candidates]
         reps, index = batch.unique()
         engine = models.engine(ref) if self.use_previous else models.judge_engine(self.spec)
-        nts = engine.next_token(self.rubric, [{"question": batch.prompt_of(c)["prompt"], "response": c["response"]}
-                                              for c in reps], judges.SCORE_LABELS, batch_size=models.batch_size,
-                                max_prompt_tokens=models.max_prompt_tokens, progress=progress)
+        nts = engine.next_token(
+            self.rubric,
+            [{"question": batch.prompt_of(c)["prompt"], "response": c["response"]} for c in reps],
+            judges.SCORE_LABELS,
+            batch_size=models.batch_size,
+            max_prompt_tokens=models.max_prompt_tokens,
+            progress=progress,
+        )
         self.judged_by, self.method = engine.describe(), engine.verdict_method
         results = judges.verdicts(nts, self.spec.samples, models.seed)
         out = []

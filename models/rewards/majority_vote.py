@@ -16,6 +16,7 @@ from flywheel.models.tasks.base import extract_answer, numeric
 
 class MajorityVoteSource(_Source):
     """Label-free self-consistency: agreement with the most common final answer among the samples."""
+
     type: Literal["majority_vote"] = "majority_vote"
     # TTRL-style confidence filter: a prompt whose most common answer holds less than this share of
     # its samples gets no scores (NULL: it yields no pair), since its pseudo-label is least often right.
@@ -33,7 +34,7 @@ def extracted_answer(response: str, reference: str | None) -> str | None:
     if a is None:
         return None
     n = numeric(a)
-    return (f"{n:g}" if n is not None else " ".join(a.lower().split()))
+    return f"{n:g}" if n is not None else " ".join(a.lower().split())
 
 
 class MajorityVote(Source):
@@ -47,8 +48,14 @@ class MajorityVote(Source):
             mine = extracted_answer(c["response"], batch.prompt_of(c)["answer"])
             details = {"label": label, "vote_share": round(share, 4)}
             confident = share >= self.spec.min_vote_share
-            out.append(Verdict(None if mine is None or label is None or not confident else float(mine == label),
-                               mine is not None, mine, details))
+            out.append(
+                Verdict(
+                    None if mine is None or label is None or not confident else float(mine == label),
+                    mine is not None,
+                    mine,
+                    details,
+                )
+            )
         return report(progress, out)
 
     @staticmethod
@@ -58,7 +65,8 @@ class MajorityVote(Source):
         for c in batch.candidates:
             # The reference only tells numeric from text answers; its value is never looked at.
             by_prompt.setdefault(c["prompt_id"], []).append(
-                (c["sample_index"], extracted_answer(c["response"], batch.prompt_of(c)["answer"])))
+                (c["sample_index"], extracted_answer(c["response"], batch.prompt_of(c)["answer"]))
+            )
         labels: dict[str, tuple[str | None, float]] = {}
         for pid, answers in by_prompt.items():
             votes = Counter(a for _, a in answers if a is not None)

@@ -18,6 +18,7 @@ from flywheel.models.rewards.registry import register
 
 class PairwiseJudgeSource(_Source):
     """The policy compares two responses, asked in both orders; a flip with the order is inconsistent."""
+
     type: Literal["pairwise_judge"] = "pairwise_judge"
     # A text file with {question}, {response_a} and {response_b}; None = the built-in one.
     template: Path | None = None
@@ -74,7 +75,6 @@ def pairwise_scores(n_reps: int, comparisons: Sequence[tuple[int, int, str | Non
     return out
 
 
-
 class PairwiseJudge(Source):
     model_based = True
 
@@ -111,8 +111,14 @@ class PairwiseJudge(Source):
         nts = []
         if renders:
             engine = models.judge_engine(self.spec)
-            nts = engine.next_token(self.rubric, renders, ("A", "B"), batch_size=models.batch_size,
-                                    max_prompt_tokens=models.max_prompt_tokens, progress=progress)
+            nts = engine.next_token(
+                self.rubric,
+                renders,
+                ("A", "B"),
+                batch_size=models.batch_size,
+                max_prompt_tokens=models.max_prompt_tokens,
+                progress=progress,
+            )
             self.judged_by, self.method = engine.describe(), engine.verdict_method
         outcomes = [(a, b, pairwise_outcome(nts[2 * k].mass, nts[2 * k + 1].mass)) for k, (a, b) in enumerate(pairs)]
         scores = pairwise_scores(len(reps), outcomes)

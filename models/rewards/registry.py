@@ -39,14 +39,21 @@ _listeners: list[Callable[[], None]] = []
 _builtins_loaded = False
 
 
-def register(name: str, *, spec: type, source: type, threshold: float | None = None,
-             health: Callable[[list[dict], dict[str, dict]], dict[str, float | None]] | None = None) -> None:
+def register(
+    name: str,
+    *,
+    spec: type,
+    source: type,
+    threshold: float | None = None,
+    health: Callable[[list[dict], dict[str, dict]], dict[str, float | None]] | None = None,
+) -> None:
     """Make `name` a reward source type: `judge.sources: [{type: name, ...}]` validates as `spec`
     and judges with `source`."""
     field = getattr(spec, "model_fields", {}).get("type")
     if field is None or typing.get_args(field.annotation) != (name,) or field.default != name:
-        raise ConfigError(f"reward source {name!r}: its spec {spec.__name__} needs a field "
-                          f"type: Literal[{name!r}] = {name!r}")
+        raise ConfigError(
+            f"reward source {name!r}: its spec {spec.__name__} needs a field type: Literal[{name!r}] = {name!r}"
+        )
     known = _ENTRIES.get(name)
     if known is not None and known.spec is not spec:
         raise ConfigError(f"reward source {name!r} is registered twice ({known.spec.__module__}, {spec.__module__})")

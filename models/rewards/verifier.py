@@ -19,6 +19,7 @@ from flywheel.models.tasks.base import EXACT, extract_answer, numeric
 
 class VerifierSource(_Source):
     """The task's own checker, or a match against the reference answer."""
+
     type: Literal["verifier"] = "verifier"
     # task: reasoning-gym's score_answer (or the prompts file's answer, numerically); exact / numeric:
     # the extracted final answer vs the reference; regex: `pattern` (with {answer} standing for the

@@ -4,5 +4,15 @@ definition of "exactly correct") and registry.py (`register`, the `flywheel.task
 from flywheel.models.tasks.base import EXACT, Item, Task, category, exactly_correct, extract_answer, numeric
 from flywheel.models.tasks.registry import make, names, register
 
-__all__ = ["EXACT", "Item", "Task", "category", "exactly_correct", "extract_answer", "make", "names", "numeric",
-           "register"]
+__all__ = [
+    "EXACT",
+    "Item",
+    "Task",
+    "category",
+    "exactly_correct",
+    "extract_answer",
+    "make",
+    "names",
+    "numeric",
+    "register",
+]

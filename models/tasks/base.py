@@ -67,7 +67,7 @@ class Item:
 
 
 def category(task: str, fields: dict[str, Any], names: list[str]) -> str:
-    """"task/k1=v1,k2=v2" from the named fields an item has; just "task" when it has none."""
+    """ "task/k1=v1,k2=v2" from the named fields an item has; just "task" when it has none."""
     parts = [f"{k}={fields[k]}" for k in names if fields.get(k) is not None]
     return f"{task}/{','.join(parts)}" if parts else task
 
@@ -75,6 +75,7 @@ def category(task: str, fields: dict[str, Any], names: list[str]) -> str:
 class Task:
     """A task source. Generated tasks draw `items(seed, size)` from a seeded generator; a finite
     one (a prompts file) returns its whole pool from `pool()` and rotates through it."""
+
     name: str = ""
     category_fields: list[str] = []  # noqa: RUF012 - read only; each source sets its own
 

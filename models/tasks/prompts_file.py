@@ -35,10 +35,17 @@ class FileSource(Task):
             raise TaskError(f"prompts file {self.path} has no prompts")
         # metadata as JSON values (a Parquet file's dates, decimals, bytes as text): the prompts
         # table stores it as JSON
-        return [Item(r["prompt"] + (f"\n{self.instruction}" if self.instruction else ""),
-                     None if r.get("answer") is None else str(r["answer"]), self.name, None,
-                     json.loads(json.dumps({k: v for k, v in r.items() if k not in ("prompt", "answer")}, default=str)),
-                     category(self.name, r, self.category_fields)) for r in rows]
+        return [
+            Item(
+                r["prompt"] + (f"\n{self.instruction}" if self.instruction else ""),
+                None if r.get("answer") is None else str(r["answer"]),
+                self.name,
+                None,
+                json.loads(json.dumps({k: v for k, v in r.items() if k not in ("prompt", "answer")}, default=str)),
+                category(self.name, r, self.category_fields),
+            )
+            for r in rows
+        ]
 
     def _parquet_rows(self) -> list[dict[str, Any]]:
         import pyarrow.parquet as pq

@@ -12,8 +12,9 @@ from flywheel.models.tasks.registry import FALLBACK, register
 
 
 class ReasoningGymSource(Task):
-    def __init__(self, name: str, options: dict[str, Any], instruction: str = "",
-                 category_fields: list[str] | None = None) -> None:
+    def __init__(
+        self, name: str, options: dict[str, Any], instruction: str = "", category_fields: list[str] | None = None
+    ) -> None:
         self.category_fields = list(category_fields or [])
         import reasoning_gym
         from reasoning_gym.factory import DATASETS
@@ -37,10 +38,23 @@ class ReasoningGymSource(Task):
         out = []
         for i, entry in enumerate(ds):
             q = entry["question"] + (f"\n{self.instruction}" if self.instruction else "")
-            meta = {"entry": {"question": entry["question"], "answer": entry["answer"],
-                              "metadata": entry.get("metadata", {})}}
-            out.append(Item(q, str(entry["answer"]), self.name, seed + i, json.loads(json.dumps(meta, default=str)),
-                            category(self.name, entry.get("metadata", {}), self.category_fields)))
+            meta = {
+                "entry": {
+                    "question": entry["question"],
+                    "answer": entry["answer"],
+                    "metadata": entry.get("metadata", {}),
+                }
+            }
+            out.append(
+                Item(
+                    q,
+                    str(entry["answer"]),
+                    self.name,
+                    seed + i,
+                    json.loads(json.dumps(meta, default=str)),
+                    category(self.name, entry.get("metadata", {}), self.category_fields),
+                )
+            )
         return out
 
     def score(self, extracted: str | None, item_answer: str | None, metadata: dict[str, Any]) -> float:

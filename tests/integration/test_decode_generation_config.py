@@ -12,8 +12,10 @@ from transformers import GenerationConfig
 from flywheel.errors import EngineError
 from flywheel.models import decode, loading, sampling
 
-PROMPTS = ["State the final answer to the following arithmetic problem: 3 + 4 =",
-           "State the final answer to the following arithmetic problem: 12 + 9 ="]
+PROMPTS = [
+    "State the final answer to the following arithmetic problem: 3 + 4 =",
+    "State the final answer to the following arithmetic problem: 12 + 9 =",
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +36,16 @@ def edited(base: str, where: Path, **settings) -> str:
 
 def greedy_tokens(model, tok, prompts, max_new_tokens=16) -> list[list[int]]:
     ids = tok(sampling.chat_texts(tok, prompts), add_special_tokens=False)["input_ids"]
-    rows = decode.decode(model, ids, n=1, max_new_tokens=max_new_tokens, batch_size=4, do_sample=False,
-                         eos_ids={tok.eos_token_id}, pad_id=tok.pad_token_id)
+    rows = decode.decode(
+        model,
+        ids,
+        n=1,
+        max_new_tokens=max_new_tokens,
+        batch_size=4,
+        do_sample=False,
+        eos_ids={tok.eos_token_id},
+        pad_id=tok.pad_token_id,
+    )
     return [r.tokens for r in rows]
 
 
@@ -53,23 +63,36 @@ def test_a_row_ends_on_any_eos_id_of_the_generation_config(base, tmp_path):
     fast = sampling.generate(model, tok, PROMPTS, max_new_tokens=16, batch_size=2, do_sample=False)
     assert fast[0].finish_reason == "stop" and fast[0].n_tokens == k + 1
     ref = sampling.generate_reference(model, tok, PROMPTS, max_new_tokens=16, batch_size=2, do_sample=False)
-    assert [(g.response, g.n_tokens, g.finish_reason) for g in fast] == \
-        [(g.response, g.n_tokens, g.finish_reason) for g in ref]
+    assert [(g.response, g.n_tokens, g.finish_reason) for g in fast] == [
+        (g.response, g.n_tokens, g.finish_reason) for g in ref
+    ]
 
 
 def test_a_setting_the_decoder_does_not_apply_is_refused_in_one_line(base, tmp_path):
     model, tok = loading.load(edited(base, tmp_path / "m", repetition_penalty=1.3))
-    with pytest.raises(EngineError, match=r"generation_config sets repetition_penalty=1\.3, which flywheel's "
-                                          r"decoder does not apply") as e:
+    with pytest.raises(
+        EngineError,
+        match=r"generation_config sets repetition_penalty=1\.3, which flywheel's "
+        r"decoder does not apply",
+    ) as e:
         sampling.generate(model, tok, PROMPTS, max_new_tokens=8, batch_size=2, do_sample=False)
     assert "\n" not in str(e.value) and str(tmp_path / "m") in str(e.value)
 
 
-@pytest.mark.parametrize("setting", [
-    {"no_repeat_ngram_size": 3}, {"bad_words_ids": [[42]]}, {"min_new_tokens": 5}, {"suppress_tokens": [42]},
-    {"sequence_bias": [[[42], -5.0]]}, {"forced_eos_token_id": 2}, {"num_beams": 4}, {"stop_strings": ["7"]},
-    {"encoder_repetition_penalty": 1.2},
-])
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"no_repeat_ngram_size": 3},
+        {"bad_words_ids": [[42]]},
+        {"min_new_tokens": 5},
+        {"suppress_tokens": [42]},
+        {"sequence_bias": [[[42], -5.0]]},
+        {"forced_eos_token_id": 2},
+        {"num_beams": 4},
+        {"stop_strings": ["7"]},
+        {"encoder_repetition_penalty": 1.2},
+    ],
+)
 def test_each_unapplied_processor_is_named(base, setting):
     model, tok = loading.load(base)
     kept = model.generation_config
@@ -89,8 +112,16 @@ def test_a_checkpoints_sampling_suggestions_do_not_change_flywheels_sampling(bas
     model, tok = loading.load(base)
     fast = sampling.generate(model, tok, PROMPTS, n=2, **kw)
     ref = sampling.generate_reference(model, tok, PROMPTS, **kw)
-    suggests = {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "top_k": 20, "min_p": 0.2, "typical_p": 0.5,
-                "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
+    suggests = {
+        "do_sample": True,
+        "temperature": 0.6,
+        "top_p": 0.9,
+        "top_k": 20,
+        "min_p": 0.2,
+        "typical_p": 0.5,
+        "repetition_penalty": 1.0,
+        "no_repeat_ngram_size": 0,
+    }
     model, tok = loading.load(edited(base, tmp_path / "m", **suggests))
     assert model.generation_config.min_p == 0.2
     assert sampling.generate(model, tok, PROMPTS, n=2, **kw) == fast

@@ -28,12 +28,18 @@ def round_on_two_processes(tmp_path_factory, prefect_harness):
     from flywheel.flows.flywheel import flywheel
 
     ws = tmp_path_factory.mktemp("ws")
-    config = load_config(None, {
-        "name": "ddp", "rounds": 1, "workspace": str(ws),
-        "task": {"prompts_per_round": 12}, "sampling": {"n": 4, "max_new_tokens": 24},
-        "benchmark": {"size": 8, "validation_size": 8, "guards": [], "max_new_tokens": 24},
-        "train": {"num_processes": 2, "dpo": {"num_train_epochs": 1, "per_device_train_batch_size": 2}},
-    })
+    config = load_config(
+        None,
+        {
+            "name": "ddp",
+            "rounds": 1,
+            "workspace": str(ws),
+            "task": {"prompts_per_round": 12},
+            "sampling": {"n": 4, "max_new_tokens": 24},
+            "benchmark": {"size": 8, "validation_size": 8, "guards": [], "max_new_tokens": 24},
+            "train": {"num_processes": 2, "dpo": {"num_train_epochs": 1, "per_device_train_batch_size": 2}},
+        },
+    )
     return ws, config, flywheel(config)
 
 
@@ -72,21 +78,34 @@ def test_one_and_two_processes_reach_the_same_loss(round_on_two_processes, tmp_p
     cfg = config.train
 
     def with_batch(per_device: int, processes: int):
-        return cfg.model_copy(update={"num_processes": processes, "dpo": {
-            **cfg.dpo, "per_device_train_batch_size": per_device, "num_train_epochs": 2}})
+        return cfg.model_copy(
+            update={
+                "num_processes": processes,
+                "dpo": {**cfg.dpo, "per_device_train_batch_size": per_device, "num_train_epochs": 2},
+            }
+        )
 
     common = dict(base=base, seed=1, dtype="auto", checkpoint_steps=100)
     one = trainer.train(base, rows, with_batch(4, 1), tmp_path / "one", fingerprint="one", **common)
-    two = trainer.launch(base, rows, with_batch(2, 2), tmp_path / "two", fingerprint="two", mlflow_run_id=None,
-                         tracking_uri=None, **common)
+    two = trainer.launch(
+        base,
+        rows,
+        with_batch(2, 2),
+        tmp_path / "two",
+        fingerprint="two",
+        mlflow_run_id=None,
+        tracking_uri=None,
+        **common,
+    )
     assert (one["train_world_size"], two["train_world_size"]) == (1, 2)
     assert one["train_steps"] == two["train_steps"] == 2
     print(f"mean loss, 2 steps on 4 pairs: 1 process {one['train_loss']:.8f}, 2 processes {two['train_loss']:.8f}")
     assert abs(one["train_loss"] - two["train_loss"]) <= LOSS_TOLERANCE, (one, two)
 
 
-def test_precomputed_reference_log_probs_train_like_a_second_model_without_keeping_one(round_on_two_processes,
-                                                                                        tmp_path):
+def test_precomputed_reference_log_probs_train_like_a_second_model_without_keeping_one(
+    round_on_two_processes, tmp_path
+):
     """A full fine-tune against the base needs a reference model. With TRL's
     precompute_ref_log_probs its log-probs are computed once before training and flywheel frees the
     model: the same steps reach the same loss with one model in memory instead of two."""
@@ -99,16 +118,27 @@ def test_precomputed_reference_log_probs_train_like_a_second_model_without_keepi
     base, policy = result["rounds"][0]["policy_out"], result["rounds"][1]["policy_out"]
 
     def full(precompute: bool):
-        return config.train.model_copy(update={"lora": False, "reference": "base", "dpo": {
-            **config.train.dpo, "per_device_train_batch_size": 2, "num_train_epochs": 1,
-            "precompute_ref_log_probs": precompute}})
+        return config.train.model_copy(
+            update={
+                "lora": False,
+                "reference": "base",
+                "dpo": {
+                    **config.train.dpo,
+                    "per_device_train_batch_size": 2,
+                    "num_train_epochs": 1,
+                    "precompute_ref_log_probs": precompute,
+                },
+            }
+        )
 
     common = dict(base=base, seed=1, dtype="auto", checkpoint_steps=100)
     kept = trainer.train(policy, rows, full(False), tmp_path / "kept", fingerprint="kept", **common)
     freed = trainer.train(policy, rows, full(True), tmp_path / "freed", fingerprint="freed", **common)
     assert (kept["train_reference"], freed["train_reference"]) == ("second_model", "precomputed")
     assert kept["train_steps"] == freed["train_steps"] == 2
-    print(f"\nmean loss, 2 full-fine-tune steps on 4 pairs against the base: reference model kept "
-          f"{kept['train_loss']:.8f}, precomputed {freed['train_loss']:.8f}")
+    print(
+        f"\nmean loss, 2 full-fine-tune steps on 4 pairs against the base: reference model kept "
+        f"{kept['train_loss']:.8f}, precomputed {freed['train_loss']:.8f}"
+    )
     assert abs(kept["train_loss"] - 0.6931) > 1e-3, "the policy is its own reference: the test would prove nothing"
     assert abs(kept["train_loss"] - freed["train_loss"]) <= 1e-4, (kept, freed)

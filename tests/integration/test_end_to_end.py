@@ -10,9 +10,22 @@ from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
-ROUND_METRICS = ("accuracy", "pairs", "mean_margin", "judge_verifier_agreement", "judge_parse_failure_rate",
-                 "generate_seconds", "judge_seconds", "train_seconds", "benchmark_seconds", "mean_response_tokens",
-                 "pair_length_gap", "prompts_no_signal", "sft_examples", "decontaminated_prompts")
+ROUND_METRICS = (
+    "accuracy",
+    "pairs",
+    "mean_margin",
+    "judge_verifier_agreement",
+    "judge_parse_failure_rate",
+    "generate_seconds",
+    "judge_seconds",
+    "train_seconds",
+    "benchmark_seconds",
+    "mean_response_tokens",
+    "pair_length_gap",
+    "prompts_no_signal",
+    "sft_examples",
+    "decontaminated_prompts",
+)
 
 
 @pytest.fixture(scope="module")
@@ -23,16 +36,25 @@ def run(tmp_path_factory, prefect_harness):
     from flywheel.flows.flywheel import flywheel
 
     ws = tmp_path_factory.mktemp("ws")
-    config = load_config(None, {
-        "name": "e2e", "rounds": 2, "workspace": str(ws),
-        "task": {"prompts_per_round": 8},
-        "sampling": {"n": 4, "max_new_tokens": 32},
-        "judge": {"batch_size": 16},
-        # the default guard suites (on by default), smaller
-        "benchmark": {"size": 16, "validation_size": 8, "max_new_tokens": 32,
-                      "guards": [dict(g.model_dump(), size=8) for g in BenchmarkConfig().guards]},
-        "train": {"dpo": {"num_train_epochs": 1, "learning_rate": 1e-4}},
-    })
+    config = load_config(
+        None,
+        {
+            "name": "e2e",
+            "rounds": 2,
+            "workspace": str(ws),
+            "task": {"prompts_per_round": 8},
+            "sampling": {"n": 4, "max_new_tokens": 32},
+            "judge": {"batch_size": 16},
+            # the default guard suites (on by default), smaller
+            "benchmark": {
+                "size": 16,
+                "validation_size": 8,
+                "max_new_tokens": 32,
+                "guards": [dict(g.model_dump(), size=8) for g in BenchmarkConfig().guards],
+            },
+            "train": {"dpo": {"num_train_epochs": 1, "learning_rate": 1e-4}},
+        },
+    )
     result = flywheel(config)
     mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
     return ws, config, result
@@ -65,14 +87,18 @@ def test_duckdb_views_answer(run):
     assert rounds[2]["promoted"] == (rounds[2]["accuracy"] >= champion["accuracy"])
     assert {r["config_hash"] for r in rounds} == {config.hash()}
     assert rounds[1]["judge_template_hash"] and rounds[1]["registered_version"] == "1"
-    counts = catalog.query(ws, """
+    counts = catalog.query(
+        ws,
+        """
         SELECT c.round, count(DISTINCT c.candidate_id) AS n, count(j.candidate_id) AS judged
-        FROM candidates c JOIN judgments j USING (candidate_id) GROUP BY c.round ORDER BY c.round""").to_pylist()
+        FROM candidates c JOIN judgments j USING (candidate_id) GROUP BY c.round ORDER BY c.round""",
+    ).to_pylist()
     assert [c["n"] for c in counts] == [8 * 4, 8 * 4]
     # the verifier judges every candidate; the LLM judge (judge.subset: auto, which is contested when
     # the pairs come from the verifier alone) those of the prompts whose verifier scores differ
-    rows = catalog.query(ws, "SELECT j.round, j.source, c.prompt_id, j.score FROM judgments j "
-                             "JOIN candidates c USING (candidate_id)").to_pylist()
+    rows = catalog.query(
+        ws, "SELECT j.round, j.source, c.prompt_id, j.score FROM judgments j JOIN candidates c USING (candidate_id)"
+    ).to_pylist()
     for k in (1, 2):
         spread: dict = {}
         for r in rows:
@@ -83,14 +109,17 @@ def test_duckdb_views_answer(run):
         judged = [r for r in rows if r["round"] == k and r["source"] == "llm_judge"]
         assert len(verifier) == 8 * 4
         assert sorted(r["prompt_id"] for r in judged) == sorted(
-            r["prompt_id"] for r in verifier if r["prompt_id"] in contested)
+            r["prompt_id"] for r in verifier if r["prompt_id"] in contested
+        )
         assert result["rounds"][k]["judge_subset"] == "contested"
-    bench = catalog.query(ws, "SELECT round, count(*) n FROM benchmarks WHERE suite = 'chain_sum-test' "
-                              "GROUP BY round ORDER BY round").to_pylist()
+    bench = catalog.query(
+        ws, "SELECT round, count(*) n FROM benchmarks WHERE suite = 'chain_sum-test' GROUP BY round ORDER BY round"
+    ).to_pylist()
     assert [b["n"] for b in bench] == [16, 16, 16]
     # an unparsed judge output is a row with score NULL, never a dropped row
-    bad = catalog.query(ws, "SELECT count(*) n FROM judgments WHERE source='llm_judge' AND NOT parse_ok "
-                            "AND score IS NOT NULL").to_pylist()
+    bad = catalog.query(
+        ws, "SELECT count(*) n FROM judgments WHERE source='llm_judge' AND NOT parse_ok AND score IS NOT NULL"
+    ).to_pylist()
     assert bad == [{"n": 0}]
 
 
@@ -114,8 +143,7 @@ def test_mlflow_parent_with_nested_rounds_and_registered_models(run):
     parent = client.get_run(result["mlflow_run_id"])
     assert parent.info.status == "FINISHED"
     assert parent.data.params["cfg.rounds"] == "2"
-    children = client.search_runs([parent.info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(r.data.tags["flywheel.round"] for r in children) == ["1", "2"]
     for child in children:
         missing = [m for m in ROUND_METRICS if m not in child.data.metrics]
@@ -156,8 +184,9 @@ def test_registered_model_loads_and_answers(run):
 
     _, config, _ = run
     model = mlflow.pyfunc.load_model(f"models:/{config.name}/2")
-    answers = model.predict(["State the final answer to the following arithmetic problem: 2 + 3 ="],
-                            params={"max_new_tokens": 16})
+    answers = model.predict(
+        ["State the final answer to the following arithmetic problem: 2 + 3 ="], params={"max_new_tokens": 16}
+    )
     assert len(answers) == 1 and isinstance(answers[0], str) and answers[0]
 
 
@@ -185,13 +214,16 @@ def test_the_benchmarked_model_is_the_registered_one(run, tmp_path):
         version = client.get_model_version(config.name, r["registered_version"])
         assert version.run_id == r["mlflow_run_id"]
         assert version.tags["weights_sha256"] == r["weights_sha256"]
-        assert version.tags["flywheel.round"] == str(r["round"]) and version.tags["promoted"] == str(r["promoted"]).lower()
+        assert (
+            version.tags["flywheel.round"] == str(r["round"]) and version.tags["promoted"] == str(r["promoted"]).lower()
+        )
         # versions carry the headline (test exact match) and name the partial-credit mean for what it is
         exact = client.get_run(r["mlflow_run_id"]).data.metrics["exact_match"]
         assert version.tags["exact_match"] == f"{exact:.4f}" and version.tags["mean_score"] == f"{r['accuracy']:.4f}"
         assert f"round {r['round']}: test exact match {exact:.1%}" in version.description
-        local = mlflow.artifacts.download_artifacts(f"models:/{config.name}/{r['registered_version']}",
-                                                    dst_path=str(tmp_path / r["registered_version"]))
+        local = mlflow.artifacts.download_artifacts(
+            f"models:/{config.name}/{r['registered_version']}", dst_path=str(tmp_path / r["registered_version"])
+        )
         (pointer,) = (Path(local) / "artifacts").iterdir()  # registry.weights: reference, the default
         reference = json.loads(pointer.read_text())
         assert reference["weights_sha256"] == r["weights_sha256"], "registry vs rounds table"
@@ -204,8 +236,9 @@ def test_champion_alias_points_at_the_best_promoted_round(run):
     from flywheel.storage import catalog
 
     ws, config, result = run
-    rounds = catalog.query(ws, "SELECT * FROM rounds WHERE promoted AND round > 0 ORDER BY accuracy DESC, round DESC"
-                           ).to_pylist()
+    rounds = catalog.query(
+        ws, "SELECT * FROM rounds WHERE promoted AND round > 0 ORDER BY accuracy DESC, round DESC"
+    ).to_pylist()
     client = mlflow.MlflowClient()
     if not rounds:
         with pytest.raises(mlflow.exceptions.MlflowException):
@@ -260,7 +293,9 @@ def test_registry_references_the_checkpoint_instead_of_copying_it(run, tmp_path)
     from flywheel.storage import catalog, tracking
 
     ws, config, result = run
-    r1 = catalog.query(ws, "SELECT policy_out, weights_sha256, mlflow_run_id FROM rounds WHERE round = 1").to_pylist()[0]
+    r1 = catalog.query(ws, "SELECT policy_out, weights_sha256, mlflow_run_id FROM rounds WHERE round = 1").to_pylist()[
+        0
+    ]
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{config.name}/1", dst_path=str(tmp_path / "ref")))
     pointer = json.loads(next(local.rglob(tracking.REFERENCE)).read_text())
     assert pointer == {"checkpoint": str(Path(r1["policy_out"]).resolve()), "weights_sha256": r1["weights_sha256"]}
@@ -275,8 +310,7 @@ def test_registry_references_the_checkpoint_instead_of_copying_it(run, tmp_path)
     with pytest.raises(FileNotFoundError, match="references the checkpoint .*moved, which is not here"):
         mlflow.pyfunc.load_model(f"models:/e2e-moved/{version}")
 
-    version = tracking.log_and_register_model(r1["mlflow_run_id"], Path(r1["policy_out"]), "e2e-copied",
-                                              weights="copy")
+    version = tracking.log_and_register_model(r1["mlflow_run_id"], Path(r1["policy_out"]), "e2e-copied", weights="copy")
     copied = Path(mlflow.artifacts.download_artifacts(f"models:/e2e-copied/{version}", dst_path=str(tmp_path / "c")))
     assert list(copied.rglob("*.safetensors")) and _size(copied) >= checkpoint
 
@@ -291,8 +325,10 @@ def test_round_runs_carry_flywheel_params_and_trl_config_as_an_artifact(run):
     for child in children:
         params = child.data.params
         assert "learning_rate" not in params and "per_device_train_batch_size" not in params, "TRL's own params"
-        assert all(k.startswith("cfg.") or k in ("round", "policy_in", "base_model", "train.world_size", "train.reference")
-                   for k in params), sorted(params)
+        assert all(
+            k.startswith("cfg.") or k in ("round", "policy_in", "base_model", "train.world_size", "train.reference")
+            for k in params
+        ), sorted(params)
         assert params.get("train.world_size", "1") == "1"  # trained (if at all) in the stage's process
         assert params["cfg.sampling.max_new_tokens"] == "32", "token counts are not masked as secrets"
         trl = client.download_artifacts(child.info.run_id, "train/trl_config.json")
@@ -329,18 +365,23 @@ def test_prefect_shows_named_runs_their_logs_and_round_summaries(run):
     with get_client(sync_client=True) as client:
         named = lambda n: client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[n])))  # noqa
         (parent,) = named(run_id)  # the parent flow run is named after the flywheel run
-        parent_logs = [lg.message for lg in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(
-            any_=[parent.id])))]
+        parent_logs = [
+            lg.message
+            for lg in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[parent.id])))
+        ]
         for k in (1, 2):  # the parent's log says where each round's story is
             assert any(m.startswith(f"round {k}: ") and f"flow run {run_id}-round-{k}" in m for m in parent_logs)
         for k in (1, 2):
             (fr,) = named(f"{run_id}-round-{k}")
-            logs = [lg.message for lg in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(
-                any_=[fr.id])))]
+            logs = [
+                lg.message
+                for lg in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[fr.id])))
+            ]
             assert any(m.startswith(f"round {k}: generate done in") and "candidates=" in m for m in logs), logs
             assert any(m.startswith(f"round {k}: ") and "promoted" in m for m in logs), logs
-            arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
-                any_=[fr.id])))
+            arts = client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[fr.id]))
+            )
             assert [a.key for a in arts] == [f"flywheel-{run_id}-summary"]  # keyed by run: workspaces never mix
             assert f"round {k}" in arts[0].data and "test exact match" in arts[0].data
         tasks = {t.name for t in client.read_task_runs()}
@@ -356,12 +397,13 @@ def test_rounds_report_exact_match_and_the_paired_gain_with_intervals(run):
         assert r["paired_items"] == config.benchmark.size
         assert r["accuracy_gain_low"] <= r["accuracy_gain"] <= r["accuracy_gain_high"]
         # the point gain is this round's accuracy minus its champion's, on the same items
-        champion = max((p for p in result["rounds"][:r["round"]] if p["promoted"]), key=lambda p: p["round"])
+        champion = max((p for p in result["rounds"][: r["round"]] if p["promoted"]), key=lambda p: p["round"])
         assert r["accuracy_gain"] == pytest.approx(r["accuracy"] - champion["accuracy"])
         # the gate decided on the validation split, which has its own paired gain
         assert r["validation_paired_items"] == config.benchmark.validation_size
         assert r["validation_exact_match_gain"] == pytest.approx(
-            r["validation_exact_match"] - champion["validation_exact_match"])
+            r["validation_exact_match"] - champion["validation_exact_match"]
+        )
         assert "validation exact match" in "; ".join(r["promotion_reasons"])
 
 
@@ -375,8 +417,13 @@ def test_no_evaluation_item_was_ever_a_training_prompt(run):
     rows = catalog.query(ws, "SELECT round, split, prompt, metadata FROM prompts").to_pylist()
 
     def forms(split, round_=None):
-        return [f for r in rows if r["split"] == split and round_ in (None, r["round"])
-                for f in normal_forms(r["prompt"], json.loads(r["metadata"] or "{}")) if not f.startswith("text:")]
+        return [
+            f
+            for r in rows
+            if r["split"] == split and round_ in (None, r["round"])
+            for f in normal_forms(r["prompt"], json.loads(r["metadata"] or "{}"))
+            if not f.startswith("text:")
+        ]
 
     test, validation = forms("test"), forms("validation")
     assert (len(set(test)), len(set(validation))) == (config.benchmark.size, config.benchmark.validation_size)
@@ -403,6 +450,9 @@ def test_guard_suites_are_on_by_default_and_the_chosen_side_is_correct(run):
         assert {"guard_accuracy.basic_arithmetic", "guard_accuracy.letter_counting"} <= set(r)
         if r["pairs"]:
             assert r["pairs_chosen_exact_share"] == 1.0  # a verifier is in the loop: chosen is exactly correct
-    wrong = catalog.query(ws, """SELECT count(*) AS n FROM pairs p JOIN judgments j ON j.candidate_id = p.chosen_id
-                                 AND j.source = 'verifier' WHERE j.score < 1""").to_pylist()
+    wrong = catalog.query(
+        ws,
+        """SELECT count(*) AS n FROM pairs p JOIN judgments j ON j.candidate_id = p.chosen_id
+                                 AND j.source = 'verifier' WHERE j.score < 1""",
+    ).to_pylist()
     assert wrong == [{"n": 0}]

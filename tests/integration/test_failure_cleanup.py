@@ -58,8 +58,14 @@ def test_a_failing_round_ends_failed_with_its_own_error_whatever_the_cleanup_mee
     ws = tmp_path / "ws"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PREFECT_LOGGING_LEVEL": "WARNING"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    p = subprocess.run([sys.executable, "-c", RUN, "run", "--config", "c.yaml", "--workspace", str(ws)],
-                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=1200)
+    p = subprocess.run(
+        [sys.executable, "-c", RUN, "run", "--config", "c.yaml", "--workspace", str(ws)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=1200,
+    )
     assert p.returncode != 0
     last = p.stderr.strip().splitlines()[-1]
     assert "injected training failure" in last, p.stderr[-3000:]

@@ -11,12 +11,19 @@ def test_label_free_round_end_to_end(tmp_path, prefect_harness):
     from flywheel.flows.flywheel import flywheel
     from flywheel.storage import catalog
 
-    config = load_config(None, {
-        "name": "label-free", "rounds": 1, "workspace": str(tmp_path),
-        "task": {"prompts_per_round": 8}, "sampling": {"n": 4},
-        "benchmark": {"size": 16, "validation_size": 8, "guards": [], "max_new_tokens": 32},
-        "train": {"dpo": {"num_train_epochs": 1}},
-    }, preset="label_free")
+    config = load_config(
+        None,
+        {
+            "name": "label-free",
+            "rounds": 1,
+            "workspace": str(tmp_path),
+            "task": {"prompts_per_round": 8},
+            "sampling": {"n": 4},
+            "benchmark": {"size": 16, "validation_size": 8, "guards": [], "max_new_tokens": 32},
+            "train": {"dpo": {"num_train_epochs": 1}},
+        },
+        preset="label_free",
+    )
     result = flywheel(config)
     assert [r["round"] for r in result["rounds"]] == [0, 1]
     q = lambda sql: catalog.query(tmp_path, sql).to_pylist()  # noqa: E731

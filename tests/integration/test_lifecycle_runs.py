@@ -20,17 +20,36 @@ train: {dpo: {num_train_epochs: 1}}
 def cli(tmp_path, *args):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PREFECT_LOGGING_LEVEL": "WARNING"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run([sys.executable, "-m", "flywheel.flows.cli", *args], capture_output=True, text=True,
-                          env=env, cwd=tmp_path, timeout=1200)
+    return subprocess.run(
+        [sys.executable, "-m", "flywheel.flows.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=1200,
+    )
 
 
 def test_stop_after_no_improvement_then_runs_and_compare(tmp_path):
-    guarded = SMALL.replace("benchmark: {size: 16, validation_size: 8, guards: [], max_new_tokens: 24}", "benchmark: {size: 16, validation_size: 8, "
-                            "max_new_tokens: 24, guards: [{task: basic_arithmetic, size: 8, max_drop: 0.05}]}")
+    guarded = SMALL.replace(
+        "benchmark: {size: 16, validation_size: 8, guards: [], max_new_tokens: 24}",
+        "benchmark: {size: 16, validation_size: 8, "
+        "max_new_tokens: 24, guards: [{task: basic_arithmetic, size: 8, max_drop: 0.05}]}",
+    )
     (tmp_path / "c.yaml").write_text(guarded + "promotion: {min_improvement: 1.0}\n")  # nothing can be promoted
     ws = tmp_path / "ws"
-    p = cli(tmp_path, "run", "--config", "c.yaml", "--workspace", str(ws), "--max-rounds", "3",
-            "--until-no-improvement", "1")
+    p = cli(
+        tmp_path,
+        "run",
+        "--config",
+        "c.yaml",
+        "--workspace",
+        str(ws),
+        "--max-rounds",
+        "3",
+        "--until-no-improvement",
+        "1",
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert "stopping: 1 round(s) in a row without a promotion" in p.stderr
     from flywheel.storage import catalog
@@ -40,8 +59,11 @@ def test_stop_after_no_improvement_then_runs_and_compare(tmp_path):
     assert "needs ≥ +100.0" in rounds[1]["promotion_reasons"]
     # the guard suite was benchmarked for both models, beside the test and validation splits
     suites = catalog.query(ws, "SELECT round, suite, count(*) n FROM benchmarks GROUP BY ALL ORDER BY ALL").to_pylist()
-    assert suites == [{"round": k, "suite": s, "n": n} for k in (0, 1)
-                      for s, n in (("chain_sum-test", 16), ("chain_sum-validation", 8), ("guard:basic_arithmetic", 8))]
+    assert suites == [
+        {"round": k, "suite": s, "n": n}
+        for k in (0, 1)
+        for s, n in (("chain_sum-test", 16), ("chain_sum-validation", 8), ("guard:basic_arithmetic", 8))
+    ]
     run_id = next((ws / "runs").iterdir()).name
 
     p = cli(tmp_path, "runs", "--workspace", str(ws))
@@ -61,8 +83,7 @@ def test_stop_after_no_improvement_then_runs_and_compare(tmp_path):
 
     mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
     client = mlflow.MlflowClient()
-    parents = client.search_runs([client.get_experiment_by_name("life").experiment_id],
-                                 "tags.`flywheel.kind` = 'run'")
+    parents = client.search_runs([client.get_experiment_by_name("life").experiment_id], "tags.`flywheel.kind` = 'run'")
     assert len(parents) == 2
     for parent in parents:
         assert [a.path for a in client.list_artifacts(parent.info.run_id, "compare")] == ["compare/cmp.png"]
@@ -74,9 +95,10 @@ def test_stop_after_no_improvement_then_runs_and_compare(tmp_path):
     for row in compare.collect(ws, [run_id, other]):
         if row["round"] == 0:
             continue
-        logged = client.search_runs([client.get_experiment_by_name("life").experiment_id],
-                                    f"tags.`flywheel.run_id` = '{row['run']}' AND tags.`flywheel.round` = "
-                                    f"'{row['round']}'")[0].data.metrics
+        logged = client.search_runs(
+            [client.get_experiment_by_name("life").experiment_id],
+            f"tags.`flywheel.run_id` = '{row['run']}' AND tags.`flywheel.round` = '{row['round']}'",
+        )[0].data.metrics
         assert row["accuracy"] == pytest.approx(logged["accuracy"]) and row["pairs"] == logged["pairs"]
 
 

@@ -91,9 +91,18 @@ def test_benchmark_stage_writes_lm_eval_rows_and_metrics(tmp_path):
     from flywheel.tasks.benchmark import benchmark_task
     from flywheel.tasks.common import StageContext
 
-    cfg = C.load_config(None, {"workspace": str(tmp_path / "ws"), "benchmark": {
-        "size": 4, "validation_size": 2, "guards": [],
-        "lm_eval": {"tasks": ["local_sums"], "include_path": str(local_task(tmp_path)), "batch_size": 8}}})
+    cfg = C.load_config(
+        None,
+        {
+            "workspace": str(tmp_path / "ws"),
+            "benchmark": {
+                "size": 4,
+                "validation_size": 2,
+                "guards": [],
+                "lm_eval": {"tasks": ["local_sums"], "include_path": str(local_task(tmp_path)), "batch_size": 8},
+            },
+        },
+    )
     validation, test = eval_items(make_source(cfg.task), 2, 4, cfg.seed)
     out = benchmark_task.fn(StageContext(cfg, "run1", 0), validation, test, loading.resolve(cfg.model.name))
     assert 0.0 <= out["lm_eval.local_sums.exact_match.first-number"] <= 1.0 and out["lm_eval_seconds"] > 0

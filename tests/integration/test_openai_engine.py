@@ -44,10 +44,35 @@ def server():
     port = free_port()
     gguf = loading.embedded_gguf("smollm2-135m-instruct")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "smollm",
-         "--host", "127.0.0.1", "--port", str(port), "--n_threads", "1", "--n_threads_batch", "1",
-         "--n_ctx", "2048", "--api_key", KEY, "--interrupt_requests", "False", "--verbose", "False"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(gguf),
+            "--model_alias",
+            "smollm",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--n_threads",
+            "1",
+            "--n_threads_batch",
+            "1",
+            "--n_ctx",
+            "2048",
+            "--api_key",
+            KEY,
+            "--interrupt_requests",
+            "False",
+            "--verbose",
+            "False",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     import httpx
 
     deadline = time.monotonic() + 120
@@ -55,8 +80,12 @@ def server():
         if proc.poll() is not None:
             raise RuntimeError(f"llama.cpp server exited: {proc.stderr.read()[-2000:]}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": f"Bearer {KEY}"},
-                         timeout=2).status_code == 200:
+            if (
+                httpx.get(
+                    f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=2
+                ).status_code
+                == 200
+            ):
                 break
         except httpx.TransportError:
             pass
@@ -70,8 +99,11 @@ def server():
 
 
 def served(base_url: str, **openai) -> C.ModelConfig:
-    return C.ModelConfig(name="smollm", engine="openai", openai={
-        "base_url": base_url, "tokenizer": C.EMBEDDED_MODEL, "api_key_env": KEY_ENV, **openai})
+    return C.ModelConfig(
+        name="smollm",
+        engine="openai",
+        openai={"base_url": base_url, "tokenizer": C.EMBEDDED_MODEL, "api_key_env": KEY_ENV, **openai},
+    )
 
 
 QUESTIONS = ["What is 3 + 4?", "What is 9 - 2?", "What is 5 + 5?", "What is 8 - 6?"]
@@ -91,8 +123,10 @@ def test_served_judge_equals_in_process_judge(server, monkeypatch):
     assert [x.parse_ok for x in va] == [x.parse_ok for x in vb]
     diffs = [abs(x.score - y.score) for x, y in zip(va, vb) if x.score is not None]
     assert len(diffs) == sum(x.parse_ok for x in va)
-    print(f"served vs in-process rubric scores on {len(renders)} candidates ({len(diffs)} parsed): "
-          f"max difference {max(diffs):.3f}, mean {sum(diffs) / len(diffs):.3f}")
+    print(
+        f"served vs in-process rubric scores on {len(renders)} candidates ({len(diffs)} parsed): "
+        f"max difference {max(diffs):.3f}, mean {sum(diffs) / len(diffs):.3f}"
+    )
     assert max(diffs) <= SCORE_TOLERANCE and sum(diffs) / len(diffs) <= MEAN_TOLERANCE
     for x, y in zip(a, b):
         assert max(abs(x.mass[k] - y.mass[k]) for k in judges.SCORE_LABELS) <= MASS_TOLERANCE
@@ -125,6 +159,7 @@ def test_missing_or_wrong_key(server, monkeypatch):
 
 class Faulty(BaseHTTPRequestHandler):
     """Answers every POST by `mode`: 500, a 429 with Retry-After then 200, or no answer at all."""
+
     mode, hits = "500", []
 
     def do_POST(self):
@@ -143,8 +178,9 @@ class Faulty(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(b"internal error")
             return
-        body = json.dumps({"choices": [{"text": " 4", "finish_reason": "stop", "logprobs": None}],
-                           "usage": {"completion_tokens": 1}}).encode()
+        body = json.dumps(
+            {"choices": [{"text": " 4", "finish_reason": "stop", "logprobs": None}], "usage": {"completion_tokens": 1}}
+        ).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -166,16 +202,21 @@ def faulty():
 
 
 def endpoint(port: int, **openai) -> engines.OpenAIEngine:
-    cfg = C.ModelConfig(name="judge", engine="openai", openai={
-        "base_url": f"http://127.0.0.1:{port}/v1", "tokenizer": C.EMBEDDED_MODEL, "backoff_s": 0.05,
-        **openai})
+    cfg = C.ModelConfig(
+        name="judge",
+        engine="openai",
+        openai={"base_url": f"http://127.0.0.1:{port}/v1", "tokenizer": C.EMBEDDED_MODEL, "backoff_s": 0.05, **openai},
+    )
     return engines.OpenAIEngine(cfg)
 
 
-@pytest.mark.parametrize("mode, retries, message", [
-    ("500", 2, "failed after 3 tries: HTTP 500 internal error"),
-    ("hang", 1, r"failed after 2 tries: no answer within 0.5 s \(openai.timeout_s\)"),
-])
+@pytest.mark.parametrize(
+    "mode, retries, message",
+    [
+        ("500", 2, "failed after 3 tries: HTTP 500 internal error"),
+        ("hang", 1, r"failed after 2 tries: no answer within 0.5 s \(openai.timeout_s\)"),
+    ],
+)
 def test_failing_server_is_retried_then_named(faulty, mode, retries, message):
     Faulty.mode = mode
     e = endpoint(faulty, retries=retries, timeout_s=0.5)
@@ -190,8 +231,11 @@ def test_failing_server_is_retried_then_named(faulty, mode, retries, message):
 
 def test_unreachable_endpoint_is_retried_then_named():
     port = free_port()  # nothing listens there
-    with pytest.raises(EngineError, match=rf"endpoint http://127.0.0.1:{port}/v1 failed after 3 tries: "
-                                          "ConnectError"):
+    with pytest.raises(
+        EngineError,
+        match=rf"endpoint http://127.0.0.1:{port}/v1 failed after 3 tries: "
+        "ConnectError",
+    ):
         endpoint(port, retries=2).greedy(["What is 2 + 2?"], max_new_tokens=2)
 
 
@@ -206,8 +250,9 @@ def test_server_without_logprobs_judges_by_sampled_verdicts(faulty):
     """A server that returns no log-probs: each verdict is the share of k sampled verdict tokens."""
     Faulty.mode = "ok"
     e = endpoint(faulty, verdict_samples=4)
-    nts = e.next_token(judges.load_rubric(), [{"question": "2+2?", "response": "4"}], judges.SCORE_LABELS,
-                       max_prompt_tokens=1024)
+    nts = e.next_token(
+        judges.load_rubric(), [{"question": "2+2?", "response": "4"}], judges.SCORE_LABELS, max_prompt_tokens=1024
+    )
     assert e.verdict_method == "sampled_4"
     assert nts[0].mass["4"] == 1.0 and nts[0].top == "4"
     assert len(Faulty.hits) == 1 + 4  # the probe, then 4 draws
@@ -224,16 +269,30 @@ def test_round_with_a_served_judge(server, tmp_path, monkeypatch, prefect_harnes
 
     monkeypatch.setenv(KEY_ENV, KEY)
     ws = tmp_path / "ws"
-    config = C.load_config(None, {
-        "name": "served", "rounds": 1, "workspace": str(ws),
-        "task": {"prompts_per_round": 6}, "sampling": {"n": 4, "max_new_tokens": 24},
-        "benchmark": {"size": 8, "validation_size": 8, "guards": [], "max_new_tokens": 24},
-        "judge": {"sources": ["verifier", {"type": "llm_judge", "name": "self_judge"},
-                             {"type": "llm_judge", "name": "served_judge",
-                              "model": served(server, max_concurrency=2).model_dump(mode="json")}],
-                  "subset": "all"},  # both judges on every candidate, to compare them
-        "train": {"dpo": {"num_train_epochs": 1}},
-    })
+    config = C.load_config(
+        None,
+        {
+            "name": "served",
+            "rounds": 1,
+            "workspace": str(ws),
+            "task": {"prompts_per_round": 6},
+            "sampling": {"n": 4, "max_new_tokens": 24},
+            "benchmark": {"size": 8, "validation_size": 8, "guards": [], "max_new_tokens": 24},
+            "judge": {
+                "sources": [
+                    "verifier",
+                    {"type": "llm_judge", "name": "self_judge"},
+                    {
+                        "type": "llm_judge",
+                        "name": "served_judge",
+                        "model": served(server, max_concurrency=2).model_dump(mode="json"),
+                    },
+                ],
+                "subset": "all",
+            },  # both judges on every candidate, to compare them
+            "train": {"dpo": {"num_train_epochs": 1}},
+        },
+    )
     flywheel(config)
     con = duckdb.connect(str(ws / "catalog.duckdb"), read_only=True)
     both = con.sql("""SELECT a.score, b.score FROM judgments a JOIN judgments b USING (candidate_id)
@@ -243,12 +302,16 @@ def test_round_with_a_served_judge(server, tmp_path, monkeypatch, prefect_harnes
     # measured 23 of 24 alike.
     flips = sum((x is None) != (y is None) for x, y in both)
     diffs = [abs(x - y) for x, y in both if x is not None and y is not None]
-    print(f"round: {len(both) - flips} of {len(both)} verdicts alike in parsing; scores max difference "
-          f"{max(diffs):.3f}, mean {sum(diffs) / len(diffs):.3f}")
+    print(
+        f"round: {len(both) - flips} of {len(both)} verdicts alike in parsing; scores max difference "
+        f"{max(diffs):.3f}, mean {sum(diffs) / len(diffs):.3f}"
+    )
     assert flips <= len(both) // 10
     assert max(diffs) <= SCORE_TOLERANCE and sum(diffs) / len(diffs) <= MEAN_TOLERANCE
-    health = dict(con.sql("""SELECT source, model || ' / ' || method FROM judge_health
-                             WHERE metric = 'judged' AND round = 1""").fetchall())
+    health = dict(
+        con.sql("""SELECT source, model || ' / ' || method FROM judge_health
+                             WHERE metric = 'judged' AND round = 1""").fetchall()
+    )
     assert health["served_judge"] == f"openai:{server}#smollm / top_logprobs_20"
     assert health["self_judge"].startswith("hf:") and health["self_judge"].endswith(" / distribution")
     assert health["verifier"] is None
@@ -265,18 +328,46 @@ def test_unreachable_judge_fails_the_round_in_one_line(tmp_path):
 
     ws, port = tmp_path / "ws", free_port()
     cfg = tmp_path / "judge.yaml"
-    cfg.write_text(json.dumps({
-        "rounds": 1, "task": {"prompts_per_round": 2}, "sampling": {"n": 2, "max_new_tokens": 8},
-        "benchmark": {"size": 2, "validation_size": 8, "guards": [], "max_new_tokens": 8},
-        "judge": {"sources": ["verifier", {"type": "llm_judge", "model": {
-            "name": "judge", "engine": "openai", "openai": {
-                "base_url": f"http://127.0.0.1:{port}/v1", "tokenizer": C.EMBEDDED_MODEL, "api_key_env": KEY_ENV,
-                "retries": 1, "backoff_s": 0.1}}}],
-                  "subset": "all"}}))  # every candidate goes to the judge, contested or not
+    cfg.write_text(
+        json.dumps(
+            {
+                "rounds": 1,
+                "task": {"prompts_per_round": 2},
+                "sampling": {"n": 2, "max_new_tokens": 8},
+                "benchmark": {"size": 2, "validation_size": 8, "guards": [], "max_new_tokens": 8},
+                "judge": {
+                    "sources": [
+                        "verifier",
+                        {
+                            "type": "llm_judge",
+                            "model": {
+                                "name": "judge",
+                                "engine": "openai",
+                                "openai": {
+                                    "base_url": f"http://127.0.0.1:{port}/v1",
+                                    "tokenizer": C.EMBEDDED_MODEL,
+                                    "api_key_env": KEY_ENV,
+                                    "retries": 1,
+                                    "backoff_s": 0.1,
+                                },
+                            },
+                        },
+                    ],
+                    "subset": "all",
+                },
+            }
+        )
+    )  # every candidate goes to the judge, contested or not
     flywheel_bin = Path(sys.executable).with_name("flywheel")
     env = {**os.environ, "PREFECT_API_URL": "", "PREFECT_HOME": str(tmp_path / "prefect"), KEY_ENV: KEY}
-    p = subprocess.run([str(flywheel_bin), "run", "--config", str(cfg), "--workspace", str(ws)],
-                       capture_output=True, text=True, timeout=900, env=env, check=False)
+    p = subprocess.run(
+        [str(flywheel_bin), "run", "--config", str(cfg), "--workspace", str(ws)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+        check=False,
+    )
     assert p.returncode == 2, p.stderr[-3000:]
     last = p.stderr.strip().splitlines()[-1]
     assert f"endpoint http://127.0.0.1:{port}/v1 failed after 2 tries: ConnectError" in last
@@ -296,14 +387,21 @@ def test_unreachable_judge_fails_the_round_in_one_line(tmp_path):
     httpd = ThreadingHTTPServer(("127.0.0.1", port), Faulty)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
-        p = subprocess.run([str(flywheel_bin), "run", "--resume", run_id, "--workspace", str(ws)],
-                           capture_output=True, text=True, timeout=900, env=env, check=False)
+        p = subprocess.run(
+            [str(flywheel_bin), "run", "--resume", run_id, "--workspace", str(ws)],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env=env,
+            check=False,
+        )
     finally:
         httpd.shutdown()
     assert p.returncode == 0, p.stderr[-3000:]
     assert Faulty.hits and candidates.stat().st_mtime_ns == before
     con = duckdb.connect(str(ws / "catalog.duckdb"), read_only=True)
     assert con.execute("SELECT status FROM rounds WHERE round = 1").fetchall() == [("completed",)]
-    assert con.execute("SELECT model, method FROM judge_health WHERE source = 'llm_judge' AND round = 1 "
-                       "LIMIT 1").fetchall() == [(f"openai:http://127.0.0.1:{port}/v1#judge", "sampled_8")]
+    assert con.execute(
+        "SELECT model, method FROM judge_health WHERE source = 'llm_judge' AND round = 1 LIMIT 1"
+    ).fetchall() == [(f"openai:http://127.0.0.1:{port}/v1#judge", "sampled_8")]
     con.close()

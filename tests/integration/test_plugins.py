@@ -32,13 +32,18 @@ def _install_example() -> None:
     try:
         importlib.metadata.distribution("flywheel-example-plugins")
     except importlib.metadata.PackageNotFoundError:
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e",
-                        str(EXAMPLE)], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", str(EXAMPLE)],
+            check=True,
+        )
 
 
 def _table(ws: Path, name: str) -> list[dict]:
-    return [r for f in sorted((ws / "tables" / name).glob("run_id=*/round=*/*.parquet"))
-            for r in pq.read_table(f).to_pylist()]
+    return [
+        r
+        for f in sorted((ws / "tables" / name).glob("run_id=*/round=*/*.parquet"))
+        for r in pq.read_table(f).to_pylist()
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +54,13 @@ def run(tmp_path_factory):
     ws = root / "ws"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PREFECT_LOGGING_LEVEL": "WARNING"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.run([sys.executable, "-m", "flywheel.flows.cli", "run", "--config", str(root / "c.yaml"),
-                           "--workspace", str(ws)], capture_output=True, text=True, env=env, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flywheel.flows.cli", "run", "--config", str(root / "c.yaml"), "--workspace", str(ws)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return ws
 

@@ -26,7 +26,7 @@ if not sys.platform.startswith("linux"):
 PYTHON = sys.executable
 
 # Runs a tiny flow inside prefect_api() and reports, as one JSON line, what it used.
-FLOW_SCRIPT = r'''
+FLOW_SCRIPT = r"""
 import json, os, urllib.request
 from prefect import flow
 from prefect.runtime import flow_run
@@ -50,30 +50,30 @@ print(json.dumps({"url": url, "value": out["value"], "flow_run_id": out["flow_ru
                   "recorded_state": recorded["state"]["type"], "recorded_name": recorded["name"],
                   "owned_pid": owned.pid if owned else None, "env_before": env_before, "env_inside": env_inside,
                   "env_after": os.environ.get("PREFECT_API_URL"), "owned_after": owned_server() is not None}))
-'''
+"""
 
 # Starts the server, says its pid, then waits to be killed.
-SLEEP_SCRIPT = r'''
+SLEEP_SCRIPT = r"""
 import time
 from flywheel.flows.server import owned_server, prefect_api
 
 with prefect_api():
     print(owned_server().pid, flush=True)
     time.sleep(300)
-'''
+"""
 
 # Enters prefect_api() and says what it got, running nothing.
-PROFILE_SCRIPT = r'''
+PROFILE_SCRIPT = r"""
 import json, os
 from flywheel.flows.server import owned_server, prefect_api
 
 with prefect_api() as url:
     print(json.dumps({"url": url, "owned": owned_server() is not None,
                       "env_inside": os.environ.get("PREFECT_API_URL")}))
-'''
+"""
 
 # For the scripts below: the scenario process's own children (the servers it started).
-CHILDREN = r'''
+CHILDREN = r"""
 import os
 
 def children():
@@ -87,10 +87,12 @@ def children():
             if f"\nPPid:\t{os.getpid()}\n" in status:
                 out.append(int(d))
     return out
-'''
+"""
 
 # Expects the start to fail; reports the error and whether any child process is left.
-FAIL_SCRIPT = CHILDREN + r'''
+FAIL_SCRIPT = (
+    CHILDREN
+    + r"""
 import json, os
 from flywheel.flows.server import PrefectServerError, owned_server, prefect_api
 
@@ -99,12 +101,15 @@ try:
         print(json.dumps({"error": None}))
 except PrefectServerError as e:
     print(json.dumps({"error": str(e), "children": children(), "owned": owned_server() is not None}))
-'''
+"""
+)
 
 
 # The CLI's way: the server starts at once, the checks run meanwhile, ready() waits for it (every
 # `flywheel run` in the tests goes through it). A check that fails stops the server that was starting.
-EARLY_SCRIPT = CHILDREN + r'''
+EARLY_SCRIPT = (
+    CHILDREN
+    + r"""
 import json, os
 from flywheel.flows.server import owned_server, starting_prefect_api
 
@@ -120,7 +125,8 @@ except CheckFailed:
     pass
 print(json.dumps({"spawned": spawned, "owned": owned is not None, "env": os.environ.get("PREFECT_API_URL"),
                   "left": children()}))
-'''
+"""
+)
 
 
 def free_port() -> int:
@@ -130,17 +136,24 @@ def free_port() -> int:
 
 
 def scenario_env(home: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("PREFECT_") and k != "FLYWHEEL_PREFECT_STARTUP_TIMEOUT"}
-    return {**env, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_LOGGING_LEVEL": "WARNING", **extra}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "FLYWHEEL_PREFECT_STARTUP_TIMEOUT"
+    }
+    return {
+        **env,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+        **extra,
+    }
 
 
 def run_script(tmp_path: Path, source: str, env: dict[str, str], timeout: float) -> dict:
     script = tmp_path / "scenario.py"
     script.write_text(source)
-    p = subprocess.run([PYTHON, str(script)], env=env, cwd=tmp_path, capture_output=True, text=True,
-                       timeout=timeout, check=False)
+    p = subprocess.run(
+        [PYTHON, str(script)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=timeout, check=False
+    )
     assert p.returncode == 0, f"scenario failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     return json.loads(p.stdout.strip().splitlines()[-1])
 
@@ -195,8 +208,12 @@ def stop(proc: subprocess.Popen, group: bool = False) -> None:
 def test_first_start_under_load_runs_a_flow_on_the_owned_server(tmp_path):
     # Each in its own session, as the server is: with the scheduler's autogroups (Linux desktops and
     # servers alike) a session shares the CPU with sessions, so load from this one would spare it.
-    busy = [subprocess.Popen([PYTHON, "-c", "import time\nt = time.time()\nwhile time.time() - t < 150: pass"],
-                             start_new_session=True) for _ in range(2)]
+    busy = [
+        subprocess.Popen(
+            [PYTHON, "-c", "import time\nt = time.time()\nwhile time.time() - t < 150: pass"], start_new_session=True
+        )
+        for _ in range(2)
+    ]
     try:
         out = run_script(tmp_path, FLOW_SCRIPT, scenario_env(tmp_path / "home"), timeout=300)
     finally:
@@ -221,8 +238,13 @@ def test_a_server_started_early_is_stopped_when_a_check_fails(tmp_path):
 def test_sigkill_of_the_parent_alone_takes_the_server_down(tmp_path):
     script = tmp_path / "scenario.py"
     script.write_text(SLEEP_SCRIPT)
-    proc = subprocess.Popen([PYTHON, str(script)], env=scenario_env(tmp_path / "home"), cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [PYTHON, str(script)],
+        env=scenario_env(tmp_path / "home"),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
     server = None
     try:
         server = int(read_line(proc, timeout=240))
@@ -245,9 +267,13 @@ def test_the_users_own_server_is_used_and_nothing_is_started(tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     with open(tmp_path / "user-server.log", "w") as log:
-        user = subprocess.Popen([PYTHON, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                                 "--port", str(port)], env=scenario_env(tmp_path / "user-home"), stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)  # its own group, to stop all of it
+        user = subprocess.Popen(
+            [PYTHON, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=scenario_env(tmp_path / "user-home"),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # its own group, to stop all of it
         try:
             opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
             deadline = time.monotonic() + 240
@@ -259,8 +285,9 @@ def test_the_users_own_server_is_used_and_nothing_is_started(tmp_path):
                 except OSError:
                     pass
                 so_far = (tmp_path / "user-server.log").read_text()[-3000:]
-                assert user.poll() is None and time.monotonic() < deadline, \
+                assert user.poll() is None and time.monotonic() < deadline, (
                     f"the user's Prefect server did not start:\n{so_far}"
+                )
                 time.sleep(0.5)
             home = tmp_path / "home"
             out = run_script(tmp_path, FLOW_SCRIPT, scenario_env(home, PREFECT_API_URL=url), timeout=300)
@@ -270,8 +297,9 @@ def test_the_users_own_server_is_used_and_nothing_is_started(tmp_path):
             assert not (home / "prefect.db").exists()  # no server of ours made a database
             # the run is in the user's server, as its API lists it
             body = json.dumps({"flow_runs": {"id": {"any_": [out["flow_run_id"]]}}}).encode()
-            req = urllib.request.Request(f"{url}/flow_runs/filter", data=body,
-                                         headers={"Content-Type": "application/json"})
+            req = urllib.request.Request(
+                f"{url}/flow_runs/filter", data=body, headers={"Content-Type": "application/json"}
+            )
             with opener.open(req, timeout=30) as r:
                 runs = json.load(r)
             assert [(fr["id"], fr["state"]["type"]) for fr in runs] == [(out["flow_run_id"], "COMPLETED")]
@@ -333,9 +361,13 @@ def test_kill_9_of_the_flywheel_cli_leaves_no_server(tmp_path):
     (tmp_path / "c.yaml").write_text("task: {prompts_per_round: 8}\nsampling: {n: 2}\nbenchmark: {size: 400}\n")
     env = scenario_env(tmp_path / "home", HF_HUB_OFFLINE="1")
     env.pop("MLFLOW_TRACKING_URI", None)
-    cli = subprocess.Popen([PYTHON, "-m", "flywheel.flows.cli", "run", "--config", "c.yaml", "--workspace",
-                            str(tmp_path / "ws")], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE)
+    cli = subprocess.Popen(
+        [PYTHON, "-m", "flywheel.flows.cli", "run", "--config", "c.yaml", "--workspace", str(tmp_path / "ws")],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     server = None
     try:
         deadline = time.monotonic() + 240

@@ -10,8 +10,10 @@ def model_and_tokenizer():
     return loading.load(loading.resolve("embedded:smollm2-135m-instruct"))
 
 
-QUESTIONS = ["State the final answer to the following arithmetic problem: 3 + 4 =",
-             "State the final answer to the following arithmetic problem: 9 - 2 ="]
+QUESTIONS = [
+    "State the final answer to the following arithmetic problem: 3 + 4 =",
+    "State the final answer to the following arithmetic problem: 9 - 2 =",
+]
 RESPONSES = ["The answer is 7.", "9 - 2 equals 11, because subtraction is hard and I am a long response."]
 
 
@@ -92,9 +94,13 @@ def test_pairwise_judge_on_the_real_model(model_and_tokenizer):
     from flywheel.models import rewards
 
     src = rewards.PairwiseJudge(C.PairwiseJudgeSource(opponents=2), None)
-    batch = rewards.Batch({"p": {"prompt_id": "p", "prompt": QUESTIONS[0], "answer": "7", "metadata": "{}"}},
-                          [{"candidate_id": f"c{k}", "prompt_id": "p", "sample_index": k, "response": r, "n_tokens": 3}
-                           for k, r in enumerate(["7", "The answer is 7.", "12", "I like turtles."])])
+    batch = rewards.Batch(
+        {"p": {"prompt_id": "p", "prompt": QUESTIONS[0], "answer": "7", "metadata": "{}"}},
+        [
+            {"candidate_id": f"c{k}", "prompt_id": "p", "sample_index": k, "response": r, "n_tokens": 3}
+            for k, r in enumerate(["7", "The answer is 7.", "12", "I like turtles."])
+        ],
+    )
     models = rewards.Models(loading.resolve("embedded:smollm2-135m-instruct"))
     verdicts = src.judge(batch, models)
     assert len(verdicts) == 4 and all(v.parse_ok and 0.0 <= v.score <= 1.0 for v in verdicts)
@@ -102,16 +108,20 @@ def test_pairwise_judge_on_the_real_model(model_and_tokenizer):
     n_pairs = 6  # opponents = n // 2: every pair of the 4 responses, once
     assert sum(x["comparisons"] for x in d) == 2 * n_pairs  # each comparison counts for both responses
     # every comparison is a consistent win for one side or an inconsistency (counted on both sides)
-    assert sum(x["wins"] for x in d) + sum(x["inconsistent"] for x in d) // 2 + \
-        sum(x["unparsed"] for x in d) // 2 == n_pairs
+    assert (
+        sum(x["wins"] for x in d) + sum(x["inconsistent"] for x in d) // 2 + sum(x["unparsed"] for x in d) // 2
+        == n_pairs
+    )
 
 
 def test_continuous_batching_matches_transformers_generate(model_and_tokenizer):
     """The fast decoder's greedy answers and token statistics equal transformers' own generate()
     on the same prompts, however the prompts are batched (benchmarks/round.py measures the speed)."""
     model, tok = model_and_tokenizer
-    prompts = [f"State the final answer to the following arithmetic problem: {a} + {b} =" for a, b in
-               ((3, 4), (12, 9), (7, 7), (1, 30), (25, 5), (9, 0))]
+    prompts = [
+        f"State the final answer to the following arithmetic problem: {a} + {b} ="
+        for a, b in ((3, 4), (12, 9), (7, 7), (1, 30), (25, 5), (9, 0))
+    ]
     ref = sampling.generate_reference(model, tok, prompts, max_new_tokens=24, batch_size=6, do_sample=False)
     for batch_size in (1, 4, 64):
         fast = sampling.generate(model, tok, prompts, max_new_tokens=24, batch_size=batch_size, do_sample=False)
@@ -148,8 +158,11 @@ def test_cpu_fused_lm_head_scores_only_labelled_positions(monkeypatch):
         labels[i, :p] = -100
     projected = []
     apply = trl_utils._ChunkedLogProbFunction.apply
-    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply",
-                        lambda hidden, *a: projected.append(hidden.shape[0]) or apply(hidden, *a))
+    monkeypatch.setattr(
+        trl_utils._ChunkedLogProbFunction,
+        "apply",
+        lambda hidden, *a: projected.append(hidden.shape[0]) or apply(hidden, *a),
+    )
 
     def log_probs_and_grad():
         model.zero_grad()
@@ -183,15 +196,21 @@ def test_decoder_and_judge_do_not_read_the_outputs_deprecated_cache_field(model_
     sample = {"n": 2, "max_new_tokens": 12, "batch_size": 4, "do_sample": True, "temperature": 1.0, "seed": 5}
     greedy = {"max_new_tokens": 12, "batch_size": 4, "do_sample": False}
     judge = {"batch_size": 4, "max_prompt_tokens": 1024}
-    before = [sampling.generate(model, tok, QUESTIONS, **sample), sampling.generate(model, tok, QUESTIONS, **greedy),
-              judges.llm_judge(model, tok, judges.load_rubric(), QUESTIONS, RESPONSES, **judge)]
+    before = [
+        sampling.generate(model, tok, QUESTIONS, **sample),
+        sampling.generate(model, tok, QUESTIONS, **greedy),
+        judges.llm_judge(model, tok, judges.load_rubric(), QUESTIONS, RESPONSES, **judge),
+    ]
 
     def removed(self):
         raise AttributeError("past_key_values")
 
     monkeypatch.setattr(ModelOutput, "past_key_values", property(removed))
-    assert [sampling.generate(model, tok, QUESTIONS, **sample), sampling.generate(model, tok, QUESTIONS, **greedy),
-            judges.llm_judge(model, tok, judges.load_rubric(), QUESTIONS, RESPONSES, **judge)] == before
+    assert [
+        sampling.generate(model, tok, QUESTIONS, **sample),
+        sampling.generate(model, tok, QUESTIONS, **greedy),
+        judges.llm_judge(model, tok, judges.load_rubric(), QUESTIONS, RESPONSES, **judge),
+    ] == before
 
 
 def test_a_transformers_that_ignores_the_cache_argument_fails_loudly(model_and_tokenizer, monkeypatch):

@@ -39,8 +39,12 @@ KEYS = {
 }
 # Columns whose values must match too (deterministic: seeded sampling, exact judges).
 # The benchmark's responses and scores too: the resumed model must be the uninterrupted run's model.
-VALUES = {"candidates": ("response",), "judgments": ("score",), "pairs": ("margin",),
-          "benchmarks": ("response", "score")}
+VALUES = {
+    "candidates": ("response",),
+    "judgments": ("score",),
+    "pairs": ("margin",),
+    "benchmarks": ("response", "score"),
+}
 
 
 def cli(ws: Path, *args: str, kill_at=None, env_extra=None) -> tuple[int, str]:
@@ -48,9 +52,24 @@ def cli(ws: Path, *args: str, kill_at=None, env_extra=None) -> tuple[int, str]:
     env.pop("MLFLOW_TRACKING_URI", None)  # exported by mlflow.set_tracking_uri in this test process
     # Its own process group, so that the kill takes everything it started (Prefect's temporary
     # API server too), as a crash of the machine would.
-    proc = subprocess.Popen([sys.executable, "-m", "flywheel.flows.cli", "run", "--config", str(ws.parent / "c.yaml"),
-                             "--workspace", str(ws), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "flywheel.flows.cli",
+            "run",
+            "--config",
+            str(ws.parent / "c.yaml"),
+            "--workspace",
+            str(ws),
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     seen = []
     for line in proc.stdout:
         seen.append(line)
@@ -73,8 +92,11 @@ def snapshot(ws: Path) -> dict:
         cids = {}
         if name == "judgments":  # candidate ids embed the run id: compare by sample instead
             cids = {c["candidate_id"]: c["sample_index"] for c in table(ws, "candidates")}
-        keyed = [tuple(cids.get(r[k], r[k]) if k == "candidate_id" else r[k] for k in keys)
-                 + tuple(r[v] for v in VALUES.get(name, ())) for r in rows]
+        keyed = [
+            tuple(cids.get(r[k], r[k]) if k == "candidate_id" else r[k] for k in keys)
+            + tuple(r[v] for v in VALUES.get(name, ()))
+            for r in rows
+        ]
         # The benchmark suite is drawn with replacement (a small task space repeats questions), so
         # prompts and benchmarks may repeat a key: for them the multiset must equal the reference's.
         if name not in ("prompts", "benchmarks"):
@@ -98,8 +120,10 @@ MID_GENERATION = r"^\[generate\] (?:[4-9]|1\d|2[0-7])/32 "
 
 def _after(marker: str, trigger: str):
     """Kill on the first line matching `trigger` that comes after `marker` appeared."""
+
     def kill_at(seen: str, line: str) -> bool:
         return marker in seen and re.search(trigger, line) is not None and seen.index(marker) < seen.rindex(line)
+
     return kill_at
 
 
@@ -190,9 +214,23 @@ def test_readers_never_fail_the_run_and_the_run_never_fails_a_reader(tmp_path, r
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         while not done.is_set():
             if (ws / "catalog.duckdb").is_file():
-                p = subprocess.run([sys.executable, "-m", "flywheel.flows.cli", "sql", "SELECT count(*) AS n FROM "
-                                    "candidates", "--workspace", str(ws), "--format", "csv"],
-                                   capture_output=True, text=True, env=env, timeout=120)
+                p = subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "flywheel.flows.cli",
+                        "sql",
+                        "SELECT count(*) AS n FROM candidates",
+                        "--workspace",
+                        str(ws),
+                        "--format",
+                        "csv",
+                    ],
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                    timeout=120,
+                )
                 (answered if p.returncode == 0 else failures).append(p.stdout + p.stderr)
             time.sleep(0.5)
 

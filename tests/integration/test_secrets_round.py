@@ -27,13 +27,15 @@ SECRETS = {
 class Judge(BaseHTTPRequestHandler):
     """An OpenAI-compatible /completions that returns one verdict token and no log-probs (the
     judge samples its verdicts), keeping each request's Authorization header."""
+
     seen: ClassVar[list[str]] = []
 
     def do_POST(self):  # http.server names it
         Judge.seen.append(self.headers.get("Authorization", ""))
         self.rfile.read(int(self.headers["Content-Length"]))
-        body = json.dumps({"choices": [{"text": " 4", "finish_reason": "stop", "logprobs": None}],
-                           "usage": {"completion_tokens": 1}}).encode()
+        body = json.dumps(
+            {"choices": [{"text": " 4", "finish_reason": "stop", "logprobs": None}], "usage": {"completion_tokens": 1}}
+        ).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -76,20 +78,50 @@ def test_a_round_persists_and_prints_no_secret_from_its_environment(tmp_path, ju
     from flywheel.storage import catalog
 
     ws, prefect_home = tmp_path / "ws", tmp_path / "prefect"
-    (tmp_path / "c.yaml").write_text(json.dumps({
-        "name": "secrets", "rounds": 1, "task": {"prompts_per_round": 8},
-        "sampling": {"n": 4, "max_new_tokens": 24},
-        "benchmark": {"size": 16, "validation_size": 8, "guards": [], "max_new_tokens": 24},
-        "judge": {"sources": ["verifier", {"type": "llm_judge", "name": "served", "model": {
-            "name": "judge", "engine": "openai", "openai": {
-                "base_url": judge, "tokenizer": EMBEDDED_MODEL, "api_key_env": KEY_ENV, "verdict_samples": 1}}}],
-                  "subset": "all"},  # every candidate goes to the served judge, with the key
-        "train": {"dpo": {"num_train_epochs": 1}}}))
+    (tmp_path / "c.yaml").write_text(
+        json.dumps(
+            {
+                "name": "secrets",
+                "rounds": 1,
+                "task": {"prompts_per_round": 8},
+                "sampling": {"n": 4, "max_new_tokens": 24},
+                "benchmark": {"size": 16, "validation_size": 8, "guards": [], "max_new_tokens": 24},
+                "judge": {
+                    "sources": [
+                        "verifier",
+                        {
+                            "type": "llm_judge",
+                            "name": "served",
+                            "model": {
+                                "name": "judge",
+                                "engine": "openai",
+                                "openai": {
+                                    "base_url": judge,
+                                    "tokenizer": EMBEDDED_MODEL,
+                                    "api_key_env": KEY_ENV,
+                                    "verdict_samples": 1,
+                                },
+                            },
+                        },
+                    ],
+                    "subset": "all",
+                },  # every candidate goes to the served judge, with the key
+                "train": {"dpo": {"num_train_epochs": 1}},
+            }
+        )
+    )
     env = {**os.environ, **SECRETS, "HF_HUB_OFFLINE": "1", "PREFECT_API_URL": "", "PREFECT_HOME": str(prefect_home)}
     env.pop("MLFLOW_TRACKING_URI", None)
     flywheel_bin = Path(sys.executable).with_name("flywheel")
-    p = subprocess.run([str(flywheel_bin), "run", "--config", "c.yaml", "--workspace", str(ws), "--verbose"],
-                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=1200, check=False)
+    p = subprocess.run(
+        [str(flywheel_bin), "run", "--config", "c.yaml", "--workspace", str(ws), "--verbose"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=1200,
+        check=False,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert Judge.seen and set(Judge.seen) == {f"Bearer {SECRETS[KEY_ENV]}"}, "the key was sent, so it was live"
     rounds = catalog.query(ws, "SELECT round, registered_version FROM rounds ORDER BY round").to_pylist()

@@ -17,9 +17,15 @@ def _generate(tmp_path, name: str, workers: int):
     from flywheel.tasks.common import StageContext
     from flywheel.tasks.generate import generate_task
 
-    config = load_config(None, {"workspace": str(tmp_path / name), "task": {"prompts_per_round": 6},
-                                "sampling": {"n": 4, "max_new_tokens": 24, "batch_size": 8, "shards": 2},
-                                "model": {"workers": workers}})
+    config = load_config(
+        None,
+        {
+            "workspace": str(tmp_path / name),
+            "task": {"prompts_per_round": 6},
+            "sampling": {"n": 4, "max_new_tokens": 24, "batch_size": 8, "shards": 2},
+            "model": {"workers": workers},
+        },
+    )
     items = train_items(make_source(config.task), 1, 6, config.seed, None)[0]
     policy = loading.resolve(config.model.name)
     result = generate_task.fn(StageContext(config, "run", 1), items, policy)
@@ -35,5 +41,7 @@ def test_two_workers_write_the_rows_one_process_writes(tmp_path):
     assert len({r["response"] for r in rows_two}) > 6, "samples differ from one another"
     # the number of workers is speed, not meaning: a run resumes with more or fewer of them
     assert one_cfg.hash() == two_cfg.hash()
-    print(f"\n6 prompts × 4 samples in 2 shards: 1 process {one['generate_seconds']:.1f} s, "
-          f"2 workers {two['generate_seconds']:.1f} s (model loads included); rows identical")
+    print(
+        f"\n6 prompts × 4 samples in 2 shards: 1 process {one['generate_seconds']:.1f} s, "
+        f"2 workers {two['generate_seconds']:.1f} s (model loads included); rows identical"
+    )

@@ -105,19 +105,45 @@ def postgres():
         pw = pwd.getpwnam("postgres")
         os.chown(tmp, pw.pw_uid, pw.pw_gid)
     port = free_port()
-    subprocess.run(as_postgres([pg_tool("initdb"), "-D", str(data), "-U", "flywheel", "--auth=trust", "-E", "UTF8"]),
-                   check=True, capture_output=True, timeout=120)
-    subprocess.run(as_postgres([pg_tool("pg_ctl"), "-D", str(data), "-l", str(tmp / "pg.log"), "-w", "-o",
-                                f"-p {port} -k {tmp} -c listen_addresses=127.0.0.1 -c fsync=off", "start"]),
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        as_postgres([pg_tool("initdb"), "-D", str(data), "-U", "flywheel", "--auth=trust", "-E", "UTF8"]),
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    subprocess.run(
+        as_postgres(
+            [
+                pg_tool("pg_ctl"),
+                "-D",
+                str(data),
+                "-l",
+                str(tmp / "pg.log"),
+                "-w",
+                "-o",
+                f"-p {port} -k {tmp} -c listen_addresses=127.0.0.1 -c fsync=off",
+                "start",
+            ]
+        ),
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     try:
         for db in ("prefect", "mlflow"):
-            subprocess.run([pg_tool("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "flywheel", db],
-                           check=True, capture_output=True, timeout=60)
+            subprocess.run(
+                [pg_tool("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "flywheel", db],
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
         yield f"flywheel@127.0.0.1:{port}"
     finally:
-        subprocess.run(as_postgres([pg_tool("pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]),
-                       capture_output=True, timeout=120)
+        subprocess.run(
+            as_postgres([pg_tool("pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]),
+            capture_output=True,
+            timeout=120,
+        )
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -126,25 +152,55 @@ def servers(postgres, tmp_path_factory):
     """Prefect's and MLflow's servers, both on the PostgreSQL server; the environment that reaches them."""
     home = tmp_path_factory.mktemp("servers")
     prefect_port, mlflow_port = free_port(), free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home / "prefect"),
-           "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api",
-           "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://{postgres}/prefect",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING",
-           "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}", "HF_HUB_OFFLINE": "1",
-           # workers: look for work every 2 s; flow runs send a heartbeat every 30 s (the least allowed)
-           "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home / "prefect"),
+        "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api",
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://{postgres}/prefect",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
+        "HF_HUB_OFFLINE": "1",
+        # workers: look for work every 2 s; flow runs send a heartbeat every 30 s (the least allowed)
+        "PREFECT_WORKER_QUERY_SECONDS": "2",
+        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
+    }
     procs = []
     try:
         log = home / "prefect-server.log"
-        procs.append(subprocess.Popen([*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
-                                      env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT))
+        procs.append(
+            subprocess.Popen(
+                [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
+                env=env,
+                stdout=open(log, "w"),
+                stderr=subprocess.STDOUT,
+            )
+        )
         wait_for(f"http://127.0.0.1:{prefect_port}/api/health", procs[-1], log, "Prefect server")
         log = home / "mlflow-server.log"
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"postgresql://{postgres}/mlflow",
-             "--artifacts-destination", (home / "mlartifacts").as_uri(), "--host", "127.0.0.1",
-             "--port", str(mlflow_port), "--workers", "1"],
-            env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT))
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "mlflow",
+                    "server",
+                    "--backend-store-uri",
+                    f"postgresql://{postgres}/mlflow",
+                    "--artifacts-destination",
+                    (home / "mlartifacts").as_uri(),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(mlflow_port),
+                    "--workers",
+                    "1",
+                ],
+                env=env,
+                stdout=open(log, "w"),
+                stderr=subprocess.STDOUT,
+            )
+        )
         wait_for(f"http://127.0.0.1:{mlflow_port}/health", procs[-1], log, "MLflow server")
         yield env, home
     finally:
@@ -159,16 +215,24 @@ def prefect(env, *args, timeout=300):
 
 
 def api(env, path: str, body: dict | None = None):
-    req = urllib.request.Request(env["PREFECT_API_URL"] + path, method="POST" if body is not None else "GET",
-                                 data=json.dumps(body).encode() if body is not None else None,
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        env["PREFECT_API_URL"] + path,
+        method="POST" if body is not None else "GET",
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.load(r)
 
 
 def worker(env, pool: str, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([*PREFECT, "worker", "start", "--pool", pool, "--type", "process"], env=env, cwd=ROOT,
-                            stdout=open(log, "a"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [*PREFECT, "worker", "start", "--pool", pool, "--type", "process"],
+        env=env,
+        cwd=ROOT,
+        stdout=open(log, "a"),
+        stderr=subprocess.STDOUT,
+    )
 
 
 def descendants(pid: int) -> list[int]:
@@ -230,8 +294,19 @@ def test_stages_on_a_gpu_pool_survive_a_killed_worker(servers, tmp_path):
         prefect(env, "work-pool", "create", pool, "--type", "process")
     prefect(env, "automation", "create", "--from-file", str(shorter_zombie_window(tmp_path, ZOMBIE_WINDOW_S)))
     # the round flow on the cpu pool; the gpu pool's stage deployment exactly as prefect.yaml has it
-    prefect(env, "--no-prompt", "deploy", "--prefect-file", str(ROOT / "prefect.yaml"), "--name", "next-round",
-            "--pool", "cpu", "--params", json.dumps({"workspace": str(ws), "config_file": str(cfg)}))
+    prefect(
+        env,
+        "--no-prompt",
+        "deploy",
+        "--prefect-file",
+        str(ROOT / "prefect.yaml"),
+        "--name",
+        "next-round",
+        "--pool",
+        "cpu",
+        "--params",
+        json.dumps({"workspace": str(ws), "config_file": str(cfg)}),
+    )
     prefect(env, "--no-prompt", "deploy", "--prefect-file", str(ROOT / "prefect.yaml"), "--name", "gpu")
     logs = {p: home / f"worker-{p}.log" for p in ("cpu", "gpu", "gpu-restarted")}
     workers = {"cpu": worker(env, "cpu", logs["cpu"]), "gpu": worker(env, "gpu", logs["gpu"])}
@@ -241,8 +316,9 @@ def test_stages_on_a_gpu_pool_survive_a_killed_worker(servers, tmp_path):
 
         # SIGKILL the gpu worker and its stage run once training has written a complete checkpoint
         deadline = time.time() + 1500
-        pattern = str(ws / "checkpoints" / "run_id=*" / ".round=1.work" / "trainer" / "checkpoint-*" /
-                      "trainer_state.json")
+        pattern = str(
+            ws / "checkpoints" / "run_id=*" / ".round=1.work" / "trainer" / "checkpoint-*" / "trainer_state.json"
+        )
         while not glob.glob(pattern):
             assert time.time() < deadline, "training never wrote a checkpoint:\n" + logs["gpu"].read_text()[-3000:]
             assert workers["gpu"].poll() is None, logs["gpu"].read_text()[-3000:]
@@ -276,17 +352,22 @@ def test_stages_on_a_gpu_pool_survive_a_killed_worker(servers, tmp_path):
 
     crashed = next(r for r in runs if r["state_type"] == "CRASHED")
     crashed_at = datetime.fromisoformat(crashed["state"]["timestamp"]).timestamp()
-    print(f"\nkilled the gpu worker and {killed - 1} process(es) it started; the stage run was marked Crashed "
-          f"{crashed_at - killed_at:.0f} s later; the round finished {finished_at - killed_at:.0f} s after the kill")
+    print(
+        f"\nkilled the gpu worker and {killed - 1} process(es) it started; the stage run was marked Crashed "
+        f"{crashed_at - killed_at:.0f} s later; the round finished {finished_at - killed_at:.0f} s after the kill"
+    )
 
     # the workspace: every table whole, nothing twice
     def one(sql):
         return catalog.query(ws, sql).to_pylist()
 
     assert one("SELECT round, status FROM rounds ORDER BY round") == [
-        {"round": 0, "status": "completed"}, {"round": 1, "status": "completed"}]
+        {"round": 0, "status": "completed"},
+        {"round": 1, "status": "completed"},
+    ]
     assert one("SELECT count(*) AS n, count(DISTINCT candidate_id) AS d FROM candidates") == [
-        {"n": PROMPTS * SAMPLES, "d": PROMPTS * SAMPLES}]
+        {"n": PROMPTS * SAMPLES, "d": PROMPTS * SAMPLES}
+    ]
     assert one("SELECT count(DISTINCT prompt_id) AS n FROM candidates") == [{"n": PROMPTS}]
     judged = one("SELECT count(*) AS n, count(DISTINCT (candidate_id, source)) AS d FROM judgments")[0]
     assert judged["n"] == judged["d"] >= PROMPTS * SAMPLES
@@ -309,8 +390,11 @@ def test_stages_on_a_gpu_pool_survive_a_killed_worker(servers, tmp_path):
     # test in this process, pointing them at a server this module stops
     client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name("pooled")
-    rounds = {r.data.tags.get("flywheel.round"): r for r in client.search_runs([exp.experiment_id])
-              if "mlflow.parentRunId" in r.data.tags}
+    rounds = {
+        r.data.tags.get("flywheel.round"): r
+        for r in client.search_runs([exp.experiment_id])
+        if "mlflow.parentRunId" in r.data.tags
+    }
     assert set(rounds) == {"1"} and rounds["1"].info.status == "FINISHED"
     assert rounds["1"].data.params["train.world_size"] == "1"
     assert client.get_metric_history(rounds["1"].info.run_id, "loss")
@@ -318,19 +402,31 @@ def test_stages_on_a_gpu_pool_survive_a_killed_worker(servers, tmp_path):
     assert champion.run_id == rounds["1"].info.run_id
 
 
-@pytest.mark.parametrize("pool, message", [
-    ("nowhere", "stages.judge.work_pool: no work pool 'nowhere' on the Prefect server http://127.0.0.1:"),
-    # the pool exists (the test above made it) but nothing deployed the stage flow to it
-    ("cpu", "stages.judge.work_pool: work pool 'cpu' has no stage deployment flywheel-stage/cpu; create it with "
-            "`prefect deploy --name cpu`"),
-])
+@pytest.mark.parametrize(
+    "pool, message",
+    [
+        ("nowhere", "stages.judge.work_pool: no work pool 'nowhere' on the Prefect server http://127.0.0.1:"),
+        # the pool exists (the test above made it) but nothing deployed the stage flow to it
+        (
+            "cpu",
+            "stages.judge.work_pool: work pool 'cpu' has no stage deployment flywheel-stage/cpu; create it with "
+            "`prefect deploy --name cpu`",
+        ),
+    ],
+)
 def test_a_stage_on_a_pool_that_cannot_take_it_fails_before_any_work(servers, tmp_path, pool, message):
     env, _ = servers
     prefect(env, "work-pool", "create", "cpu", "--type", "process", "--overwrite")
     ws, cfg = tmp_path / "ws", tmp_path / "c.yaml"
     cfg.write_text(f"stages:\n  judge: {{work_pool: {pool}}}\n")
-    p = subprocess.run([sys.executable, "-m", "flywheel.flows.cli", "run", "--config", str(cfg), "--workspace",
-                        str(ws)], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    p = subprocess.run(
+        [sys.executable, "-m", "flywheel.flows.cli", "run", "--config", str(cfg), "--workspace", str(ws)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert p.returncode == 2, p.stderr
     lines = [ln for ln in p.stderr.splitlines() if ln.startswith("flywheel: error:")]
     assert len(lines) == 1 and message in lines[0], p.stderr

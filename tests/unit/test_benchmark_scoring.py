@@ -34,14 +34,19 @@ def test_a_suite_with_no_reference_answers_reports_no_accuracy(tmp_path):
     items = src.items(0, 3)
     rows = score_rows(items, [_gen("x")] * 3, src, run_id="r", round_=0, model="m", suite="s")
     assert summarize(rows)["accuracy"] is None and summarize(rows)["scored_items"] == 0
-    ok, reasons = decide({"accuracy": None, "mean_response_tokens": 10.0, "validation_exact_match": None},
-                         Champion("m0", 0, None, 10.0), PromotionConfig(), trained=True)
+    ok, reasons = decide(
+        {"accuracy": None, "mean_response_tokens": 10.0, "validation_exact_match": None},
+        Champion("m0", 0, None, 10.0),
+        PromotionConfig(),
+        trained=True,
+    )
     assert ok and any("validation exact match not measured" in r and "unscored" in r for r in reasons), reasons
 
 
 def test_the_held_out_part_of_a_file_takes_lines_with_answers_first(tmp_path):
-    rows = [{"prompt": f"open question {i}"} for i in range(8)] + [{"prompt": f"{i}+1?", "answer": str(i + 1)}
-                                                                    for i in range(2)]
+    rows = [{"prompt": f"open question {i}"} for i in range(8)] + [
+        {"prompt": f"{i}+1?", "answer": str(i + 1)} for i in range(2)
+    ]
     bench = benchmark_items(_file(tmp_path, rows), 100, 0)
     assert len(bench) == 2 and all(it.answer is not None for it in bench)
 

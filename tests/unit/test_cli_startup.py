@@ -26,8 +26,13 @@ def workspace(tmp_path_factory, bench):
 def test_read_only_commands_import_no_heavy_library(workspace, bench, name):
     argv = [a.replace("{ws}", str(workspace)) for a in bench.COMMANDS[name]]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
-    p = subprocess.run([sys.executable, "-W", "always", "-c", bench._PROBE, *argv], capture_output=True, text=True,
-                       timeout=120, env=env)
+    p = subprocess.run(
+        [sys.executable, "-W", "always", "-c", bench._PROBE, *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     report = json.loads(p.stderr.strip().splitlines()[-1])
     assert report["rc"] in (0, None), p.stderr
     assert report["heavy"] == [], f"{name} imported {report['heavy']}"
@@ -36,8 +41,25 @@ def test_read_only_commands_import_no_heavy_library(workspace, bench, name):
 
 
 def test_data_show_reads_the_rows_and_warns_about_nothing(workspace):
-    p = subprocess.run([sys.executable, "-m", "flywheel.flows.cli", "data", "show", "pairs", "--round", "2",
-                        "--limit", "2", "--workspace", str(workspace)], capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flywheel.flows.cli",
+            "data",
+            "show",
+            "pairs",
+            "--round",
+            "2",
+            "--limit",
+            "2",
+            "--workspace",
+            str(workspace),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr
     assert "pairs of run 20260101-000000-abcdef, round 2: 64 row(s), showing 2" in p.stderr
     assert "What is 0 + 1?" in p.stderr and "Warning" not in p.stderr

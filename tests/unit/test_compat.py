@@ -33,8 +33,11 @@ def test_tested_ranges_are_pyprojects(dist):
 
 @pytest.mark.parametrize("dist", ["trl", "transformers", "prefect"])
 def test_the_frozen_and_installed_releases_are_tested(dist):
-    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
-                if "==" in line and not line.startswith("#"))
+    pins = dict(
+        line.split("==")
+        for line in (ROOT / "constraints.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    )
     lo, hi = compat.TESTED[dist]
     assert lo <= compat.release(pins[dist]) < hi
     assert compat.tested(dist), f"installed {dist} {compat.installed(dist)} is outside {compat.TESTED[dist]}"
@@ -59,11 +62,14 @@ def test_outside_the_range_one_warning_line(untested):
     assert not compat.tested("trl") and not compat.tested("trl")
     [record] = untested.records
     assert "\n" not in record.getMessage()
-    assert record.getMessage() == ("trl 99.0.0 is outside the releases flywheel was tested with (>=1.16,<1.17): its "
-                                   "private API is not used (see flywheel/compat.py)")
+    assert record.getMessage() == (
+        "trl 99.0.0 is outside the releases flywheel was tested with (>=1.16,<1.17): its "
+        "private API is not used (see flywheel/compat.py)"
+    )
 
 
 # --------------------------------------------------------------------------------------------- TRL
+
 
 @pytest.fixture
 def trl_utils(monkeypatch):
@@ -98,6 +104,7 @@ def test_trl_untested_is_left_alone(trl_utils, untested):
 
 # ------------------------------------------------------------------------------------ transformers
 
+
 def test_transformers_dynamic_layer_is_as_expected():
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
@@ -118,8 +125,8 @@ def test_buffer_cache_layer_serves_the_callers_storage():
     filled = [3]
 
     def update(k, v):
-        keys[:, :, filled[0]:filled[0] + k.shape[2]] = k
-        return keys[:, :, :filled[0] + k.shape[2]], keys[:, :, :filled[0] + k.shape[2]]
+        keys[:, :, filled[0] : filled[0] + k.shape[2]] = k
+        return keys[:, :, : filled[0] + k.shape[2]], keys[:, :, : filled[0] + k.shape[2]]
 
     layer = compat.buffer_cache_layer(update, lambda: filled[0])
     cache = DynamicCache()
@@ -131,13 +138,16 @@ def test_buffer_cache_layer_serves_the_callers_storage():
 
 # ----------------------------------------------------------------------------------------- Prefect
 
+
 def test_prefect_global_settings_context_is_as_expected():
     import prefect.context
 
     assert list(inspect.signature(prefect.context._temporary_global_settings_context).parameters) == [
-        "settings_context"]
+        "settings_context"
+    ]
     assert "GLOBAL_SETTINGS_CONTEXT = settings_context" in inspect.getsource(
-        prefect.context._temporary_global_settings_context)
+        prefect.context._temporary_global_settings_context
+    )
 
 
 def test_prefect_global_settings_swaps_the_global_context():
@@ -159,6 +169,7 @@ def test_prefect_untested_is_left_alone(untested):
 
 
 # -------------------------------------------------------------------------------------------- vLLM
+
 
 class _Core:
     def __init__(self) -> None:

@@ -8,13 +8,16 @@ def test_defaults_are_the_documented_ones():
     assert (c.rounds, c.sampling.n, c.benchmark.size, c.task.name) == (3, 8, 200, "chain_sum")
 
 
-@pytest.mark.parametrize("overrides, field", [
-    ({"rounds": 0}, "rounds"),
-    ({"sampling": {"n": 1}}, "sampling.n"),
-    ({"bogus": 1}, "bogus"),
-    ({"sampling": {"temprature": 0.5}}, "sampling.temprature"),
-    ({"train": {"dpo": {"betta": 0.1}}}, "train.dpo"),
-])
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"rounds": 0}, "rounds"),
+        ({"sampling": {"n": 1}}, "sampling.n"),
+        ({"bogus": 1}, "bogus"),
+        ({"sampling": {"temprature": 0.5}}, "sampling.temprature"),
+        ({"train": {"dpo": {"betta": 0.1}}}, "train.dpo"),
+    ],
+)
 def test_bad_values_name_the_field(overrides, field):
     with pytest.raises(ConfigError) as e:
         load_config(None, overrides)
@@ -44,16 +47,19 @@ def test_missing_and_malformed_yaml(tmp_path):
         load_config(bad)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"judge": {"sources": ["llm_judge"]}}, "curation.reward names 'verifier', which is not among judge.sources"),
-    ({"curation": {"reward": {"verifier": 1.0, "majority_vote": 0.5}}}, "curation.reward names 'majority_vote'"),
-    ({"curation": {"reward": {"verifier": 0.0}}}, "curation.reward: a weighted reward needs at least one non-zero"),
-    ({"curation": {"consistency": ["verifier", "pairwise_judge"]}}, "curation.consistency names 'pairwise_judge'"),
-    ({"judge": {"sources": ["verifier", "verifier"]}}, "two sources named 'verifier'"),
-    ({"judge": {"sources": ["verifier", "telepathy"]}}, "judge.sources.1: unknown type 'telepathy'"),
-    ({"judge": {"sources": [{"type": "verifier", "match": "callable"}]}}, "match: callable needs callable"),
-    ({"curation": {"cream": "skip"}}, "curation.cream needs the 'llm_judge' judge with previous: true"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"judge": {"sources": ["llm_judge"]}}, "curation.reward names 'verifier', which is not among judge.sources"),
+        ({"curation": {"reward": {"verifier": 1.0, "majority_vote": 0.5}}}, "curation.reward names 'majority_vote'"),
+        ({"curation": {"reward": {"verifier": 0.0}}}, "curation.reward: a weighted reward needs at least one non-zero"),
+        ({"curation": {"consistency": ["verifier", "pairwise_judge"]}}, "curation.consistency names 'pairwise_judge'"),
+        ({"judge": {"sources": ["verifier", "verifier"]}}, "two sources named 'verifier'"),
+        ({"judge": {"sources": ["verifier", "telepathy"]}}, "judge.sources.1: unknown type 'telepathy'"),
+        ({"judge": {"sources": [{"type": "verifier", "match": "callable"}]}}, "match: callable needs callable"),
+        ({"curation": {"cream": "skip"}}, "curation.cream needs the 'llm_judge' judge with previous: true"),
+    ],
+)
 def test_reward_sources_and_their_uses_are_checked(overrides, message):
     with pytest.raises(ConfigError) as e:
         load_config(None, overrides)
@@ -61,9 +67,20 @@ def test_reward_sources_and_their_uses_are_checked(overrides, message):
 
 
 def test_source_shorthand_and_names():
-    c = load_config(None, {"judge": {"sources": ["verifier", "majority_vote", {"type": "llm_judge", "previous": True},
-                                                 {"type": "verifier", "name": "exact", "match": "exact"}]},
-                           "curation": {"reward": {"majority_vote": 1.0, "exact": 0.5}}})
+    c = load_config(
+        None,
+        {
+            "judge": {
+                "sources": [
+                    "verifier",
+                    "majority_vote",
+                    {"type": "llm_judge", "previous": True},
+                    {"type": "verifier", "name": "exact", "match": "exact"},
+                ]
+            },
+            "curation": {"reward": {"majority_vote": 1.0, "exact": 0.5}},
+        },
+    )
     assert c.judge.names() == ["verifier", "majority_vote", "llm_judge", "llm_judge@previous", "exact"]
     assert c.curation.reward_name() == "1*majority_vote+0.5*exact"
 
@@ -107,18 +124,25 @@ def test_workers_are_speed_and_shards_are_meaning():
     from flywheel.config import load_config
 
     base = load_config()
-    assert load_config(None, {"model": {"workers": 2}, "sampling": {"shards": 2}}).hash() == \
-        load_config(None, {"sampling": {"shards": 2}}).hash()
+    assert (
+        load_config(None, {"model": {"workers": 2}, "sampling": {"shards": 2}}).hash()
+        == load_config(None, {"sampling": {"shards": 2}}).hash()
+    )
     assert load_config(None, {"sampling": {"shards": 2}}).hash() != base.hash()
     assert load_config(None, {"sampling": {"shards": 1}}).hash() == base.hash()  # the default, as hashed before
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"model": {"workers": 2}}, "model.workers (2) > sampling.shards (1)"),
-    ({"model": {"workers": 0}}, "model.workers: Input should be greater than or equal to 1"),
-    ({"judge": {"sources": ["verifier", {"type": "llm_judge", "model": {"name": "x", "workers": 2}}]}},
-     "model.workers shards the generate stage only"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"model": {"workers": 2}}, "model.workers (2) > sampling.shards (1)"),
+        ({"model": {"workers": 0}}, "model.workers: Input should be greater than or equal to 1"),
+        (
+            {"judge": {"sources": ["verifier", {"type": "llm_judge", "model": {"name": "x", "workers": 2}}]}},
+            "model.workers shards the generate stage only",
+        ),
+    ],
+)
 def test_bad_worker_settings(overrides, message):
     from flywheel.config import load_config
     from flywheel.errors import ConfigError
@@ -128,12 +152,26 @@ def test_bad_worker_settings(overrides, message):
 
 
 def _judge_endpoint(base_url: str) -> dict:
-    return {"judge": {"sources": ["verifier", {"type": "llm_judge", "model": {
-        "name": "big-judge", "engine": "openai", "openai": {"base_url": base_url, "api_key_env": "JUDGE_KEY"}}}]}}
+    return {
+        "judge": {
+            "sources": [
+                "verifier",
+                {
+                    "type": "llm_judge",
+                    "model": {
+                        "name": "big-judge",
+                        "engine": "openai",
+                        "openai": {"base_url": base_url, "api_key_env": "JUDGE_KEY"},
+                    },
+                },
+            ]
+        }
+    }
 
 
-@pytest.mark.parametrize("url", ["http://alice:hunter2@127.0.0.1:8000/v1", "https://hunter2@judge.example/v1",
-                                 "http://alice:@h/v1"])
+@pytest.mark.parametrize(
+    "url", ["http://alice:hunter2@127.0.0.1:8000/v1", "https://hunter2@judge.example/v1", "http://alice:@h/v1"]
+)
 def test_credentials_in_an_endpoint_url_are_refused(url):
     """The config is saved with the run (config.yaml) and logged as MLflow params: a password in the
     URL would be kept in both."""
@@ -157,13 +195,16 @@ def test_seed_fits_the_seeders():
         load_config(None, {"seed": 2**40})
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"rounds: \x80\x81\n", "is not UTF-8 text (byte 9)"),
-    (b"name: 2001-13-01\n", "is not valid YAML: month must be in 1..12"),
-    (b"seed: " + b"1" * 5000 + b"\n", "is not valid YAML: Exceeds the limit (4300 digits)"),
-    (b"a: " + b"[" * 5000 + b"]" * 5000 + b"\n", "is not valid YAML"),
-    (b"- 1\n- 2\n", "must hold a mapping at the top level"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"rounds: \x80\x81\n", "is not UTF-8 text (byte 9)"),
+        (b"name: 2001-13-01\n", "is not valid YAML: month must be in 1..12"),
+        (b"seed: " + b"1" * 5000 + b"\n", "is not valid YAML: Exceeds the limit (4300 digits)"),
+        (b"a: " + b"[" * 5000 + b"]" * 5000 + b"\n", "is not valid YAML"),
+        (b"- 1\n- 2\n", "must hold a mapping at the top level"),
+    ],
+)
 def test_unreadable_yaml_is_one_config_error(tmp_path, content, message):
     f = tmp_path / "c.yaml"
     f.write_bytes(content)
@@ -172,11 +213,14 @@ def test_unreadable_yaml_is_one_config_error(tmp_path, content, message):
     assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"train": {"dpo": {1: 2, "betta": 3}}}, "train.dpo: unknown trl.DPOConfig field(s): 1, betta"),
-    ({"line\nbreak": 1}, "line\\nbreak: Extra inputs are not permitted"),
-    ({"name": "x", "task": {"name\r": 1}}, "task.name\\r: Extra inputs are not permitted"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"train": {"dpo": {1: 2, "betta": 3}}}, "train.dpo: unknown trl.DPOConfig field(s): 1, betta"),
+        ({"line\nbreak": 1}, "line\\nbreak: Extra inputs are not permitted"),
+        ({"name": "x", "task": {"name\r": 1}}, "task.name\\r: Extra inputs are not permitted"),
+    ],
+)
 def test_odd_keys_give_one_line_errors(overrides, message):
     with pytest.raises(ConfigError) as e:
         load_config(None, overrides)

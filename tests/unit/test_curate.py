@@ -14,17 +14,55 @@ def make_con(prompts: dict[str, list[tuple]]) -> duckdb.DuckDBPyConnection:
     p_rows, c_rows, j_rows = [], [], []
     for pi, (prompt, cands) in enumerate(prompts.items()):
         pid = f"p{pi}"
-        p_rows.append(dict(run_id="r", round=1, prompt_id=pid, split="train", task="t", category=category(prompt),
-                           seed=None, prompt=prompt, answer=None, metadata=None))
+        p_rows.append(
+            dict(
+                run_id="r",
+                round=1,
+                prompt_id=pid,
+                split="train",
+                task="t",
+                category=category(prompt),
+                seed=None,
+                prompt=prompt,
+                answer=None,
+                metadata=None,
+            )
+        )
         for ci, (resp, *scores) in enumerate(cands):
             cid = f"{pid}c{ci}"
             by_source = scores[0] if isinstance(scores[0], dict) else {"verifier": scores[0], "llm_judge": scores[1]}
-            c_rows.append(dict(run_id="r", round=1, candidate_id=cid, prompt_id=pid, policy="m", sample_index=ci,
-                               seed=0, response=resp, n_tokens=1, finish_reason="stop", mean_logprob=None,
-                               self_certainty=None, sampling="{}"))
+            c_rows.append(
+                dict(
+                    run_id="r",
+                    round=1,
+                    candidate_id=cid,
+                    prompt_id=pid,
+                    policy="m",
+                    sample_index=ci,
+                    seed=0,
+                    response=resp,
+                    n_tokens=1,
+                    finish_reason="stop",
+                    mean_logprob=None,
+                    self_certainty=None,
+                    sampling="{}",
+                )
+            )
             for source, score in by_source.items():
-                j_rows.append(dict(run_id="r", round=1, candidate_id=cid, prompt_id=pid, source=source,
-                                   spec_hash="h", score=score, parse_ok=score is not None, raw=None, details=None))
+                j_rows.append(
+                    dict(
+                        run_id="r",
+                        round=1,
+                        candidate_id=cid,
+                        prompt_id=pid,
+                        source=source,
+                        spec_hash="h",
+                        score=score,
+                        parse_ok=score is not None,
+                        raw=None,
+                        details=None,
+                    )
+                )
     con = duckdb.connect()
     for name, rows in (("prompts", p_rows), ("candidates", c_rows), ("judgments", j_rows)):
         tbl = to_table(name, rows) if rows else pa.Table.from_pylist([], schema=to_table(name, []).schema)
@@ -142,8 +180,9 @@ def test_max_min_with_a_cap_pairs_kth_best_with_kth_worst():
 def test_length_penalty_prefers_the_shorter_correct_answer():
     prompts = {"q": [("the answer is 7", 1.0, 0.0), ("7", 1.0, 0.0), ("8", 0.0, 0.0)]}
     con = make_con(prompts)
-    con.execute("CREATE OR REPLACE TABLE cands AS SELECT * REPLACE (length(response)::INTEGER AS n_tokens) "
-                "FROM candidates")
+    con.execute(
+        "CREATE OR REPLACE TABLE cands AS SELECT * REPLACE (length(response)::INTEGER AS n_tokens) FROM candidates"
+    )
     con.unregister("candidates")
     con.execute("CREATE VIEW candidates AS SELECT * FROM cands")
     plain = curate(con, CurationConfig(min_margin=0.5)).pairs.to_pylist()
@@ -167,22 +206,36 @@ def test_duplicates_count_once_and_are_never_paired():
 
 
 def test_prompts_without_signal_are_dropped_and_counted():
-    prompts = {"all right": [("a", 1.0, 0.0), ("b", 1.0, 0.0)], "all wrong": [("c", 0.0, 0.0), ("d", 0.0, 0.0)],
-               "single": [("e", 1.0, 0.0)], "unscored": [("f", None, 0.0)], "mixed": [("g", 1.0, 0.0), ("h", 0.0, 0.0)],
-               "close": [("i", 1.0, 0.0), ("j", 0.9, 0.0)]}
+    prompts = {
+        "all right": [("a", 1.0, 0.0), ("b", 1.0, 0.0)],
+        "all wrong": [("c", 0.0, 0.0), ("d", 0.0, 0.0)],
+        "single": [("e", 1.0, 0.0)],
+        "unscored": [("f", None, 0.0)],
+        "mixed": [("g", 1.0, 0.0), ("h", 0.0, 0.0)],
+        "close": [("i", 1.0, 0.0), ("j", 0.9, 0.0)],
+    }
     c = curated(prompts, min_margin=0.5)
     f = c.funnel
-    assert (f["prompts"], f["prompts_scored"], f["prompts_uniform"], f["prompts_below_margin"],
-            f["prompts_with_signal"], f["pairs"]) == (6, 5, 3, 1, 1, 1)
+    assert (
+        f["prompts"],
+        f["prompts_scored"],
+        f["prompts_uniform"],
+        f["prompts_below_margin"],
+        f["prompts_with_signal"],
+        f["pairs"],
+    ) == (6, 5, 3, 1, 1, 1)
     assert chosen_rejected(c.pairs.to_pylist()) == [("g", "h")]
 
 
 def test_category_balance_and_cap():
     prompts = {f"easy: {i}": [(f"r{i}", 1.0, 0.0), (f"w{i}", 0.0, 0.0)] for i in range(5)}
     prompts |= {f"hard: {i}": [(f"R{i}", 1.0, 0.0), (f"W{i}", 0.0, 0.0)] for i in range(2)}
+
     def per_category(**cfg):
         from collections import Counter
+
         return dict(Counter(p["category"] for p in pairs_of(prompts, **cfg)))
+
     assert per_category() == {"easy": 5, "hard": 2}
     assert per_category(balance_categories=True) == {"easy": 2, "hard": 2}
     assert per_category(max_pairs_per_category=3) == {"easy": 3, "hard": 2}
@@ -190,21 +243,29 @@ def test_category_balance_and_cap():
 
 
 def test_sft_set_is_the_best_sample_above_the_threshold():
-    prompts = {"q1": [("a", 1.0, 0.0), ("b", 0.0, 0.0)], "q2": [("c", 0.0, 0.0), ("d", 0.5, 0.0)],
-               "q3": [("e", 1.0, 0.0), ("f", 1.0, 0.0)]}
+    prompts = {
+        "q1": [("a", 1.0, 0.0), ("b", 0.0, 0.0)],
+        "q2": [("c", 0.0, 0.0), ("d", 0.5, 0.0)],
+        "q3": [("e", 1.0, 0.0), ("f", 1.0, 0.0)],
+    }
     sft = curated(prompts, sft_threshold=1.0).sft.to_pylist()
     assert sorted((r["prompt"], r["completion"]) for r in sft) == [("q1", "a"), ("q3", "e")]
     assert all(r["score"] == 1.0 for r in sft)
     assert len(curated(prompts, sft_threshold=0.5).sft) == 3
     from flywheel.storage.schemas import SFT
+
     assert curated(prompts).sft.schema.equals(SFT)
 
 
 def test_weighted_ensemble_and_prompt_minmax():
     # self_certainty in nats (large), majority_vote 0/1: raw weights let certainty dominate
-    prompts = {"q": [("a", {"majority_vote": 1.0, "self_certainty": 10.0}),
-                     ("b", {"majority_vote": 0.0, "self_certainty": 14.0}),
-                     ("c", {"majority_vote": 1.0, "self_certainty": 12.0})]}
+    prompts = {
+        "q": [
+            ("a", {"majority_vote": 1.0, "self_certainty": 10.0}),
+            ("b", {"majority_vote": 0.0, "self_certainty": 14.0}),
+            ("c", {"majority_vote": 1.0, "self_certainty": 12.0}),
+        ]
+    }
     w = {"majority_vote": 1.0, "self_certainty": 0.5}
     raw = pairs_of(prompts, reward=w, min_margin=0.5)
     assert chosen_rejected(raw) == [("b", "a")]  # 7.0 vs 6.0: certainty decides
@@ -215,17 +276,24 @@ def test_weighted_ensemble_and_prompt_minmax():
 
 
 def test_a_null_in_any_weighted_source_excludes_the_candidate():
-    prompts = {"q": [("a", {"verifier": 1.0, "llm_judge": None}), ("b", {"verifier": 0.0, "llm_judge": 1.0}),
-                     ("c", {"verifier": 1.0, "llm_judge": 2.0})]}
+    prompts = {
+        "q": [
+            ("a", {"verifier": 1.0, "llm_judge": None}),
+            ("b", {"verifier": 0.0, "llm_judge": 1.0}),
+            ("c", {"verifier": 1.0, "llm_judge": 2.0}),
+        ]
+    }
     pairs = pairs_of(prompts, reward={"verifier": 1.0, "llm_judge": 0.1})
     assert chosen_rejected(pairs) == [("c", "b")]
 
 
 def test_consistency_filter_keeps_only_pairs_every_source_orders_alike():
     # q1: verifier and judge agree on a over b; q2: they disagree (judge prefers the wrong answer)
-    prompts = {"q1": [("a", {"verifier": 1.0, "llm_judge": 4.0}), ("b", {"verifier": 0.0, "llm_judge": 1.0})],
-               "q2": [("c", {"verifier": 1.0, "llm_judge": 1.0}), ("d", {"verifier": 0.0, "llm_judge": 5.0})],
-               "q3": [("e", {"verifier": 1.0, "llm_judge": None}), ("f", {"verifier": 0.0, "llm_judge": 2.0})]}
+    prompts = {
+        "q1": [("a", {"verifier": 1.0, "llm_judge": 4.0}), ("b", {"verifier": 0.0, "llm_judge": 1.0})],
+        "q2": [("c", {"verifier": 1.0, "llm_judge": 1.0}), ("d", {"verifier": 0.0, "llm_judge": 5.0})],
+        "q3": [("e", {"verifier": 1.0, "llm_judge": None}), ("f", {"verifier": 0.0, "llm_judge": 2.0})],
+    }
     assert len(pairs_of(prompts)) == 3
     c = curated(prompts, consistency=["verifier", "llm_judge"])
     assert chosen_rejected(c.pairs.to_pylist()) == [("a", "b")]  # a NULL judge score is no agreement
@@ -235,8 +303,11 @@ def test_consistency_filter_keeps_only_pairs_every_source_orders_alike():
 def test_cream_tau_per_prompt_and_skip():
     def cand(r, v, now, before):
         return (r, {"verifier": v, "llm_judge": now, "llm_judge@previous": before})
-    prompts = {"agree": [cand("a", 1.0, 3.0, 4.0), cand("b", 0.0, 2.0, 3.0), cand("c", 0.0, 1.0, 2.0)],
-               "reverse": [cand("d", 1.0, 1.0, 3.0), cand("e", 0.0, 2.0, 2.0), cand("f", 0.0, 3.0, 1.0)]}
+
+    prompts = {
+        "agree": [cand("a", 1.0, 3.0, 4.0), cand("b", 0.0, 2.0, 3.0), cand("c", 0.0, 1.0, 2.0)],
+        "reverse": [cand("d", 1.0, 1.0, 3.0), cand("e", 0.0, 2.0, 2.0), cand("f", 0.0, 3.0, 1.0)],
+    }
     off = curated(prompts)
     taus = {p["chosen"]: p["cream_tau"] for p in off.pairs.to_pylist()}
     assert taus == {"a": pytest.approx(1.0), "d": pytest.approx(-1.0)}
@@ -255,8 +326,10 @@ def test_partial_credit_never_makes_a_wrong_answer_chosen():
     with a verifier in the loop the chosen side must be exactly correct, unless chosen: any."""
     from flywheel.tasks.curate import pair_labels
 
-    prompts = {"3 - 3 =": [("It would take 3 or 30", 0.5, 3.0), ("7", 0.0, 1.0)],
-               "2 + 2 =": [("4", 1.0, 4.0), ("It is 4 or 40", 0.5, 2.0), ("5", 0.0, 1.0)]}
+    prompts = {
+        "3 - 3 =": [("It would take 3 or 30", 0.5, 3.0), ("7", 0.0, 1.0)],
+        "2 + 2 =": [("4", 1.0, 4.0), ("It is 4 or 40", 0.5, 2.0), ("5", 0.0, 1.0)],
+    }
     con = make_con(prompts)
     strict = curate(con, CurationConfig(min_margin=0.5), verifier="verifier")
     assert [(p["chosen"], p["rejected"]) for p in strict.pairs.to_pylist()] == [("4", "5")]

@@ -26,8 +26,11 @@ STAGE_ENTRYPOINT = "flywheel.flows.flywheel:stage_run"
 
 def test_deployments_have_separate_workspaces_and_model_names():
     # stage deployments have no lineage of their own: they run a stage of whichever round asks
-    deployments = [d for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
-                   if d["entrypoint"] != STAGE_ENTRYPOINT]
+    deployments = [
+        d
+        for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+        if d["entrypoint"] != STAGE_ENTRYPOINT
+    ]
     lineages = {d["name"]: lineage(d) for d in deployments}
     assert len(lineages) == len(deployments) >= 2
     workspaces = [w for w, _ in lineages.values()]
@@ -42,8 +45,11 @@ def test_stage_deployments_are_named_after_their_pool_and_run_the_stage_flow():
 
     from flywheel.flows import placement
 
-    stages = [d for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
-              if d["entrypoint"] == STAGE_ENTRYPOINT]
+    stages = [
+        d
+        for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+        if d["entrypoint"] == STAGE_ENTRYPOINT
+    ]
     assert stages, "prefect.yaml has no stage deployment"
     module, attr = STAGE_ENTRYPOINT.split(":")
     flow = getattr(importlib.import_module(module), attr)

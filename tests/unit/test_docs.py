@@ -28,12 +28,21 @@ def _doc_files() -> list[Path]:
 def site(tmp_path_factory) -> Path:
     missing = [m for m in ("mkdocs", "material") if importlib.util.find_spec(m) is None]
     if missing:
-        pytest.fail(f"the docs test needs {' and '.join(missing)} in this environment ({sys.executable}): "
-                    "pip install mkdocs==1.6.1 mkdocs-material==9.8.1", pytrace=False)
+        pytest.fail(
+            f"the docs test needs {' and '.join(missing)} in this environment ({sys.executable}): "
+            "pip install mkdocs==1.6.1 mkdocs-material==9.8.1",
+            pytrace=False,
+        )
     out = tmp_path_factory.mktemp("site")
-    p = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
-                       env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    p = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
     assert p.returncode == 0, f"mkdocs build --strict failed:\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
     return out
 

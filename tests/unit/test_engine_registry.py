@@ -20,6 +20,7 @@ from flywheel.models.engines import Backend, Engine, Generation, Settings, regis
 
 class StubSettings(Settings):
     """The stub's own block: `model.stub: {…}`."""
+
     suffix: str = "!"  # changes what it answers: hashed
     threads: int = Field(1, ge=1)  # changes only how fast: not hashed
 
@@ -39,8 +40,13 @@ class StubEngine(Engine):
         self.closed = True
 
 
-STUB = Backend("stub", factory=lambda cfg, ref: StubEngine(ref, cfg.settings), settings=StubSettings,
-               speed_only={"threads"}, preflight=lambda cfg, *, policy: None)
+STUB = Backend(
+    "stub",
+    factory=lambda cfg, ref: StubEngine(ref, cfg.settings),
+    settings=StubSettings,
+    speed_only={"threads"},
+    preflight=lambda cfg, *, policy: None,
+)
 
 
 @pytest.fixture
@@ -76,8 +82,11 @@ def test_its_speed_only_settings_leave_the_hash_alone(stub):
 
 
 def test_the_cli_offers_it(stub):
-    run = next(a for a in cli.build_parser()._subparsers._group_actions[0].choices["run"]._actions
-               if "--engine" in a.option_strings)
+    run = next(
+        a
+        for a in cli.build_parser()._subparsers._group_actions[0].choices["run"]._actions
+        if "--engine" in a.option_strings
+    )
     assert list(run.choices) == ["hf", "vllm", "stub"]  # openai cannot serve the policy: not offered
     assert cli.build_parser().parse_args(["run", "--engine", "stub"]).engine == "stub"
 
@@ -134,7 +143,10 @@ def test_an_installed_plugin_is_loaded_once(entry_points, monkeypatch):
 def test_a_broken_plugin_fails_in_one_line_naming_it(entry_points):
     found, _ = entry_points
     found.append(importlib.metadata.EntryPoint("fast", "flywheel_no_such_plugin:BACKEND", registry.ENTRY_POINTS))
-    with pytest.raises(ConfigError, match=r"^model.engine: engine plugin 'fast' \(flywheel_no_such_plugin:BACKEND\) "
-                                          r"failed to load: ModuleNotFoundError: No module named "
-                                          r"'flywheel_no_such_plugin'$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^model.engine: engine plugin 'fast' \(flywheel_no_such_plugin:BACKEND\) "
+        r"failed to load: ModuleNotFoundError: No module named "
+        r"'flywheel_no_such_plugin'$",
+    ):
         C.load_config(None, {"model": {"engine": "fast"}})

@@ -24,8 +24,16 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_vllm_requests():
     s = engines.vllm_sampling_params("sample", max_new_tokens=32, temperature=0.7, top_p=0.9, seed=11)
     # plain sampling at the given temperature: no top-k, the sampled token's own log-prob, a per-request seed
-    assert s == {"n": 1, "temperature": 0.7, "top_p": 0.9, "top_k": 0, "max_tokens": 32, "seed": 11, "logprobs": 0,
-                 "skip_special_tokens": True}
+    assert s == {
+        "n": 1,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "top_k": 0,
+        "max_tokens": 32,
+        "seed": 11,
+        "logprobs": 0,
+        "skip_special_tokens": True,
+    }
     assert engines.vllm_sampling_params("greedy", max_new_tokens=8)["temperature"] == 0.0
     nt = engines.vllm_sampling_params("next_token", top_logprobs=20)
     assert (nt["max_tokens"], nt["logprobs"], nt["temperature"]) == (1, 20, 0.0)
@@ -45,8 +53,10 @@ def test_openai_requests_ask_for_the_plain_distribution():
 
 
 def test_label_mass_sums_spellings_and_ignores_others():
-    nt = engines.label_mass({" 3": math.log(0.3), "3": math.log(0.1), "4": math.log(0.2), "Score": math.log(0.35),
-                             "5": float("-inf")}, ("3", "4", "5"))
+    nt = engines.label_mass(
+        {" 3": math.log(0.3), "3": math.log(0.1), "4": math.log(0.2), "Score": math.log(0.35), "5": float("-inf")},
+        ("3", "4", "5"),
+    )
     assert nt.mass == pytest.approx({"3": 0.4, "4": 0.2, "5": 0.0})
     assert nt.top == "Score"  # the most likely token is not a label: the verdict does not parse
     drawn = engines.draws_mass([" 4", "4", "x", " 2"], ("2", "4"))
@@ -68,18 +78,25 @@ def judge_on(model: dict) -> dict:
 ENDPOINT = {"name": "big-judge", "engine": "openai", "openai": {"base_url": "http://127.0.0.1:9/v1"}}
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"model": {"engine": "openai", "openai": {"base_url": "http://h/v1"}}}, "cannot serve the policy"),
-    ({"model": {"engine": "gguf"}}, "model.engine"),
-    (judge_on({"name": "j", "engine": "openai"}), "engine: openai needs `openai: {base_url"),
-    (judge_on({"name": "j", "engine": "openai", "openai": {"base_url": "127.0.0.1:8000"}}), "base_url"),
-    (judge_on(dict(ENDPOINT, openai={"base_url": "http://h/v1", "max_concurrency": 0})), "max_concurrency"),
-    ({"model": {"engine": "vllm"}, "judge": {"sources": ["verifier", "self_certainty"]}},
-     "self_certainty) needs the full next-token distribution"),
-    ({"judge": {"sources": ["verifier", {"type": "llm_judge", "previous": True, "model": "other"}]}},
-     "cannot go with a fixed judge `model`"),
-    ({"model": {"vllm": {"gpu_memory_utilization": 1.5}}}, "gpu_memory_utilization"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"model": {"engine": "openai", "openai": {"base_url": "http://h/v1"}}}, "cannot serve the policy"),
+        ({"model": {"engine": "gguf"}}, "model.engine"),
+        (judge_on({"name": "j", "engine": "openai"}), "engine: openai needs `openai: {base_url"),
+        (judge_on({"name": "j", "engine": "openai", "openai": {"base_url": "127.0.0.1:8000"}}), "base_url"),
+        (judge_on(dict(ENDPOINT, openai={"base_url": "http://h/v1", "max_concurrency": 0})), "max_concurrency"),
+        (
+            {"model": {"engine": "vllm"}, "judge": {"sources": ["verifier", "self_certainty"]}},
+            "self_certainty) needs the full next-token distribution",
+        ),
+        (
+            {"judge": {"sources": ["verifier", {"type": "llm_judge", "previous": True, "model": "other"}]}},
+            "cannot go with a fixed judge `model`",
+        ),
+        ({"model": {"vllm": {"gpu_memory_utilization": 1.5}}}, "gpu_memory_utilization"),
+    ],
+)
 def test_impossible_engine_settings_name_the_field(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("{", r"\{")):
         C.load_config(None, overrides)
@@ -87,15 +104,30 @@ def test_impossible_engine_settings_name_the_field(overrides, message):
 
 def test_hash_counts_meaning_not_speed_or_secrets():
     base = C.load_config(None, judge_on(ENDPOINT))
-    faster = C.load_config(None, judge_on(dict(ENDPOINT, openai=dict(
-        ENDPOINT["openai"], max_concurrency=64, timeout_s=5, retries=9, api_key_env="OTHER_KEY"))))
+    faster = C.load_config(
+        None,
+        judge_on(
+            dict(
+                ENDPOINT,
+                openai=dict(ENDPOINT["openai"], max_concurrency=64, timeout_s=5, retries=9, api_key_env="OTHER_KEY"),
+            )
+        ),
+    )
     other_model = C.load_config(None, judge_on(dict(ENDPOINT, name="bigger-judge")))
     assert base.hash() == faster.hash() != other_model.hash()
     assert C.load_config(None, {"model": {"engine": "vllm"}}).hash() != C.FlywheelConfig().hash()
     # the default config hashes as it did before engines existed, so earlier runs still resume
-    payload = C.FlywheelConfig().model_dump(mode="json", exclude={
-        "workspace": True, "rounds": True, "judge": {"batch_size"}, "stages": True, "promotion": {"stop_after"},
-        "registry": True})
+    payload = C.FlywheelConfig().model_dump(
+        mode="json",
+        exclude={
+            "workspace": True,
+            "rounds": True,
+            "judge": {"batch_size"},
+            "stages": True,
+            "promotion": {"stop_after"},
+            "registry": True,
+        },
+    )
     for key in ("engine", "vllm", "openai", "workers"):
         payload["model"].pop(key)
     payload["sampling"].pop("shards")
@@ -141,8 +173,9 @@ def test_one_engine_open_at_a_time(monkeypatch):
         def close(self):
             closed.append(self.ref)
 
-    monkeypatch.setitem(registry._BACKENDS, "hf", dataclasses.replace(registry.get("hf"),
-                                                                     factory=lambda cfg, ref: Fake(ref)))
+    monkeypatch.setitem(
+        registry._BACKENDS, "hf", dataclasses.replace(registry.get("hf"), factory=lambda cfg, ref: Fake(ref))
+    )
     engines.release()
     cfg = C.ModelConfig()
     a = engines.open_engine(cfg, "a")
@@ -158,12 +191,30 @@ def test_vllm_extra_resolves_with_flywheels_pins(tmp_path):
     """pip's resolver, for real, against the package registry: the vllm extra and flywheel's own
     dependencies install together, with the tested torch and transformers."""
     report = tmp_path / "report.json"
-    p = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed",
-                        "--disable-pip-version-check", "--report", str(report), "torch==2.13.0", f"{ROOT}[vllm]"],
-                       capture_output=True, text=True, timeout=600, check=False)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--quiet",
+            "--ignore-installed",
+            "--disable-pip-version-check",
+            "--report",
+            str(report),
+            "torch==2.13.0",
+            f"{ROOT}[vllm]",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
-    versions = {i["metadata"]["name"].lower(): i["metadata"]["version"]
-                for i in json.loads(report.read_text())["install"]}
+    versions = {
+        i["metadata"]["name"].lower(): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]
+    }
     assert versions["vllm"].startswith("0.30.")
     assert versions["torch"].split("+")[0] == "2.13.0"
     assert versions["transformers"].startswith("5.") and versions["trl"].startswith("1.")

@@ -11,29 +11,48 @@ from flywheel.models import rewards
 
 ROOT = Path(__file__).resolve().parents[2]
 
-EVERY_SOURCE = {"judge": {"sources": [
-    {"type": "verifier", "match": "numeric", "tolerance": 0.01},
-    {"type": "verifier", "name": "rx", "match": "regex", "pattern": "{answer}"},
-    {"type": "verifier", "name": "fn", "match": "callable", "callable": "json:dumps"},
-    {"type": "llm_judge", "samples": 3, "previous": True},
-    {"type": "pairwise_judge", "opponents": 2},
-    {"type": "majority_vote", "min_vote_share": 0.25},
-    "self_certainty",
-    {"type": "implicit_reward", "beta": 0.2}]}}
+EVERY_SOURCE = {
+    "judge": {
+        "sources": [
+            {"type": "verifier", "match": "numeric", "tolerance": 0.01},
+            {"type": "verifier", "name": "rx", "match": "regex", "pattern": "{answer}"},
+            {"type": "verifier", "name": "fn", "match": "callable", "callable": "json:dumps"},
+            {"type": "llm_judge", "samples": 3, "previous": True},
+            {"type": "pairwise_judge", "opponents": 2},
+            {"type": "majority_vote", "min_vote_share": 0.25},
+            "self_certainty",
+            {"type": "implicit_reward", "beta": 0.2},
+        ]
+    }
+}
 
 CASES = {
-    "default": ({}, "5bb1129c1f6b9747",
-                {"verifier": "e92ac70de919a656", "llm_judge": "6479a880241e2915"}),
-    "label_free": ("label_free", "39fecf79ae9a3d2c",
-                   {"majority_vote": "0aaff4b01e4ec0ff", "self_certainty": "4e00d85e3f527f5e"}),
-    "every_source": (EVERY_SOURCE, "8bfd3d97e15d57ca",
-                     {"verifier": "9b3e1d66b77adf89", "rx": "0afe83341742e074", "fn": "e0deea64f7bcb069",
-                      "majority_vote": "175a2b8e6072a48a", "self_certainty": "4e00d85e3f527f5e",
-                      "llm_judge": "baa549d251cb47f7", "pairwise_judge": "5f2bf15813caca95",
-                      "implicit_reward": "e693ca7257e22166", "llm_judge@previous": "baa549d251cb47f7"}),
-    "prompts_file": ({"task": {"prompts_file": "configs/default.yaml", "prompts_per_round": 8,
-                               "instruction": "Answer:"}}, "c14b02a3edd800cd",
-                     {"verifier": "e92ac70de919a656", "llm_judge": "6479a880241e2915"}),
+    "default": ({}, "5bb1129c1f6b9747", {"verifier": "e92ac70de919a656", "llm_judge": "6479a880241e2915"}),
+    "label_free": (
+        "label_free",
+        "39fecf79ae9a3d2c",
+        {"majority_vote": "0aaff4b01e4ec0ff", "self_certainty": "4e00d85e3f527f5e"},
+    ),
+    "every_source": (
+        EVERY_SOURCE,
+        "8bfd3d97e15d57ca",
+        {
+            "verifier": "9b3e1d66b77adf89",
+            "rx": "0afe83341742e074",
+            "fn": "e0deea64f7bcb069",
+            "majority_vote": "175a2b8e6072a48a",
+            "self_certainty": "4e00d85e3f527f5e",
+            "llm_judge": "baa549d251cb47f7",
+            "pairwise_judge": "5f2bf15813caca95",
+            "implicit_reward": "e693ca7257e22166",
+            "llm_judge@previous": "baa549d251cb47f7",
+        },
+    ),
+    "prompts_file": (
+        {"task": {"prompts_file": "configs/default.yaml", "prompts_per_round": 8, "instruction": "Answer:"}},
+        "c14b02a3edd800cd",
+        {"verifier": "e92ac70de919a656", "llm_judge": "6479a880241e2915"},
+    ),
 }
 
 

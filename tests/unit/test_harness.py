@@ -16,8 +16,13 @@ def test_a_multiple_choice_response_is_the_choice_of_highest_log_likelihood():
 
 
 def test_a_row_carries_the_samples_metric_and_a_stable_id():
-    sample = {"doc": {"q": "1 + 1", "a": "2"}, "target": "2", "filtered_resps": ["2"], "metrics": ["exact_match"],
-              "exact_match": 1.0}
+    sample = {
+        "doc": {"q": "1 + 1", "a": "2"},
+        "target": "2",
+        "filtered_resps": ["2"],
+        "metrics": ["exact_match"],
+        "exact_match": 1.0,
+    }
     row = harness._row(sample, "exact_match")
     assert row["response"] == "2" and row["score"] == 1.0 and row["extracted"] == "2"
     assert row["item_id"] == harness._row(dict(sample, filtered_resps=["3"], exact_match=0.0), "exact_match")["item_id"]

@@ -41,7 +41,8 @@ def modules() -> dict[str, Path]:
 def _type_checking(node: ast.If) -> bool:
     test = node.test
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def imported(name: str, path: Path, known: set[str]) -> set[str]:
@@ -67,7 +68,7 @@ def imported(name: str, path: Path, known: set[str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = name.split(".")
-                base = base[:len(base) - node.level + (1 if is_package else 0)]
+                base = base[: len(base) - node.level + (1 if is_package else 0)]
                 source = ".".join(base + ([node.module] if node.module else []))
             else:
                 source = node.module or ""
@@ -141,7 +142,11 @@ def test_no_import_cycles():
 
 
 def test_models_and_storage_never_import_tasks_or_flows():
-    bad = [(src, dst) for src, deps in graph().items()
-           if src.startswith(("flywheel.models", "flywheel.storage"))
-           for dst in deps if dst.startswith(("flywheel.tasks", "flywheel.flows"))]
+    bad = [
+        (src, dst)
+        for src, deps in graph().items()
+        if src.startswith(("flywheel.models", "flywheel.storage"))
+        for dst in deps
+        if dst.startswith(("flywheel.tasks", "flywheel.flows"))
+    ]
     assert bad == []

@@ -24,22 +24,60 @@ def seed_round(ws: Path, round_: int, n_prompts: int = 6) -> None:
     for i in range(n_prompts):
         text = f"State the final answer to the following arithmetic problem: {i} + {round_} ="
         pid = hashlib.sha256(text.encode()).hexdigest()
-        prompts.append(dict(run_id=RUN, round=round_, prompt_id=pid, split="train", task="chain_sum",
-                            category=f"chain_sum/num_terms={2 + i % 2}", seed=i, prompt=text,
-                            answer=str(i + round_), metadata="{}"))
+        prompts.append(
+            dict(
+                run_id=RUN,
+                round=round_,
+                prompt_id=pid,
+                split="train",
+                task="chain_sum",
+                category=f"chain_sum/num_terms={2 + i % 2}",
+                seed=i,
+                prompt=text,
+                answer=str(i + round_),
+                metadata="{}",
+            )
+        )
         for k in range(4):
             right = k < 2 or i % 3 == 0
             response = f"{i + round_}" if right else f"{i + round_ + k}"
             response = response + " " * k  # duplicates after whitespace normalisation
             cid = f"{round_}-{i}-{k}"
-            cands.append(dict(run_id=RUN, round=round_, candidate_id=cid, prompt_id=pid, policy="m", sample_index=k,
-                              seed=0, response=response, n_tokens=1 + k, finish_reason="stop", mean_logprob=-1.0,
-                              self_certainty=1.0, sampling="{}"))
-            judgments.append(dict(run_id=RUN, round=round_, candidate_id=cid, prompt_id=pid, source="verifier",
-                                  spec_hash="h", score=float(right), parse_ok=True, raw=response, details=None))
+            cands.append(
+                dict(
+                    run_id=RUN,
+                    round=round_,
+                    candidate_id=cid,
+                    prompt_id=pid,
+                    policy="m",
+                    sample_index=k,
+                    seed=0,
+                    response=response,
+                    n_tokens=1 + k,
+                    finish_reason="stop",
+                    mean_logprob=-1.0,
+                    self_certainty=1.0,
+                    sampling="{}",
+                )
+            )
+            judgments.append(
+                dict(
+                    run_id=RUN,
+                    round=round_,
+                    candidate_id=cid,
+                    prompt_id=pid,
+                    source="verifier",
+                    spec_hash="h",
+                    score=float(right),
+                    parse_ok=True,
+                    raw=response,
+                    details=None,
+                )
+            )
     parquet.write_table(ws, "prompts", RUN, round_, prompts, part="train")
-    parquet.write_table(ws, "prompts", RUN, round_, [dict(prompts[0], split="decontaminated", prompt="leaked?")],
-                        part="decontaminated")
+    parquet.write_table(
+        ws, "prompts", RUN, round_, [dict(prompts[0], split="decontaminated", prompt="leaked?")], part="decontaminated"
+    )
     parquet.write_table(ws, "candidates", RUN, round_, cands)
     parquet.write_table(ws, "judgments", RUN, round_, judgments)
 
@@ -75,14 +113,17 @@ def test_data_card_counts_each_filter(ws):
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("statement", [
-    "DELETE FROM pairs",
-    "COPY (SELECT * FROM pairs) TO 'stolen.csv'",
-    "ATTACH 'other.duckdb' AS other",
-    "INSTALL httpfs",
-    "CREATE TABLE t AS SELECT 1",
-    "SELECT 1; DROP VIEW pairs",
-])
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "DELETE FROM pairs",
+        "COPY (SELECT * FROM pairs) TO 'stolen.csv'",
+        "ATTACH 'other.duckdb' AS other",
+        "INSTALL httpfs",
+        "CREATE TABLE t AS SELECT 1",
+        "SELECT 1; DROP VIEW pairs",
+    ],
+)
 def test_sql_refuses_anything_that_writes(ws, tmp_path, statement):
     before = (ws / "catalog.duckdb").read_bytes()
     p = cli("sql", statement, "--workspace", str(ws), cwd=tmp_path)
@@ -98,7 +139,10 @@ def test_sql_formats(ws, tmp_path):
     csv = cli("sql", q, "--workspace", str(ws), "--format", "csv")
     assert csv.returncode == 0 and csv.stdout.decode().split() == ['"round","n"', "1,4", "2,4"]
     js = cli("sql", q, "--workspace", str(ws), "--format", "json")
-    assert [json.loads(line) for line in js.stdout.decode().splitlines()] == [{"round": 1, "n": 4}, {"round": 2, "n": 4}]
+    assert [json.loads(line) for line in js.stdout.decode().splitlines()] == [
+        {"round": 1, "n": 4},
+        {"round": 2, "n": 4},
+    ]
     out = tmp_path / "r.parquet"
     pq_run = cli("sql", q, "--workspace", str(ws), "--format", "parquet", "--out", str(out))
     assert pq_run.returncode == 0
@@ -135,8 +179,20 @@ def test_export_loads_with_datasets(ws, tmp_path, fmt):
     assert row["prompt"][0]["role"] == "user" and row["chosen"][0]["role"] == "assistant"
     assert row["chosen"][0]["content"] != row["rejected"][0]["content"]
     assert "flywheel pairs" in (to / "README.md").read_text()
-    one = cli("export", "sft", "--run", RUN, "--round", "1", "--to", str(tmp_path / "sft"), "--format", fmt,
-              "--workspace", str(ws))
+    one = cli(
+        "export",
+        "sft",
+        "--run",
+        RUN,
+        "--round",
+        "1",
+        "--to",
+        str(tmp_path / "sft"),
+        "--format",
+        fmt,
+        "--workspace",
+        str(ws),
+    )
     assert one.returncode == 0, one.stderr.decode()
 
 
@@ -170,8 +226,17 @@ def test_exported_pairs_train_one_dpo_step(ws, tmp_path):
     tok = AutoTokenizer.from_pretrained(ref)
     model = AutoModelForCausalLM.from_pretrained(ref, dtype=torch.float32)
     before = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
-    args = DPOConfig(output_dir=str(tmp_path / "t"), max_steps=1, per_device_train_batch_size=2, learning_rate=1e-4,
-                     report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, max_length=64)
+    args = DPOConfig(
+        output_dir=str(tmp_path / "t"),
+        max_steps=1,
+        per_device_train_batch_size=2,
+        learning_rate=1e-4,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        max_length=64,
+    )
     trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
     trainer.train()
     assert trainer.state.global_step == 1

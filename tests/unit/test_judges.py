@@ -3,16 +3,19 @@ import pytest
 from flywheel.models.judges import RubricError, extract_answer, load_rubric
 
 
-@pytest.mark.parametrize("response, reference, expected", [
-    ("The answer is 7.", "7", "7"),
-    ("3 + 4 = 7", "7", "7"),
-    ("It is -12, I think", "-12", "-12"),
-    ("1,234 apples", "1234", "1234"),
-    ("<answer> 42 </answer> and 7", "42", "42"),
-    ("no digits here", "7", None),
-    ("first line\nParis", "Paris", "Paris"),
-    ("", "7", None),
-])
+@pytest.mark.parametrize(
+    "response, reference, expected",
+    [
+        ("The answer is 7.", "7", "7"),
+        ("3 + 4 = 7", "7", "7"),
+        ("It is -12, I think", "-12", "-12"),
+        ("1,234 apples", "1234", "1234"),
+        ("<answer> 42 </answer> and 7", "42", "42"),
+        ("no digits here", "7", None),
+        ("first line\nParis", "Paris", "Paris"),
+        ("", "7", None),
+    ],
+)
 def test_extract_answer(response, reference, expected):
     assert extract_answer(response, reference) == expected
 
@@ -48,7 +51,10 @@ def test_placeholders_inside_inserted_text_are_kept_verbatim():
     question = "What does {response} mean in a template? And {question}?"
     user, _ = load_rubric().render(question, response="It is {response_b}, {question}")
     assert f"User: {question}\n<response>It is {{response_b}}, {{question}}</response>" in user
-    pair, _ = load_rubric(kind="pairwise").render("Q {response_a}", response_a="A says {response_b}",
-                                                  response_b="B says {response_a}")
-    assert "User: Q {response_a}\n<response A>A says {response_b}</response A>\n" \
-           "<response B>B says {response_a}</response B>" in pair
+    pair, _ = load_rubric(kind="pairwise").render(
+        "Q {response_a}", response_a="A says {response_b}", response_b="B says {response_a}"
+    )
+    assert (
+        "User: Q {response_a}\n<response A>A says {response_b}</response A>\n"
+        "<response B>B says {response_a}</response B>" in pair
+    )

@@ -18,24 +18,57 @@ CHAMP = Champion("m0", 0, accuracy=0.30, mean_tokens=10.0, guards={"basic_arithm
 
 def metrics(acc, tokens=10.0, guard=0.40, test=0.99):
     """A round's figures: `acc` on the validation split decides; the test split (`test`) never does."""
-    return {"accuracy": test, "exact_match": test, "mean_response_tokens": tokens, "validation_exact_match": acc,
-            "validation_mean_response_tokens": tokens, "guard_accuracy.basic_arithmetic": guard,
-            "guard_limits": {"basic_arithmetic": 0.05}}
+    return {
+        "accuracy": test,
+        "exact_match": test,
+        "mean_response_tokens": tokens,
+        "validation_exact_match": acc,
+        "validation_mean_response_tokens": tokens,
+        "guard_accuracy.basic_arithmetic": guard,
+        "guard_limits": {"basic_arithmetic": 0.05},
+    }
 
 
-@pytest.mark.parametrize("m, cfg, promoted, why", [
-    (metrics(0.55), PromotionConfig(), True, "validation exact match 55.0% vs champion (round 0) 50.0%: +5.0 points"),
-    (metrics(0.50), PromotionConfig(), True, "+0.0 points, needs ≥ +0.0"),
-    (metrics(0.49), PromotionConfig(), False, "validation exact match 49.0% vs champion (round 0) 50.0%: -1.0 points"),
-    # the test split is reported, never decided on: a test score far above the champion's changes nothing
-    (metrics(0.49, test=0.99), PromotionConfig(), False, "-1.0 points"),
-    (metrics(0.52), PromotionConfig(min_improvement=0.05), False, "needs ≥ +5.0"),
-    (metrics(0.60, tokens=16.0), PromotionConfig(max_length_growth=0.5), False, "mean length 16.0 vs 10.0 tokens: +60%"),
-    (metrics(0.60, tokens=16.0), PromotionConfig(max_length_growth=None), True, "validation exact match 60.0%"),
-    (metrics(0.60, guard=0.30), PromotionConfig(), False,
-     "guard basic_arithmetic 30.0% vs the starting model's 40.0%: -10.0 points"),
-    (metrics(0.60, guard=0.37), PromotionConfig(), True, "guard basic_arithmetic 37.0% vs the starting model's 40.0%"),
-])
+@pytest.mark.parametrize(
+    "m, cfg, promoted, why",
+    [
+        (
+            metrics(0.55),
+            PromotionConfig(),
+            True,
+            "validation exact match 55.0% vs champion (round 0) 50.0%: +5.0 points",
+        ),
+        (metrics(0.50), PromotionConfig(), True, "+0.0 points, needs ≥ +0.0"),
+        (
+            metrics(0.49),
+            PromotionConfig(),
+            False,
+            "validation exact match 49.0% vs champion (round 0) 50.0%: -1.0 points",
+        ),
+        # the test split is reported, never decided on: a test score far above the champion's changes nothing
+        (metrics(0.49, test=0.99), PromotionConfig(), False, "-1.0 points"),
+        (metrics(0.52), PromotionConfig(min_improvement=0.05), False, "needs ≥ +5.0"),
+        (
+            metrics(0.60, tokens=16.0),
+            PromotionConfig(max_length_growth=0.5),
+            False,
+            "mean length 16.0 vs 10.0 tokens: +60%",
+        ),
+        (metrics(0.60, tokens=16.0), PromotionConfig(max_length_growth=None), True, "validation exact match 60.0%"),
+        (
+            metrics(0.60, guard=0.30),
+            PromotionConfig(),
+            False,
+            "guard basic_arithmetic 30.0% vs the starting model's 40.0%: -10.0 points",
+        ),
+        (
+            metrics(0.60, guard=0.37),
+            PromotionConfig(),
+            True,
+            "guard basic_arithmetic 37.0% vs the starting model's 40.0%",
+        ),
+    ],
+)
 def test_promotion_gate(m, cfg, promoted, why):
     ok, reasons = decide(m, CHAMP, cfg, trained=True)
     assert ok is promoted
@@ -43,8 +76,12 @@ def test_promotion_gate(m, cfg, promoted, why):
 
 
 def test_guards_are_held_to_the_starting_model_not_the_champion():
-    start = {"accuracy": 0.3, "mean_response_tokens": 10.0, "validation_exact_match": 0.5,
-             "guard_accuracy.basic_arithmetic": 0.40}
+    start = {
+        "accuracy": 0.3,
+        "mean_response_tokens": 10.0,
+        "validation_exact_match": 0.5,
+        "guard_accuracy.basic_arithmetic": 0.40,
+    }
     # a champion that rose on the guard by chance: falling back to the start's level is no drop
     lucky = Champion.of("m2", 2, {**start, "guard_accuracy.basic_arithmetic": 0.47}, start)
     ok, reasons = decide(metrics(0.60, guard=0.39), lucky, PromotionConfig(), trained=True)
@@ -54,10 +91,18 @@ def test_guards_are_held_to_the_starting_model_not_the_champion():
     ok, reasons = decide(metrics(0.60, guard=0.34), slipped, PromotionConfig(), trained=True)
     assert not ok and "34.0% vs the starting model's 40.0%: -6.0 points, limit −5.0" in reasons[0], reasons
     # and _replay keeps round 0's guards as the baseline for every later champion
-    history = [{"round": 0, "policy_out": "base", "policy_in": "base", "promoted": True, "reference_model": None,
-                **start},
-               {"round": 1, "policy_out": "m1", "policy_in": "base", "promoted": True, "reference_model": "base",
-                **start, "guard_accuracy.basic_arithmetic": 0.47}]
+    history = [
+        {"round": 0, "policy_out": "base", "policy_in": "base", "promoted": True, "reference_model": None, **start},
+        {
+            "round": 1,
+            "policy_out": "m1",
+            "policy_in": "base",
+            "promoted": True,
+            "reference_model": "base",
+            **start,
+            "guard_accuracy.basic_arithmetic": 0.47,
+        },
+    ]
     champion = _replay(history, "base")[0]
     assert champion.guards == {"basic_arithmetic": 0.47} and champion.baseline_guards == {"basic_arithmetic": 0.40}
     # the champion crosses into the round flow as a dict (a Prefect parameter) and back
@@ -66,21 +111,31 @@ def test_guards_are_held_to_the_starting_model_not_the_champion():
 
 def test_a_guard_drop_blocks_only_when_its_interval_is_below_zero_by_default():
     # −6 points past a 5-point limit, but the paired interval reaches 0: noise, not a drop
-    noisy = {**metrics(0.60, guard=0.34), "guard_change.basic_arithmetic.accuracy_gain_low": -0.15,
-             "guard_change.basic_arithmetic.accuracy_gain_high": 0.02}
+    noisy = {
+        **metrics(0.60, guard=0.34),
+        "guard_change.basic_arithmetic.accuracy_gain_low": -0.15,
+        "guard_change.basic_arithmetic.accuracy_gain_high": 0.02,
+    }
     ok, reasons = decide(noisy, CHAMP, PromotionConfig(), trained=True)
-    assert ok and any("-6.0 points, 95% interval [-15.0, +2.0], limit −5.0 (within noise" in r for r in reasons), reasons
+    assert ok and any("-6.0 points, 95% interval [-15.0, +2.0], limit −5.0 (within noise" in r for r in reasons), (
+        reasons
+    )
     # the same drop with its interval below 0 blocks
     real = {**noisy, "guard_change.basic_arithmetic.accuracy_gain_high": -0.01}
     ok, reasons = decide(real, CHAMP, PromotionConfig(), trained=True)
-    assert not ok and reasons == ["guard basic_arithmetic 34.0% vs the starting model's 40.0%: -6.0 points, "
-                                  "95% interval [-15.0, -1.0], limit −5.0"], reasons
+    assert not ok and reasons == [
+        "guard basic_arithmetic 34.0% vs the starting model's 40.0%: -6.0 points, "
+        "95% interval [-15.0, -1.0], limit −5.0"
+    ], reasons
     # guard_rule: point decides on the difference alone
     ok, reasons = decide(noisy, CHAMP, PromotionConfig(guard_rule="point"), trained=True)
     assert not ok and "within noise" not in reasons[0]
     # a significant drop inside the limit passes under both rules
-    small = {**metrics(0.60, guard=0.37), "guard_change.basic_arithmetic.accuracy_gain_low": -0.06,
-             "guard_change.basic_arithmetic.accuracy_gain_high": -0.01}
+    small = {
+        **metrics(0.60, guard=0.37),
+        "guard_change.basic_arithmetic.accuracy_gain_low": -0.06,
+        "guard_change.basic_arithmetic.accuracy_gain_high": -0.01,
+    }
     assert decide(small, CHAMP, PromotionConfig(), trained=True)[0]
     assert decide(small, CHAMP, PromotionConfig(guard_rule="point"), trained=True)[0]
 
@@ -92,10 +147,30 @@ def test_untrained_round_is_never_promoted():
 
 def test_champion_and_streak_follow_the_rounds():
     def r(k, acc, promoted, ref="base"):
-        return {"round": k, "accuracy": acc, "mean_response_tokens": 10.0, "promoted": promoted,
-                "policy_in": f"m{k - 1}", "policy_out": f"m{k}", "reference_model": ref}
-    history = [{"round": 0, "accuracy": 0.4, "mean_response_tokens": 10.0, "promoted": True, "policy_in": "base",
-                "policy_out": "base", "reference_model": None}, r(1, 0.5, True), r(2, 0.45, False), r(3, 0.44, False)]
+        return {
+            "round": k,
+            "accuracy": acc,
+            "mean_response_tokens": 10.0,
+            "promoted": promoted,
+            "policy_in": f"m{k - 1}",
+            "policy_out": f"m{k}",
+            "reference_model": ref,
+        }
+
+    history = [
+        {
+            "round": 0,
+            "accuracy": 0.4,
+            "mean_response_tokens": 10.0,
+            "promoted": True,
+            "policy_in": "base",
+            "policy_out": "base",
+            "reference_model": None,
+        },
+        r(1, 0.5, True),
+        r(2, 0.45, False),
+        r(3, 0.44, False),
+    ]
     champion, refs, previous, since = _replay(history, "base")
     assert (champion.policy, champion.round, champion.accuracy) == ("m1", 1, 0.5)
     assert since == 2 and previous == "m2" and refs["m1"] == "base" and refs["base"] is None
@@ -106,8 +181,14 @@ def _cli(tmp_path, *args, env=None):
     e.pop("MLFLOW_TRACKING_URI", None)
     if env and "MLFLOW_TRACKING_URI" in env:
         e["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
-    return subprocess.run([sys.executable, "-m", "flywheel.flows.cli", *args], capture_output=True, text=True,
-                          env=e, cwd=tmp_path, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "flywheel.flows.cli", *args],
+        capture_output=True,
+        text=True,
+        env=e,
+        cwd=tmp_path,
+        timeout=300,
+    )
 
 
 def _one_error_line(p):
@@ -142,8 +223,15 @@ def test_read_only_workspace_fails_before_work(tmp_path):
 def test_unreachable_mlflow_store_fails_before_work(tmp_path):
     ws = tmp_path / "ws"
     uri = "http://flywheel:s3cret@127.0.0.1:9"  # nothing listens on port 9
-    p = _cli(tmp_path, "run", "--workspace", str(ws), "--rounds", "1", env={
-        "MLFLOW_TRACKING_URI": uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"})
+    p = _cli(
+        tmp_path,
+        "run",
+        "--workspace",
+        str(ws),
+        "--rounds",
+        "1",
+        env={"MLFLOW_TRACKING_URI": uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"},
+    )
     line = _one_error_line(p)
     assert "MLflow tracking store http://***@127.0.0.1:9 is unreachable" in line
     assert "s3cret" not in p.stderr and "s3cret" not in p.stdout, "credentials never reach the logs"
@@ -184,14 +272,24 @@ def _requests_error():
     return requests.exceptions.ConnectionError("MLflow server went away")
 
 
-@pytest.mark.parametrize("error, retried", [
-    (OSError(errno.EIO, "disk hiccup"), True), (OSError(errno.ESTALE, "stale NFS handle"), True),
-    (ConnectionError("reset"), True), (ConnectionResetError(errno.ECONNRESET, "reset"), True),
-    (TimeoutError("slow nfs"), True), (_requests_error(), True),
-    (FileNotFoundError(errno.ENOENT, "no such file"), False), (PermissionError(errno.EACCES, "denied"), False),
-    (IsADirectoryError(errno.EISDIR, "is a directory"), False), (OSError("no errno: unknown cause"), False),
-    (OSError(errno.ENOSPC, "disk full"), False), (ValueError("a bug"), False), (KeyError("a bug"), False),
-])
+@pytest.mark.parametrize(
+    "error, retried",
+    [
+        (OSError(errno.EIO, "disk hiccup"), True),
+        (OSError(errno.ESTALE, "stale NFS handle"), True),
+        (ConnectionError("reset"), True),
+        (ConnectionResetError(errno.ECONNRESET, "reset"), True),
+        (TimeoutError("slow nfs"), True),
+        (_requests_error(), True),
+        (FileNotFoundError(errno.ENOENT, "no such file"), False),
+        (PermissionError(errno.EACCES, "denied"), False),
+        (IsADirectoryError(errno.EISDIR, "is a directory"), False),
+        (OSError("no errno: unknown cause"), False),
+        (OSError(errno.ENOSPC, "disk full"), False),
+        (ValueError("a bug"), False),
+        (KeyError("a bug"), False),
+    ],
+)
 def test_only_transient_failures_are_retried(error, retried):
     from flywheel.flows.flywheel import _retry_transient
 
@@ -215,8 +313,9 @@ def test_a_stage_timeout_is_not_retried():
 
 
 def _git(cwd, *args):
-    return subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=cwd, check=True,
-                          capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        ["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=cwd, check=True, capture_output=True, text=True
+    ).stdout.strip()
 
 
 def test_code_version_records_exactly_what_ran(tmp_path):
@@ -245,8 +344,10 @@ def test_code_version_ignores_an_unrelated_repository_around_an_installed_copy(t
     assert theirs not in version and version.startswith("0.1.0")
 
 
-_TRY_LOCK = ("import sys\nfrom flywheel.storage import lock\ntry:\n    with lock.workspace_lock(sys.argv[1]):\n"
-             "        pass\nexcept lock.WorkspaceBusy:\n    sys.exit(3)\n")
+_TRY_LOCK = (
+    "import sys\nfrom flywheel.storage import lock\ntry:\n    with lock.workspace_lock(sys.argv[1]):\n"
+    "        pass\nexcept lock.WorkspaceBusy:\n    sys.exit(3)\n"
+)
 
 
 def test_the_lock_is_reentrant_in_its_process_and_exclusive_across_processes(tmp_path):
@@ -268,8 +369,13 @@ def test_the_cli_holds_the_lock_from_its_checks_to_the_end_of_the_flow(tmp_path,
 
     def flow(config, resume=None, force_from_stage=None, run_id=None):
         seen.append(subprocess.run([sys.executable, "-c", _TRY_LOCK, str(ws)], timeout=60).returncode)
-        return {"run_id": "r", "mlflow_run_id": "m", "champion": "base", "champion_accuracy": 0.5,
-                "rounds": [{"round": 0, "accuracy": 0.5, "promoted": True}]}
+        return {
+            "run_id": "r",
+            "mlflow_run_id": "m",
+            "champion": "base",
+            "champion_accuracy": 0.5,
+            "rounds": [{"round": 0, "accuracy": 0.5, "promoted": True}],
+        }
 
     monkeypatch.setattr(fw, "flywheel", flow)
     monkeypatch.setattr(fw, "check", lambda *a, **k: seen.append("checked"))

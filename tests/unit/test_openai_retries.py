@@ -61,8 +61,13 @@ class Server:
 
     def engine(self, **openai) -> engines.OpenAIEngine:
         port = self.httpd.server_address[1]
-        return engines.OpenAIEngine(C.ModelConfig(name="m", engine="openai", openai={
-            "base_url": f"http://127.0.0.1:{port}/v1", "backoff_s": 0.01, **openai}))
+        return engines.OpenAIEngine(
+            C.ModelConfig(
+                name="m",
+                engine="openai",
+                openai={"base_url": f"http://127.0.0.1:{port}/v1", "backoff_s": 0.01, **openai},
+            )
+        )
 
 
 @pytest.fixture

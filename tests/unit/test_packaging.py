@@ -19,13 +19,20 @@ ROOT = Path(__file__).resolve().parents[2]
 def _warnings(text: str) -> list[str]:
     # setuptools' notices (pip shows them as BuildBackendWarning, the hook alone as InformationOnly);
     # pip's notices about this machine's own index settings ("Location … is ignored") are not ours
-    return [ln for ln in text.splitlines() if ("warn" in ln.lower() or "Editable installation" in ln
-                                               or "absent from" in ln) and "Location 'file" not in ln]
+    return [
+        ln
+        for ln in text.splitlines()
+        if ("warn" in ln.lower() or "Editable installation" in ln or "absent from" in ln) and "Location 'file" not in ln
+    ]
 
 
 def test_wheel_builds_without_warnings_and_ships_its_data(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
-                        str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
     assert not _warnings(p.stdout + p.stderr), _warnings(p.stdout + p.stderr)
     names = zipfile.ZipFile(next(tmp_path.glob("flywheel-*.whl"))).namelist()
@@ -43,8 +50,14 @@ def test_editable_build_is_quiet_with_dev_py_settings(tmp_path, script):
     import os
 
     hook = "import sys; from setuptools import build_meta; build_meta.build_editable(sys.argv[1])"
-    run = lambda env: subprocess.run([sys.executable, "-c", hook, str(tmp_path)], cwd=ROOT,  # noqa: E731
-                                     capture_output=True, text=True, timeout=300, env=env)
+    run = lambda env: subprocess.run(
+        [sys.executable, "-c", hook, str(tmp_path)],
+        cwd=ROOT,  # noqa: E731
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     quiet = run({**os.environ, **script("scripts/dev.py").QUIET_BUILD})
     assert quiet.returncode == 0, quiet.stderr
     assert not _warnings(quiet.stdout + quiet.stderr), _warnings(quiet.stdout + quiet.stderr)
@@ -58,8 +71,9 @@ def _requirements() -> dict[str, list[Requirement]]:
     """pyproject's requirements by group: the runtime dependencies and each extra."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = {f"[{k}]": v for k, v in project["optional-dependencies"].items()}
-    return {group: [Requirement(r) for r in reqs] for group, reqs in {"runtime": project["dependencies"],
-                                                                        **extras}.items()}
+    return {
+        group: [Requirement(r) for r in reqs] for group, reqs in {"runtime": project["dependencies"], **extras}.items()
+    }
 
 
 def _pins() -> dict[str, str]:
@@ -74,8 +88,12 @@ def _pins() -> dict[str, str]:
 
 def test_every_dependency_has_an_upper_bound():
     """A fresh install never takes a release the tests have not seen (a new transformers or TRL)."""
-    unbounded = [f"{group} {r}" for group, reqs in _requirements().items() for r in reqs
-                 if not any(s.operator in ("<", "<=", "==", "~=", "===") for s in r.specifier)]
+    unbounded = [
+        f"{group} {r}"
+        for group, reqs in _requirements().items()
+        for r in reqs
+        if not any(s.operator in ("<", "<=", "==", "~=", "===") for s in r.specifier)
+    ]
     assert not unbounded, unbounded
 
 
@@ -85,8 +103,12 @@ def test_constraints_pin_each_tested_dependency_inside_its_range():
     # vllm is the GPU extra: resolved on its own (test_engines.py), not in the CPU set CI tests
     tested = [r for group, reqs in _requirements().items() if group != "[vllm]" for r in reqs]
     unpinned = [r.name for r in tested if canonicalize_name(r.name) not in pins]
-    outside = [f"{r} (pinned {pins[canonicalize_name(r.name)]})" for r in tested if canonicalize_name(r.name) in pins
-               and not r.specifier.contains(pins[canonicalize_name(r.name)], prereleases=True)]
+    outside = [
+        f"{r} (pinned {pins[canonicalize_name(r.name)]})"
+        for r in tested
+        if canonicalize_name(r.name) in pins
+        and not r.specifier.contains(pins[canonicalize_name(r.name)], prereleases=True)
+    ]
     assert not unpinned and not outside, (unpinned, outside)
 
 
@@ -94,11 +116,17 @@ def test_installed_packages_are_the_pinned_ones():
     """The environment these tests run in is the tested set: a package at another version than
     constraints.txt pins (an install without -c, a hand-upgraded package) fails here by name."""
     installed = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
-    drift = [f"{name} {installed[name]} (pinned {version})" for name, version in _pins().items()
-             if name in installed and not SpecifierSet(f"=={version}").contains(installed[name], prereleases=True)]
+    drift = [
+        f"{name} {installed[name]} (pinned {version})"
+        for name, version in _pins().items()
+        if name in installed and not SpecifierSet(f"=={version}").contains(installed[name], prereleases=True)
+    ]
     assert not drift, drift
-    missing = [r.name for r in _requirements()["runtime"] + _requirements()["[dev]"]
-               if canonicalize_name(r.name) not in installed]
+    missing = [
+        r.name
+        for r in _requirements()["runtime"] + _requirements()["[dev]"]
+        if canonicalize_name(r.name) not in installed
+    ]
     assert not missing, missing
 
 

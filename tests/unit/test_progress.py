@@ -79,5 +79,7 @@ def test_two_runs_of_one_name_publish_separate_summary_histories(prefect_harness
         round_flow(run_id)
     with get_client(sync_client=True) as client:
         for run_id in ("20250101-120000-aaaaaa", "20250101-120000-bbbbbb"):
-            arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[summary_key(run_id)])))
+            arts = client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[summary_key(run_id)]))
+            )
             assert len(arts) == 1 and f"flywheel run {run_id}, round 1" in arts[0].data

@@ -62,15 +62,28 @@ def test_a_spec_without_its_literal_type_is_refused():
     with pytest.raises(ConfigError, match="needs a field type: Literal"):
         rewards.register("other_name", spec=ConstantSource, source=Constant)
     with pytest.raises(ConfigError, match="registered twice"):
-        rewards.register("verifier", spec=type("VerifierSource", (C._Source,), {
-            "__annotations__": {"type": Literal["verifier"]}, "type": "verifier"}), source=Constant)
+        rewards.register(
+            "verifier",
+            spec=type(
+                "VerifierSource", (C._Source,), {"__annotations__": {"type": Literal["verifier"]}, "type": "verifier"}
+            ),
+            source=Constant,
+        )
 
 
-@pytest.mark.parametrize("value, message", [
-    ("no_such_module_for_flywheel", ("plugin 'broken' (no_such_module_for_flywheel, entry point group "
-                                     "flywheel.test) failed to load: ModuleNotFoundError: No module named")),
-    ("json", "plugin 'broken' (json, entry point group flywheel.test) registered nothing named 'broken'"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (
+            "no_such_module_for_flywheel",
+            (
+                "plugin 'broken' (no_such_module_for_flywheel, entry point group "
+                "flywheel.test) failed to load: ModuleNotFoundError: No module named"
+            ),
+        ),
+        ("json", "plugin 'broken' (json, entry point group flywheel.test) registered nothing named 'broken'"),
+    ],
+)
 def test_a_broken_plugin_fails_in_one_line_naming_it(monkeypatch, value, message):
     eps = [EntryPoint(name="broken", value=value, group="flywheel.test")]
     monkeypatch.setattr(plugins, "entry_points", lambda group: eps if group == "flywheel.test" else [])

@@ -21,8 +21,16 @@ def batch(prompts: dict[str, tuple[str | None, list[str]]], certainty=None) -> r
         pid = f"p{pi}"
         p_rows[pid] = dict(prompt_id=pid, prompt=text, answer=answer, metadata="{}")
         for k, r in enumerate(responses):
-            c_rows.append(dict(candidate_id=f"{pid}c{k}", prompt_id=pid, sample_index=k, response=r,
-                               n_tokens=len(r.split()), self_certainty=None if certainty is None else certainty[k]))
+            c_rows.append(
+                dict(
+                    candidate_id=f"{pid}c{k}",
+                    prompt_id=pid,
+                    sample_index=k,
+                    response=r,
+                    n_tokens=len(r.split()),
+                    self_certainty=None if certainty is None else certainty[k],
+                )
+            )
     return rewards.Batch(p_rows, c_rows)
 
 
@@ -38,10 +46,13 @@ def test_verifier_task_uses_reasoning_gym_score_answer():
     src = ReasoningGymSource("chain_sum", EASY)
     item = src.items(3, 1)[0]
     right, wrong = item.answer, str(int(item.answer) + 1)
-    b = rewards.Batch({"p": dict(prompt_id="p", prompt=item.prompt, answer=item.answer,
-                                 metadata=json.dumps(item.metadata))},
-                      [dict(candidate_id=f"c{k}", prompt_id="p", sample_index=k, response=r, n_tokens=1)
-                       for k, r in enumerate([f"The answer is {right}.", wrong, "no idea"])])
+    b = rewards.Batch(
+        {"p": dict(prompt_id="p", prompt=item.prompt, answer=item.answer, metadata=json.dumps(item.metadata))},
+        [
+            dict(candidate_id=f"c{k}", prompt_id="p", sample_index=k, response=r, n_tokens=1)
+            for k, r in enumerate([f"The answer is {right}.", wrong, "no idea"])
+        ],
+    )
     assert scores(verifier(), b) == [1.0, 0.0, 0.0]
 
 
@@ -57,7 +68,8 @@ def test_verifier_callable(tmp_path, monkeypatch):
     (tmp_path / "my_checks.py").write_text(
         "def length_ok(prompt, response, answer, metadata):\n    return float(len(response) <= 3)\n"
         "def broken(prompt, response, answer, metadata):\n    raise RuntimeError('boom')\n"
-        "not_callable = 3\n")
+        "not_callable = 3\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     b = batch({"q": ("1", ["abc", "abcd"])})
     assert scores(verifier(match="callable", callable="my_checks:length_ok"), b) == [1.0, 0.0]
@@ -74,8 +86,7 @@ def test_verifier_callable(tmp_path, monkeypatch):
 
 
 def test_majority_vote_pseudo_label_and_vote_share():
-    b = batch({"q1": ("7", ["7", "The answer is 7", "8", "no answer", "6"]),
-               "tie": (None, ["3", "4", "4", "3"])})
+    b = batch({"q1": ("7", ["7", "The answer is 7", "8", "no answer", "6"]), "tie": (None, ["3", "4", "4", "3"])})
     verdicts = rewards.MajorityVote(C.MajorityVoteSource(), None).judge(b, rewards.Models("unused"))
     assert [v.score for v in verdicts] == [1.0, 1.0, 0.0, None, 0.0, 1.0, 0.0, 0.0, 1.0]
     assert verdicts[0].details == {"label": "7", "vote_share": 0.4}
@@ -92,6 +103,7 @@ def test_majority_vote_min_vote_share_leaves_unsure_prompts_unscored():
     # the default (0) keeps the source's hash and the config's hash as before the setting existed
     plain = rewards.MajorityVote(C.MajorityVoteSource(), None)
     assert plain.spec_hash != rewards.MajorityVote(src, None).spec_hash
+
     def cfg(source):
         return C.FlywheelConfig(judge={"sources": [source]}, curation={"reward": "majority_vote"})
 
@@ -115,8 +127,10 @@ def test_pointwise_verdict_expected_and_sampled():
     parsed = [d for d in draws if d >= 0]
     assert k.score == pytest.approx(sum(parsed) / len(parsed)) and 0.15 < draws.count(-1) / 200 < 0.25
     assert k.variance > 0
-    assert judges.pointwise_verdict(nt, samples=5, rng=random.Random(1)).score == \
-        judges.pointwise_verdict(nt, samples=5, rng=random.Random(1)).score, "seeded"
+    assert (
+        judges.pointwise_verdict(nt, samples=5, rng=random.Random(1)).score
+        == judges.pointwise_verdict(nt, samples=5, rng=random.Random(1)).score
+    ), "seeded"
     unparsed = judges.pointwise_verdict(judges.NextToken({str(s): 0.0 for s in range(6)}, "I"))
     assert unparsed.score is None and not unparsed.parse_ok and unparsed.raw == "I"
 
@@ -141,6 +155,7 @@ def test_ring_pairs_cover_every_pair_at_half_n():
 
 class ScriptedJudge:
     """An engine whose next-token verdicts come from a function of the rendered inputs."""
+
     verdict_method = "scripted"
 
     def __init__(self, fn):
@@ -157,6 +172,7 @@ def test_pairwise_scores_follow_the_judges_verdicts(monkeypatch):
     """A judge that reads the content (it prefers the answer closer to 7, in either position):
     each candidate's score is its share of wins, so the ranking is the judge's own. A pairwise
     source that ignored the verdicts (constant, positional or random scores) fails here."""
+
     def closer_to_seven(model, tok, rubric, renders, labels, **kw):
         out = []
         for r in renders:
@@ -195,11 +211,26 @@ def test_always_A_pairwise_judge_is_fully_position_biased_and_yields_no_pairs(mo
 
     con = duckdb.connect()
     con.register("judgments", to_table("judgments", rows))
-    con.register("candidates", to_table("candidates", [dict(c, run_id="r", round=1, policy="m", seed=0,
-                                                            finish_reason="stop", mean_logprob=None,
-                                                            sampling="{}") for c in b.candidates]))
-    con.register("prompts", to_table("prompts", [dict(p, run_id="r", round=1, split="train", task="t", category="t",
-                                                      seed=None) for p in b.prompts.values()]))
+    con.register(
+        "candidates",
+        to_table(
+            "candidates",
+            [
+                dict(c, run_id="r", round=1, policy="m", seed=0, finish_reason="stop", mean_logprob=None, sampling="{}")
+                for c in b.candidates
+            ],
+        ),
+    )
+    con.register(
+        "prompts",
+        to_table(
+            "prompts",
+            [
+                dict(p, run_id="r", round=1, split="train", task="t", category="t", seed=None)
+                for p in b.prompts.values()
+            ],
+        ),
+    )
     curated = curate(con, C.CurationConfig(reward="pairwise_judge", min_margin=0.1))
     assert curated.pairs.num_rows == 0 and curated.funnel["prompts_uniform"] == 2
 
@@ -208,11 +239,15 @@ def test_health_against_the_verifier():
     from flywheel.tasks.judge import health
 
     cands = [dict(candidate_id=c, prompt_id="p", n_tokens=n) for c, n in (("a", 1), ("b", 5), ("c", 9))]
-    rows = [dict(candidate_id=c, prompt_id="p", source=s, score=v, parse_ok=v is not None, details=None)
-            for s, vals in (("verifier", (1.0, 0.0, 0.0)), ("llm_judge", (4.0, 3.0, None)))
-            for c, v in zip("abc", vals)]
-    h = {(x["source"], x["metric"]): x["value"] for x in
-         health(rows, cands, {"p": {"answer": "1"}}, {"verifier": "verifier", "llm_judge": "llm_judge"})}
+    rows = [
+        dict(candidate_id=c, prompt_id="p", source=s, score=v, parse_ok=v is not None, details=None)
+        for s, vals in (("verifier", (1.0, 0.0, 0.0)), ("llm_judge", (4.0, 3.0, None)))
+        for c, v in zip("abc", vals)
+    ]
+    h = {
+        (x["source"], x["metric"]): x["value"]
+        for x in health(rows, cands, {"p": {"answer": "1"}}, {"verifier": "verifier", "llm_judge": "llm_judge"})
+    }
     assert h[("llm_judge", "parse_failure_rate")] == pytest.approx(1 / 3)
     assert h[("llm_judge", "verifier_agreement")] == 0.5  # a: 4 ≥ 2.5 & right; b: 3 ≥ 2.5 but wrong
     assert h[("llm_judge", "verifier_pairwise_accuracy")] == 1.0  # the one verifier-ordered pair (a, b): 4 > 3
@@ -224,10 +259,12 @@ def test_contested_subset_skips_prompts_the_cheap_sources_score_alike():
     from flywheel.tasks.judge import contested
 
     cands = [dict(candidate_id=f"{p}{k}", prompt_id=p) for p in "abc" for k in range(2)]
-    cheap = [dict(source="verifier", prompt_id="a", score=s) for s in (1.0, 0.0)] + \
-            [dict(source="verifier", prompt_id="b", score=s) for s in (1.0, 1.0)] + \
-            [dict(source="verifier", prompt_id="c", score=s) for s in (0.0, None)] + \
-            [dict(source="majority_vote", prompt_id="c", score=s) for s in (1.0, 0.0)]
+    cheap = (
+        [dict(source="verifier", prompt_id="a", score=s) for s in (1.0, 0.0)]
+        + [dict(source="verifier", prompt_id="b", score=s) for s in (1.0, 1.0)]
+        + [dict(source="verifier", prompt_id="c", score=s) for s in (0.0, None)]
+        + [dict(source="majority_vote", prompt_id="c", score=s) for s in (1.0, 0.0)]
+    )
     assert [c["candidate_id"] for c in contested(cands, cheap)] == ["a0", "a1", "c0", "c1"]
     assert contested(cands, []) == cands, "with no cheap source, every candidate is judged"
 
@@ -247,8 +284,12 @@ def test_auto_subset_is_contested_only_when_curation_decides_on_cheap_sources_al
     assert resolved({"curation": {"reward": {"verifier": 1.0, "llm_judge": 0.5}}}) == "all"
     assert resolved({"curation": {"reward": {"verifier": 1.0, "llm_judge": 0.0}}}) == "contested"
     assert resolved({"curation": {"consistency": ["llm_judge"]}}) == "all"  # SCIR's filter reads the judge
-    assert resolved({"judge": {"sources": ["verifier", {"type": "llm_judge", "previous": True}]},
-                     "curation": {"cream": "skip"}}) == "all"  # CREAM's τ too
+    assert (
+        resolved(
+            {"judge": {"sources": ["verifier", {"type": "llm_judge", "previous": True}]}, "curation": {"cream": "skip"}}
+        )
+        == "all"
+    )  # CREAM's τ too
     assert resolved({"judge": {"subset": "all"}}) == "all"
     assert resolved({"curation": {"reward": "llm_judge"}, "judge": {"subset": "contested"}}) == "contested"
     assert resolved({}, preset="label_free") == "all"  # its self-certainty is recorded on every candidate

@@ -18,8 +18,20 @@ RUN = "20260101-000000-abcdef"
 
 
 def bench_rows(n: int, round_: int = 0) -> list[dict]:
-    return [dict(run_id=RUN, round=round_, model="m", suite="s", item_id=f"i{i}", response="1", extracted="1",
-                 score=1.0, n_tokens=1) for i in range(n)]
+    return [
+        dict(
+            run_id=RUN,
+            round=round_,
+            model="m",
+            suite="s",
+            item_id=f"i{i}",
+            response="1",
+            extracted="1",
+            score=1.0,
+            n_tokens=1,
+        )
+        for i in range(n)
+    ]
 
 
 @pytest.fixture
@@ -102,9 +114,15 @@ def test_the_guards_hold_behind_the_filter(ws, tmp_path):
     secret = outside(tmp_path)
     with catalog.connect(ws) as con:
         assert con.execute("SELECT count(*) FROM benchmarks").fetchone() == (3,)
-        for statement in (f"SELECT * FROM read_text('{secret}')", f"COPY (SELECT 1) TO '{tmp_path}/x.csv'",
-                          f"ATTACH '{tmp_path}/x.duckdb'", "CREATE TABLE t (a INT)", "INSTALL httpfs",
-                          "SET enable_external_access = true", "SET lock_configuration = false"):
+        for statement in (
+            f"SELECT * FROM read_text('{secret}')",
+            f"COPY (SELECT 1) TO '{tmp_path}/x.csv'",
+            f"ATTACH '{tmp_path}/x.duckdb'",
+            "CREATE TABLE t (a INT)",
+            "INSTALL httpfs",
+            "SET enable_external_access = true",
+            "SET lock_configuration = false",
+        ):
             with pytest.raises(duckdb.Error):
                 con.execute(statement)
         assert con.execute("SELECT current_setting('enable_external_access')").fetchone() == (False,)

@@ -11,8 +11,9 @@ from flywheel.tasks.promote import Champion
 
 def state(round_=1):
     champ = Champion("ckpt/champ", 0, 0.5, 10.0)
-    return stage.RoundState(FlywheelConfig(), round_, "ckpt/policy", "ckpt/base", "ckpt/prev", "ckpt/ref",
-                            champion=champ)
+    return stage.RoundState(
+        FlywheelConfig(), round_, "ckpt/policy", "ckpt/base", "ckpt/prev", "ckpt/ref", champion=champ
+    )
 
 
 def test_the_round_runs_its_stages_in_order_and_promotion_is_one():
@@ -35,7 +36,12 @@ def test_fingerprints_chain_as_resumed_runs_expect():
     curate = short_hash("curate", judge)
     train = short_hash("train", curate, "ckpt/base")
     assert [fps[k] for k in ("generate", "judge", "curate", "train", "benchmark")] == [
-        gen, judge, curate, train, short_hash("benchmark", train)]
+        gen,
+        judge,
+        curate,
+        train,
+        short_hash("benchmark", train),
+    ]
     zero = stage.RoundState(cfg, 0, "ckpt/base", "ckpt/base")
     assert stage.get("benchmark").fingerprint(None, zero) == short_hash("benchmark", cfg.hash(), 0, "ckpt/base")
     assert stage.get("benchmark").params(s) == {"policy": "ckpt/out"}, "the round's model is benchmarked"

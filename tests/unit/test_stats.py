@@ -59,9 +59,14 @@ def test_exact_match_is_full_credit_only():
 
 def _decide(rule: str, gain: tuple[float, float, float]) -> tuple[bool, list[str]]:
     champion = promote.Champion("c", 0, 0.40, 10.0, validation=0.40)
-    metrics = {"accuracy": 0.40, "mean_response_tokens": 10.0, "validation_exact_match": 0.40 + gain[0],
-               "validation_exact_match_gain": gain[0], "validation_exact_match_gain_low": gain[1],
-               "validation_exact_match_gain_high": gain[2]}
+    metrics = {
+        "accuracy": 0.40,
+        "mean_response_tokens": 10.0,
+        "validation_exact_match": 0.40 + gain[0],
+        "validation_exact_match_gain": gain[0],
+        "validation_exact_match_gain_low": gain[1],
+        "validation_exact_match_gain_high": gain[2],
+    }
     return promote.decide(metrics, champion, PromotionConfig(rule=rule, min_improvement=0.0), trained=True)
 
 

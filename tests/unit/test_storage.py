@@ -8,8 +8,20 @@ from flywheel.storage.schemas import TABLES
 
 
 def bench_rows(n, run="r1", rnd=0):
-    return [dict(run_id=run, round=rnd, model="m", suite="s", item_id=f"i{k}", response="x", extracted="1",
-                 score=float(k % 2), n_tokens=3) for k in range(n)]
+    return [
+        dict(
+            run_id=run,
+            round=rnd,
+            model="m",
+            suite="s",
+            item_id=f"i{k}",
+            response="x",
+            extracted="1",
+            score=float(k % 2),
+            n_tokens=3,
+        )
+        for k in range(n)
+    ]
 
 
 def test_write_is_atomic_and_typed(tmp_path):
@@ -98,11 +110,19 @@ def test_two_workspaces_in_one_process_keep_their_own_mlflow_stores(tmp_path, mo
 def test_secrets_are_masked_in_params_and_errors():
     from flywheel.storage import tracking
 
-    assert tracking.redact({"cfg.hub_token": "hf_abc", "cfg.api_key": "k", "cfg.rounds": 3}) == \
-        {"cfg.hub_token": "***", "cfg.api_key": "***", "cfg.rounds": "3"}
+    assert tracking.redact({"cfg.hub_token": "hf_abc", "cfg.api_key": "k", "cfg.rounds": 3}) == {
+        "cfg.hub_token": "***",
+        "cfg.api_key": "***",
+        "cfg.rounds": "3",
+    }
     # secrets, not token counts: the sampling and judge limits stay readable in MLflow
-    safe = {"cfg.sampling.max_new_tokens": 32, "cfg.benchmark.max_new_tokens": 48, "cfg.judge.max_prompt_tokens": 1024,
-            "cfg.tokenizer": "x", "cfg.author": "me"}
+    safe = {
+        "cfg.sampling.max_new_tokens": 32,
+        "cfg.benchmark.max_new_tokens": 48,
+        "cfg.judge.max_prompt_tokens": 1024,
+        "cfg.tokenizer": "x",
+        "cfg.author": "me",
+    }
     assert tracking.redact(safe) == {k: str(v) for k, v in safe.items()}
     secret = {"cfg.token": "t", "cfg.db.password": "p", "cfg.aws_secret_access_key": "s", "cfg.credentials": "c"}
     assert set(tracking.redact(secret).values()) == {"***"}

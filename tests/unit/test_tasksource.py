@@ -4,8 +4,14 @@ import pytest
 
 from flywheel.config import TaskConfig
 from flywheel.models.decontam import Decontaminator
-from flywheel.models.tasksource import (FileSource, ReasoningGymSource, TaskError, benchmark_items, make_source,
-                                        train_items)
+from flywheel.models.tasksource import (
+    FileSource,
+    ReasoningGymSource,
+    TaskError,
+    benchmark_items,
+    make_source,
+    train_items,
+)
 
 EASY = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
 
@@ -72,8 +78,14 @@ def test_a_commuted_sum_is_the_same_item():
     b = "State the final answer to the following arithmetic problem: 5 + 13 ="
     c = "State the final answer to the following arithmetic problem: 13 - 5 ="
     assert normal_forms(a) & normal_forms(b) and not normal_forms(a) & normal_forms(c)
-    d = Decontaminator([a] + [f"State the final answer to the following arithmetic problem: {x} - {y} ="
-                              for x in range(5) for y in range(4)])
+    d = Decontaminator(
+        [a]
+        + [
+            f"State the final answer to the following arithmetic problem: {x} - {y} ="
+            for x in range(5)
+            for y in range(4)
+        ]
+    )
     assert d.contaminated(b).rule == "normalised" and d.contaminated(c) is None
     assert d.contaminated("What is 5 + 13?").rule == "normalised"  # the same sum in other words
 
@@ -81,9 +93,10 @@ def test_a_commuted_sum_is_the_same_item():
 def test_the_ngram_rule_fires_on_short_prompts():
     """n scales with the prompt: a 12-word question with one word changed shares most of its 4-grams,
     which 8-grams (at most 5 per prompt, all touching the change) would miss."""
-    items = ["Which planet in our solar system has the largest number of moons today",
-             "Name the river that flows through the city of Paris in France"] + [
-        f"Question {i}: give a synonym of the word number {i} in the list" for i in range(20)]
+    items = [
+        "Which planet in our solar system has the largest number of moons today",
+        "Name the river that flows through the city of Paris in France",
+    ] + [f"Question {i}: give a synonym of the word number {i} in the list" for i in range(20)]
     d = Decontaminator(items, n=8, threshold=0.5)
     hit = d.contaminated("Which planet in our solar system has the greatest number of moons today")
     assert hit is not None and hit.rule == "ngram" and hit.item == 0
@@ -91,9 +104,10 @@ def test_the_ngram_rule_fires_on_short_prompts():
 
 
 def test_decontamination_catches_a_planted_overlap_and_spares_neighbours():
-    bench = ["State the final answer to the following arithmetic problem: 3 + 5 =",
-             "Explain in detail why the sky appears blue during the day but red at sunset."] + [
-        f"State the final answer to the following arithmetic problem: {a} + {b} =" for a in range(5) for b in range(4)]
+    bench = [
+        "State the final answer to the following arithmetic problem: 3 + 5 =",
+        "Explain in detail why the sky appears blue during the day but red at sunset.",
+    ] + [f"State the final answer to the following arithmetic problem: {a} + {b} =" for a in range(5) for b in range(4)]
     d = Decontaminator(bench, n=8, threshold=0.7)
     planted = "Here is a question for you. " + bench[1] + " Answer in one paragraph, please."
     assert d.contaminated(planted).item == 1
@@ -135,18 +149,21 @@ def test_missing_prompt_file(tmp_path):
         FileSource(tmp_path / "nope.jsonl")
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"", "has no prompts"),
-    (b'{"prompt": "ok"}\n{"prompt": "broken"\n', r"p.jsonl:2: malformed JSON"),
-    (b'{"prompt": "ok"}\n\n{"answer": "1"}\n', r"p.jsonl:3: missing or empty 'prompt'"),
-    (b'["a list"]\n', r"p.jsonl:1: expected a JSON object"),
-    (b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n', r"p.jsonl:2: not UTF-8 text \(byte 16 of the line\)"),
-    (b'{"prompt": "x", "n": ' + b"1" * 5000 + b"}\n", r"p.jsonl:1: unreadable JSON \(Exceeds the limit"),
-    (b'{"prompt": "x", "n": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n", r"p.jsonl:1: unreadable JSON"),
-    (b'{"prompt": "x\\ud800"}\n', r"p.jsonl:1: a string holds a lone surrogate escape"),
-    (b'{"prompt": "x", "topic": {"k\\udfff": 1}}\n', r"p.jsonl:1: a string holds a lone surrogate escape"),
-    (b'{"prompt": 7}\n', r"p.jsonl:1: missing or empty 'prompt'"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "has no prompts"),
+        (b'{"prompt": "ok"}\n{"prompt": "broken"\n', r"p.jsonl:2: malformed JSON"),
+        (b'{"prompt": "ok"}\n\n{"answer": "1"}\n', r"p.jsonl:3: missing or empty 'prompt'"),
+        (b'["a list"]\n', r"p.jsonl:1: expected a JSON object"),
+        (b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n', r"p.jsonl:2: not UTF-8 text \(byte 16 of the line\)"),
+        (b'{"prompt": "x", "n": ' + b"1" * 5000 + b"}\n", r"p.jsonl:1: unreadable JSON \(Exceeds the limit"),
+        (b'{"prompt": "x", "n": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n", r"p.jsonl:1: unreadable JSON"),
+        (b'{"prompt": "x\\ud800"}\n', r"p.jsonl:1: a string holds a lone surrogate escape"),
+        (b'{"prompt": "x", "topic": {"k\\udfff": 1}}\n', r"p.jsonl:1: a string holds a lone surrogate escape"),
+        (b'{"prompt": 7}\n', r"p.jsonl:1: missing or empty 'prompt'"),
+    ],
+)
 def test_bad_prompt_files_name_the_line(tmp_path, content, message):
     f = tmp_path / "p.jsonl"
     f.write_bytes(content)
@@ -159,7 +176,9 @@ def test_jsonl_records_end_at_newlines_only(tmp_path):
     record there. A byte-order mark and CRLF line ends are read as well."""
     prompts = ["a\u2028b", "c\x85d", "e\x0cf"]
     f = tmp_path / "p.jsonl"
-    f.write_bytes(b"\xef\xbb\xbf" + b"\r\n".join(json.dumps({"prompt": p}, ensure_ascii=False).encode() for p in prompts))
+    f.write_bytes(
+        b"\xef\xbb\xbf" + b"\r\n".join(json.dumps({"prompt": p}, ensure_ascii=False).encode() for p in prompts)
+    )
     assert [it.prompt for it in FileSource(f)._items] == prompts
 
 
@@ -172,8 +191,18 @@ def test_parquet_metadata_is_stored_as_json(tmp_path):
     import pyarrow.parquet as pq
 
     pf = tmp_path / "p.parquet"
-    pq.write_table(pa.table({"prompt": ["a?"], "answer": [3], "when": [datetime.datetime(2020, 1, 2)],
-                             "blob": [b"\x00\xff"], "price": [decimal.Decimal("1.50")]}), pf)
+    pq.write_table(
+        pa.table(
+            {
+                "prompt": ["a?"],
+                "answer": [3],
+                "when": [datetime.datetime(2020, 1, 2)],
+                "blob": [b"\x00\xff"],
+                "price": [decimal.Decimal("1.50")],
+            }
+        ),
+        pf,
+    )
     it = FileSource(pf)._items[0]
     assert (it.answer, it.metadata["when"], it.metadata["price"]) == ("3", "2020-01-02 00:00:00", "1.50")
     assert json.loads(json.dumps(it.metadata)) == it.metadata

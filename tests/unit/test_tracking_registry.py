@@ -21,9 +21,19 @@ def toy_checkpoint(path: Path, seed: int = 0) -> Path:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>").save_pretrained(path)
     torch.manual_seed(seed)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
-                                 eos_token_id=1, pad_token_id=1)).save_pretrained(path)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(vocab),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=32,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    ).save_pretrained(path)
     return path
 
 
@@ -89,7 +99,7 @@ def test_the_served_model_hashes_weights_as_flywheel_does(tmp_path):
     assert pyfunc.weights_hash(str(tmp_path)) is loading.weights_hash(str(tmp_path)) is None
 
 
-@pytest.mark.parametrize("name", ["a'b", 'say "hi"', "it's \"both\""])
+@pytest.mark.parametrize("name", ["a'b", 'say "hi"', 'it\'s "both"'])
 def test_names_with_quotes_find_their_version_again(store, tmp_path, name, mlflow_logger):
     """A resumed round finds the version it registered before (and registers no second one)."""
     import mlflow
@@ -116,8 +126,9 @@ def test_runs_are_found_by_tag_values_with_quotes(store, workspace, value, reque
 
 
 @pytest.mark.parametrize("level, notices", [(logging.ERROR, False), (logging.INFO, True)])
-def test_registering_prints_nothing_unless_mlflow_logs_info(store, tmp_path, capfd, mlflow_logger, level, notices,
-                                                            monkeypatch):
+def test_registering_prints_nothing_unless_mlflow_logs_info(
+    store, tmp_path, capfd, mlflow_logger, level, notices, monkeypatch
+):
     """The CLI sets the `mlflow` logger to ERROR without --verbose: MLflow's registration notices
     (printed past that logger) stay off the terminal; with --verbose (INFO) they show."""
     from flywheel.storage import tracking
@@ -146,7 +157,8 @@ def test_version_tags_and_description_are_kept_as_given(store, tmp_path, mlflow_
     mlflow_logger.setLevel(logging.ERROR)
     tags = {"exact_match": "0.3750", "mean_score": "0.4180", "flywheel.round": "1", "promoted": "true"}
     description = "flywheel run r1, round 1: test exact match 37.5% (mean score 41.8%); promoted to champion"
-    version = tracking.log_and_register_model(store(), toy_checkpoint(tmp_path / "ckpt"), "tagged", tags=tags,
-                                              description=description)
+    version = tracking.log_and_register_model(
+        store(), toy_checkpoint(tmp_path / "ckpt"), "tagged", tags=tags, description=description
+    )
     got = mlflow.MlflowClient().get_model_version("tagged", version)
     assert got.tags == tags and got.description == description

@@ -11,6 +11,7 @@ from flywheel.models.rewards import Batch, Models, Source, Verdict, register
 
 class ContainsAnswerSource(_Source):
     """1 when the reference answer appears in the response, else 0; no score without a reference."""
+
     type: Literal["contains_answer"] = "contains_answer"
     case_sensitive: bool = False
 

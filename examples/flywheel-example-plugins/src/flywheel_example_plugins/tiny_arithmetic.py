@@ -27,8 +27,14 @@ class TinyArithmetic(Task):
         a, b, op = rng.randint(0, self.max), rng.randint(0, self.max), rng.choice("+-")
         question = f"What is {a} {op} {b}?" + (f"\n{self.instruction}" if self.instruction else "")
         fields = {"op": op, "expression": f"{a} {op} {b}"}
-        return Item(question, str(a + b if op == "+" else a - b), self.name, seed, fields,
-                    category(self.name, fields, self.category_fields))
+        return Item(
+            question,
+            str(a + b if op == "+" else a - b),
+            self.name,
+            seed,
+            fields,
+            category(self.name, fields, self.category_fields),
+        )
 
     def score(self, extracted: str | None, item_answer: str | None, metadata: dict[str, Any]) -> float | None:
         if item_answer is None:
