@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 HEAVY = ("torch", "transformers", "trl", "prefect", "mlflow", "datasets")
@@ -30,7 +30,7 @@ def synthetic_workspace(root: Path, rounds: int = 3, pairs_per_round: int = 64) 
     """A workspace with the tables and manifests a finished run leaves (made up, schema-exact)."""
     from flywheel.storage import catalog, manifest, parquet
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     (root / "runs" / RUN_ID).mkdir(parents=True, exist_ok=True)
     (root / "runs" / RUN_ID / "config.yaml").write_text("name: bench-cli\n")
     for k in range(rounds + 1):

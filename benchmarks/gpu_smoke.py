@@ -59,7 +59,7 @@ def items_from_task(prompts: int) -> dict:
 def section(name: str, fn) -> None:
     try:
         fn()
-    except Exception as e:  # noqa: BLE001 - one section's failure is reported and the others go on
+    except Exception as e:  # one section's failure is reported and the others go on
         print(f"{name:8s} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
         traceback.print_exc(limit=4, file=sys.stdout)
     sys.stdout.flush()

@@ -529,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("flywheel: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # noqa: BLE001 - e.g. DuckDB's errors for `flywheel sql`
+    except Exception as e:  # e.g. DuckDB's errors for `flywheel sql`
         duckdb = sys.modules.get("duckdb")
         if duckdb is not None and isinstance(e, duckdb.Error):
             print(f"flywheel: error: {str(e).splitlines()[0]}", file=sys.stderr)

@@ -18,7 +18,7 @@ import secrets
 import subprocess
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
@@ -125,7 +125,7 @@ def package_versions() -> dict[str, str]:
 
 
 def new_run_id() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+    return datetime.now(UTC).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
 
 
 def _round_row(
@@ -169,7 +169,7 @@ def _round_row(
         accuracy=accuracy,
         n_pairs=n_pairs,
         started_at=started,
-        finished_at=datetime.now(timezone.utc),
+        finished_at=datetime.now(UTC),
         error=error,
     )
 
@@ -222,7 +222,7 @@ class StageTimeout(TimeoutError):
 def _retry_transient(task, task_run, state) -> bool:
     try:
         state.result()
-    except BaseException as e:  # noqa: BLE001 - classified, not swallowed: the state keeps the error
+    except BaseException as e:  # classified, not swallowed: the state keeps the error
         return is_transient(e)
     return False
 
@@ -346,7 +346,7 @@ def one_round(
     tracking.log_params(mlflow_run, config.flat() | {"round": round, "policy_in": policy, "base_model": base})
     ctx = StageContext(config, run_id, round, mlflow_run)
     stages = Stages(ctx, prepared, force_from_stage)
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     t0 = time.perf_counter()
     state = RoundState(config, round, policy, base, previous, policy_reference, champion=champ)
     try:
@@ -691,7 +691,7 @@ def best_effort(*steps) -> None:
     for step in steps:
         try:
             step()
-        except Exception as e:  # noqa: BLE001 - logged; the caller re-raises the error that matters
+        except Exception as e:  # logged; the caller re-raises the error that matters
             logging.getLogger(__name__).warning("cleanup step failed: %s", _error_text(e).splitlines()[0])
 
 
@@ -732,7 +732,7 @@ def _pct(v: float | None) -> str:
 def _round_zero(config: FlywheelConfig, prepared: Prepared, run_id: str, parent: str) -> dict:
     root = Path(config.workspace)
     ctx0 = StageContext(config, run_id, 0, parent)
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     t0 = time.perf_counter()
     try:
         state, runner, fp = RoundState(config, 0, prepared.base, prepared.base), Stages(ctx0, prepared), None

@@ -81,7 +81,7 @@ def check(config) -> None:
                     )
     except PlacementError:
         raise
-    except Exception as e:  # noqa: BLE001 - httpx, the server's errors: all mean "cannot reach it" here
+    except Exception as e:  # httpx, the server's errors: all mean "cannot reach it" here
         raise PlacementError(
             f"Prefect server {where} is unreachable: {type(e).__name__}: "
             f"{str(e).splitlines()[0][:200] if str(e) else ''}"

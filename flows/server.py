@@ -370,8 +370,8 @@ class _Starting:
                 stdout=self.log.fd,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=self.preexec,
-            )  # noqa: PLW1509 - see _die_with_parent
+                preexec_fn=self.preexec,  # safe despite the threads: see _die_with_parent
+            )
         except (OSError, subprocess.SubprocessError) as e:
             self.log.close()
             raise PrefectServerError(f"could not start a local Prefect API server ({e}); {_ADVICE}") from None

@@ -32,7 +32,7 @@ def load(group: str, registered: Callable[[], Container[str]]) -> None:
         where = f"plugin {ep.name!r} ({ep.value}, entry point group {group})"
         try:
             ep.load()
-        except Exception as e:  # noqa: BLE001 - any failure in a third-party module is reported the same way
+        except Exception as e:  # any failure in a third-party module is reported the same way
             raise PluginError(_one_line(f"{where} failed to load: {type(e).__name__}: {e}")) from None
         if ep.name not in registered():
             raise PluginError(f"{where} registered nothing named {ep.name!r}")

@@ -134,7 +134,7 @@ def _yaml(path: str) -> dict:
 def _versions(run_id: str | None, model_id: str | None) -> list[str]:
     try:
         versions = mlflow.MlflowClient().search_model_versions(f"run_id = '{run_id}'")
-    except Exception:  # noqa: BLE001 - the name only garnishes the error being raised
+    except Exception:  # the name only garnishes the error being raised
         return []
     return [f"registered model {v.name} version {v.version}" for v in versions if v.source == f"models:/{model_id}"]
 

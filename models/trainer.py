@@ -98,7 +98,7 @@ def _field_problem(klass, key: str, value: Any) -> str | None:
     if key in hints and key != "loss_type":  # TRL takes one loss as a plain string too
         try:
             adapter = TypeAdapter(hints[key])
-        except Exception:  # noqa: BLE001 - a type pydantic cannot express: TRL's own check below decides
+        except Exception:  # a type pydantic cannot express: TRL's own check below decides
             adapter = None
         if adapter is not None:
             try:
@@ -123,7 +123,7 @@ def _type_hints(klass) -> dict[str, Any]:
 
     try:
         return typing.get_type_hints(klass)
-    except Exception:  # noqa: BLE001 - unresolvable annotations: skip the type check, keep the others
+    except Exception:  # unresolvable annotations: skip the type check, keep the others
         return {}
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,7 @@ def write(root: Path, run_id: str, round_: int, stage: str, fingerprint: str, re
                 "stage": stage,
                 "fingerprint": fingerprint,
                 "result": result,
-                "finished_at": datetime.now(timezone.utc).isoformat(),
+                "finished_at": datetime.now(UTC).isoformat(),
             },
             default=str,
             indent=1,

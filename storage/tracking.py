@@ -48,7 +48,7 @@ def setup(workspace: Path, experiment: str) -> str:
     unreachable store fails here, before any work, with the URI (credentials masked)."""
     try:
         return _setup(workspace, experiment)
-    except Exception as e:  # noqa: BLE001 - sqlalchemy, requests, … all mean the same to the user
+    except Exception as e:  # sqlalchemy, requests, … all mean the same to the user
         detail = str(e).splitlines()[0][:300] if str(e) else ""
         raise TrackingError(
             mask_credentials(

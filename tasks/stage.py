@@ -105,7 +105,7 @@ def _load() -> None:
     for ep in entry_points(group="flywheel.stages"):
         try:
             ep.load()
-        except Exception as e:  # noqa: BLE001 - any import failure of a plugin is the user's to fix
+        except Exception as e:  # any import failure of a plugin is the user's to fix
             raise PluginError(f"stage plugin {ep.name!r} ({ep.value}) failed to load: {e}") from None
     _LOADED = True
 

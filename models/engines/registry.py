@@ -106,7 +106,7 @@ def _load_plugins() -> None:
     for ep in found:
         try:
             backend = ep.load()
-        except Exception as e:  # noqa: BLE001 - a plugin's own bug, whatever it is, is one line naming it
+        except Exception as e:  # a plugin's own bug, whatever it is, is one line naming it
             reason = str(e).splitlines()[0] if str(e) else ""
             raise EngineError(
                 f"engine plugin {ep.name!r} ({ep.value}) failed to load: {type(e).__name__}: {reason}".rstrip(": ")

@@ -74,7 +74,7 @@ class Verifier(Source):
     def _call(self, prompt: str, response: str, answer: str | None, metadata: dict) -> Verdict:
         try:
             score = self.fn(prompt, response, answer, metadata)
-        except Exception as e:  # noqa: BLE001 - the user's code; kept as an unparsed verdict
+        except Exception as e:  # the user's code; kept as an unparsed verdict
             return Verdict(None, False, f"{type(e).__name__}: {e}"[:500], {"error": True})
         if score is not None and not isinstance(score, (int, float)):
             return Verdict(None, False, f"returned {type(score).__name__}, not a number", {"error": True})

@@ -52,7 +52,7 @@ class FileSource(Task):
 
         try:
             rows = pq.read_table(self.path).to_pylist()
-        except Exception as e:  # noqa: BLE001 - any arrow error means the same thing to the user
+        except Exception as e:  # any arrow error means the same thing to the user
             raise TaskError(f"{self.path}: not a readable Parquet file ({e})") from None
         for i, r in enumerate(rows, 1):
             self._check(r, f"{self.path} row {i}")

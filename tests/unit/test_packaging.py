@@ -50,9 +50,9 @@ def test_editable_build_is_quiet_with_dev_py_settings(tmp_path, script):
     import os
 
     hook = "import sys; from setuptools import build_meta; build_meta.build_editable(sys.argv[1])"
-    run = lambda env: subprocess.run(
+    run = lambda env: subprocess.run(  # noqa: E731
         [sys.executable, "-c", hook, str(tmp_path)],
-        cwd=ROOT,  # noqa: E731
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,

@@ -190,8 +190,8 @@ def test_pairwise_scores_follow_the_judges_verdicts(monkeypatch):
 
 def test_always_A_pairwise_judge_is_fully_position_biased_and_yields_no_pairs(monkeypatch):
     """A judge forced to answer "A" whatever it is shown: every comparison flips with the order."""
-    from flywheel.tasks.judge import health, judgment_rows
     from flywheel.tasks.common import StageContext
+    from flywheel.tasks.judge import health, judgment_rows
 
     def always_a(model, tok, rubric, renders, labels, **kw):
         return [judges.NextToken({"A": 0.99, "B": 0.01}, "A") for _ in renders]
