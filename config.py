@@ -735,7 +735,7 @@ def load_config(
 
 # judge.sources: the union of the registered reward sources' specs. Their modules (models/rewards/)
 # extend _Source and import ModelConfig from above, so they are loaded here, at the end.
-from flywheel.models.rewards import registry as _source_registry
+from flywheel.models.rewards import registry as _source_registry  # noqa: E402 - see above
 
 
 def _source_spec(name: str) -> type[_Source]:

@@ -151,7 +151,7 @@ try:
 except SystemExit as e:
     rc = e.code
 print(json.dumps({"rc": rc, "heavy": sorted(m for m in %r if m in sys.modules)}), file=sys.stderr)
-""" % (HEAVY,)
+""" % (HEAVY,)  # noqa: UP031 - the template is Python code full of braces
 
 
 def timed(cmd: list[str], repeat: int) -> float:

@@ -151,13 +151,16 @@ def main() -> int:
         for dtype in ("bfloat16", "float32"):
             eng = engines.HFEngine(ref, dtype)
             eng.sample(prompts[:2], **dict(kw, n=2))  # warm-up (CUDA context, kernels)
-            gens, t = timed(lambda: eng.sample(prompts, **kw))
+            gens, t = timed(lambda eng=eng: eng.sample(prompts, **kw))
             tok = sum(g.n_tokens for g in gens)
             state[dtype] = gens
-            line = f"sample   {dtype:9s} flywheel decode {tok / t:8.0f} tok/s ({len(gens)} samples, {tok} tokens, {t:.2f} s)"
+            line = (
+                f"sample   {dtype:9s} flywheel decode {tok / t:8.0f} tok/s "
+                f"({len(gens)} samples, {tok} tokens, {t:.2f} s)"
+            )
             rep = [p for p in prompts for _ in range(s.n)]
             ref_gens, t2 = timed(
-                lambda: sampling.generate_reference(
+                lambda eng=eng, rep=rep: sampling.generate_reference(
                     eng.model,
                     eng.tokenizer,
                     rep,
@@ -172,10 +175,11 @@ def main() -> int:
             tok2 = sum(g.n_tokens for g in ref_gens)
             print(line + f"; transformers generate() {tok2 / t2:8.0f} tok/s ({t2:.2f} s)")
             if dtype == "bfloat16" and len(many) > len(prompts):
-                big, t3 = timed(lambda: eng.sample(many, **kw))
+                big, t3 = timed(lambda eng=eng: eng.sample(many, **kw))
                 tok3 = sum(g.n_tokens for g in big)
                 print(
-                    f"scale    bfloat16  {len(many)} prompts × {s.n}: {tok3 / t3:8.0f} tok/s ({tok3} tokens, {t3:.2f} s)"
+                    f"scale    bfloat16  {len(many)} prompts × {s.n}: {tok3 / t3:8.0f} tok/s "
+                    f"({tok3} tokens, {t3:.2f} s)"
                 )
             state[f"engine_{dtype}"] = eng
 
@@ -191,7 +195,7 @@ def main() -> int:
         for dtype in ("bfloat16", "float32"):
             eng = state[f"engine_{dtype}"]
             gens, t = timed(
-                lambda: eng.greedy(
+                lambda eng=eng: eng.greedy(
                     [it.prompt for it in items],
                     max_new_tokens=cfg.benchmark.max_new_tokens,
                     batch_size=cfg.benchmark.batch_size,
@@ -219,7 +223,9 @@ def main() -> int:
             eng = state[f"engine_{dtype}"]
             eng.next_token(rubric, renders[:8], judges.SCORE_LABELS, batch_size=64, max_prompt_tokens=1024)
             nts, t = timed(
-                lambda: eng.next_token(rubric, renders, judges.SCORE_LABELS, batch_size=64, max_prompt_tokens=1024)
+                lambda eng=eng: eng.next_token(
+                    rubric, renders, judges.SCORE_LABELS, batch_size=64, max_prompt_tokens=1024
+                )
             )
             scores[dtype] = judges.verdicts(nts, 0, 0)
             print(f"judge    {dtype:9s} {len(renders) / t:8.1f} candidates/s ({len(renders)} candidates, {t:.2f} s)")
@@ -355,7 +361,7 @@ def main() -> int:
         model = AutoModelForCausalLM.from_config(mc, dtype=torch.bfloat16 if cuda else torch.float32)
         n_params = sum(p.numel() for p in model.parameters())
         rng = random.Random(0)
-        words = (
+        words = (  # noqa: SIM905 - one sentence reads better than a list of its words
             "the model answers each question with a short sum of two numbers and then explains "
             "why that sum is right in one or two plain sentences"
         ).split()
@@ -388,7 +394,7 @@ def main() -> int:
             sync()
             if dtype == "bfloat16":  # torch's own choice of attention kernel (cuDNN's on Hopper), for comparison
                 gens, t = timed(
-                    lambda: sampling.generate(
+                    lambda eng=eng: sampling.generate(
                         eng.model,
                         eng.tokenizer,
                         batch,
@@ -402,14 +408,17 @@ def main() -> int:
                     f"{t:.2f} s, {sum(g.n_tokens for g in gens) / t:.0f} tok/s"
                 )
             with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                gens, t = timed(lambda: eng.greedy(batch, max_new_tokens=cfg.benchmark.max_new_tokens, batch_size=64))
+                gens, t = timed(
+                    lambda eng=eng: eng.greedy(batch, max_new_tokens=cfg.benchmark.max_new_tokens, batch_size=64)
+                )
             events = prof.key_averages()
             kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
             launches = sum(e.count for e in kernels)
             gpu_us = sum(e.self_device_time_total for e in kernels)
             tokens = sum(g.n_tokens for g in gens)
             print(
-                f"profile  {dtype:9s} greedy {len(batch)} items, flywheel's backends: {t:.2f} s wall, GPU busy {gpu_us / 1e6:.2f} s "
+                f"profile  {dtype:9s} greedy {len(batch)} items, flywheel's backends: {t:.2f} s wall, "
+                f"GPU busy {gpu_us / 1e6:.2f} s "
                 f"({gpu_us / 1e6 / t:.0%}), {launches} kernel launches ({launches / max(tokens, 1):.0f} per token "
                 f"generated), {tokens} tokens"
             )

@@ -403,7 +403,7 @@ def cli_page() -> str:
         "|---|---|",
     ]
     commands = cli_commands()
-    for full, sub, help_ in commands:
+    for full, _sub, help_ in commands:
         anchor = full.replace(" ", "-")
         out.append(f"| [`{full}`](#{anchor}) | {_cell(help_)} |")
     out.append("")

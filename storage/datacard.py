@@ -70,7 +70,8 @@ def render(
     lines = [
         f"# Data card: run {run_id}, round {round_}",
         "",
-        f"Rule `{cfg.rule}` on reward `{cfg.reward_name()}` (normalize {cfg.normalize}), min_margin {cfg.min_margin}, length_penalty "
+        f"Rule `{cfg.rule}` on reward `{cfg.reward_name()}` (normalize {cfg.normalize}), "
+        f"min_margin {cfg.min_margin}, length_penalty "
         f"{cfg.length_penalty}, dedup {cfg.dedup}, pairs_per_prompt {cfg.pairs_per_prompt}, "
         f"balance_categories {cfg.balance_categories}, max_pairs_per_category {cfg.max_pairs_per_category}.",
         "",

@@ -68,7 +68,7 @@ def workspace_lock(root: Path, wait_s: float = WAIT_S) -> Iterator[None]:
             f, depth = _HELD[key]
             _HELD[key] = (f, depth + 1)
         else:
-            f = open(path, "a+")
+            f = open(path, "a+")  # noqa: SIM115 - held open as the lock, past this block
             if not _take(f, wait_s):
                 f.seek(0)
                 holder = f.read().strip() or "another process"

@@ -25,8 +25,8 @@ filter kept (`funnel`):
 
 Pairs never tie (chosen − rejected ≥ min_margin > 0), NULL rewards never take part, identical
 texts are never paired, and every tie inside a ranking is broken by sample index (the earlier
-sample first), so the result is deterministic and the same for two runs with the same seed. The SFT set (STaR / rejection sampling) is each prompt's best unique
-sample whose reward reaches sft_threshold.
+sample first), so the result is deterministic and the same for two runs with the same seed. The SFT set
+(STaR / rejection sampling) is each prompt's best unique sample whose reward reaches sft_threshold.
 """
 
 from __future__ import annotations
@@ -353,7 +353,8 @@ def pair_labels(con: duckdb.DuckDBPyConnection, pairs: pa.Table, verifier: str |
         WITH v AS (SELECT candidate_id, score FROM judgments WHERE source = {catalog.sql_str(verifier)})
         SELECT avg(CASE WHEN c.score >= {_num(EXACT)} THEN 1.0 ELSE 0.0 END),
                avg(CASE WHEN r.score >= {_num(EXACT)} THEN 0.0 ELSE 1.0 END)
-        FROM cur_labelled p LEFT JOIN v c ON c.candidate_id = p.chosen_id LEFT JOIN v r ON r.candidate_id = p.rejected_id
+        FROM cur_labelled p
+        LEFT JOIN v c ON c.candidate_id = p.chosen_id LEFT JOIN v r ON r.candidate_id = p.rejected_id
     """).fetchall()[0]
     con.unregister("cur_labelled")
     return {"chosen_exact": chosen, "rejected_wrong": rejected}

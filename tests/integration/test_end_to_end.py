@@ -138,7 +138,7 @@ def test_pairs_are_strictly_ordered(run):
 def test_mlflow_parent_with_nested_rounds_and_registered_models(run):
     import mlflow
 
-    ws, config, result = run
+    _ws, config, result = run
     client = mlflow.MlflowClient()
     parent = client.get_run(result["mlflow_run_id"])
     assert parent.info.status == "FINISHED"
@@ -203,7 +203,7 @@ def test_the_benchmarked_model_is_the_registered_one(run, tmp_path):
 
     from flywheel.storage import catalog
 
-    ws, config, result = run
+    ws, config, _result = run
     client = mlflow.MlflowClient()
     rounds = catalog.query(ws, "SELECT * FROM rounds WHERE round > 0 ORDER BY round").to_pylist()
     for r in rounds:
@@ -257,7 +257,7 @@ def test_registered_model_loads_without_pickle_or_flywheel(run, tmp_path):
 
     import mlflow
 
-    ws, config, _ = run
+    _ws, config, _ = run
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{config.name}/1", dst_path=str(tmp_path / "m")))
     assert not [p for p in local.rglob("*") if p.suffix in (".pkl", ".pickle", ".cloudpickle")]
     reqs = (local / "requirements.txt").read_text().split()
@@ -292,7 +292,7 @@ def test_registry_references_the_checkpoint_instead_of_copying_it(run, tmp_path)
 
     from flywheel.storage import catalog, tracking
 
-    ws, config, result = run
+    ws, config, _result = run
     r1 = catalog.query(ws, "SELECT policy_out, weights_sha256, mlflow_run_id FROM rounds WHERE round = 1").to_pylist()[
         0
     ]
@@ -307,7 +307,7 @@ def test_registry_references_the_checkpoint_instead_of_copying_it(run, tmp_path)
     shutil.copytree(r1["policy_out"], moved)
     version = tracking.log_and_register_model(r1["mlflow_run_id"], moved, "e2e-moved", weights="reference")
     shutil.rmtree(moved)
-    with pytest.raises(FileNotFoundError, match="references the checkpoint .*moved, which is not here"):
+    with pytest.raises(FileNotFoundError, match=r"references the checkpoint .*moved, which is not here"):
         mlflow.pyfunc.load_model(f"models:/e2e-moved/{version}")
 
     version = tracking.log_and_register_model(r1["mlflow_run_id"], Path(r1["policy_out"]), "e2e-copied", weights="copy")
@@ -318,7 +318,7 @@ def test_registry_references_the_checkpoint_instead_of_copying_it(run, tmp_path)
 def test_round_runs_carry_flywheel_params_and_trl_config_as_an_artifact(run):
     import mlflow
 
-    ws, config, result = run
+    _ws, _config, result = run
     client = mlflow.MlflowClient()
     parent = client.get_run(result["mlflow_run_id"])
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
@@ -358,7 +358,7 @@ def test_prefect_shows_named_runs_their_logs_and_round_summaries(run):
         LogFilterFlowRunId,
     )
 
-    ws, config, result = run
+    _ws, _config, result = run
     for h in logging.getLogger("prefect.flow_runs").handlers:
         h.flush()
     run_id = result["run_id"]
@@ -389,7 +389,7 @@ def test_prefect_shows_named_runs_their_logs_and_round_summaries(run):
 
 
 def test_rounds_report_exact_match_and_the_paired_gain_with_intervals(run):
-    ws, config, result = run
+    _ws, config, result = run
     for r in result["rounds"]:
         assert r["exact_match_low"] <= r["exact_match"] <= r["exact_match_high"]
         assert r["exact_match"] <= r["accuracy"]  # full credit only, never more than the mean credit
@@ -443,7 +443,7 @@ def test_no_evaluation_item_was_ever_a_training_prompt(run):
 def test_guard_suites_are_on_by_default_and_the_chosen_side_is_correct(run):
     from flywheel.storage import catalog
 
-    ws, config, result = run
+    ws, _config, result = run
     suites = {r["suite"] for r in catalog.query(ws, "SELECT DISTINCT suite FROM benchmarks").to_pylist()}
     assert {"guard:basic_arithmetic", "guard:letter_counting"} <= suites
     for r in result["rounds"][1:]:

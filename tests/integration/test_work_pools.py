@@ -172,7 +172,7 @@ def servers(postgres, tmp_path_factory):
             subprocess.Popen(
                 [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
                 env=env,
-                stdout=open(log, "w"),
+                stdout=open(log, "w"),  # noqa: SIM115 - the server writes it until the fixture stops it
                 stderr=subprocess.STDOUT,
             )
         )
@@ -197,7 +197,7 @@ def servers(postgres, tmp_path_factory):
                     "1",
                 ],
                 env=env,
-                stdout=open(log, "w"),
+                stdout=open(log, "w"),  # noqa: SIM115 - the server writes it until the fixture stops it
                 stderr=subprocess.STDOUT,
             )
         )

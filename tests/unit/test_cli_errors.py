@@ -106,7 +106,8 @@ def test_sql_without_catalog(run_cli):
             "lacks the verdict cue",
         ),
         (
-            "judge:\n  sources: [verifier, {type: verifier, name: mine, match: callable, callable: 'nowhere_xyz:check'}]\n",
+            "judge:\n  sources: [verifier, {type: verifier, name: mine, match: callable, "
+            "callable: 'nowhere_xyz:check'}]\n",
             {},
             "verifier callable 'nowhere_xyz:check' cannot be imported",
         ),

@@ -191,7 +191,7 @@ def test_endpoint_urls_without_credentials_load(url):
 def test_seed_fits_the_seeders():
     """A round's training seed (seed + round) seeds numpy, which takes seeds below 2**32."""
     assert load_config(None, {"seed": 2**31 - 1}).seed == 2**31 - 1
-    with pytest.raises(ConfigError, match="^seed: Input should be less than 2147483648"):
+    with pytest.raises(ConfigError, match=r"^seed: Input should be less than 2147483648"):
         load_config(None, {"seed": 2**40})
 
 

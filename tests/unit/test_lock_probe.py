@@ -42,9 +42,11 @@ def test_a_holder_that_stays_is_another_run(tmp_path):
     ws = tmp_path / "ws"
     p = holder(ws, 10)
     try:
-        with pytest.raises(WorkspaceBusy, match="in use by another flywheel run"):
-            with lock.workspace_lock(ws, wait_s=0.3):
-                pass
+        with (
+            pytest.raises(WorkspaceBusy, match="in use by another flywheel run"),
+            lock.workspace_lock(ws, wait_s=0.3),
+        ):
+            pass
     finally:
         p.kill()
         p.wait(10)
