@@ -102,8 +102,9 @@ def trl_fused_head_on_cpu() -> bool:
         # Eager only: under torch.compile (`train.dpo.torch_compile`) the full path keeps shapes fixed.
         return (device.type == "cpu" and not torch.compiler.is_compiling()) or original(device)
 
-    use_compact.flywheel_cpu = True
-    use_compact.__wrapped__ = original
+    # function attributes: mark the patch as flywheel's and keep TRL's original reachable
+    use_compact.flywheel_cpu = True  # type: ignore[attr-defined]
+    use_compact.__wrapped__ = original  # type: ignore[attr-defined]
     trl_utils._use_triton = use_compact
     return True
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import (
@@ -106,7 +106,8 @@ class ModelConfig(_Strict):
     def _engine_needs(self) -> ModelConfig:
         backend = engine_registry.get(self.engine)
         if self.engine in _SETTINGS_FIELDS and getattr(self, self.engine) is None:
-            required = [n for n, f in backend.settings.model_fields.items() if f.is_required()]
+            fields = backend.settings.model_fields if backend.settings is not None else {}
+            required = [n for n, f in fields.items() if f.is_required()]
             raise ValueError(f"engine: {self.engine} needs `{self.engine}: {{{', '.join(required)}: …}}`")
         if backend.check is not None:
             backend.check(self)
@@ -188,6 +189,11 @@ class _Source(_Strict):
     def engine_problem(self, engine: str) -> str | None:
         """Why the policy's engine cannot serve this source (one line), or None."""
         return None
+
+
+if TYPE_CHECKING:
+    # at runtime: the union of the registered specs, built by _rebuild_sources at the end of this module
+    SourceConfig = _Source
 
 
 class JudgeConfig(_Strict):
@@ -592,7 +598,8 @@ class FlywheelConfig(_Strict):
                 "at least the number of workers"
             )
         for s in self.judge.sources:
-            if getattr(s, "model", None) is not None and s.model.workers > 1:
+            model = getattr(s, "model", None)  # the model-based sources' own model block
+            if model is not None and model.workers > 1:
                 raise ValueError(
                     f"judge source {s.key()!r}: model.workers shards the generate stage only; "
                     "a judge runs in one process"
@@ -659,7 +666,7 @@ def _drop_speed_only(model: dict | None) -> None:
         if key != engine and (key != "engine" or engine == engine_registry.DEFAULT):
             model.pop(key, None)
     block = model.get(engine)
-    if isinstance(block, dict):
+    if isinstance(block, dict) and engine is not None:
         for f in engine_registry.get(engine).speed_only:
             block.pop(f, None)
 
@@ -739,7 +746,9 @@ from flywheel.models.rewards import registry as _source_registry  # noqa: E402 -
 
 
 def _source_spec(name: str) -> type[_Source]:
-    return _source_registry.get(name).spec
+    entry = _source_registry.get(name)
+    assert entry is not None, name  # the built-in sources, registered on import
+    return entry.spec  # type: ignore[return-value]  # every registered spec extends _Source
 
 
 def _rebuild_sources() -> None:
@@ -756,7 +765,7 @@ def __getattr__(name: str) -> type[_Source]:
     """A registered source's spec by its class name (config.VerifierSource, config.LLMJudgeSource…)."""
     for entry in _source_registry.entries().values():
         if entry.spec.__name__ == name:
-            return entry.spec
+            return entry.spec  # type: ignore[return-value]  # every registered spec extends _Source
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -10,6 +10,7 @@ import contextlib
 import sys
 import time
 from collections.abc import Callable, Iterator
+from uuid import UUID
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -54,13 +55,13 @@ def stage(name: str, total: int, unit: str = "items", done: int = 0) -> Iterator
         ) as bar:
             task = bar.add_task(name, total=total, rate="", completed=done)
 
-            def advance(n: int) -> None:
+            def advance_bar(n: int) -> None:
                 nonlocal done
                 done += n
                 rate = (done - already) / max(time.perf_counter() - start, 1e-9)
                 bar.update(task, advance=n, rate=f"{rate:.1f} {unit}/s")
 
-            yield advance
+            yield advance_bar
         return
 
     step = max(1, total // 10)
@@ -110,10 +111,11 @@ def name_flow_run(name: str) -> None:
         from prefect.runtime import flow_run
     except ImportError:
         return
-    if flow_run.get_id() is None or flow_run.get_name() == name:
+    run_id = flow_run.get_id()
+    if run_id is None or flow_run.get_name() == name:
         return
     with get_client(sync_client=True) as client:
-        client.update_flow_run(flow_run.get_id(), name=name)
+        client.update_flow_run(UUID(run_id), name=name)
 
 
 _SUMMARY_KEYS = (

@@ -412,9 +412,10 @@ def one_round(
 
 
 def _log_round_artifacts(
-    ctx: StageContext, config: FlywheelConfig, metrics: dict, policy_out: str, trained: bool, promoted: bool
+    ctx: StageContext, config: FlywheelConfig, metrics: dict, policy_out: str | None, trained: bool, promoted: bool
 ) -> str | None:
     run = ctx.mlflow_run_id
+    assert run is not None  # a round's context carries its MLflow run
     numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     tracking.log_metrics(run, numeric | {"promoted": float(promoted)}, step=ctx.round)
     reasons = "; ".join(metrics["promotion_reasons"])
@@ -433,6 +434,7 @@ def _log_round_artifacts(
         tracking.log_artifact(run, datacard.card_dir(config.workspace, ctx.run_id, ctx.round) / f, "data_card")
     if not trained:
         return None
+    assert policy_out is not None  # a trained round wrote its checkpoint
     exact, mean = metrics.get("exact_match"), metrics.get("accuracy")
     version = tracking.log_and_register_model(
         run,

@@ -14,6 +14,8 @@ and the stage's whole-file writes make the retry leave no duplicate or missing r
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -96,7 +98,7 @@ def remote_stage(ctx: StageContext, stage: str, fingerprint: str, params: dict) 
 
     place = getattr(ctx.config.stages, stage)
     pool = place.work_pool
-    run = run_deployment(
+    run: Any = run_deployment(  # a FlowRun: called from sync code, it is not a coroutine
         deployment(pool),
         parameters=dict(
             workspace=str(ctx.workspace),

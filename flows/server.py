@@ -234,7 +234,7 @@ def _what_went_wrong(text: str) -> str:
 class _Server:
     def __init__(self, proc: subprocess.Popen, url: str, log: _Log) -> None:
         self.proc, self.url, self.log = proc, url, log
-        self._atexit: Callable[[], None] | None = None
+        self._atexit: Callable[[], object] | None = None
 
     @property
     def info(self) -> OwnedServer:
@@ -356,7 +356,7 @@ class _Starting:
             raise PrefectServerError(f"could not start a local Prefect API server ({e}); {_ADVICE}") from None
         self.timeout, self.preexec = timeout, _die_with_parent()
         self.deadline = time.monotonic() + timeout
-        self.server = self._spawn()
+        self.server: _Server | None = self._spawn()  # None once stopped
         self.ready = False
 
     def _spawn(self) -> _Server:
@@ -383,16 +383,20 @@ class _Starting:
 
     def _fail(self, what: str, advice: str = _ADVICE) -> PrefectServerError:
         detail = _what_went_wrong(self.log.text()) or "it wrote nothing"
+        assert self.server is not None  # only wait() fails it, before anything stops it
         kept, self.server = self.server.stop(failed=True), None
         return PrefectServerError(
             f"could not start a local Prefect API server {what}: {detail}; {advice} (server log: {kept})"
         )
 
     def wait(self) -> _Server:
+        if self.server is None:
+            raise PrefectServerError("the local Prefect API server was stopped")
         if self.ready:
             return self.server
         delay, retries = 0.1, 0
         while True:
+            assert self.server is not None  # only _fail clears it, and that raises
             code = self.server.proc.poll()
             if code is not None:
                 # uvicorn exits 3 when it cannot start, e.g. the port was taken since we picked it

@@ -100,6 +100,7 @@ class KV:
         self.mask = torch.cat([self.mask, torch.cat([mask.new_zeros(mask.shape[0], pad), mask], dim=1)], dim=0)
 
     def keep(self, index: torch.Tensor) -> None:
+        assert self.mask is not None  # rows exist: admission made the mask
         for store in (self.keys, self.values):
             for i, t in enumerate(store):
                 store[i] = t.index_select(0, index)
@@ -330,6 +331,7 @@ def decode(
             keep = [i for i, r in enumerate(live) if not r.finished]
             index = torch.tensor(keep, dtype=torch.long, device=device)
             live = [live[i] for i in keep]
+            assert pending is not None  # live rows, each with its next token
             pending, pos = pending.index_select(0, index), pos.index_select(0, index)
             if live:
                 kv.keep(index)
@@ -344,6 +346,7 @@ def decode(
             pending = step.token if pending is None or not len(pending) else torch.cat([pending, step.token])
             pos = torch.cat([pos, first_pos])
         elif live:
+            assert pending is not None and kv.mask is not None  # live rows were admitted
             bc = BufferCache(kv, 1)
             mask = torch.cat([kv.mask, kv.mask.new_ones(kv.rows, 1)], dim=1)
             logits = model(

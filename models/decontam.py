@@ -103,8 +103,8 @@ class Decontaminator:
         metadata = list(metadata) if metadata is not None else [{}] * len(benchmark)
         self.exact = {exact_form(t): i for i, t in enumerate(benchmark)}
         self.forms: dict[str, int] = {}
-        for i, (t, m) in enumerate(zip(benchmark, metadata)):
-            for f in normal_forms(t, m):
+        for i, (t, meta) in enumerate(zip(benchmark, metadata)):
+            for f in normal_forms(t, meta):
                 self.forms.setdefault(f, i)
         self.lengths = [len(words(t)) for t in benchmark]
         # one index per n-gram length a comparison may use
@@ -129,6 +129,7 @@ class Decontaminator:
         for f in sorted(normal_forms(text, metadata)):
             if f in self.forms:
                 return Overlap(1.0, self.forms[f], "normalised")
+        best: tuple[float, int | None]
         length, best = len(words(text)), (0.0, None)
         for m in {scaled_n(min(length, L), self.n) for L in set(self.lengths)}:
             grams = ngrams(text, m) - self.boilerplate[m]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -134,7 +135,7 @@ def next_token(
             model, token_ids, keys, batch_size=batch_size, pad_id=tokenizer.pad_token_id, progress=progress
         ):
             read(rows, logits)
-        return out
+        return cast("list[NextToken]", out)  # every row read
     for start in range(0, len(token_ids), batch_size):
         ids, mask = decode.left_pad(token_ids[start : start + batch_size], tokenizer.pad_token_id)
         ids, mask = ids.to(model.device), mask.to(model.device)
@@ -142,7 +143,7 @@ def next_token(
         read(list(range(start, start + ids.shape[0])), logits)
         if progress:
             progress(ids.shape[0])
-    return out
+    return cast("list[NextToken]", out)  # every row read
 
 
 SCORE_LABELS = tuple(str(s) for s in SCORES)
@@ -160,8 +161,11 @@ def pointwise_verdict(nt: NextToken, samples: int = 0, rng=None) -> JudgeResult:
     info: dict = {"p": {str(k): round(v, 5) for k, v in p.items()}, "score_mass": round(mass, 5)}
     if samples == 0:
         ok = nt.top.strip() in SCORE_LABELS and mass > 0
-        mean = sum(s * v for s, v in p.items()) / mass if ok else None
-        var = sum((s - mean) ** 2 * v for s, v in p.items()) / mass if ok else None
+        mean: float | None = None
+        var: float | None = None
+        if ok:
+            mean = sum(s * v for s, v in p.items()) / mass
+            var = sum((s - mean) ** 2 * v for s, v in p.items()) / mass
         return JudgeResult(mean, ok, nt.top, json.dumps(info), var)
     outcomes = [*p, -1]  # -1: any other token
     weights = [*p.values(), max(0.0, 1.0 - mass)]

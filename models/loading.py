@@ -183,5 +183,6 @@ def load(ref: str, dtype: str = "auto"):
     tok = AutoTokenizer.from_pretrained(ref)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(ref, dtype=torch_dtype).to(device()).eval()
+    # transformers types .to() through a decorator whose signature drops `self`
+    model = AutoModelForCausalLM.from_pretrained(ref, dtype=torch_dtype).to(device()).eval()  # type: ignore[arg-type]
     return model, tok

@@ -20,7 +20,7 @@ import mlflow.pyfunc
 from mlflow.models import set_model
 
 
-class CausalLM(mlflow.pyfunc.PythonModel):
+class CausalLM(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined]  # mlflow.pyfunc exports it untyped
     def load_context(self, context) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -33,7 +33,7 @@ class CausalLM(mlflow.pyfunc.PythonModel):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "left"  # decoder-only: every row ends at the same column
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()  # type: ignore[arg-type]  # see loading.py
 
     def predict(self, context, model_input: list[str], params: dict | None = None) -> list[str]:
         import torch

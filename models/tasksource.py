@@ -61,14 +61,14 @@ def eval_items(source, validation_size: int, test_size: int, seed: int) -> tuple
         return picked[:v], picked[v:]
     want = validation_size + test_size
     base = BENCHMARK_SEED_BASE + seed * 100_000
-    pool = (it for offset in range(0, 50 * max(want, 1), max(want, 1)) for it in source.items(base + offset, want))
-    picked = _distinct(pool, want)
+    more = (it for offset in range(0, 50 * max(want, 1), max(want, 1)) for it in source.items(base + offset, want))
+    picked = _distinct(more, want)
     return picked[:validation_size], picked[validation_size:]
 
 
 def _distinct(pool, n: int, used: set[str] | None = None) -> list[Item]:
     seen = set(used or ())
-    out = []
+    out: list[Item] = []
     for it in pool:
         if len(out) == n:
             break

@@ -266,20 +266,22 @@ def train(
     }
     if data is None:
         data = dataset(cfg.method, rows)
+    trainer: SFTTrainer | DPOTrainer
     if cfg.method == "sft":
         trainer = SFTTrainer(train_dataset=data, **common)
     else:
         ref_model = None
         if cfg.reference == "base" and (base != policy or not cfg.lora):
             ref_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype)
-        trainer = DPOTrainer(ref_model=ref_model, train_dataset=data, **common)
-        if trainer.args.precompute_ref_log_probs and trainer.ref_model is not None and not trainer.is_fsdp_enabled:
+        trainer = dpo = DPOTrainer(ref_model=ref_model, train_dataset=data, **common)
+        precomputed = dpo.args.precompute_ref_log_probs  # type: ignore[attr-defined]  # args: its DPOConfig
+        if precomputed and dpo.ref_model is not None and not dpo.is_fsdp_enabled:
             # The reference's log-probs are columns of the dataset now (TRL computed them in its
             # constructor) and TRL keeps a reference model it was given: free it, so training holds
             # one model, not two (TRL frees its own only under FSDP).
             import gc
 
-            trainer.ref_model = ref_model = None
+            dpo.ref_model = ref_model = None
             gc.collect()
     from transformers.trainer_callback import PrinterCallback
 
@@ -313,7 +315,8 @@ def train(
         else:
             os.replace(work / "saved", work / "model")
     else:
-        merged = trainer.model.merge_and_unload() if cfg.lora else trainer.model
+        trained: Any = trainer.model  # a PeftModel with LoRA, a PreTrainedModel otherwise
+        merged = trained.merge_and_unload() if cfg.lora else trained
         shutil.rmtree(work / "model", ignore_errors=True)
         merged.save_pretrained(work / "model")
     tok.save_pretrained(work / "model")
@@ -403,6 +406,7 @@ def launch(
     tail: deque[str] = deque(maxlen=40)
     with open(job_dir / "train.log", "a") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        assert proc.stdout is not None  # stdout=PIPE
         for line in proc.stdout:
             log.write(line)
             tail.append(line.rstrip())

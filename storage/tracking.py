@@ -338,7 +338,7 @@ def _registry_notices_follow_logger() -> Iterator[None]:
         yield
         return
     stream = logging_utils.MLFLOW_LOGGING_STREAM
-    logging_utils.MLFLOW_LOGGING_STREAM = _Sink()
+    logging_utils.MLFLOW_LOGGING_STREAM = _Sink()  # type: ignore[assignment]  # a stand-in with its write/flush
     try:
         yield
     finally:

@@ -87,7 +87,11 @@ def health(
     for r in rows:
         by_source.setdefault(r["source"], {})[r["candidate_id"]] = r
     verifier = next((s for s, t in types.items() if t == "verifier" and s in by_source), None)
-    truth = {cid: r["score"] for cid, r in by_source.get(verifier, {}).items() if r["score"] is not None}
+    truth = {
+        cid: r["score"]
+        for cid, r in (by_source.get(verifier, {}) if verifier is not None else {}).items()
+        if r["score"] is not None
+    }
     out: list[dict] = []
 
     def put(source: str, metric: str, value: float | None) -> None:
@@ -215,11 +219,13 @@ def candidates_sample(ctx: StageContext, limit: int = 64) -> pa.Table:
     )
     import duckdb
 
-    return duckdb.sql(f"""
+    relation = duckdb.sql(f"""
         PIVOT (SELECT p.prompt, c.response, c.n_tokens, j.source, j.score
                FROM read_parquet({c}) c JOIN read_parquet({p}) p USING (prompt_id)
                LEFT JOIN read_parquet({j}) j USING (candidate_id))
-        ON source USING max(score) ORDER BY prompt, response LIMIT {int(limit)}""").to_arrow_table()
+        ON source USING max(score) ORDER BY prompt, response LIMIT {int(limit)}""")
+    assert relation is not None  # a query: always a relation
+    return relation.to_arrow_table()
 
 
 def _previous(s: RoundState) -> str | None:

@@ -84,7 +84,8 @@ def decide(metrics: dict, champion: Champion, cfg: PromotionConfig, trained: boo
     """(promoted, reasons): the reasons say which checks failed, or that all passed."""
     if not trained:
         return False, ["no model was trained (no training data this round)"]
-    failed, passed = [], []
+    failed: list[str] = []
+    passed: list[str] = []
     acc = metrics.get("validation_exact_match")
     if acc is None or champion.validation is None:
         passed.append("validation exact match not measured: the validation split has no reference answers (unscored)")
@@ -148,6 +149,7 @@ def paired_gains(
         return out
     for name, f in (("accuracy", lambda x: x), ("exact_match", lambda x: float(exactly_correct(x)))):
         gain = paired_bootstrap([f(a) for a, _ in pairs], [f(b) for _, b in pairs], seed=seed)
+        assert gain is not None  # pairs is not empty
         out |= {
             f"{prefix}{name}_gain": gain[0],
             f"{prefix}{name}_gain_low": gain[1],

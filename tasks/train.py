@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import duckdb
 from prefect import task
@@ -37,9 +38,11 @@ def training_rows(ctx: StageContext) -> tuple[list[dict], int]:
         return current, 0
     key = "pair_id" if table == "pairs" else "candidate_id"
     files = "[" + ", ".join(catalog.sql_str(str(f)) for f in earlier) + "]"
-    replayed = duckdb.sql(f"""
+    relation = duckdb.sql(f"""
         SELECT * FROM read_parquet({files}, hive_partitioning = false) WHERE round < {int(ctx.round)}
-        ORDER BY hash({key} || '{int(ctx.config.seed)}:{int(ctx.round)}'), {key} LIMIT {n}""").to_arrow_table()
+        ORDER BY hash({key} || '{int(ctx.config.seed)}:{int(ctx.round)}'), {key} LIMIT {n}""")
+    assert relation is not None  # a query: always a relation
+    replayed = relation.to_arrow_table()
     return current + replayed.to_pylist(), replayed.num_rows
 
 
@@ -74,7 +77,7 @@ def train_task(ctx: StageContext, policy: str, base: str, fingerprint: str = "")
         extra["dpo_label_smoothing"] = smoothing
     # TRL's training metrics (loss, reward margins) go to the round's run by step; its full config
     # is an artifact, so the run's params stay flywheel's own.
-    common = dict(
+    common: dict[str, Any] = dict(
         base=base,
         seed=ctx.config.seed + ctx.round,
         dtype=ctx.config.model.dtype,

@@ -26,11 +26,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flywheel.errors import EngineError
 from flywheel.models.engines import openai, vllm
 from flywheel.models.engines.base import Engine, check_checkpoint, checkpoint_ref
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 ENTRY_POINTS = "flywheel.engines"
 DEFAULT = "hf"  # hashed as before engines existed: a config on it hashes without `engine`
@@ -40,7 +43,7 @@ DEFAULT = "hf"  # hashed as before engines existed: a config on it hashes withou
 class Backend:
     name: str
     factory: Callable[[Any, str], Engine]
-    settings: type | None = None
+    settings: type[BaseModel] | None = None
     speed_only: frozenset[str] = field(default_factory=frozenset)
     preflight: Callable[..., None] = check_checkpoint
     ref: Callable[[Any], str] = checkpoint_ref

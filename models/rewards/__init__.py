@@ -67,7 +67,9 @@ def build(judge_cfg, task_source) -> list[Source]:
     sources: list[Source] = []
     later: list[Source] = []
     for spec in judge_cfg.sources:
-        cls = get(spec.type).source
+        entry = get(spec.type)
+        assert entry is not None  # judge.sources validates against the registered types
+        cls = entry.source
         try:
             sources.append(cls(spec, task_source))
             later += cls.later(spec, task_source)

@@ -73,7 +73,7 @@ class MajorityVote(Source):
             if not votes:
                 labels[pid] = (None, 0.0)
                 continue
-            first = {}
+            first: dict[str | None, int] = {}
             for idx, a in sorted(answers, key=lambda t: t[0]):
                 first.setdefault(a, idx)
             label = min(votes, key=lambda a: (-votes[a], first[a]))

@@ -16,10 +16,15 @@ import pkgutil
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flywheel.errors import ConfigError
 from flywheel.models import plugins
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from flywheel.models.rewards.base import Source
 
 GROUP = "flywheel.rewards"
 _NOT_SOURCES = ("base", "registry")
@@ -28,8 +33,8 @@ _NOT_SOURCES = ("base", "registry")
 @dataclass(frozen=True)
 class Entry:
     name: str
-    spec: type  # the pydantic config model
-    source: type  # the Source subclass
+    spec: type[BaseModel]  # the pydantic config model
+    source: type[Source]  # the Source subclass
     threshold: float | None = None
     health: Callable[[list[dict], dict[str, dict]], dict[str, float | None]] | None = None
 
@@ -42,8 +47,8 @@ _builtins_loaded = False
 def register(
     name: str,
     *,
-    spec: type,
-    source: type,
+    spec: type[BaseModel],
+    source: type[Source],
     threshold: float | None = None,
     health: Callable[[list[dict], dict[str, dict]], dict[str, float | None]] | None = None,
 ) -> None:

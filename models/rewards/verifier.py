@@ -44,7 +44,10 @@ class Verifier(Source):
 
     def __init__(self, spec: VerifierSource, task_source) -> None:
         super().__init__(spec, task_source)
-        self.fn = _import_callable(spec.callable) if spec.match == "callable" else None
+        self.fn = None
+        if spec.match == "callable":
+            assert spec.callable is not None  # the spec requires it with match: callable
+            self.fn = _import_callable(spec.callable)
 
     def _extra_hash(self) -> str:
         return self.spec.callable or ""
@@ -72,6 +75,7 @@ class Verifier(Source):
         return Verdict(float(" ".join(extracted.lower().split()) == " ".join(answer.lower().split())), True, extracted)
 
     def _call(self, prompt: str, response: str, answer: str | None, metadata: dict) -> Verdict:
+        assert self.fn is not None  # match: callable
         try:
             score = self.fn(prompt, response, answer, metadata)
         except Exception as e:  # the user's code; kept as an unparsed verdict
