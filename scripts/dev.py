@@ -2,8 +2,9 @@
 """Set up a virtual environment (once) and run the flywheel or its tests. Needs only Python 3.11+.
 
     python3 scripts/dev.py run [flywheel run flags…]   # the default 3-round flywheel
-    python3 scripts/dev.py test [pytest flags…]        # the test suite (CI=true adds the slow end-to-end tests;
-                                                       # two pytest workers, -n 0 for one)
+    python3 scripts/dev.py test [pytest flags…]        # ruff (lint, format), mypy, then the test suite (CI=true
+                                                       # adds the slow end-to-end tests; two pytest workers,
+                                                       # -n 0 for one)
     python3 scripts/dev.py lock                        # re-resolve within pyproject's ranges, write constraints.txt
 
 Both `run` and `test` install exactly the set that CI tests: every package at its version in
@@ -18,6 +19,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import tempfile
 import venv
 from pathlib import Path
 
@@ -139,6 +141,27 @@ def workers(rest: list[str]) -> list[str]:
     return ["-n", "2", "--dist", "loadfile", "--no-loadscope-reorder"]
 
 
+def static_checks() -> str | None:
+    """ruff's lint and format check over the repository, then mypy over the package, each printed
+    as it runs; the name of the first that fails, or None."""
+    for name, args in (("ruff check", ["check", "."]), ("ruff format --check", ["format", "--check", "."])):
+        cmd = [str(PY), "-m", "ruff", *args]
+        print("+", " ".join(cmd), flush=True)
+        if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+            return name
+    with tempfile.TemporaryDirectory() as d:
+        # The repository root is the package, which mypy cannot find by name: a `flywheel` link to it
+        # in an empty folder can. The cache stays in the repository (.mypy_cache ignores itself), so a
+        # second run takes seconds, not a minute.
+        (Path(d) / "flywheel").symlink_to(ROOT, target_is_directory=True)
+        cmd = [str(PY), "-m", "mypy", "-p", "flywheel", "--config-file", str(ROOT / "pyproject.toml")]
+        cmd += ["--cache-dir", str(ROOT / ".mypy_cache")]
+        print("+", " ".join(cmd), flush=True)
+        if subprocess.run(cmd, cwd=d).returncode != 0:
+            return "mypy"
+    return None
+
+
 def main() -> int:
     if len(sys.argv) < 2 or sys.argv[1] not in ("run", "test", "setup", "lock"):
         print(__doc__, file=sys.stderr)
@@ -160,6 +183,10 @@ def main() -> int:
         return subprocess.run([str(BIN / "flywheel"), "run", *rest]).returncode
     # CI runs everything, the slow end-to-end rounds on the real model included; locally they are opt-in.
     marks = [] if os.environ.get("CI") == "true" or os.environ.get("FLYWHEEL_SLOW") == "1" else ["-m", "not slow"]
+    failed = static_checks()
+    if failed is not None:
+        print(f"scripts/dev.py test: {failed} failed (above); pytest was not started", file=sys.stderr)
+        return 1
     rc = subprocess.run([str(PY), "-m", "pytest", *marks, *workers(rest), *rest], cwd=ROOT).returncode
     if rc == 5:
         print("pytest collected no tests: that is a failure, not a pass", file=sys.stderr)
