@@ -391,7 +391,7 @@ class _Starting:
 
     def wait(self) -> _Server:
         if self.server is None:
-            raise PrefectServerError("the local Prefect API server was stopped")
+            raise PrefectServerError("the local Prefect API server has stopped (or failed to start)")
         if self.ready:
             return self.server
         delay, retries = 0.1, 0
