@@ -528,7 +528,10 @@ class StagesConfig(_Strict):
     """How stages run under Prefect: transient failures (I/O, network, a stage run whose machine
     died) are retried with exponential backoff; a stage that runs past its timeout fails the round.
     Each stage may run on a Prefect work pool of its own (not hashed: where a stage runs does not
-    change what it computes)."""
+    change what it computes). A registered stage without a field here (a plugin's) is placed under
+    its own name the same way; the run checks before any work that every name is a placeable stage."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
 
     retries: int = Field(2, ge=0)
     retry_delay_s: float = Field(10, ge=0)
@@ -541,13 +544,27 @@ class StagesConfig(_Strict):
     train: StagePlacement = Field(default_factory=StagePlacement)
     benchmark: StagePlacement = Field(default_factory=StagePlacement)
 
+    @model_validator(mode="after")
+    def _other_stages_are_placements(self) -> StagesConfig:
+        extra = self.__pydantic_extra__ or {}
+        for name, value in extra.items():
+            extra[name] = value if isinstance(value, StagePlacement) else StagePlacement.model_validate(value)
+        return self
+
+    def placement(self, stage: str) -> StagePlacement:
+        """Where `stage` runs (the round's own process unless configured)."""
+        place = (
+            getattr(self, stage, None)
+            if stage in type(self).model_fields
+            else (self.__pydantic_extra__ or {}).get(stage)
+        )
+        return place if isinstance(place, StagePlacement) else StagePlacement()
+
     def placed(self) -> dict[str, StagePlacement]:
         """The stages sent to a work pool, by stage name."""
-        return {
-            s: p
-            for s in ("generate", "judge", "curate", "train", "benchmark")
-            if (p := getattr(self, s)).work_pool is not None
-        }
+        names = [n for n, f in type(self).model_fields.items() if f.annotation is StagePlacement]
+        names += list(self.__pydantic_extra__ or {})
+        return {s: p for s in names if (p := self.placement(s)).work_pool is not None}
 
 
 class FlywheelConfig(_Strict):

@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--force-from-stage",
         choices=_Stages(),
         metavar="STAGE",
-        help="with --resume: redo this stage and the ones after it in the run's latest round, under the config given",
+        help="with --resume: redo this stage (%(choices)s) and the ones after it in the run's latest round, "
+        "under the config given",
     )
     run.add_argument("--samples", type=int, help="samples per prompt")
     run.add_argument("--prompts-per-round", type=int)

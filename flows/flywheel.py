@@ -28,7 +28,7 @@ from prefect.tasks import exponential_backoff
 
 from flywheel import __version__, progress
 from flywheel.config import FlywheelConfig, load_config
-from flywheel.errors import ResumeError
+from flywheel.errors import ConfigError, ResumeError
 from flywheel.flows import placement
 from flywheel.models import engines, loading, rewards, trainer
 from flywheel.models.decontam import Decontaminator
@@ -275,7 +275,7 @@ class Stages:
         for table, part in stage_registry.get(stage).outputs:
             parquet.remove_parts(root, table, run_id, k, part)
         name = f"{stage}-round-{k}" + (" (baseline)" if k == 0 else "")
-        pool = getattr(getattr(self.ctx.config.stages, stage, None), "work_pool", None)
+        pool = self.ctx.config.stages.placement(stage).work_pool
         if pool is not None:
             fn, args = placement.remote_stage, (stage, fingerprint, params)
         else:
@@ -578,6 +578,13 @@ def check(config: FlywheelConfig, resume: str | None = None, force_from_stage: s
         raise ResumeError("--force-from-stage redoes stages of an existing run: name it with --resume RUN")
     if resume is not None:
         check_resumable(config, resume, force_from_stage)
+    for name in config.stages.placed():
+        if name not in stage_registry.names() or not stage_registry.get(name).placeable:
+            where = "runs in the round's own process" if name in stage_registry.names() else "is not a stage"
+            raise ConfigError(
+                f"stages.{name}.work_pool: {name} {where} (stages a work pool can take: "
+                f"{', '.join(s.name for s in stage_registry.stages() if s.placeable)})"
+            )
     placement.check(config)  # a work pool's server and deployments, before any weights are fetched
     prepared = prepare(config)
     preflight(Path(config.workspace), loading.model_bytes(prepared.base), config.registry.weights == "copy")

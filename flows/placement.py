@@ -96,7 +96,7 @@ def remote_stage(ctx: StageContext, stage: str, fingerprint: str, params: dict) 
     result it recorded in the workspace's manifest."""
     from prefect.deployments import run_deployment
 
-    place = getattr(ctx.config.stages, stage)
+    place = ctx.config.stages.placement(stage)
     pool = place.work_pool
     run: Any = run_deployment(  # a FlowRun: called from sync code, it is not a coroutine
         deployment(pool),

@@ -60,3 +60,23 @@ def test_a_new_stage_is_one_registration(monkeypatch):
         stage.register(stage.Stage("filter", 36, task=None, fingerprint=extra.fingerprint))
     with pytest.raises(ValueError, match="unknown stage 'nope'"):
         stage.get("nope")
+
+
+def test_any_placeable_stage_can_be_sent_to_a_work_pool(monkeypatch, tmp_path):
+    """A registered stage has no field of its own in `stages:`, yet is placed under its name; a
+    name that is no stage, or a stage that runs in the round's process, fails before any work."""
+    from flywheel.config import load_config
+    from flywheel.errors import ConfigError
+    from flywheel.flows.flywheel import check
+
+    monkeypatch.setattr(stage, "_REGISTRY", dict(stage._REGISTRY))
+    stage.stages()
+    stage.register(stage.Stage("nonempty", 35, task=None, fingerprint=lambda fp, s: short_hash("nonempty", fp)))
+    cfg = load_config(None, {"workspace": str(tmp_path), "stages": {"nonempty": {"work_pool": "gpu"}}})
+    assert cfg.stages.placed() == {"nonempty": cfg.stages.placement("nonempty")}
+    assert cfg.stages.placement("nonempty").work_pool == "gpu" and cfg.stages.placement("judge").work_pool is None
+    assert cfg.hash() == load_config(None, {}).hash(), "where a stage runs is not hashed"
+    for name, message in (("nonemtpy", "nonemtpy is not a stage"), ("promote", "promote runs in the round's own")):
+        bad = load_config(None, {"workspace": str(tmp_path), "stages": {name: {"work_pool": "gpu"}}})
+        with pytest.raises(ConfigError, match=f"stages.{name}.work_pool: {message}"):
+            check(bad)
