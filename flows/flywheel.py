@@ -254,6 +254,14 @@ class Stages:
     force_from: str | None = None
     reused: list[str] = field(default_factory=list)
 
+    def run_all(self, state: RoundState, stages) -> None:
+        """Each stage in turn, its fingerprint chained from the one before, its result absorbed
+        into the round's state for the stages after it."""
+        fp = None
+        for stage in stages:
+            result, fp = self.run(stage.name, stage.fingerprint(fp, state), **stage.params(state))
+            stage.absorb(state, result)
+
     def run(self, stage: str, fingerprint: str, **params) -> tuple[dict, str]:
         """(result, the fingerprint it was computed under)."""
         root, run_id, k = self.ctx.workspace, self.ctx.run_id, self.ctx.round
@@ -330,7 +338,8 @@ def one_round(
     policy_reference: str | None = None,
     force_from_stage: str | None = None,
 ) -> dict:
-    """generate → judge → curate → train → benchmark → promotion gate, for one round.
+    """One round: the registered stages in order (generate → judge → curate → train → benchmark →
+    promote, tasks/stage.py).
 
     The round starts from `champion` (its policy and benchmark figures). `previous` is the policy
     the previous round started from (judges with previous: true rank this round's candidates
@@ -350,10 +359,7 @@ def one_round(
     t0 = time.perf_counter()
     state = RoundState(config, round, policy, base, previous, policy_reference, champion=champ)
     try:
-        fp = None
-        for stage in stage_registry.stages():
-            result, fp = stages.run(stage.name, stage.fingerprint(fp, state), **stage.params(state))
-            stage.absorb(state, result)
+        stages.run_all(state, stage_registry.stages())
         metrics, policy_out = state.metrics, state.policy_out
         promoted, reasons = metrics["promoted"], metrics["promotion_reasons"]
         metrics |= {"round_seconds": time.perf_counter() - t0, "reused_stages": stages.reused}
@@ -744,10 +750,8 @@ def _round_zero(config: FlywheelConfig, prepared: Prepared, run_id: str, parent:
     started = datetime.now(UTC)
     t0 = time.perf_counter()
     try:
-        state, runner, fp = RoundState(config, 0, prepared.base, prepared.base), Stages(ctx0, prepared), None
-        for stage in (s for s in stage_registry.stages() if s.baseline):
-            result, fp = runner.run(stage.name, stage.fingerprint(fp, state), **stage.params(state))
-            stage.absorb(state, result)
+        state = RoundState(config, 0, prepared.base, prepared.base)
+        Stages(ctx0, prepared).run_all(state, [s for s in stage_registry.stages() if s.baseline])
         metrics = state.metrics
     except BaseException as e:
         error = _error_text(e)

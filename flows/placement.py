@@ -98,6 +98,7 @@ def remote_stage(ctx: StageContext, stage: str, fingerprint: str, params: dict) 
 
     place = ctx.config.stages.placement(stage)
     pool = place.work_pool
+    assert pool is not None  # the round sends only placed stages here
     run: Any = run_deployment(  # a FlowRun: called from sync code, it is not a coroutine
         deployment(pool),
         parameters=dict(
