@@ -1,8 +1,9 @@
 """A third-party package extends flywheel through its entry points alone: the example package
-(examples/flywheel-example-plugins) is installed into the environment, and one real round runs on
-its task with its reward source deciding the pairs."""
+(examples/flywheel-example-plugins) is installed, and one real round runs on its task with its
+reward source deciding the pairs. It is installed into a folder of its own that only the round's
+process has on its path: the shared environment (other tests' processes, a user's venv) never
+sees it."""
 
-import importlib.metadata
 import os
 import subprocess
 import sys
@@ -27,15 +28,24 @@ train: {dpo: {num_train_epochs: 1, per_device_train_batch_size: 1}}
 """
 
 
-def _install_example() -> None:
-    """Install the example package (editable, no dependencies) unless this environment has it."""
-    try:
-        importlib.metadata.distribution("flywheel-example-plugins")
-    except importlib.metadata.PackageNotFoundError:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", str(EXAMPLE)],
-            check=True,
-        )
+def _install_example(target: Path) -> None:
+    """The example package, built and installed as pip installs any package, into `target`."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(target),
+            str(EXAMPLE),
+        ],
+        check=True,
+    )
 
 
 def _table(ws: Path, name: str) -> list[dict]:
@@ -48,11 +58,12 @@ def _table(ws: Path, name: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    _install_example()
     root = tmp_path_factory.mktemp("plugins")
+    _install_example(root / "site")
     (root / "c.yaml").write_text(CONFIG)
     ws = root / "ws"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PREFECT_LOGGING_LEVEL": "WARNING"}
+    path = os.pathsep.join(p for p in (str(root / "site"), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PREFECT_LOGGING_LEVEL": "WARNING", "PYTHONPATH": path}
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.run(
         [sys.executable, "-m", "flywheel.flows.cli", "run", "--config", str(root / "c.yaml"), "--workspace", str(ws)],
