@@ -27,15 +27,10 @@ import importlib
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from typing import Any
 
-from flywheel.errors import UserError
+from flywheel.models import plugins
 from flywheel.tasks.common import StageContext
-
-
-class PluginError(UserError, ImportError):
-    """An installed stage plugin that cannot be imported."""
 
 
 @dataclass
@@ -93,8 +88,8 @@ _LOADED = False
 
 
 def _load() -> None:
-    """Import every stage module once: this package's, then the entry points' (a plugin that
-    fails to import is a one-line error naming it)."""
+    """Import every stage module once: this package's, then the entry points' (models/plugins.py:
+    a plugin that fails to import, or registers no stage of its name, is a one-line error)."""
     global _LOADED
     if _LOADED:
         return
@@ -102,12 +97,8 @@ def _load() -> None:
 
     for info in pkgutil.iter_modules(package.__path__):
         importlib.import_module(f"{package.__name__}.{info.name}")
-    for ep in entry_points(group="flywheel.stages"):
-        try:
-            ep.load()
-        except Exception as e:  # any import failure of a plugin is the user's to fix
-            raise PluginError(f"stage plugin {ep.name!r} ({ep.value}) failed to load: {e}") from None
     _LOADED = True
+    plugins.load("flywheel.stages", lambda: _REGISTRY)
 
 
 def stages() -> tuple[Stage, ...]:
