@@ -11,10 +11,10 @@ from collections.abc import Sequence
 
 from pydantic import Field
 
-from flywheel import compat
+from flywheel import compat, seeds
 from flywheel.errors import EngineError
 from flywheel.models.engines.base import Engine, Settings, check_checkpoint, label_mass
-from flywheel.models.generation import Generation, Progress, chat_texts, rendered_prompts, row_seed
+from flywheel.models.generation import Generation, Progress, chat_texts, rendered_prompts
 
 NEEDS_VLLM = "engine vllm needs vLLM: pip install 'flywheel[vllm]' (a CUDA GPU)"
 
@@ -136,7 +136,7 @@ class VLLMEngine(Engine):
                         max_new_tokens=max_new_tokens,
                         temperature=temperature,
                         top_p=top_p,
-                        seed=row_seed(seed, p, k),
+                        seed=seeds.row(seed, p, k),
                     )
                 )
         return [self._generation(o.outputs[0]) for o in self._run(token_ids, params, progress)]
