@@ -13,7 +13,7 @@ library's private API is left alone: one warning line says so, and flywheel take
 when the API is missing (TRL: its own choice of LM-head path; Prefect: the public settings context only;
 vLLM: the engine dropped and the parallel state destroyed without the explicit shutdown). transformers'
 cache layer has no such path, so it is used anyway after the warning, and decoding checks the cache it
-gets (models/decode.py: `_fill`), failing in one line if the layer was ignored.
+gets (models/hf/decode.py: `_fill`), failing in one line if the layer was ignored.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@
 Prints, each measured in this run (a section whose engine is missing says so in one line and the
 others go on):
   device   the GPU, its memory, bf16 support, versions
-  sample   flywheel's in-process sampling (models/decode.py, continuous batching) on the default
+  sample   flywheel's in-process sampling (models/hf/decode.py, continuous batching) on the default
            round's requests, bf16 and fp32: tokens/s; and the same requests through transformers'
            own generate() (the reference implementation) for comparison
   scale    the same sampling with 8× the prompts (what a GPU is for): tokens/s
@@ -47,7 +47,7 @@ BF16_PEAK = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G":
 
 def items_from_task(prompts: int) -> dict:
     from flywheel import config as C
-    from flywheel.models.tasksource import eval_items, make_source, train_items
+    from flywheel.models.tasks.splits import eval_items, make_source, train_items
 
     cfg = C.FlywheelConfig()
     source = make_source(cfg.task)
@@ -109,7 +109,11 @@ def main() -> int:
     import transformers
 
     from flywheel import config as C
-    from flywheel.models import engines, judges, loading, sampling
+    from flywheel import seeds
+    from flywheel.models import engines, loading
+    from flywheel.models.hf import sampling
+    from flywheel.models.rewards.rubric import SCORE_LABELS, load_rubric, verdicts
+    from flywheel.models.tasks import extract_answer
 
     props = torch.cuda.get_device_properties(0) if cuda else None
     name, mem = (props.name, props.total_memory / 2**30) if cuda else ("CPU (dry run)", 0)
@@ -184,7 +188,7 @@ def main() -> int:
             state[f"engine_{dtype}"] = eng
 
     def greedy():
-        from flywheel.models.tasksource import FileSource
+        from flywheel.models.tasks.prompts_file import FileSource
 
         with tempfile.TemporaryDirectory() as d:
             path = Path(d) / "test.jsonl"
@@ -202,7 +206,7 @@ def main() -> int:
                 )
             )
             exact = [
-                src.score(judges.extract_answer(g.response, it.answer), it.answer, it.metadata) == 1.0
+                src.score(extract_answer(g.response, it.answer), it.answer, it.metadata) == 1.0
                 for g, it in zip(gens, items)
             ]
             res[dtype] = gens
@@ -214,20 +218,18 @@ def main() -> int:
         print(f"greedy   bf16 vs fp32: identical responses {same}/{len(items)}")
 
     def judge():
-        rubric = judges.load_rubric()
+        rubric = load_rubric()
         gens = state["float32"]
         rep = [p for p in prompts for _ in range(s.n)]
         renders = [{"question": p, "response": g.response} for p, g in zip(rep, gens)]
         scores = {}
         for dtype in ("bfloat16", "float32"):
             eng = state[f"engine_{dtype}"]
-            eng.next_token(rubric, renders[:8], judges.SCORE_LABELS, batch_size=64, max_prompt_tokens=1024)
+            eng.next_token(rubric, renders[:8], SCORE_LABELS, batch_size=64, max_prompt_tokens=1024)
             nts, t = timed(
-                lambda eng=eng: eng.next_token(
-                    rubric, renders, judges.SCORE_LABELS, batch_size=64, max_prompt_tokens=1024
-                )
+                lambda eng=eng: eng.next_token(rubric, renders, SCORE_LABELS, batch_size=64, max_prompt_tokens=1024)
             )
-            scores[dtype] = judges.verdicts(nts, 0, 0)
+            scores[dtype] = verdicts(nts, 0, 0)
             print(f"judge    {dtype:9s} {len(renders) / t:8.1f} candidates/s ({len(renders)} candidates, {t:.2f} s)")
         d = [
             abs(a.score - b.score)
@@ -256,7 +258,7 @@ def main() -> int:
         --train-steps steps: the wall time in all, a steady step's time, tokens/s and FLOP rate."""
         from transformers import AutoTokenizer
 
-        from flywheel.models import trainer
+        from flywheel.models.training import trainer
 
         tok = AutoTokenizer.from_pretrained(model_ref)
 
@@ -452,7 +454,7 @@ def main() -> int:
                             max_new_tokens=s.max_new_tokens,
                             temperature=s.temperature,
                             top_p=s.top_p,
-                            seed=engines.row_seed(1000, p, k),
+                            seed=seeds.row(1000, p, k),
                         )
                     )
                 )

@@ -22,8 +22,10 @@ def main() -> None:
     args = ap.parse_args()
 
     from flywheel import config as C
-    from flywheel.models import judges, loading, rewards, sampling
-    from flywheel.models.tasksource import make_source, train_items
+    from flywheel.models import loading, rewards
+    from flywheel.models.hf import reference, sampling
+    from flywheel.models.rewards.rubric import load_rubric
+    from flywheel.models.tasks.splits import make_source, train_items
 
     cfg = C.FlywheelConfig()
     base = loading.resolve(cfg.model.name)
@@ -82,16 +84,16 @@ def main() -> None:
         rates[label] = n / seconds
         print(f"  {label:<28}: {rates[label]:9.1f} candidates/s  ({seconds:.2f} s)")
 
-    rubric = judges.load_rubric()
+    rubric = load_rubric()
     qs, rs = [prompts[c["prompt_id"]]["prompt"] for c in cands], [c["response"] for c in cands]
     model, tok = loading.load(base)
     t0 = time.perf_counter()
-    judges.llm_judge(
+    reference.llm_judge(
         model, tok, rubric, qs, rs, batch_size=cfg.judge.batch_size, max_prompt_tokens=1024, reuse_prefix=False
     )
     plain = n / (time.perf_counter() - t0)
     t0 = time.perf_counter()
-    judges.llm_judge(model, tok, rubric, qs, rs, batch_size=cfg.judge.batch_size, max_prompt_tokens=1024)
+    reference.llm_judge(model, tok, rubric, qs, rs, batch_size=cfg.judge.batch_size, max_prompt_tokens=1024)
     prefix = n / (time.perf_counter() - t0)
     print("LLM judge, every candidate (no merging of identical responses):")
     print(f"  full prompts (baseline)     : {plain:9.1f} candidates/s")

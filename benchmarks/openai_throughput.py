@@ -94,8 +94,10 @@ def main() -> None:
     args = ap.parse_args()
 
     from flywheel import config as C
-    from flywheel.models import engines, judges
-    from flywheel.models.tasksource import make_source, train_items
+    from flywheel import seeds
+    from flywheel.models import engines
+    from flywheel.models.rewards.rubric import SCORE_LABELS, load_rubric
+    from flywheel.models.tasks.splits import make_source, train_items
 
     items = train_items(make_source(C.TaskConfig()), 1, args.prompts, 0, None)[0]
     prompts = [it.prompt for it in items]
@@ -111,7 +113,7 @@ def main() -> None:
         engine.greedy(prompts[:1], max_new_tokens=4)  # warm: tokenizer loaded, connection open
         kw = dict(max_new_tokens=32, temperature=1.0, top_p=1.0)
         bodies = [
-            engines.openai_completion("sample", args.model, t, seed=engines.row_seed(0, p, k), **kw)
+            engines.openai_completion("sample", args.model, t, seed=seeds.row(0, p, k), **kw)
             for p, t in zip(prompts, texts)
             for k in range(args.samples)
         ]
@@ -127,7 +129,7 @@ def main() -> None:
             f"  {t_plain / t_engine:.2f} of plain"
         )
 
-        rubric = judges.load_rubric()
+        rubric = load_rubric()
         renders = [
             {"question": p, "response": g.response}
             for p, g in zip([p for p in prompts for _ in range(args.samples)], gens)
@@ -137,7 +139,7 @@ def main() -> None:
         jbodies = [engines.openai_completion("next_token", args.model, t) for t in judge_texts]
         t_plain = plain(url, jbodies, args.concurrency)
         t0 = time.perf_counter()
-        engine.next_token(rubric, renders, judges.SCORE_LABELS, max_prompt_tokens=1024)
+        engine.next_token(rubric, renders, SCORE_LABELS, max_prompt_tokens=1024)
         t_engine = time.perf_counter() - t0
         print(f"rubric scoring {len(jbodies)} candidates ({engine.verdict_method})")
         print(f"  plain   {len(jbodies) / t_plain:7.2f} cand/s ({t_plain:.1f} s)")

@@ -39,7 +39,7 @@ def main() -> int:
     from flywheel.flows.flywheel import prepare
     from flywheel.models import engines, loading
     from flywheel.models.rewards import extracted_answer
-    from flywheel.models.tasksource import train_items
+    from flywheel.models.tasks.splits import train_items
 
     cfg = C.FlywheelConfig()
     prepared = prepare(cfg)

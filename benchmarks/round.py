@@ -48,8 +48,9 @@ def row(name: str, old: float, new: float, unit: str, extra: str = "") -> None:
 
 def sampling_and_benchmark(n_prompts: int) -> list:
     from flywheel.config import FlywheelConfig
-    from flywheel.models import loading, sampling
-    from flywheel.models.tasksource import benchmark_items, make_source, train_items
+    from flywheel.models import loading
+    from flywheel.models.hf import sampling
+    from flywheel.models.tasks.splits import benchmark_items, make_source, train_items
 
     cfg = FlywheelConfig()
     s, b = cfg.sampling, cfg.benchmark
@@ -141,16 +142,18 @@ def sampling_and_benchmark(n_prompts: int) -> list:
 
 def judge(candidates: list, peak: float) -> None:
     from flywheel.config import FlywheelConfig
-    from flywheel.models import judges, loading
+    from flywheel.models import loading
+    from flywheel.models.hf import reference
+    from flywheel.models.rewards.rubric import load_rubric
 
     cfg = FlywheelConfig()
     model, tok = loading.load(loading.resolve(cfg.model.name))
-    rubric = judges.load_rubric()
+    rubric = load_rubric()
     qs, rs = [q for q, _ in candidates], [r for _, r in candidates]
     # What each candidate computes after the shared prefixes (the rubric's start once, each
     # question's part once for its candidates): its response and the rubric's closing lines.
-    from flywheel.models.decode import common_prefix_len
     from flywheel.models.generation import rendered_prompts
+    from flywheel.models.hf.decode import common_prefix_len
 
     ids = rendered_prompts(
         tok, rubric, [{"question": q, "response": r} for q, r in candidates], cfg.judge.max_prompt_tokens
@@ -171,10 +174,10 @@ def judge(candidates: list, peak: float) -> None:
         f"{closing} of them), {gflop:.1f} GFLOP: at most {peak / gflop:.1f} candidates/s at the fp32 peak"
     )
     t0 = time.perf_counter()
-    old = judges.llm_judge(model, tok, rubric, qs, rs, batch_size=16, max_prompt_tokens=1024, by_question=False)
+    old = reference.llm_judge(model, tok, rubric, qs, rs, batch_size=16, max_prompt_tokens=1024, by_question=False)
     t_old = time.perf_counter() - t0
     t0 = time.perf_counter()
-    new = judges.llm_judge(
+    new = reference.llm_judge(
         model, tok, rubric, qs, rs, batch_size=cfg.judge.batch_size, max_prompt_tokens=cfg.judge.max_prompt_tokens
     )
     t_new = time.perf_counter() - t0
@@ -193,9 +196,9 @@ def judge(candidates: list, peak: float) -> None:
     import torch
 
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
-    judges.llm_judge(bf16, tok, rubric, qs[:16], rs[:16], batch_size=16, max_prompt_tokens=1024)  # warm-up
+    reference.llm_judge(bf16, tok, rubric, qs[:16], rs[:16], batch_size=16, max_prompt_tokens=1024)  # warm-up
     t0 = time.perf_counter()
-    low = judges.llm_judge(
+    low = reference.llm_judge(
         bf16, tok, rubric, qs, rs, batch_size=cfg.judge.batch_size, max_prompt_tokens=cfg.judge.max_prompt_tokens
     )
     t_low = time.perf_counter() - t0
@@ -223,8 +226,9 @@ def train(peak: float) -> None:
     import trl.trainer.utils as trl_utils
 
     from flywheel.config import load_config
-    from flywheel.models import loading, trainer
-    from flywheel.models.tasksource import make_source, train_items
+    from flywheel.models import loading
+    from flywheel.models.tasks.splits import make_source, train_items
+    from flywheel.models.training import trainer
 
     cfg = load_config()
     base = loading.resolve(cfg.model.name)
@@ -240,7 +244,7 @@ def train(peak: float) -> None:
         for it in items
     ]
     model, tok = loading.load(base)
-    from flywheel.models.sampling import chat_texts
+    from flywheel.models.hf.sampling import chat_texts
 
     heads = [len(tok(h, add_special_tokens=False)["input_ids"]) for h in chat_texts(tok, [r["prompt"] for r in rows])]
     completions = sum(len(tok(r["chosen"])["input_ids"]) + len(tok(r["rejected"])["input_ids"]) + 2 for r in rows)
@@ -322,7 +326,8 @@ def train_memory() -> None:
     import gc
 
     from flywheel.config import load_config
-    from flywheel.models import engines, loading, trainer
+    from flywheel.models import engines, loading
+    from flywheel.models.training import trainer
 
     cfg = load_config()
     base = loading.resolve(cfg.model.name)
@@ -393,7 +398,8 @@ def _reference_child(label: str) -> None:
     import json
 
     from flywheel.config import load_config
-    from flywheel.models import loading, trainer
+    from flywheel.models import loading
+    from flywheel.models.training import trainer
 
     cfg = load_config()
     base = loading.resolve(cfg.model.name)

@@ -30,9 +30,10 @@ from flywheel import __version__, progress
 from flywheel.config import FlywheelConfig, load_config
 from flywheel.errors import ConfigError, ResumeError
 from flywheel.flows import placement
-from flywheel.models import engines, loading, rewards, trainer
-from flywheel.models.decontam import Decontaminator
-from flywheel.models.tasksource import eval_items, make_source
+from flywheel.models import engines, loading, rewards
+from flywheel.models.tasks.decontam import Decontaminator
+from flywheel.models.tasks.splits import eval_items, make_source
+from flywheel.models.training import trainer
 from flywheel.storage import catalog, datacard, lock, manifest, parquet, plots, tracking
 from flywheel.tasks import promote
 from flywheel.tasks import stage as stage_registry

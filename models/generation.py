@@ -1,11 +1,10 @@
 """What every engine returns, and how every engine renders a prompt: plain data and the model's own
 chat template, no backend. It sits below the engines so that the hf engine's decoder, sampler and
-judge (models/decode.py, sampling.py, judges.py) build on it without importing the engines that
+judge (models/hf/decode.py, sampling.py, judges.py) build on it without importing the engines that
 call them: dependencies point one way, engines → sampling / judges → generation."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -25,12 +24,6 @@ class Generation:
 class NextToken:
     mass: dict[str, float]  # probability of each label's tokens at the verdict position
     top: str  # the most likely token over the whole vocabulary (or the most frequent draw), decoded
-
-
-def row_seed(seed: int, prompt: str, sample: int) -> int:
-    """Sample k of a prompt: its seed depends on nothing else (not the batch, not other prompts)."""
-    digest = hashlib.sha256(f"{seed}\x00{sample}\x00{prompt}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def chat_texts(tokenizer, prompts: Sequence[str]) -> list[str]:

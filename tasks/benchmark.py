@@ -10,9 +10,12 @@ from collections.abc import Sequence
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from flywheel import progress
-from flywheel.models import engines, sampling
-from flywheel.models.tasksource import BENCHMARK_SEED_BASE, Item, ReasoningGymSource, exactly_correct, make_source
+from flywheel import progress, seeds
+from flywheel.models import engines
+from flywheel.models.hf import sampling
+from flywheel.models.tasks import Item, exactly_correct
+from flywheel.models.tasks.reasoning_gym import ReasoningGymSource
+from flywheel.models.tasks.splits import make_source
 from flywheel.storage import catalog, parquet
 from flywheel.tasks import promote
 from flywheel.tasks.common import StageContext, short_hash
@@ -72,7 +75,7 @@ def guard_suites(cfg, seed: int) -> list[tuple[str, ReasoningGymSource, list[Ite
     out = []
     for g in cfg.benchmark.guards:
         source = ReasoningGymSource(g.task, g.options)
-        out.append((g.task, source, source.items(BENCHMARK_SEED_BASE + seed * 100_000, g.size)))
+        out.append((g.task, source, source.items(seeds.evaluation(seed), g.size)))
     return out
 
 

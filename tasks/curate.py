@@ -40,6 +40,7 @@ import pyarrow as pa
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from flywheel import seeds
 from flywheel.config import CurationConfig
 from flywheel.models.tasks.base import EXACT  # the one definition of "exactly correct"
 from flywheel.storage import catalog, datacard, parquet
@@ -306,7 +307,7 @@ def curate_task(ctx: StageContext) -> dict:
         for table, part in (("prompts", "train"), ("candidates", "data"), ("judgments", "data")):
             path = parquet.table_path(root, table, ctx.run_id, ctx.round, part)
             con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet({catalog.sql_str(str(path))})")
-        curated = curate(con, ctx.config.curation, ctx.config.seed + ctx.round, verifier)
+        curated = curate(con, ctx.config.curation, seeds.training(ctx.config.seed, ctx.round), verifier)
         labels = pair_labels(con, curated.pairs, verifier)
     parquet.write_table(root, "pairs", ctx.run_id, ctx.round, curated.pairs)
     parquet.write_table(root, "sft", ctx.run_id, ctx.round, curated.sft)

@@ -10,11 +10,12 @@ from dataclasses import replace
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from flywheel import progress
-from flywheel.models import engines, sampling, shards
-from flywheel.models.decontam import Overlap
-from flywheel.models.generation import row_seed
-from flywheel.models.tasksource import Item, train_items
+from flywheel import progress, seeds
+from flywheel.models import engines, shards
+from flywheel.models.hf import sampling
+from flywheel.models.tasks import Item
+from flywheel.models.tasks.decontam import Overlap
+from flywheel.models.tasks.splits import train_items
 from flywheel.storage import catalog, datacard, parquet
 from flywheel.tasks.common import StageContext, short_hash
 from flywheel.tasks.stage import Stage, register
@@ -65,7 +66,7 @@ def candidate_rows(
                 prompt_id=p["prompt_id"],
                 policy=policy,
                 sample_index=k,
-                seed=row_seed(seed, p["prompt"], k),
+                seed=seeds.row(seed, p["prompt"], k),
                 response=g.response,
                 n_tokens=g.n_tokens,
                 finish_reason=g.finish_reason,
@@ -138,7 +139,7 @@ def generate_task(
             indent=1,
         )
     )
-    seed = cfg.seed * 1000 + ctx.round
+    seed = seeds.stage(cfg.seed, ctx.round)
     t0 = time.perf_counter()
     with progress.stage("generate", len(items) * s.n, "samples") as advance:
         # sampling.shards streams, over model.workers processes (one: this one)

@@ -14,9 +14,10 @@ import pyarrow as pa
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from flywheel import progress
+from flywheel import progress, seeds
 from flywheel.models import rewards
-from flywheel.models.tasksource import exactly_correct, make_source
+from flywheel.models.tasks import exactly_correct
+from flywheel.models.tasks.splits import make_source
 from flywheel.storage import catalog, parquet, plots
 from flywheel.storage.datacard import card_dir
 from flywheel.tasks.common import StageContext, short_hash
@@ -160,7 +161,7 @@ def judge_task(ctx: StageContext, policy: str, previous: str | None = None, refe
         cfg.model.dtype,
         cfg.judge.batch_size,
         cfg.judge.max_prompt_tokens,
-        cfg.seed * 1000 + ctx.round,
+        seeds.stage(cfg.seed, ctx.round),
         cfg.model,
     )
     rows: list[dict] = []

@@ -12,8 +12,9 @@ import duckdb
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from flywheel import progress
-from flywheel.models import engines, loading, trainer
+from flywheel import progress, seeds
+from flywheel.models import engines, loading
+from flywheel.models.training import trainer
 from flywheel.storage import catalog, parquet, tracking
 from flywheel.tasks.common import StageContext, short_hash
 from flywheel.tasks.stage import RoundState, Stage, register
@@ -79,7 +80,7 @@ def train_task(ctx: StageContext, policy: str, base: str, fingerprint: str = "")
     # is an artifact, so the run's params stay flywheel's own.
     common: dict[str, Any] = dict(
         base=base,
-        seed=ctx.config.seed + ctx.round,
+        seed=seeds.training(ctx.config.seed, ctx.round),
         dtype=ctx.config.model.dtype,
         fingerprint=fingerprint,
         checkpoint_steps=ctx.config.stages.checkpoint_steps,

@@ -1,6 +1,6 @@
 """One interface for every model call a stage makes, with one module per backend.
 
-    hf      transformers in this process (models/decode.py's continuous batching): CPU or one GPU
+    hf      transformers in this process (models/hf/decode.py's continuous batching): CPU or one GPU
     vllm    vLLM's offline engine: tensor parallelism, prefix caching, the GPU released on close()
     openai  any OpenAI-compatible server over HTTP: bounded concurrency, retries with backoff
 
@@ -28,7 +28,7 @@ from flywheel.models.engines.openai import (
 )
 from flywheel.models.engines.registry import Backend, get, names, register
 from flywheel.models.engines.vllm import VLLMEngine, VLLMSettings, vllm_sampling_params
-from flywheel.models.generation import Generation, NextToken, Progress, rendered_prompts, row_seed
+from flywheel.models.generation import Generation, NextToken, Progress, rendered_prompts
 
 __all__ = [
     "RETRY_STATUS",
@@ -55,7 +55,6 @@ __all__ = [
     "register",
     "release",
     "rendered_prompts",
-    "row_seed",
     "vllm_sampling_params",
 ]
 

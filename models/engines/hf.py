@@ -1,4 +1,4 @@
-"""The `hf` engine: transformers in this process (models/decode.py's continuous batching), on the
+"""The `hf` engine: transformers in this process (models/hf/decode.py's continuous batching), on the
 CPU or one GPU. Importing it loads torch and transformers, so the registry imports it only when an
 hf engine opens."""
 
@@ -8,8 +8,9 @@ import gc
 
 import torch
 
-from flywheel.models import judges, loading, sampling
+from flywheel.models import loading
 from flywheel.models.engines.base import Engine
+from flywheel.models.hf import sampling, scoring
 
 
 class HFEngine(Engine):
@@ -49,7 +50,7 @@ class HFEngine(Engine):
 
     def next_token(self, rubric, renders, labels, *, batch_size, max_prompt_tokens, by_question=True, progress=None):
         with loading.attention_backends():
-            return judges.next_token(
+            return scoring.next_token(
                 self.model,
                 self.tokenizer,
                 rubric,
@@ -63,7 +64,7 @@ class HFEngine(Engine):
 
     def sequence_logprobs(self, prompts, responses, *, batch_size, progress=None):
         with loading.attention_backends():
-            return judges.sequence_logprobs(
+            return scoring.sequence_logprobs(
                 self.model, self.tokenizer, prompts, responses, batch_size=batch_size, progress=progress
             )
 

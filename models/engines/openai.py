@@ -18,9 +18,10 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 
+from flywheel import seeds
 from flywheel.errors import EngineError, mask_credentials
 from flywheel.models.engines.base import Engine, Settings, label_mass
-from flywheel.models.generation import Generation, NextToken, Progress, chat_texts, rendered_prompts, row_seed
+from flywheel.models.generation import Generation, NextToken, Progress, chat_texts, rendered_prompts
 
 
 class OpenAISettings(Settings):
@@ -261,7 +262,7 @@ class OpenAIEngine(Engine):
                 max_new_tokens=max_new_tokens,
                 temperature=temperature,
                 top_p=top_p,
-                seed=row_seed(seed, p, k),
+                seed=seeds.row(seed, p, k),
             )
             for p, t in zip(prompts, texts)
             for k in range(n)
@@ -292,7 +293,7 @@ class OpenAIEngine(Engine):
         k = self.cfg.verdict_samples
         self.verdict_method = f"sampled_{k}"
         bodies = [
-            openai_completion("verdict_draw", self.ref, t, seed=row_seed(0, t, j)) for t in texts for j in range(k)
+            openai_completion("verdict_draw", self.ref, t, seed=seeds.row(0, t, j)) for t in texts for j in range(k)
         ]
         answers = self._map(bodies, progress, weight=k)
         draws = [a["choices"][0].get("text", "") for a in answers]

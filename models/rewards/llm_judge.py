@@ -12,6 +12,7 @@ from pydantic import Field, field_validator, model_validator
 from flywheel.config import ModelConfig, _model_shorthand, _Source, _template_exists
 from flywheel.models.rewards.base import Batch, Models, Progress, Source, Verdict
 from flywheel.models.rewards.registry import register
+from flywheel.models.rewards.rubric import SCORE_LABELS, load_rubric, verdicts
 
 
 class LLMJudgeSource(_Source):
@@ -46,10 +47,8 @@ class LLMJudge(Source):
     model_based = True
 
     def __init__(self, spec: LLMJudgeSource, task_source, use_previous: bool = False) -> None:
-        from flywheel.models import judges
-
         super().__init__(spec, task_source)
-        self.rubric = judges.load_rubric(spec.template, "pointwise")
+        self.rubric = load_rubric(spec.template, "pointwise")
         self.use_previous = use_previous
         if use_previous:
             self.name = f"{spec.key()}@previous"
@@ -62,8 +61,6 @@ class LLMJudge(Source):
         return self.rubric.hash
 
     def judge(self, batch: Batch, models: Models, progress: Progress | None = None) -> list[Verdict]:
-        from flywheel.models import judges
-
         ref = models.previous if self.use_previous else models.policy
         if ref is None:  # round 1 has no previous policy
             return [Verdict(None, False, None, {"reason": "no previous policy"}) for _ in batch.candidates]
@@ -72,13 +69,13 @@ class LLMJudge(Source):
         nts = engine.next_token(
             self.rubric,
             [{"question": batch.prompt_of(c)["prompt"], "response": c["response"]} for c in reps],
-            judges.SCORE_LABELS,
+            SCORE_LABELS,
             batch_size=models.batch_size,
             max_prompt_tokens=models.max_prompt_tokens,
             progress=progress,
         )
         self.judged_by, self.method = engine.describe(), engine.verdict_method
-        results = judges.verdicts(nts, self.spec.samples, models.seed)
+        results = verdicts(nts, self.spec.samples, models.seed)
         out = []
         for i in index:
             r = results[i]

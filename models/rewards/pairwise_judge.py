@@ -11,9 +11,11 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
+from flywheel import seeds
 from flywheel.config import ModelConfig, _model_shorthand, _Source, _template_exists
 from flywheel.models.rewards.base import Batch, Models, Progress, Source, Verdict
 from flywheel.models.rewards.registry import register
+from flywheel.models.rewards.rubric import load_rubric
 
 
 class PairwiseJudgeSource(_Source):
@@ -79,10 +81,8 @@ class PairwiseJudge(Source):
     model_based = True
 
     def __init__(self, spec: PairwiseJudgeSource, task_source) -> None:
-        from flywheel.models import judges
-
         super().__init__(spec, task_source)
-        self.rubric = judges.load_rubric(spec.template, "pairwise")
+        self.rubric = load_rubric(spec.template, "pairwise")
 
     def _extra_hash(self) -> str:
         return self.rubric.hash
@@ -94,7 +94,7 @@ class PairwiseJudge(Source):
             by_prompt.setdefault(c["prompt_id"], []).append(i)
         pairs = []
         for pid, members in sorted(by_prompt.items()):
-            for a, b in ring_pairs(len(members), self.spec.opponents, random.Random(f"{seed}:{pid}")):
+            for a, b in ring_pairs(len(members), self.spec.opponents, seeds.rng(seed, pid)):
                 pairs.append((members[a], members[b]))
         return reps, index, pairs
 

@@ -10,7 +10,8 @@ import pytest
 from transformers import GenerationConfig
 
 from flywheel.errors import EngineError
-from flywheel.models import decode, loading, sampling
+from flywheel.models import loading
+from flywheel.models.hf import decode, sampling
 
 PROMPTS = [
     "State the final answer to the following arithmetic problem: 3 + 4 =",

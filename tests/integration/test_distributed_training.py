@@ -68,7 +68,7 @@ def _round_run(client, result) -> str:
 
 
 def test_one_and_two_processes_reach_the_same_loss(round_on_two_processes, tmp_path):
-    from flywheel.models import trainer
+    from flywheel.models.training import trainer
     from flywheel.storage import parquet
 
     ws, config, result = round_on_two_processes
@@ -109,7 +109,7 @@ def test_precomputed_reference_log_probs_train_like_a_second_model_without_keepi
     """A full fine-tune against the base needs a reference model. With TRL's
     precompute_ref_log_probs its log-probs are computed once before training and flywheel frees the
     model: the same steps reach the same loss with one model in memory instead of two."""
-    from flywheel.models import trainer
+    from flywheel.models.training import trainer
     from flywheel.storage import parquet
 
     ws, config, result = round_on_two_processes

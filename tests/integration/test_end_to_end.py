@@ -410,7 +410,7 @@ def test_rounds_report_exact_match_and_the_paired_gain_with_intervals(run):
 def test_no_evaluation_item_was_ever_a_training_prompt(run):
     """Validation, test and every round's training prompts are disjoint, in any form (a commuted sum
     is the same item), and no round trains on a prompt an earlier round trained on."""
-    from flywheel.models.decontam import normal_forms
+    from flywheel.models.tasks.decontam import normal_forms
     from flywheel.storage import catalog
 
     ws, config, result = run

@@ -24,7 +24,7 @@ stages: {retries: 0}
 RUN = textwrap.dedent("""
     import sys
     import duckdb
-    from flywheel.models import trainer
+    from flywheel.models.training import trainer
     from flywheel.storage import catalog, parquet, tracking
 
     def train(*a, **k):

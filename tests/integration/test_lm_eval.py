@@ -86,7 +86,7 @@ def test_no_lm_eval_suites_keep_the_config_hash():
 def test_benchmark_stage_writes_lm_eval_rows_and_metrics(tmp_path):
     """The benchmark stage with benchmark.lm_eval: the suite's metrics beside the task's own, and its
     item rows in the benchmarks table (suite lm_eval:<task>), queryable with DuckDB."""
-    from flywheel.models.tasksource import eval_items, make_source
+    from flywheel.models.tasks.splits import eval_items, make_source
     from flywheel.storage import catalog
     from flywheel.tasks.benchmark import benchmark_task
     from flywheel.tasks.common import StageContext

@@ -19,8 +19,9 @@ import pytest
 
 from flywheel import config as C
 from flywheel.errors import EngineError
-from flywheel.models import engines, judges, loading
+from flywheel.models import engines, loading
 from flywheel.models.engines.hf import HFEngine
+from flywheel.models.rewards.rubric import SCORE_LABELS, load_rubric, verdicts
 
 KEY_ENV, KEY = "FLYWHEEL_TEST_JUDGE_KEY", "sk-test-5f1c0ffee-do-not-log"
 # Expected rubric scores (0–5) from the served Q4_1 GGUF and the in-process fp32 dequantization of
@@ -113,13 +114,13 @@ RESPONSES = ["7", "The answer is 6.", "10", "It is 3 or 30", "2", "7 + 3 = 10", 
 def test_served_judge_equals_in_process_judge(server, monkeypatch):
     monkeypatch.setenv(KEY_ENV, KEY)
     renders = [{"question": q, "response": r} for q in QUESTIONS for r in RESPONSES]
-    rubric = judges.load_rubric()
+    rubric = load_rubric()
     remote = engines.OpenAIEngine(served(server, max_concurrency=2))
     local = HFEngine(loading.resolve(C.EMBEDDED_MODEL))
-    a = remote.next_token(rubric, renders, judges.SCORE_LABELS, max_prompt_tokens=1024)
-    b = local.next_token(rubric, renders, judges.SCORE_LABELS, batch_size=8, max_prompt_tokens=1024)
+    a = remote.next_token(rubric, renders, SCORE_LABELS, max_prompt_tokens=1024)
+    b = local.next_token(rubric, renders, SCORE_LABELS, batch_size=8, max_prompt_tokens=1024)
     assert remote.verdict_method == "top_logprobs_20" and local.verdict_method == "distribution"
-    va, vb = judges.verdicts(a, 0, 0), judges.verdicts(b, 0, 0)
+    va, vb = verdicts(a, 0, 0), verdicts(b, 0, 0)
     assert [x.parse_ok for x in va] == [x.parse_ok for x in vb]
     diffs = [abs(x.score - y.score) for x, y in zip(va, vb) if x.score is not None]
     assert len(diffs) == sum(x.parse_ok for x in va)
@@ -129,7 +130,7 @@ def test_served_judge_equals_in_process_judge(server, monkeypatch):
     )
     assert max(diffs) <= SCORE_TOLERANCE and sum(diffs) / len(diffs) <= MEAN_TOLERANCE
     for x, y in zip(a, b):
-        assert max(abs(x.mass[k] - y.mass[k]) for k in judges.SCORE_LABELS) <= MASS_TOLERANCE
+        assert max(abs(x.mass[k] - y.mass[k]) for k in SCORE_LABELS) <= MASS_TOLERANCE
     # the answers are the judge's own: different responses get different scores
     assert len({round(x.score, 3) for x in va if x.score is not None}) > 3
 
@@ -250,9 +251,7 @@ def test_server_without_logprobs_judges_by_sampled_verdicts(faulty):
     """A server that returns no log-probs: each verdict is the share of k sampled verdict tokens."""
     Faulty.mode = "ok"
     e = endpoint(faulty, verdict_samples=4)
-    nts = e.next_token(
-        judges.load_rubric(), [{"question": "2+2?", "response": "4"}], judges.SCORE_LABELS, max_prompt_tokens=1024
-    )
+    nts = e.next_token(load_rubric(), [{"question": "2+2?", "response": "4"}], SCORE_LABELS, max_prompt_tokens=1024)
     assert e.verdict_method == "sampled_4"
     assert nts[0].mass["4"] == 1.0 and nts[0].top == "4"
     assert len(Faulty.hits) == 1 + 4  # the probe, then 4 draws

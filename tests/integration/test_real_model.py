@@ -2,7 +2,9 @@
 
 import pytest
 
-from flywheel.models import judges, loading, sampling
+from flywheel.models import loading
+from flywheel.models.hf import reference, sampling, scoring
+from flywheel.models.rewards.rubric import load_rubric
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +28,10 @@ def test_embedded_model_is_a_plain_checkpoint(model_and_tokenizer):
 
 def test_judge_prefix_reuse_matches_full_prompts(model_and_tokenizer):
     model, tok = model_and_tokenizer
-    rubric = judges.load_rubric()
+    rubric = load_rubric()
     qs, rs = QUESTIONS * 3, RESPONSES * 3
-    fast = judges.llm_judge(model, tok, rubric, qs, rs, batch_size=4, max_prompt_tokens=1024)
-    full = judges.llm_judge(model, tok, rubric, qs, rs, batch_size=4, max_prompt_tokens=1024, reuse_prefix=False)
+    fast = reference.llm_judge(model, tok, rubric, qs, rs, batch_size=4, max_prompt_tokens=1024)
+    full = reference.llm_judge(model, tok, rubric, qs, rs, batch_size=4, max_prompt_tokens=1024, reuse_prefix=False)
     assert [f.parse_ok for f in fast] == [f.parse_ok for f in full]
     for f, g in zip(fast, full):
         if f.parse_ok:
@@ -62,7 +64,7 @@ def test_sft_round_trains_a_merged_checkpoint(tmp_path):
     from safetensors.torch import load_file
 
     from flywheel.config import load_config
-    from flywheel.models import trainer
+    from flywheel.models.training import trainer
 
     base = loading.resolve("embedded:smollm2-135m-instruct")
     cfg = load_config(None, {"train": {"method": "sft", "sft": {"max_steps": 2, "learning_rate": 1e-3}}}).train
@@ -81,8 +83,8 @@ def test_sequence_logprobs_batched_and_meaningful(model_and_tokenizer):
     model, tok = model_and_tokenizer
     qs = [QUESTIONS[0]] * 3
     rs = ["7", "Seven hundred purple elephants.", "The answer is 7."]
-    batched = judges.sequence_logprobs(model, tok, qs, rs, batch_size=3)
-    alone = [judges.sequence_logprobs(model, tok, [q], [r], batch_size=1)[0] for q, r in zip(qs, rs)]
+    batched = scoring.sequence_logprobs(model, tok, qs, rs, batch_size=3)
+    alone = [scoring.sequence_logprobs(model, tok, [q], [r], batch_size=1)[0] for q, r in zip(qs, rs)]
     assert batched == pytest.approx(alone, abs=1e-3), "left padding must not change a sequence's log-prob"
     assert all(lp < 0 for lp in batched)
     assert batched[0] > batched[1], "the right short answer is likelier than nonsense"
@@ -140,7 +142,7 @@ def test_cpu_fused_lm_head_scores_only_labelled_positions(monkeypatch):
     import trl.trainer.utils as trl_utils
     from transformers import AutoModelForCausalLM
 
-    from flywheel.models import trainer
+    from flywheel.models.training import trainer
 
     # TRL's own choice to start from (an earlier training in this process switched it), restored after the test
     monkeypatch.setattr(trl_utils, "_use_triton", getattr(trl_utils._use_triton, "__wrapped__", trl_utils._use_triton))
@@ -199,7 +201,7 @@ def test_decoder_and_judge_do_not_read_the_outputs_deprecated_cache_field(model_
     before = [
         sampling.generate(model, tok, QUESTIONS, **sample),
         sampling.generate(model, tok, QUESTIONS, **greedy),
-        judges.llm_judge(model, tok, judges.load_rubric(), QUESTIONS, RESPONSES, **judge),
+        reference.llm_judge(model, tok, load_rubric(), QUESTIONS, RESPONSES, **judge),
     ]
 
     def removed(self):
@@ -209,7 +211,7 @@ def test_decoder_and_judge_do_not_read_the_outputs_deprecated_cache_field(model_
     assert [
         sampling.generate(model, tok, QUESTIONS, **sample),
         sampling.generate(model, tok, QUESTIONS, **greedy),
-        judges.llm_judge(model, tok, judges.load_rubric(), QUESTIONS, RESPONSES, **judge),
+        reference.llm_judge(model, tok, load_rubric(), QUESTIONS, RESPONSES, **judge),
     ] == before
 
 
@@ -224,4 +226,4 @@ def test_a_transformers_that_ignores_the_cache_argument_fails_loudly(model_and_t
     with pytest.raises(EngineError, match=r"ignored the KV cache passed as `cache=`"):
         sampling.generate(model, tok, QUESTIONS, max_new_tokens=4, batch_size=2, do_sample=False)
     with pytest.raises(EngineError, match=r"ignored the KV cache passed as `cache=`"):
-        judges.llm_judge(model, tok, judges.load_rubric(), QUESTIONS, RESPONSES, batch_size=4, max_prompt_tokens=1024)
+        reference.llm_judge(model, tok, load_rubric(), QUESTIONS, RESPONSES, batch_size=4, max_prompt_tokens=1024)

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 def _generate(tmp_path, name: str, workers: int):
     from flywheel.models import loading
-    from flywheel.models.tasksource import make_source, train_items
+    from flywheel.models.tasks.splits import make_source, train_items
     from flywheel.storage import parquet
     from flywheel.tasks.common import StageContext
     from flywheel.tasks.generate import generate_task

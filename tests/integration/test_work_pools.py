@@ -375,7 +375,7 @@ def test_stages_on_a_gpu_pool_survive_a_killed_worker(servers, tmp_path):
     assert pairs["n"] == pairs["d"] > 0
     # each split's rows are its items, each once per round
     from flywheel.config import load_config
-    from flywheel.models.tasksource import eval_items, make_source
+    from flywheel.models.tasks.splits import eval_items, make_source
 
     config = load_config(cfg)
     splits = eval_items(make_source(config.task), config.benchmark.validation_size, config.benchmark.size, config.seed)

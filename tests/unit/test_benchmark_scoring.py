@@ -4,8 +4,9 @@ scored reports no accuracy; the promotion gate says it could not compare accurac
 import json
 
 from flywheel.config import PromotionConfig
-from flywheel.models.sampling import Generation
-from flywheel.models.tasksource import FileSource, benchmark_items
+from flywheel.models.hf.sampling import Generation
+from flywheel.models.tasks.prompts_file import FileSource
+from flywheel.models.tasks.splits import benchmark_items
 from flywheel.tasks.benchmark import score_rows, summarize
 from flywheel.tasks.promote import Champion, decide
 
@@ -52,7 +53,7 @@ def test_the_held_out_part_of_a_file_takes_lines_with_answers_first(tmp_path):
 
 
 def test_a_file_splits_into_validation_and_test_without_overlap(tmp_path):
-    from flywheel.models.tasksource import eval_items
+    from flywheel.models.tasks.splits import eval_items
 
     rows = [{"prompt": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(50)]
     validation, test = eval_items(_file(tmp_path, rows), 100, 200, 0)

@@ -26,7 +26,7 @@ from pydantic import BaseModel
 from flywheel.config import FlywheelConfig, load_config
 from flywheel.errors import UserError
 from flywheel.flows import cli
-from flywheel.models.tasksource import FileSource
+from flywheel.models.tasks.prompts_file import FileSource
 
 FUZZ = settings(
     max_examples=150,

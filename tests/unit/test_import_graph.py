@@ -129,7 +129,7 @@ def cycles(g: dict[str, set[str]]) -> list[list[str]]:
 def test_the_graph_is_read():
     g = graph()
     assert "flywheel.models.engines.hf" in g["flywheel.models.engines.registry"]  # a function-level import
-    assert "flywheel.models.generation" in g["flywheel.models.sampling"]
+    assert "flywheel.models.generation" in g["flywheel.models.hf.sampling"]
     assert len(g) > 40
 
 
@@ -148,5 +148,22 @@ def test_models_and_storage_never_import_tasks_or_flows():
         if src.startswith(("flywheel.models", "flywheel.storage"))
         for dst in deps
         if dst.startswith(("flywheel.tasks", "flywheel.flows"))
+    ]
+    assert bad == []
+
+
+def test_hf_internals_sit_below_the_engines():
+    """models/hf/ is what the hf engine is built from: it may use the plain data every engine shares
+    (generation, seeds), never an engine, a reward source's registry or the config, so any engine or
+    benchmark can use it without pulling in the rest. reference.py alone reads the rubric's verdicts."""
+    allowed = {"flywheel.models.generation", "flywheel.seeds", "flywheel.compat", "flywheel.errors"}
+    bad = [
+        (src, dst)
+        for src, deps in graph().items()
+        if src.startswith("flywheel.models.hf")
+        for dst in deps
+        if not dst.startswith("flywheel.models.hf")
+        and dst not in allowed
+        and not (src == "flywheel.models.hf.reference" and dst == "flywheel.models.rewards.rubric")
     ]
     assert bad == []

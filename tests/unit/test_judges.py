@@ -1,6 +1,8 @@
 import pytest
 
-from flywheel.models.judges import RubricError, extract_answer, load_rubric
+from flywheel.errors import RubricError
+from flywheel.models.rewards.rubric import load_rubric
+from flywheel.models.tasks import extract_answer
 
 
 @pytest.mark.parametrize(

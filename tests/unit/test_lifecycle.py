@@ -387,7 +387,7 @@ def test_the_cli_holds_the_lock_from_its_checks_to_the_end_of_the_flow(tmp_path,
 def test_resume_skips_a_checkpoint_that_was_still_being_written(tmp_path):
     """A training killed while saving leaves a checkpoint without trainer_state.json (transformers
     writes it last): the rerun resumes from the newest complete one, not from the torn one."""
-    from flywheel.models.trainer import last_complete_checkpoint
+    from flywheel.models.training.trainer import last_complete_checkpoint
 
     assert last_complete_checkpoint(tmp_path / "absent") is None
     folder = tmp_path / "trainer"

@@ -7,8 +7,10 @@ import sys
 import pytest
 
 from flywheel import config as C
-from flywheel.models import judges, rewards
-from flywheel.models.tasksource import ReasoningGymSource
+from flywheel.models import rewards
+from flywheel.models.generation import NextToken
+from flywheel.models.rewards.rubric import pointwise_verdict
+from flywheel.models.tasks.reasoning_gym import ReasoningGymSource
 from flywheel.tasks.curate import curate
 
 EASY = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
@@ -117,21 +119,21 @@ def test_self_certainty_is_the_generation_statistic():
 
 
 def test_pointwise_verdict_expected_and_sampled():
-    nt = judges.NextToken({"0": 0.0, "1": 0.0, "2": 0.0, "3": 0.5, "4": 0.0, "5": 0.3}, "3")
-    r = judges.pointwise_verdict(nt)
+    nt = NextToken({"0": 0.0, "1": 0.0, "2": 0.0, "3": 0.5, "4": 0.0, "5": 0.3}, "3")
+    r = pointwise_verdict(nt)
     assert r.parse_ok and r.score == pytest.approx((3 * 0.5 + 5 * 0.3) / 0.8)
     assert r.variance == pytest.approx(((3 - r.score) ** 2 * 0.5 + (5 - r.score) ** 2 * 0.3) / 0.8)
-    k = judges.pointwise_verdict(nt, samples=200, rng=random.Random(0))
+    k = pointwise_verdict(nt, samples=200, rng=random.Random(0))
     draws = json.loads(k.details)["draws"]
     assert len(draws) == 200 and set(draws) <= {3, 5, -1}
     parsed = [d for d in draws if d >= 0]
     assert k.score == pytest.approx(sum(parsed) / len(parsed)) and 0.15 < draws.count(-1) / 200 < 0.25
     assert k.variance > 0
     assert (
-        judges.pointwise_verdict(nt, samples=5, rng=random.Random(1)).score
-        == judges.pointwise_verdict(nt, samples=5, rng=random.Random(1)).score
+        pointwise_verdict(nt, samples=5, rng=random.Random(1)).score
+        == pointwise_verdict(nt, samples=5, rng=random.Random(1)).score
     ), "seeded"
-    unparsed = judges.pointwise_verdict(judges.NextToken({str(s): 0.0 for s in range(6)}, "I"))
+    unparsed = pointwise_verdict(NextToken({str(s): 0.0 for s in range(6)}, "I"))
     assert unparsed.score is None and not unparsed.parse_ok and unparsed.raw == "I"
 
 
@@ -177,7 +179,7 @@ def test_pairwise_scores_follow_the_judges_verdicts(monkeypatch):
         out = []
         for r in renders:
             a, b = abs(int(r["response_a"]) - 7), abs(int(r["response_b"]) - 7)
-            out.append(judges.NextToken({"A": 0.9, "B": 0.1} if a < b else {"A": 0.1, "B": 0.9}, "A" if a < b else "B"))
+            out.append(NextToken({"A": 0.9, "B": 0.1} if a < b else {"A": 0.1, "B": 0.9}, "A" if a < b else "B"))
         return out
 
     monkeypatch.setattr(rewards.Models, "judge_engine", lambda self, spec: ScriptedJudge(closer_to_seven))
@@ -194,7 +196,7 @@ def test_always_A_pairwise_judge_is_fully_position_biased_and_yields_no_pairs(mo
     from flywheel.tasks.judge import health, judgment_rows
 
     def always_a(model, tok, rubric, renders, labels, **kw):
-        return [judges.NextToken({"A": 0.99, "B": 0.01}, "A") for _ in renders]
+        return [NextToken({"A": 0.99, "B": 0.01}, "A") for _ in renders]
 
     monkeypatch.setattr(rewards.Models, "judge_engine", lambda self, spec: ScriptedJudge(always_a))
     src = rewards.PairwiseJudge(C.PairwiseJudgeSource(opponents=3), None)
@@ -272,7 +274,7 @@ def test_contested_subset_skips_prompts_the_cheap_sources_score_alike():
 def test_auto_subset_is_contested_only_when_curation_decides_on_cheap_sources_alone():
     from flywheel.config import load_config
     from flywheel.models import rewards
-    from flywheel.models.tasksource import make_source
+    from flywheel.models.tasks.splits import make_source
     from flywheel.tasks.judge import subset
 
     def resolved(overrides, preset=None):

@@ -3,15 +3,11 @@ import json
 import pytest
 
 from flywheel.config import TaskConfig
-from flywheel.models.decontam import Decontaminator
-from flywheel.models.tasksource import (
-    FileSource,
-    ReasoningGymSource,
-    TaskError,
-    benchmark_items,
-    make_source,
-    train_items,
-)
+from flywheel.errors import TaskError
+from flywheel.models.tasks.decontam import Decontaminator
+from flywheel.models.tasks.prompts_file import FileSource
+from flywheel.models.tasks.reasoning_gym import ReasoningGymSource
+from flywheel.models.tasks.splits import benchmark_items, make_source, train_items
 
 EASY = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
 
@@ -39,7 +35,7 @@ WIDER = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}  # th
 
 
 def _splits(src, v=100, t=200):
-    from flywheel.models.tasksource import eval_items
+    from flywheel.models.tasks.splits import eval_items
 
     validation, test = eval_items(src, v, t, seed=0)
     held = validation + test
@@ -47,7 +43,7 @@ def _splits(src, v=100, t=200):
 
 
 def test_splits_and_rounds_are_disjoint_beyond_exact_text():
-    from flywheel.models.decontam import normal_forms
+    from flywheel.models.tasks.decontam import normal_forms
 
     src = ReasoningGymSource("chain_sum", WIDER)
     validation, test, decontam = _splits(src)
@@ -72,7 +68,7 @@ def test_splits_and_rounds_are_disjoint_beyond_exact_text():
 
 
 def test_a_commuted_sum_is_the_same_item():
-    from flywheel.models.decontam import normal_forms
+    from flywheel.models.tasks.decontam import normal_forms
 
     a = "State the final answer to the following arithmetic problem: 13 + 5 ="
     b = "State the final answer to the following arithmetic problem: 5 + 13 ="

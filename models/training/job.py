@@ -1,4 +1,4 @@
-"""One process of a launched training job (`accelerate launch -m flywheel.models.train_job JOB`).
+"""One process of a launched training job (`accelerate launch -m flywheel.models.training.job JOB`).
 
 Every process reads the job (JSON) and its dataset (saved by the stage), and trains; the main process writes
 the merged checkpoint and result.json. Each process records the steps it took in rank-<i>.json,
@@ -18,7 +18,7 @@ def main(job_file: str) -> int:
     from transformers import TrainerCallback
 
     from flywheel.config import TrainConfig
-    from flywheel.models import trainer
+    from flywheel.models.training import trainer
 
     job_dir = Path(job_file).parent
     job = json.loads(Path(job_file).read_text())

@@ -345,7 +345,7 @@ def launch(
     mlflow_run_id: str | None,
     tracking_uri: str | None,
 ) -> dict:
-    """Train as its own job: `accelerate launch -m flywheel.models.train_job` with the user's
+    """Train as its own job: `accelerate launch -m flywheel.models.training.job` with the user's
     Accelerate config (DDP, FSDP, DeepSpeed) and/or `cfg.num_processes` processes. The stage's
     process holds no model meanwhile; the job reads the dataset from disk, every process trains,
     the main process writes the merged checkpoint to `out` and the metrics to result.json. Its
@@ -400,7 +400,7 @@ def launch(
             cmd += ["--multi_gpu"]  # DDP; without a GPU, Accelerate runs it on the CPU over gloo
         if not torch.cuda.is_available():
             env["ACCELERATE_USE_CPU"] = "true"
-    cmd += ["--main_process_port", str(port), "-m", "flywheel.models.train_job", str(job_dir / "job.json")]
+    cmd += ["--main_process_port", str(port), "-m", "flywheel.models.training.job", str(job_dir / "job.json")]
     if tracking_uri:
         env["MLFLOW_TRACKING_URI"] = tracking_uri
     tail: deque[str] = deque(maxlen=40)

@@ -5,35 +5,17 @@ is one module in models/tasks/ (reasoning-gym, prompts file) or a plugin's, regi
 reasoning-gym items are generated from (seed + index); a flywheel draws training prompts and its
 evaluation splits (validation: decisions; test: reported) from disjoint seed ranges, the splits
 without replacement, and drops any training prompt that overlaps an evaluation item or that an
-earlier round trained on (models/decontam.py; small task spaces repeat questions).
+earlier round trained on (models/tasks/decontam.py; small task spaces repeat questions).
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
-from flywheel.errors import TaskError
-from flywheel.models.decontam import Decontaminator, Overlap, normal_forms
+from flywheel import seeds
 from flywheel.models.tasks import registry
-from flywheel.models.tasks.base import EXACT, Item, Task, category, exactly_correct, extract_answer, prompt_id
-from flywheel.models.tasks.prompts_file import FileSource
-from flywheel.models.tasks.reasoning_gym import ReasoningGymSource
-
-__all__ = [
-    "EXACT",
-    "FileSource",
-    "Item",
-    "ReasoningGymSource",
-    "Task",
-    "TaskError",
-    "category",
-    "exactly_correct",
-    "extract_answer",
-    "prompt_id",
-]
-
-BENCHMARK_SEED_BASE = 10_000_000
-TRAIN_SEED_BASE = 20_000_000
+from flywheel.models.tasks.base import Item, Task
+from flywheel.models.tasks.decontam import Decontaminator, Overlap, normal_forms
 
 
 def make_source(task_cfg) -> Task:
@@ -48,7 +30,7 @@ def benchmark_items(source, size: int, seed: int) -> list[Item]:
 
 def eval_items(source, validation_size: int, test_size: int, seed: int) -> tuple[list[Item], list[Item]]:
     """(validation, test): distinct items, drawn without replacement, none sharing a normalised
-    form with another (models/decontam.py: `3 + 5` and `5 + 3` are one item). A task space too
+    form with another (models/tasks/decontam.py: `3 + 5` and `5 + 3` are one item). A task space too
     small for the sizes gives fewer. From a finite task (a prompts file): at most a fifth of it, lines with a
     reference answer first (only those can be scored), validation first."""
     finite = source.pool()
@@ -60,7 +42,7 @@ def eval_items(source, validation_size: int, test_size: int, seed: int) -> tuple
         v = min(validation_size, max(share, 1 if len(picked) >= 2 and validation_size else 0))
         return picked[:v], picked[v:]
     want = validation_size + test_size
-    base = BENCHMARK_SEED_BASE + seed * 100_000
+    base = seeds.evaluation(seed)
     more = (it for offset in range(0, 50 * max(want, 1), max(want, 1)) for it in source.items(base + offset, want))
     picked = _distinct(more, want)
     return picked[:validation_size], picked[validation_size:]
@@ -106,7 +88,7 @@ def _draw_round(source, round_: int, size: int, seed: int, decontam: Decontamina
     if finite is not None:
         pool = source.items(round_ * size, len(finite))
     else:
-        base = TRAIN_SEED_BASE + seed * 1_000_000 + round_ * 10_000
+        base = seeds.training_draw(seed, round_)
         pool = [it for offset in range(0, 20 * size, size) for it in source.items(base + offset, size)]
     kept: dict[str, Item] = {}
     removed: dict[str, tuple[Item, Overlap]] = {}

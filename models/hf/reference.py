@@ -1,9 +1,6 @@
-"""Batched generation with left padding, seeded, recording per-token statistics on the fly.
-
-A logits processor sees the model's own (pre-temperature) distribution at every step, so
-the chosen token's log-probability and the step's self-certainty (KL from uniform) are
-collected during generation with no extra forward pass and O(batch × vocab) memory.
-"""
+"""Straightforward implementations that the fast paths are checked and measured against: transformers'
+own `generate()` for the decoder (tests/integration/test_decode_generation_config.py,
+benchmarks/round.py) and the pointwise judge run whole, one prompt at a time. No stage calls them."""
 
 from __future__ import annotations
 
@@ -13,8 +10,10 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from flywheel.models import decode
-from flywheel.models.generation import Generation, chat_texts, row_seed
+from flywheel.models.generation import Generation, chat_texts
+from flywheel.models.hf import decode
+from flywheel.models.hf.scoring import next_token
+from flywheel.models.rewards.rubric import SCORE_LABELS, JudgeResult, Rubric, verdicts
 
 
 class _TokenStats(LogitsProcessor):
@@ -41,56 +40,6 @@ class _TokenStats(LogitsProcessor):
 # The sampling warpers a checkpoint's generation_config may set that the decoder leaves off (it samples
 # the config's temperature and top_p from the plain distribution): the reference turns them off too.
 PLAIN = {"top_k": None, "min_p": None, "typical_p": None, "epsilon_cutoff": None, "eta_cutoff": None, "top_h": None}
-
-
-def generate(
-    model,
-    tokenizer,
-    prompts: Sequence[str],
-    *,
-    max_new_tokens: int,
-    batch_size: int,
-    do_sample: bool,
-    n: int = 1,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    seed: int = 0,
-    progress: Callable[[int], None] | None = None,
-) -> list[Generation]:
-    """`n` generations per prompt, prompt-major (prompt 0's n, then prompt 1's, …), by continuous
-    batching (models/decode.py). A sample's seed derives from (seed, prompt text, sample index), so
-    its tokens do not depend on the batch size, the other prompts or their order."""
-    texts = chat_texts(tokenizer, prompts)
-    token_ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    eos_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
-    seeds = [[row_seed(seed, p, k) for k in range(n)] for p in prompts] if do_sample else None
-    rows = decode.decode(
-        model,
-        token_ids,
-        n=n,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        do_sample=do_sample,
-        eos_ids=eos_ids,
-        pad_id=tokenizer.pad_token_id,
-        temperature=temperature,
-        top_p=top_p,
-        seeds=seeds,
-        progress=progress,
-    )
-    out = []
-    for r in rows:
-        k = len(r.tokens)
-        out.append(
-            Generation(
-                response=tokenizer.decode(r.tokens, skip_special_tokens=True).strip(),
-                n_tokens=k,
-                finish_reason="stop" if r.stopped else "length",
-                mean_logprob=sum(r.logps) / k if k else None,
-                self_certainty=sum(r.certainty) / k if k else None,
-            )
-        )
-    return out
 
 
 @torch.inference_mode()
@@ -151,5 +100,32 @@ def generate_reference(
     return out
 
 
-def tokens_per_second(gens: Sequence[Generation], seconds: float) -> float:
-    return sum(g.n_tokens for g in gens) / max(seconds, 1e-9)
+def llm_judge(
+    model,
+    tokenizer,
+    rubric: Rubric,
+    questions: Sequence[str],
+    responses: Sequence[str],
+    *,
+    batch_size: int,
+    max_prompt_tokens: int,
+    reuse_prefix: bool = True,
+    by_question: bool = True,
+    samples: int = 0,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> list[JudgeResult]:
+    """Score every (question, response) with the pointwise rubric."""
+    nts = next_token(
+        model,
+        tokenizer,
+        rubric,
+        [{"question": q, "response": r} for q, r in zip(questions, responses, strict=True)],
+        SCORE_LABELS,
+        batch_size=batch_size,
+        max_prompt_tokens=max_prompt_tokens,
+        reuse_prefix=reuse_prefix,
+        by_question=by_question,
+        progress=progress,
+    )
+    return verdicts(nts, samples, seed)
