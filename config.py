@@ -28,6 +28,7 @@ from flywheel.errors import ConfigError, EngineError
 from flywheel.models.engines import registry as engine_registry
 from flywheel.models.engines.openai import OpenAISettings
 from flywheel.models.engines.vllm import VLLMSettings
+from flywheel.models.training import args as training_args
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 
@@ -297,59 +298,6 @@ class CurationConfig(_Strict):
     decontam_threshold: float = Field(0.7, gt=0, le=1)
 
 
-# What DPO and SFT share. LoRA wants a larger step than full fine-tuning. Measured on the default
-# run: 5e-5 gave +2.5 points in round 1, 2e-4 gave +7; DPO+NLL (loss_type [sigmoid, sft]) at 1e-4 gave +2.
-_TRAINING_DEFAULTS: dict[str, Any] = {
-    "learning_rate": 2e-4,
-    "num_train_epochs": 2,
-    "per_device_train_batch_size": 8,
-    "gradient_accumulation_steps": 1,
-    "lr_scheduler_type": "constant",
-    "max_length": 256,
-    "logging_steps": 1,
-}
-# The reference model's log-probs are computed once, before training, not again every epoch: the
-# same loss (measured: 0.2413 both ways on 38 pairs), 11% less time for the default 2 epochs.
-DPO_DEFAULTS: dict[str, Any] = {
-    "beta": 0.1,
-    **_TRAINING_DEFAULTS,
-    "precompute_ref_log_probs": True,
-    "precompute_ref_batch_size": 32,
-}
-SFT_DEFAULTS: dict[str, Any] = dict(_TRAINING_DEFAULTS)
-
-
-def _trl_fields(config_class: str, defaults: dict[str, Any], v: Any) -> dict[str, Any]:
-    """A user's mapping merged over our defaults, every key checked against the TRL config class."""
-    if not isinstance(v, dict):
-        raise ValueError(f"must be a mapping of trl.{config_class} fields")
-    import dataclasses
-
-    import trl
-
-    known = {f.name for f in dataclasses.fields(getattr(trl, config_class))}
-    unknown = sorted(str(k) for k in set(v) - known)  # str: YAML keys may be numbers, dates, None
-    if unknown:
-        raise ValueError(f"unknown trl.{config_class} field(s): {', '.join(unknown)}")
-    managed = [k for k in v if k in MANAGED_TRAINING_FIELDS]
-    if managed:
-        k = managed[0]
-        raise ValueError(f"{k} is set by flywheel, not here ({MANAGED_TRAINING_FIELDS[k]})")
-    return {**defaults, **v}
-
-
-# TrainingArguments fields flywheel sets itself: resume, lineage and tracking depend on them.
-MANAGED_TRAINING_FIELDS = {
-    "output_dir": "each round trains under <workspace>/checkpoints; set `workspace`",
-    "seed": "the round's training seed derives from the top-level `seed`",
-    "report_to": "metrics go to the round's MLflow run",
-    "save_strategy": "resumable checkpoints every `stages.checkpoint_steps` steps",
-    "save_steps": "set `stages.checkpoint_steps`",
-    "save_total_limit": "flywheel keeps the last checkpoint for resume",
-    "resume_from_checkpoint": "use `flywheel run --resume RUN`",
-}
-
-
 ACCELERATE_CONFIGS = ("ddp", "fsdp", "deepspeed_zero3")
 
 
@@ -361,13 +309,14 @@ class TrainConfig(_Strict):
     lora_alpha: int = Field(32, ge=1)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     # Reference model for DPO: the base model (default: every round is anchored to where the run
-    # started) or the round's own starting policy ("previous", iterative DPO). Measured on the
-    # default run: base 42.0 → 60.8 → 67.0 → 67.3%; previous 42.0 → 49.0 → 53.5 → 47.0%.
+    # started; it did better than "previous" on the default run, docs/results/efficacy.md) or the
+    # round's own starting policy ("previous", iterative DPO).
     reference: Literal["previous", "base"] = "base"
-    # Any field of trl.DPOConfig / trl.SFTConfig; checked against it at load time. A user's keys
-    # are merged over the defaults, so setting `beta` alone keeps the others.
-    dpo: dict[str, Any] = Field(default_factory=lambda: dict(DPO_DEFAULTS))
-    sft: dict[str, Any] = Field(default_factory=lambda: dict(SFT_DEFAULTS))
+    # Any field of trl.DPOConfig / trl.SFTConfig but those flywheel sets (models/training/args.py),
+    # built into TRL's own class at load time. A user's keys are merged over the defaults, so setting
+    # `beta` alone keeps the others.
+    dpo: dict[str, Any] = Field(default_factory=lambda: dict(training_args.DPO_DEFAULTS))
+    sft: dict[str, Any] = Field(default_factory=lambda: dict(training_args.SFT_DEFAULTS))
     # Training as its own distributed job: with more than one process or an Accelerate config file
     # (or `ddp`, `fsdp`, `deepspeed_zero3`: the ones in configs/accelerate/), the stage runs `accelerate launch` and
     # holds no model itself; per_device_train_batch_size is per process. 1 and none: in the stage's process.
@@ -407,12 +356,12 @@ class TrainConfig(_Strict):
     @field_validator("dpo", mode="before")
     @classmethod
     def _dpo_fields_exist(cls, v: Any) -> dict[str, Any]:
-        return _trl_fields("DPOConfig", DPO_DEFAULTS, v)
+        return training_args.check("dpo", v)
 
     @field_validator("sft", mode="before")
     @classmethod
     def _sft_fields_exist(cls, v: Any) -> dict[str, Any]:
-        return _trl_fields("SFTConfig", SFT_DEFAULTS, v)
+        return training_args.check("sft", v)
 
 
 class GuardSuite(_Strict):
@@ -692,6 +641,9 @@ def format_validation_error(err: ValidationError) -> str:
     first = err.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "config"
     msg = first["msg"].removeprefix("Value error, ")
+    cause = first.get("ctx", {}).get("error")
+    if isinstance(cause, training_args.FieldProblem):
+        where, msg = f"{where}.{cause.key}", cause.problem
     if first["type"] == "union_tag_invalid":
         msg = f"unknown type {first['ctx']['tag']!r} (known: {first['ctx']['expected_tags']})"
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""

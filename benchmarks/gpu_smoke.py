@@ -277,7 +277,7 @@ def main() -> int:
                 for k in ("chosen", "rejected")
             )
 
-        tc = C.TrainConfig(lora=lora, dpo={**C.DPO_DEFAULTS, **dpo, "max_steps": args.train_steps, "logging_steps": 1})
+        tc = C.TrainConfig(lora=lora, dpo={**dpo, "max_steps": args.train_steps, "logging_steps": 1})
         bs = tc.dpo.get("per_device_train_batch_size", 8) * tc.dpo.get("gradient_accumulation_steps", 1)
         steps = args.train_steps
         used = [rows[i % len(rows)] for i in range(steps * bs)]

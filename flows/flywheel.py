@@ -33,7 +33,6 @@ from flywheel.flows import placement
 from flywheel.models import engines, loading, rewards
 from flywheel.models.tasks.decontam import Decontaminator
 from flywheel.models.tasks.splits import eval_items, make_source
-from flywheel.models.training import trainer
 from flywheel.storage import catalog, datacard, lock, manifest, parquet, plots, tracking
 from flywheel.tasks import promote
 from flywheel.tasks import stage as stage_registry
@@ -70,7 +69,6 @@ def prepare(config: FlywheelConfig) -> Prepared:
     sources = rewards.build(config.judge, source)  # bad templates, unimportable callables fail here
     validation, test = eval_items(source, config.benchmark.validation_size, config.benchmark.size, config.seed)
     rewards.probe(sources, test[0].prompt, test[0].answer, test[0].metadata)
-    trainer.check_args(config.train, config.stages.checkpoint_steps)
     engines.preflight(config)  # before the policy's weights are fetched or converted: it may take minutes
     base = loading.resolve(config.model.name)
     return Prepared(config, base, source, validation, test)

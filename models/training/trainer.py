@@ -19,8 +19,9 @@ from typing import Any
 import torch
 
 from flywheel import compat
-from flywheel.config import ConfigError, TrainConfig
+from flywheel.config import TrainConfig
 from flywheel.models import loading
+from flywheel.models.training import args
 from flywheel.storage import export
 
 
@@ -29,102 +30,6 @@ def dataset(method: str, rows: Sequence[dict]):
     from datasets import Dataset
 
     return Dataset.from_list(export.conversational("sft" if method == "sft" else "pairs", rows))
-
-
-def trainer_args(
-    method: str, cfg: TrainConfig, output_dir: Path, seed: int, report_to: list[str], checkpoint_steps: int = 5
-) -> Any:
-    import trl
-
-    on_gpu = torch.cuda.is_available()
-    defaults = {
-        "output_dir": str(output_dir),
-        "seed": seed,
-        "report_to": report_to,
-        # Checkpoints make a killed training resumable; only the last one is kept.
-        "save_strategy": "steps",
-        "save_steps": checkpoint_steps,
-        "save_total_limit": 1,
-        "bf16": on_gpu and torch.cuda.is_bf16_supported(),
-        # Activation checkpointing trades compute for memory: worth it on a GPU, not for a small CPU model.
-        "activation_checkpointing": on_gpu,
-        "use_cpu": not on_gpu,
-        "dataloader_num_workers": 0,
-        "disable_tqdm": True,
-    }
-    if method == "sft":
-        return trl.SFTConfig(**{**defaults, **cfg.sft})
-    return trl.DPOConfig(**{**defaults, **cfg.dpo})
-
-
-# Bounds TRL leaves to the training loop (where they fail after generation and judging, or never).
-_POSITIVE = (
-    "learning_rate",
-    "num_train_epochs",
-    "beta",
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
-    "max_length",
-    "logging_steps",
-)
-
-
-def check_args(cfg: TrainConfig, checkpoint_steps: int = 5) -> None:
-    """Check the train.dpo / train.sft values now, so that a bad one (a string for a number, an
-    unknown scheduler or loss, a negative batch size) fails before generation and judging, not at
-    the train stage: each value against its field's type in TRL's config class, the bounds TRL
-    checks only while training, then TRL's own checks by building both configs."""
-    import trl
-
-    for method, values, klass in (("dpo", cfg.dpo, trl.DPOConfig), ("sft", cfg.sft, trl.SFTConfig)):
-        for key, value in values.items():
-            problem = _field_problem(klass, key, value)
-            if problem:
-                raise ConfigError(f"train.{method}.{key}: {problem}")
-        try:
-            trainer_args(method, cfg, Path("flywheel-check"), 0, [], checkpoint_steps)
-        except (ValueError, TypeError) as e:
-            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConfigError(f"train.{method}: {detail}") from None
-
-
-def _field_problem(klass, key: str, value: Any) -> str | None:
-    import dataclasses
-    import re
-
-    from pydantic import TypeAdapter, ValidationError
-
-    hints = _type_hints(klass)
-    if key in hints and key != "loss_type":  # TRL takes one loss as a plain string too
-        try:
-            adapter = TypeAdapter(hints[key])
-        except Exception:  # a type pydantic cannot express: TRL's own check below decides
-            adapter = None
-        if adapter is not None:
-            try:
-                adapter.validate_python(value)
-            except ValidationError as e:
-                return f"{value!r}: {e.errors()[0]['msg']}"
-    if key in _POSITIVE and isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
-        return f"must be greater than 0, got {value!r}"
-    if key == "loss_type":
-        # TRL lists the known losses in the field's help text; check against that list, not a copy.
-        help_text = next(f.metadata.get("help", "") for f in dataclasses.fields(klass) if f.name == "loss_type")
-        known = set(re.findall(r"`'([a-z_]+)'`", help_text))
-        given = [value] if isinstance(value, str) else list(value)
-        unknown = [x for x in given if known and x not in known]
-        if unknown:
-            return f"unknown loss {unknown[0]!r} (known: {', '.join(sorted(known))})"
-    return None
-
-
-def _type_hints(klass) -> dict[str, Any]:
-    import typing
-
-    try:
-        return typing.get_type_hints(klass)
-    except Exception:  # unresolvable annotations: skip the type check, keep the others
-        return {}
 
 
 def _progress_callback():
@@ -259,7 +164,13 @@ def train(
     shown = [_progress_callback()] if rank == 0 else []  # one progress line per job, not per process
     common = {
         "model": model,
-        "args": trainer_args(cfg.method, cfg, work / "trainer", seed, [], checkpoint_steps),
+        "args": args.build(
+            cfg.method,
+            cfg.sft if cfg.method == "sft" else cfg.dpo,
+            output_dir=work / "trainer",
+            seed=seed,
+            checkpoint_steps=checkpoint_steps,
+        ),
         "processing_class": tok,
         "peft_config": peft_config,
         "callbacks": [*shown, *callbacks],
