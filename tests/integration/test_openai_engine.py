@@ -10,12 +10,11 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from stubs import OneToken, serving
 
 from flywheel import config as C
 from flywheel.errors import EngineError
@@ -158,48 +157,34 @@ def test_missing_or_wrong_key(server, monkeypatch):
     assert "wrong" not in str(e.value)
 
 
-class Faulty(BaseHTTPRequestHandler):
+class Faulty(OneToken):
     """Answers every POST by `mode`: 500, a 429 with Retry-After then 200, or no answer at all."""
 
     mode, hits = "500", []
 
-    def do_POST(self):
+    def before(self) -> bool:
         Faulty.hits.append(time.monotonic())
-        self.rfile.read(int(self.headers["Content-Length"]))
         if Faulty.mode == "hang":
             time.sleep(3)
-            return
+            return True
         if Faulty.mode == "429" and len(Faulty.hits) < 3:
             self.send_response(429)
             self.send_header("Retry-After", "0.2")
             self.end_headers()
-            return
+            return True
         if Faulty.mode == "500":
             self.send_response(500)
             self.end_headers()
             self.wfile.write(b"internal error")
-            return
-        body = json.dumps(
-            {"choices": [{"text": " 4", "finish_reason": "stop", "logprobs": None}], "usage": {"completion_tokens": 1}}
-        ).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
+            return True
+        return False
 
 
 @pytest.fixture
 def faulty():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Faulty)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
     Faulty.hits = []
-    yield httpd.server_address[1]
-    httpd.shutdown()
+    with serving(Faulty) as port:
+        yield port
 
 
 def endpoint(port: int, **openai) -> engines.OpenAIEngine:
@@ -383,9 +368,7 @@ def test_unreachable_judge_fails_the_round_in_one_line(tmp_path):
     candidates = next((ws / "tables").glob("candidates/*/round=1/*.parquet"))
     before = candidates.stat().st_mtime_ns
     Faulty.mode, Faulty.hits = "ok", []
-    httpd = ThreadingHTTPServer(("127.0.0.1", port), Faulty)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
+    with serving(Faulty, port):
         p = subprocess.run(
             [str(flywheel_bin), "run", "--resume", run_id, "--workspace", str(ws)],
             capture_output=True,
@@ -394,8 +377,6 @@ def test_unreachable_judge_fails_the_round_in_one_line(tmp_path):
             env=env,
             check=False,
         )
-    finally:
-        httpd.shutdown()
     assert p.returncode == 0, p.stderr[-3000:]
     assert Faulty.hits and candidates.stat().st_mtime_ns == before
     con = duckdb.connect(str(ws / "catalog.duckdb"), read_only=True)

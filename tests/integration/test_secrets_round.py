@@ -7,12 +7,11 @@ import json
 import os
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
 
 import pytest
+from stubs import OneToken, serving
 
 pytestmark = pytest.mark.slow
 
@@ -24,36 +23,22 @@ SECRETS = {
 }
 
 
-class Judge(BaseHTTPRequestHandler):
-    """An OpenAI-compatible /completions that returns one verdict token and no log-probs (the
-    judge samples its verdicts), keeping each request's Authorization header."""
+class Judge(OneToken):
+    """The served judge: one verdict token and no log-probs (the judge samples its verdicts), keeping
+    each request's Authorization header."""
 
     seen: ClassVar[list[str]] = []
 
-    def do_POST(self):  # http.server names it
+    def before(self) -> bool:
         Judge.seen.append(self.headers.get("Authorization", ""))
-        self.rfile.read(int(self.headers["Content-Length"]))
-        body = json.dumps(
-            {"choices": [{"text": " 4", "finish_reason": "stop", "logprobs": None}], "usage": {"completion_tokens": 1}}
-        ).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
+        return False
 
 
 @pytest.fixture
 def judge():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Judge)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
     Judge.seen = []
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    httpd.shutdown()
+    with serving(Judge) as port:
+        yield f"http://127.0.0.1:{port}/v1"
 
 
 def holders(root: Path, secrets) -> list[str]:
