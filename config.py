@@ -36,6 +36,36 @@ EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    def hashed(self, dumped: dict[str, Any]) -> dict[str, Any]:
+        """This part of the config as its hash sees it (`dumped`: its JSON dump, changed in place):
+        without the fields declared NOT_HASHED, without those declared HASHED_UNLESS_DEFAULT while
+        they hold their default, each nested part likewise."""
+        for name, field in type(self).model_fields.items():
+            if name not in dumped:
+                continue
+            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+            mark = extra.get("hashed", True)
+            value = getattr(self, name)
+            if mark is False or (mark == UNLESS_DEFAULT and value == field.get_default(call_default_factory=True)):
+                dumped.pop(name)
+            elif isinstance(value, _Strict) and isinstance(dumped[name], dict):
+                value.hashed(dumped[name])
+            elif isinstance(value, list) and isinstance(dumped[name], list):
+                for item, part in zip(value, dumped[name], strict=True):
+                    if isinstance(item, _Strict) and isinstance(part, dict):
+                        item.hashed(part)
+        return dumped
+
+
+# How a field enters the config hash (`FlywheelConfig.hash`: what the settings mean, which names a
+# round's work and lets --resume reuse it). By default a field is hashed. NOT_HASHED: it changes how
+# fast or where the work runs, or how much of it, never what a round computes. HASHED_UNLESS_DEFAULT:
+# at its default it is left out, so that adding a setting keeps the hash of every config that does
+# not use it (and their runs resumable).
+UNLESS_DEFAULT = "unless_default"
+NOT_HASHED: dict[str, Any] = {"hashed": False}
+HASHED_UNLESS_DEFAULT: dict[str, Any] = {"hashed": UNLESS_DEFAULT}
+
 
 # Each engine's own settings live beside it (models/engines/<engine>.py) and are declared in its
 # registration (models/engines/registry.py): which engines exist, which of their settings are only
@@ -59,7 +89,7 @@ class ModelConfig(_Strict):
     # Processes the generate stage's shards (sampling.shards) are spread over, one per GPU (or a
     # share of the CPU's cores each), each with its own copy of the model. Speed only: the rows are
     # the same for any number of workers (models/shards.py), so it is not hashed.
-    workers: int = Field(1, ge=1)
+    workers: int = Field(1, ge=1, json_schema_extra=NOT_HASHED)
     # A registered engine's own block when it is not a declared field (a plugin's), validated by its
     # settings model; it is dumped (and hashed) under the engine's name, as `vllm` and `openai` are.
     _plugin: BaseModel | None = PrivateAttr(None)
@@ -102,6 +132,19 @@ class ModelConfig(_Strict):
         if self._plugin is not None:
             out[self.engine] = self._plugin.model_dump(mode="json")
         return out
+
+    def hashed(self, dumped: dict[str, Any]) -> dict[str, Any]:
+        """The chosen engine's block only, without the settings its registration declares speed-only;
+        `engine` itself left out when it is the default (hf), whose settings are the fields above."""
+        super().hashed(dumped)
+        for key in ("engine", *_SETTINGS_FIELDS):
+            if key != self.engine and (key != "engine" or self.engine == engine_registry.DEFAULT):
+                dumped.pop(key, None)
+        block = dumped.get(self.engine)
+        if isinstance(block, dict):
+            for f in engine_registry.get(self.engine).speed_only:
+                block.pop(f, None)
+        return dumped
 
     @model_validator(mode="after")
     def _engine_needs(self) -> ModelConfig:
@@ -156,7 +199,7 @@ class SamplingConfig(_Strict):
     # The round's prompts are decoded as this many contiguous shards, each its own
     # continuous-batching stream, which model.workers processes share out; 1: one stream. Part of the
     # config's meaning (it changes which rows share a batch), unlike the number of workers.
-    shards: int = Field(1, ge=1)
+    shards: int = Field(1, ge=1, json_schema_extra=HASHED_UNLESS_DEFAULT)
 
 
 def _template_exists(v: Path | None) -> Path | None:
@@ -182,11 +225,6 @@ class _Source(_Strict):
         """The sources (judgments-table names) this spec runs as."""
         return [self.key()]
 
-    def hashed(self, dumped: dict[str, Any]) -> dict[str, Any]:
-        """The dumped spec as the config's and the source's hash see it (a new setting at its default
-        is dropped here, so configs written before it existed keep their hash)."""
-        return dumped
-
     def engine_problem(self, engine: str) -> str | None:
         """Why the policy's engine cannot serve this source (one line), or None."""
         return None
@@ -201,7 +239,9 @@ class JudgeConfig(_Strict):
     sources: list[SourceConfig] = Field(
         default_factory=lambda: [_source_spec("verifier")(), _source_spec("llm_judge")()], min_length=1
     )
-    batch_size: int = Field(16, ge=1)
+    # Candidates a model-based judge scores together: a speed setting (each verdict is one teacher-forced
+    # pass, no sampling; a batch's padding can move its probabilities only in the last float bits).
+    batch_size: int = Field(16, ge=1, json_schema_extra=NOT_HASHED)
     max_prompt_tokens: int = Field(1024, ge=64)
     # all: every candidate; contested: the model-based sources (LLM and pairwise judges, implicit
     # reward, self-certainty) skip prompts that the cheap sources (verifier, majority vote) score all
@@ -228,6 +268,15 @@ class JudgeConfig(_Strict):
     def names(self) -> list[str]:
         """Every source's name, with "<name>@previous" for judges that also run on the previous policy."""
         return [n for s in self.sources for n in s.names()]
+
+    def hashed(self, dumped: dict[str, Any]) -> dict[str, Any]:
+        """A source the policy judges for (`model: null`) names no model in the config's hash: the
+        config's `model` already does. Its own spec hash (the judgments rows) keeps the null."""
+        super().hashed(dumped)
+        for source in dumped.get("sources", []):
+            if "model" in source and source["model"] is None:
+                source.pop("model")
+        return dumped
 
 
 class CurationConfig(_Strict):
@@ -421,7 +470,7 @@ class BenchmarkConfig(_Strict):
         ]
     )
     # Optional lm-evaluation-harness suites (None: none), reported beside the task's own.
-    lm_eval: LmEvalConfig | None = None
+    lm_eval: LmEvalConfig | None = Field(None, json_schema_extra=HASHED_UNLESS_DEFAULT)
 
 
 class PromotionConfig(_Strict):
@@ -434,7 +483,7 @@ class PromotionConfig(_Strict):
     # point: the accuracy gain over the champion must be ≥ min_improvement; interval: the lower end
     # of its 95% paired-bootstrap interval (over the same items) must be, so a gain within noise
     # does not promote.
-    rule: Literal["point", "interval"] = "point"
+    rule: Literal["point", "interval"] = Field("point", json_schema_extra=HASHED_UNLESS_DEFAULT)
     max_length_growth: float | None = Field(0.5, ge=0, description="0.5: at most 50% longer than the champion's")
     # A guard suite blocks promotion when its mean score is more than its max_drop below the
     # starting model's. significant: and the drop is not noise, its paired-bootstrap 95% interval
@@ -442,7 +491,7 @@ class PromotionConfig(_Strict):
     # difference alone.
     guard_rule: Literal["significant", "point"] = "significant"
     # Stop the run after this many rounds in a row without a promotion (None: run every round).
-    stop_after: int | None = Field(None, ge=1)
+    stop_after: int | None = Field(None, ge=1, json_schema_extra=NOT_HASHED)
 
 
 class RegistryConfig(_Strict):
@@ -518,10 +567,10 @@ class StagesConfig(_Strict):
 
 class FlywheelConfig(_Strict):
     name: str = Field("flywheel", min_length=1, description="MLflow experiment and registered-model name")
-    rounds: int = Field(3, ge=1)
+    rounds: int = Field(3, ge=1, json_schema_extra=NOT_HASHED)
     # Below 2**31: a round's training seed (seed + round) seeds numpy, which takes 32-bit seeds.
     seed: int = Field(0, ge=0, lt=2**31)
-    workspace: Path = Path("flywheel-data")
+    workspace: Path = Field(Path("flywheel-data"), json_schema_extra=NOT_HASHED)
     model: ModelConfig = Field(default_factory=ModelConfig)
     task: TaskConfig = Field(default_factory=TaskConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
@@ -530,8 +579,8 @@ class FlywheelConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
-    stages: StagesConfig = Field(default_factory=StagesConfig)
-    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    stages: StagesConfig = Field(default_factory=StagesConfig, json_schema_extra=NOT_HASHED)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig, json_schema_extra=NOT_HASHED)
 
     @model_validator(mode="after")
     def _curation_names_configured_sources(self) -> FlywheelConfig:
@@ -576,32 +625,9 @@ class FlywheelConfig(_Strict):
         return self
 
     def hash(self) -> str:
-        """Hash of what the settings mean: not the workspace location, not the judge's batch size (a
-        speed knob), not how many rounds to run or when to stop, not retries and timeouts. The
-        sampling and benchmark batch sizes count: decoding's batch shape can flip a token."""
-        payload = self.model_dump(
-            mode="json",
-            exclude={
-                "workspace": True,
-                "rounds": True,
-                "judge": {"batch_size"},
-                "stages": True,
-                "registry": True,
-                "promotion": {"stop_after"},
-            },
-        )
-        if payload["promotion"].get("rule") == "point":
-            payload["promotion"].pop("rule")  # the default: hashed as before the rule existed
-        _drop_speed_only(payload["model"])
-        if payload["benchmark"].get("lm_eval", 0) is None:
-            payload["benchmark"].pop("lm_eval")  # none: hashed as before lm_eval suites existed
-        if payload["sampling"].get("shards") == 1:
-            payload["sampling"].pop("shards")  # the default: hashed as before shards existed
-        for spec, source in zip(self.judge.sources, payload["judge"]["sources"], strict=True):
-            spec.hashed(source)
-            if "model" in source and source["model"] is None:
-                source.pop("model")  # the policy judges: as hashed before judges could have their own model
-            _drop_speed_only(source.get("model"))
+        """Hash of what the settings mean: each field as it declares (NOT_HASHED,
+        HASHED_UNLESS_DEFAULT), each engine's block as its registration declares."""
+        payload = self.hashed(self.model_dump(mode="json"))
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def flat(self) -> dict[str, str]:
@@ -618,23 +644,6 @@ class FlywheelConfig(_Strict):
 
         walk("cfg", self.model_dump(mode="json"))
         return out
-
-
-def _drop_speed_only(model: dict | None) -> None:
-    """A model's settings as hashed: the engine's own block only, without the settings its
-    registration declares speed-only; with the default engine (hf), exactly the fields hashed before
-    engines existed, so old runs resume."""
-    if not model:
-        return
-    model.pop("workers", None)
-    engine = model.get("engine")
-    for key in ("engine", *_SETTINGS_FIELDS):
-        if key != engine and (key != "engine" or engine == engine_registry.DEFAULT):
-            model.pop(key, None)
-    block = model.get(engine)
-    if isinstance(block, dict) and engine is not None:
-        for f in engine_registry.get(engine).speed_only:
-            block.pop(f, None)
 
 
 def format_validation_error(err: ValidationError) -> str:

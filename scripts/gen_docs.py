@@ -277,6 +277,11 @@ def config_sections() -> list[dict]:
             if field.description and notes.get(name) and field.description in notes[name]:
                 text = notes[name]
             text = text or FALLBACK.get(fpath, "")
+            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+            if extra.get("hashed", True) is False and "Not hashed" not in text:
+                text += " Not hashed (speed, place or amount of work, never what a round computes)."
+            elif extra.get("hashed") == "unless_default":
+                text += " Hashed only when set away from its default."
             child = f"{fpath}[]" if _is_list(field.annotation) else fpath
             default = _default(field)
             for m in _models_in(field.annotation):

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from flywheel.config import _Source
+from flywheel.config import HASHED_UNLESS_DEFAULT, _Source
 from flywheel.models.rewards.base import Batch, Models, Progress, Source, Verdict, report
 from flywheel.models.rewards.registry import register
 from flywheel.models.tasks.base import extract_answer, numeric
@@ -20,12 +20,7 @@ class MajorityVoteSource(_Source):
     type: Literal["majority_vote"] = "majority_vote"
     # TTRL-style confidence filter: a prompt whose most common answer holds less than this share of
     # its samples gets no scores (NULL: it yields no pair), since its pseudo-label is least often right.
-    min_vote_share: float = Field(0.0, ge=0, le=1)
-
-    def hashed(self, dumped: dict) -> dict:
-        if dumped.get("min_vote_share") == 0:
-            dumped.pop("min_vote_share")  # the default: the same hash as before the filter existed
-        return dumped
+    min_vote_share: float = Field(0.0, ge=0, le=1, json_schema_extra=HASHED_UNLESS_DEFAULT)
 
 
 def extracted_answer(response: str, reference: str | None) -> str | None:

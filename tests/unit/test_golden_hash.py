@@ -73,3 +73,28 @@ def test_spec_hashes_are_pinned(case):
     data, _, spec_hashes = CASES[case]
     got = {s.name: s.spec_hash for s in rewards.build(_config(data).judge, None)}
     assert got == spec_hashes
+
+
+def test_each_field_enters_the_hash_as_it_declares():
+    def h(changes, base=None):
+        return C.load_config(None, C.deep_merge(base or {}, changes)).hash()
+
+    plain = h({})
+    # NOT_HASHED: how fast, where, or how much of the work runs
+    for changes in (
+        {"rounds": 7},
+        {"workspace": "elsewhere"},
+        {"judge": {"batch_size": 3}},
+        {"promotion": {"stop_after": 2}},
+        {"stages": {"checkpoint_steps": 9}},
+    ):
+        assert h(changes) == plain, changes
+    sharded = {"sampling": {"shards": 2}}
+    assert h({"model": {"workers": 2}}, sharded) == h(sharded)
+    # HASHED_UNLESS_DEFAULT: left out at the default, hashed when set away from it
+    for changes in ({"sampling": {"shards": 2}}, {"promotion": {"rule": "interval"}}):
+        assert h(changes) != plain, changes
+    assert h({"promotion": {"rule": "point"}}) == plain
+    # everything else is hashed
+    for changes in ({"seed": 1}, {"judge": {"max_prompt_tokens": 512}}, {"train": {"dpo": {"beta": 0.2}}}):
+        assert h(changes) != plain, changes
