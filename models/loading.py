@@ -46,10 +46,9 @@ def default_dtype() -> torch.dtype:
 def attention_backends():
     """A context in which scaled-dot-product attention may use FlashAttention, memory-efficient
     attention or the math kernel, but not cuDNN's. In bf16 on a Hopper GPU, torch picks cuDNN's
-    attention, whose host-side setup cost 1.5 ms a call in a decode step (a new KV length each
-    step): measured on an H200, greedy decoding of the embedded model spent 0.62 s of 1.21 s there,
-    and without it greedy decoding ran 2.9× faster in bf16 (`benchmarks/gpu_smoke.py --only
-    profile`). Used for decoding and judging, not training. On the CPU it changes nothing.
+    attention, whose host-side setup runs on every decode step (a new KV length each step) and
+    dominated small models' decoding in bf16 (docs/results/gpu.md; `benchmarks/gpu_smoke.py --only
+    profile` measures it). Used for decoding and judging, not training. On the CPU it changes nothing.
     FLYWHEEL_SDPA_CUDNN=1 leaves torch's choice alone (cuDNN's attention can win on large, fixed shapes)."""
     import contextlib
 

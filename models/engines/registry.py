@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from pydantic import BaseModel
 
 ENTRY_POINTS = "flywheel.engines"
-DEFAULT = "hf"  # hashed as before engines existed: a config on it hashes without `engine`
+DEFAULT = "hf"  # a config on the default engine hashes without `engine` (config.ModelConfig.hashed)
 
 
 @dataclass(frozen=True)
