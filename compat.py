@@ -92,6 +92,8 @@ def trl_fused_head_on_cpu() -> bool:
     import torch
     import trl.trainer.utils as trl_utils
 
+    if _TRL_OWN_CHOICE:
+        return False
     original = getattr(trl_utils, "_use_triton", None)
     if original is None or getattr(original, "flywheel_cpu", False):
         return original is not None
@@ -113,6 +115,28 @@ def trl_fused_head_on_cpu() -> bool:
     use_compact.__wrapped__ = original  # type: ignore[attr-defined]
     trl_utils._use_triton = use_compact
     return True
+
+
+_TRL_OWN_CHOICE = False
+
+
+@contextlib.contextmanager
+def trl_own_lm_head_choice():
+    """For a measurement against TRL's own behaviour: within the block, TRL's fused LM head chooses
+    its path as TRL does (the patch above is lifted and not applied again), restored after."""
+    global _TRL_OWN_CHOICE
+    import trl.trainer.utils as trl_utils
+
+    current = getattr(trl_utils, "_use_triton", None)
+    _TRL_OWN_CHOICE = True
+    if current is not None:
+        trl_utils._use_triton = getattr(current, "__wrapped__", current)
+    try:
+        yield
+    finally:
+        _TRL_OWN_CHOICE = False
+        if current is not None:
+            trl_utils._use_triton = current
 
 
 # ------------------------------------------------------------------------------------ transformers

@@ -23,6 +23,7 @@ Measured in this process, on this machine, each next to its baseline:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import tempfile
@@ -223,8 +224,7 @@ def train(peak: float) -> None:
     the tied embedding as the output layer at every position, the usual count of a model's
     FLOPs) and "needed" (the output layer only where a completion token's log-prob is used,
     which is all DPO reads)."""
-    import trl.trainer.utils as trl_utils
-
+    from flywheel import compat
     from flywheel.config import load_config
     from flywheel.models import loading
     from flywheel.models.tasks.splits import make_source, train_items
@@ -257,8 +257,6 @@ def train(peak: float) -> None:
         per_pass = 2 * (params - head) * tokens + 2 * head * completions if needed else 2 * params * tokens
         return (2 * per_pass * epochs + per_pass * ref_passes) / 1e9
 
-    unwrapped = getattr(trl_utils._use_triton, "__wrapped__", trl_utils._use_triton)  # TRL's own choice
-    labelled = trainer.score_labelled_positions_only
     results, peaks = {}, [peak]
     # precomputed: the reference's log-probs computed once, TRL's own projection of every position
     variants = (("old", False, False), ("precomputed", True, False), ("new", True, True))
@@ -266,15 +264,11 @@ def train(peak: float) -> None:
         dpo = {**cfg.train.dpo, "precompute_ref_log_probs": precompute}
         train_cfg = cfg.train.model_copy(update={"dpo": dpo})
         # old: TRL's own choice on the CPU, the output layer at every position
-        trl_utils._use_triton = unwrapped
-        trainer.score_labelled_positions_only = labelled if compact else (lambda: False)
-        try:
-            with tempfile.TemporaryDirectory() as d:
-                t0 = time.perf_counter()
-                m = trainer.train(base, rows, train_cfg, Path(d) / "out", base=base, seed=0)
-                results[label] = (time.perf_counter() - t0, m["train_loss"], 1 if precompute else epochs)
-        finally:
-            trainer.score_labelled_positions_only = labelled
+        choice = contextlib.nullcontext() if compact else compat.trl_own_lm_head_choice()
+        with choice, tempfile.TemporaryDirectory() as d:
+            t0 = time.perf_counter()
+            m = trainer.train(base, rows, train_cfg, Path(d) / "out", base=base, seed=0)
+            results[label] = (time.perf_counter() - t0, m["train_loss"], 1 if precompute else epochs)
         peaks.append(peak_gflops())
     best = max(peaks)
     (t_old, l_old, r_old), (t_new, l_new, r_new) = results["old"], results["new"]

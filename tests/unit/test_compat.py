@@ -94,6 +94,16 @@ def test_trl_fused_head_on_cpu(trl_utils):
     assert getattr(patched.__wrapped__, "flywheel_cpu", False) is False  # wrapped once, not twice
 
 
+def test_trl_own_choice_for_a_measurement(trl_utils):
+    assert compat.trl_fused_head_on_cpu()
+    patched = trl_utils._use_triton
+    with compat.trl_own_lm_head_choice():
+        assert trl_utils._use_triton is patched.__wrapped__  # TRL's own function
+        assert compat.trl_fused_head_on_cpu() is False  # training inside the block does not patch again
+        assert trl_utils._use_triton is patched.__wrapped__
+    assert trl_utils._use_triton is patched
+
+
 def test_trl_untested_is_left_alone(trl_utils, untested):
     original = trl_utils._use_triton
     if getattr(original, "flywheel_cpu", False):
