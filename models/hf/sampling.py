@@ -31,7 +31,7 @@ def generate(
     texts = chat_texts(tokenizer, prompts)
     token_ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     eos_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
-    seeds = [[seeds.row(seed, p, k) for k in range(n)] for p in prompts] if do_sample else None
+    row_seeds = [[seeds.row(seed, p, k) for k in range(n)] for p in prompts] if do_sample else None
     rows = decode.decode(
         model,
         token_ids,
@@ -43,7 +43,7 @@ def generate(
         pad_id=tokenizer.pad_token_id,
         temperature=temperature,
         top_p=top_p,
-        seeds=seeds,
+        seeds=row_seeds,
         progress=progress,
     )
     out = []
