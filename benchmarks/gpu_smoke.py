@@ -111,7 +111,7 @@ def main() -> int:
     from flywheel import config as C
     from flywheel import seeds
     from flywheel.models import engines, loading
-    from flywheel.models.hf import sampling
+    from flywheel.models.hf import reference, sampling
     from flywheel.models.rewards.rubric import SCORE_LABELS, load_rubric, verdicts
     from flywheel.models.tasks import extract_answer
 
@@ -164,7 +164,7 @@ def main() -> int:
             )
             rep = [p for p in prompts for _ in range(s.n)]
             ref_gens, t2 = timed(
-                lambda eng=eng, rep=rep: sampling.generate_reference(
+                lambda eng=eng, rep=rep: reference.generate_reference(
                     eng.model,
                     eng.tokenizer,
                     rep,

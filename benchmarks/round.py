@@ -50,7 +50,7 @@ def row(name: str, old: float, new: float, unit: str, extra: str = "") -> None:
 def sampling_and_benchmark(n_prompts: int) -> list:
     from flywheel.config import FlywheelConfig
     from flywheel.models import loading
-    from flywheel.models.hf import sampling
+    from flywheel.models.hf import reference, sampling
     from flywheel.models.tasks.splits import benchmark_items, make_source, train_items
 
     cfg = FlywheelConfig()
@@ -68,7 +68,7 @@ def sampling_and_benchmark(n_prompts: int) -> list:
         "seed": 0,
     }
     t0 = time.perf_counter()
-    old = sampling.generate_reference(model, tok, [p for p in prompts for _ in range(s.n)], batch_size=64, **sample)
+    old = reference.generate_reference(model, tok, [p for p in prompts for _ in range(s.n)], batch_size=64, **sample)
     t_old = time.perf_counter() - t0
     t0 = time.perf_counter()
     new = sampling.generate(model, tok, prompts, n=s.n, batch_size=s.batch_size, **sample)
@@ -91,7 +91,7 @@ def sampling_and_benchmark(n_prompts: int) -> list:
     bench = [it.prompt for it in bench_items]
     greedy = {"max_new_tokens": b.max_new_tokens, "do_sample": False}
     t0 = time.perf_counter()
-    g_old = sampling.generate_reference(model, tok, bench, batch_size=64, **greedy)
+    g_old = reference.generate_reference(model, tok, bench, batch_size=64, **greedy)
     t_old = time.perf_counter() - t0
     t0 = time.perf_counter()
     g_new = sampling.generate(model, tok, bench, batch_size=b.batch_size, **greedy)

@@ -11,7 +11,7 @@ from transformers import GenerationConfig
 
 from flywheel.errors import EngineError
 from flywheel.models import loading
-from flywheel.models.hf import decode, sampling
+from flywheel.models.hf import decode, reference, sampling
 
 PROMPTS = [
     "State the final answer to the following arithmetic problem: 3 + 4 =",
@@ -63,7 +63,7 @@ def test_a_row_ends_on_any_eos_id_of_the_generation_config(base, tmp_path):
     assert greedy_tokens(model, tok, PROMPTS) == [row[:n] for row, n in zip(plain, ends)]
     fast = sampling.generate(model, tok, PROMPTS, max_new_tokens=16, batch_size=2, do_sample=False)
     assert fast[0].finish_reason == "stop" and fast[0].n_tokens == k + 1
-    ref = sampling.generate_reference(model, tok, PROMPTS, max_new_tokens=16, batch_size=2, do_sample=False)
+    ref = reference.generate_reference(model, tok, PROMPTS, max_new_tokens=16, batch_size=2, do_sample=False)
     assert [(g.response, g.n_tokens, g.finish_reason) for g in fast] == [
         (g.response, g.n_tokens, g.finish_reason) for g in ref
     ]
@@ -112,7 +112,7 @@ def test_a_checkpoints_sampling_suggestions_do_not_change_flywheels_sampling(bas
     kw = {"max_new_tokens": 12, "batch_size": 4, "do_sample": True, "temperature": 1.0, "top_p": 1.0, "seed": 3}
     model, tok = loading.load(base)
     fast = sampling.generate(model, tok, PROMPTS, n=2, **kw)
-    ref = sampling.generate_reference(model, tok, PROMPTS, **kw)
+    ref = reference.generate_reference(model, tok, PROMPTS, **kw)
     suggests = {
         "do_sample": True,
         "temperature": 0.6,
@@ -126,4 +126,4 @@ def test_a_checkpoints_sampling_suggestions_do_not_change_flywheels_sampling(bas
     model, tok = loading.load(edited(base, tmp_path / "m", **suggests))
     assert model.generation_config.min_p == 0.2
     assert sampling.generate(model, tok, PROMPTS, n=2, **kw) == fast
-    assert sampling.generate_reference(model, tok, PROMPTS, **kw) == ref
+    assert reference.generate_reference(model, tok, PROMPTS, **kw) == ref

@@ -124,7 +124,7 @@ def test_continuous_batching_matches_transformers_generate(model_and_tokenizer):
         f"State the final answer to the following arithmetic problem: {a} + {b} ="
         for a, b in ((3, 4), (12, 9), (7, 7), (1, 30), (25, 5), (9, 0))
     ]
-    ref = sampling.generate_reference(model, tok, prompts, max_new_tokens=24, batch_size=6, do_sample=False)
+    ref = reference.generate_reference(model, tok, prompts, max_new_tokens=24, batch_size=6, do_sample=False)
     for batch_size in (1, 4, 64):
         fast = sampling.generate(model, tok, prompts, max_new_tokens=24, batch_size=batch_size, do_sample=False)
         assert [g.response for g in fast] == [g.response for g in ref]
