@@ -21,6 +21,9 @@ if importlib.util.find_spec("vllm") is None:
 # vLLM's own messages at warnings only (its INFO lines would bury the figures the tests print)
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# as the CLI runs its own server: no telemetry (offline, its heartbeat only logs a failed request, and
+# under Prefect 3.7 it also met the round's writes on the harness's sqlite file: "database is locked")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 # The engine's settings, for every test and the round: no torch.compile (its compilation costs a
 # minute at start-up and CI runs each model once), a 1 GiB KV cache (23,000 tokens of the embedded
