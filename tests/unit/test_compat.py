@@ -149,15 +149,20 @@ def test_buffer_cache_layer_serves_the_callers_storage():
 # ----------------------------------------------------------------------------------------- Prefect
 
 
-def test_prefect_global_settings_context_is_as_expected():
+def _prefect_api():
     import prefect.context
 
-    assert list(inspect.signature(prefect.context._temporary_global_settings_context).parameters) == [
-        "settings_context"
-    ]
-    assert "GLOBAL_SETTINGS_CONTEXT = settings_context" in inspect.getsource(
-        prefect.context._temporary_global_settings_context
-    )
+    return getattr(prefect.context, "_temporary_global_settings_context", None)
+
+
+def test_prefect_global_settings_context_is_as_expected():
+    api = _prefect_api()
+    if api is None:
+        # Prefect 3.7 (the vLLM environment's) has no such context: compat takes the public path only
+        assert compat.release(compat.installed("prefect")) < (3, 9), "Prefect 3.9+ lost the global settings context"
+        return
+    assert list(inspect.signature(api).parameters) == ["settings_context"]
+    assert "GLOBAL_SETTINGS_CONTEXT = settings_context" in inspect.getsource(api)
 
 
 def test_prefect_global_settings_swaps_the_global_context():
@@ -166,7 +171,8 @@ def test_prefect_global_settings_swaps_the_global_context():
     before = prefect.context.GLOBAL_SETTINGS_CONTEXT
     marker = before.model_copy()
     with compat.prefect_global_settings(marker):
-        assert prefect.context.GLOBAL_SETTINGS_CONTEXT is marker
+        # where the private API is missing, the global context is left as it is
+        assert prefect.context.GLOBAL_SETTINGS_CONTEXT is (marker if _prefect_api() else before)
     assert prefect.context.GLOBAL_SETTINGS_CONTEXT is before
 
 
