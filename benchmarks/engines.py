@@ -33,6 +33,7 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=8, help="samples per prompt")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--only", default="hf,generate,vllm,llama.cpp")
+    ap.add_argument("--eager", type=int, default=1, help="vLLM's enforce_eager (0: compile its graphs first)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for every contestant")
     args = ap.parse_args()
     only = set(args.only.split(","))
@@ -103,8 +104,13 @@ def main() -> int:
             print("  vllm       not installed in this environment: skipped (run in .venv-vllm)")
         else:
             t0 = time.perf_counter()
-            engine = engines.open_engine(C.ModelConfig(name=cfg.model.name, engine="vllm"), ref)
-            print(f"  vllm       engine started in {time.perf_counter() - t0:.0f} s (not counted)")
+            # eager: no torch.compile at start-up (minutes on a CPU); the same answers
+            vllm_cfg = C.ModelConfig(name=cfg.model.name, engine="vllm", vllm={"enforce_eager": args.eager})
+            engine = engines.open_engine(vllm_cfg, ref)
+            print(
+                f"  vllm       engine started in {time.perf_counter() - t0:.0f} s (not counted), "
+                f"enforce_eager={args.eager}"
+            )
             race("vllm", engine, cfg.sampling.batch_size)
             engines.release()
     if "llama.cpp" in only:
