@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import time
 
-import pyarrow.parquet as pq
 import pytest
+from run_checks import assert_every_table_matches_its_schema
 
 
 @pytest.fixture(scope="module")
@@ -48,15 +48,8 @@ def run(tmp_path_factory, prefect_harness, vllm_engine, vllm_model):
 
 
 def test_every_table_exists_and_matches_its_schema(run):
-    from flywheel.storage.schemas import TABLES
-
     ws, _, result = run
-    for name, schema in TABLES.items():
-        files = sorted((ws / "tables" / name).glob(f"run_id={result['run_id']}/round=*/*.parquet"))
-        assert files, f"no {name} files"
-        for f in files:
-            assert pq.read_schema(f).equals(schema), f
-    assert not list(ws.rglob("*.tmp")), "a temporary file was left behind"
+    assert_every_table_matches_its_schema(ws, result["run_id"])
 
 
 def test_round_tables(run):
