@@ -24,7 +24,9 @@ from pydantic import (
     model_validator,
 )
 
+from flywheel import hashing
 from flywheel.errors import ConfigError, EngineError
+from flywheel.hashing import HASHED_UNLESS_DEFAULT, NOT_HASHED
 from flywheel.models.engines import registry as engine_registry
 from flywheel.models.engines.openai import OpenAISettings
 from flywheel.models.engines.vllm import VLLMSettings
@@ -37,34 +39,8 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     def hashed(self, dumped: dict[str, Any]) -> dict[str, Any]:
-        """This part of the config as its hash sees it (`dumped`: its JSON dump, changed in place):
-        without the fields declared NOT_HASHED, without those declared HASHED_UNLESS_DEFAULT while
-        they hold their default, each nested part likewise."""
-        for name, field in type(self).model_fields.items():
-            if name not in dumped:
-                continue
-            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-            mark = extra.get("hashed", True)
-            value = getattr(self, name)
-            if mark is False or (mark == UNLESS_DEFAULT and value == field.get_default(call_default_factory=True)):
-                dumped.pop(name)
-            elif isinstance(value, _Strict) and isinstance(dumped[name], dict):
-                value.hashed(dumped[name])
-            elif isinstance(value, list) and isinstance(dumped[name], list):
-                for item, part in zip(value, dumped[name], strict=True):
-                    if isinstance(item, _Strict) and isinstance(part, dict):
-                        item.hashed(part)
-        return dumped
-
-
-# How a field enters the config hash (`FlywheelConfig.hash`: what the settings mean, which names a
-# round's work and lets --resume reuse it). By default a field is hashed. NOT_HASHED: it changes how
-# fast or where the work runs, or how much of it, never what a round computes. HASHED_UNLESS_DEFAULT:
-# at its default it is left out, so that adding a setting keeps the hash of every config that does
-# not use it (and their runs resumable).
-UNLESS_DEFAULT = "unless_default"
-NOT_HASHED: dict[str, Any] = {"hashed": False}
-HASHED_UNLESS_DEFAULT: dict[str, Any] = {"hashed": UNLESS_DEFAULT}
+        """This part of the config as its hash sees it (flywheel/hashing.py)."""
+        return hashing.hashed(self, dumped)
 
 
 # Each engine's own settings live beside it (models/engines/<engine>.py) and are declared in its
@@ -141,6 +117,8 @@ class ModelConfig(_Strict):
             if key != self.engine and (key != "engine" or self.engine == engine_registry.DEFAULT):
                 dumped.pop(key, None)
         block = dumped.get(self.engine)
+        if isinstance(block, dict) and self._plugin is not None:
+            hashing.hashed(self._plugin, block)  # a plugin's block is no field: its marks applied here
         if isinstance(block, dict):
             for f in engine_registry.get(self.engine).speed_only:
                 block.pop(f, None)

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from flywheel import hashing
 from flywheel.errors import EngineError
 from flywheel.models.generation import Generation, NextToken, Progress
 
@@ -26,6 +28,11 @@ class Settings(BaseModel):
     errors and assignments are checked, as everywhere in the config."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    def hashed(self, dumped: dict[str, Any]) -> dict[str, Any]:
+        """The block as the config's hash sees it: its fields' NOT_HASHED / HASHED_UNLESS_DEFAULT marks
+        (flywheel/hashing.py); the registration's `speed_only` is applied by the model config."""
+        return hashing.hashed(self, dumped)
 
 
 class Engine:

@@ -18,10 +18,11 @@ import gc
 import importlib.util
 from collections.abc import Sequence
 
-from pydantic import Field, model_serializer
+from pydantic import Field
 
 from flywheel import compat, seeds
 from flywheel.errors import EngineError
+from flywheel.hashing import HASHED_UNLESS_DEFAULT
 from flywheel.models.engines.base import Engine, Settings, check_checkpoint, label_mass
 from flywheel.models.generation import Generation, Progress, chat_texts, rendered_prompts
 
@@ -48,16 +49,7 @@ class VLLMSettings(Settings):
     kv_cache_gib: float | None = Field(None, gt=0)
     # Tokens one scheduler step may take (vLLM's own; None: its default). On the CPU, where prefill is
     # never chunked, a step must hold a whole prompt: at least max_model_len.
-    max_num_batched_tokens: int | None = Field(None, ge=16)
-
-    @model_serializer(mode="wrap")
-    def _unset_left_out(self, handler):
-        # a setting added after runs existed is dumped (and hashed) only when set, so that those runs'
-        # config hashes, and their resumes, are unchanged
-        out = handler(self)
-        if isinstance(out, dict) and out.get("max_num_batched_tokens") is None:
-            out.pop("max_num_batched_tokens", None)
-        return out
+    max_num_batched_tokens: int | None = Field(None, ge=16, json_schema_extra=HASHED_UNLESS_DEFAULT)
 
 
 # How much memory vLLM may take (GPU share, KV cache) and whether it captures CUDA graphs change its

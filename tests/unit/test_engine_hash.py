@@ -61,3 +61,13 @@ def test_speed_only_settings_keep_the_pinned_hash():
     assert C.load_config(None, judge_on(faster)).hash() == "689f7a21b8c9dc28"
     eager = {"model": {"engine": "vllm", "vllm": {"gpu_memory_utilization": 0.3, "enforce_eager": True}}}
     assert C.load_config(None, eager).hash() == "3eec8cfba0dfff94"
+
+
+def test_an_engine_setting_declared_hashed_unless_default():
+    # max_num_batched_tokens is hashed only when set (its Field's mark, applied to the engine's block)
+    def vllm(**settings) -> str:
+        return C.load_config(None, {"model": {"engine": "vllm", "vllm": settings}}).hash()
+
+    assert vllm(max_num_batched_tokens=None) == vllm() == "3eec8cfba0dfff94"
+    assert vllm(max_num_batched_tokens=4096) != vllm()
+    assert vllm(kv_cache_gib=1.0) == vllm()  # speed only (the registration's)
