@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from run_checks import assert_every_table_matches_its_schema
+from run_checks import assert_every_table_matches_its_schema, small_round
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -32,29 +32,11 @@ ROUND_METRICS = (
 def run(tmp_path_factory, prefect_harness):
     import mlflow
 
-    from flywheel.config import BenchmarkConfig, load_config
+    from flywheel.config import load_config
     from flywheel.flows.flywheel import flywheel
 
     ws = tmp_path_factory.mktemp("ws")
-    config = load_config(
-        None,
-        {
-            "name": "e2e",
-            "rounds": 2,
-            "workspace": str(ws),
-            "task": {"prompts_per_round": 8},
-            "sampling": {"n": 4, "max_new_tokens": 32},
-            "judge": {"batch_size": 16},
-            # the default guard suites (on by default), smaller
-            "benchmark": {
-                "size": 16,
-                "validation_size": 8,
-                "max_new_tokens": 32,
-                "guards": [dict(g.model_dump(), size=8) for g in BenchmarkConfig().guards],
-            },
-            "train": {"dpo": {"num_train_epochs": 1, "learning_rate": 1e-4}},
-        },
-    )
+    config = load_config(None, small_round("e2e", ws, 2))
     result = flywheel(config)
     mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
     return ws, config, result

@@ -1,6 +1,6 @@
 """One real round with `model.engine: vllm` (what `flywheel run --rounds 1 --engine vllm` runs), through
 Prefect, into Parquet, DuckDB and MLflow, its tables checked as tests/integration/test_end_to_end.py
-checks the hf round's. Sizes are that test's. The session's vLLM engine is the round's policy engine
+checks the hf round's, at its sizes (run_checks.small_round). The session's vLLM engine is the round's policy engine
 for round 0's benchmark, generate and judge; the train stage closes it and the trained round's
 benchmark opens vLLM on the new checkpoint. It runs last (the file's name sorts after the others)."""
 
@@ -9,36 +9,18 @@ from __future__ import annotations
 import time
 
 import pytest
-from run_checks import assert_every_table_matches_its_schema
+from run_checks import assert_every_table_matches_its_schema, small_round
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, prefect_harness, vllm_engine, vllm_model):
     import mlflow
 
-    from flywheel.config import BenchmarkConfig, load_config
+    from flywheel.config import load_config
     from flywheel.flows.flywheel import flywheel
 
     ws = tmp_path_factory.mktemp("ws")
-    config = load_config(
-        None,
-        {
-            "name": "e2e-vllm",
-            "rounds": 1,
-            "workspace": str(ws),
-            "model": vllm_model().model_dump(mode="json"),
-            "task": {"prompts_per_round": 8},
-            "sampling": {"n": 4, "max_new_tokens": 32},
-            "judge": {"batch_size": 16},
-            "benchmark": {
-                "size": 16,
-                "validation_size": 8,
-                "max_new_tokens": 32,
-                "guards": [dict(g.model_dump(), size=8) for g in BenchmarkConfig().guards],
-            },
-            "train": {"dpo": {"num_train_epochs": 1, "learning_rate": 1e-4}},
-        },
-    )
+    config = load_config(None, small_round("e2e-vllm", ws, 1, model=vllm_model().model_dump(mode="json")))
     assert config.model.engine == "vllm"
     start = time.monotonic()
     result = flywheel(config)
