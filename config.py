@@ -402,6 +402,16 @@ class GuardSuite(_Strict):
     )
 
 
+class TransferSuite(_Strict):
+    """A variant of the task that the run never trains on (longer chains, larger numbers): the task's
+    options with these over them, scored every round beside the test split, reported
+    (`transfer_exact_match.<name>`), never used for a decision."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    options: dict[str, Any] = Field(default_factory=dict, description="over task.options")
+    size: int = Field(100, ge=1)
+
+
 class LmEvalConfig(_Strict):
     """Suites from EleutherAI's lm-evaluation-harness (`pip install -e '.[eval]'`), run on every
     round's model after flywheel's own: reported (metrics `lm_eval.<task>.<metric>`, item rows in
@@ -447,8 +457,19 @@ class BenchmarkConfig(_Strict):
             GuardSuite(task="letter_counting", size=100),
         ]
     )
+    # Variants of the task scored every round, so that a gain can be told from a fit to one template:
+    # e.g. [{name: three_terms, options: {min_terms: 3, max_terms: 3}}]. A reasoning-gym task only.
+    transfer: list[TransferSuite] = Field(default_factory=list, json_schema_extra=HASHED_UNLESS_DEFAULT)
     # Optional lm-evaluation-harness suites (None: none), reported beside the task's own.
     lm_eval: LmEvalConfig | None = Field(None, json_schema_extra=HASHED_UNLESS_DEFAULT)
+
+    @model_validator(mode="after")
+    def _unique_transfer_names(self) -> BenchmarkConfig:
+        names = [t.name for t in self.transfer]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"two transfer suites named {dup[0]!r}")
+        return self
 
 
 class PromotionConfig(_Strict):
@@ -570,6 +591,8 @@ class FlywheelConfig(_Strict):
                 raise ValueError(f"{what} names {missing[0]!r}, which is not among judge.sources ({', '.join(known)})")
         if cur.cream == "weight" and self.train.method != "dpo":
             raise ValueError("curation.cream=weight sets DPO label smoothing: it needs train.method=dpo")
+        if self.benchmark.transfer and self.task.prompts_file is not None:
+            raise ValueError("benchmark.transfer varies a reasoning-gym task's options: a prompts file has none")
         if cur.cream != "off" and f"{cur.cream_source}@previous" not in known:
             raise ValueError(f"curation.cream needs the {cur.cream_source!r} judge with previous: true")
         return self

@@ -32,7 +32,7 @@ from flywheel.errors import ConfigError, ResumeError
 from flywheel.flows import placement
 from flywheel.models import engines, loading, rewards
 from flywheel.models.tasks.decontam import Decontaminator
-from flywheel.models.tasks.splits import eval_items, make_source
+from flywheel.models.tasks.splits import eval_items, make_source, transfer_suites
 from flywheel.storage import catalog, datacard, lock, manifest, parquet, plots, tracking
 from flywheel.tasks import promote
 from flywheel.tasks import stage as stage_registry
@@ -52,10 +52,15 @@ class Prepared:
     source: object
     validation: list = field(default_factory=list)  # decides: the promotion gate, early stop
     test: list = field(default_factory=list)  # reported, never used for a decision
+    transfer: list = field(default_factory=list)  # every transfer suite's items: reported
+
+    def held(self) -> list:
+        """Every evaluation item: no training prompt may overlap one."""
+        return self.validation + self.test + self.transfer
 
     def decontaminator(self) -> Decontaminator:
-        """Training prompts may overlap neither split."""
-        cur, held = self.config.curation, self.validation + self.test
+        """Training prompts may overlap no evaluation item."""
+        cur, held = self.config.curation, self.held()
         return Decontaminator(
             [it.prompt for it in held],
             cur.decontam_ngram,
@@ -68,10 +73,11 @@ def prepare(config: FlywheelConfig) -> Prepared:
     source = make_source(config.task)
     sources = rewards.build(config.judge, source)  # bad templates, unimportable callables fail here
     validation, test = eval_items(source, config.benchmark.validation_size, config.benchmark.size, config.seed)
+    transfer = [it for _, _, items in transfer_suites(config) for it in items]  # bad options fail here
     rewards.probe(sources, test[0].prompt, test[0].answer, test[0].metadata)
     engines.preflight(config)  # before the policy's weights are fetched or converted: it may take minutes
     base = loading.resolve(config.model.name)
-    return Prepared(config, base, source, validation, test)
+    return Prepared(config, base, source, validation, test, transfer)
 
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent

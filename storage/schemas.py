@@ -11,8 +11,8 @@ PROMPTS = pa.schema(
     _KEY
     + [
         pa.field("prompt_id", pa.string(), nullable=False),  # sha256 of the prompt text
-        # "train" | "validation" | "test" | "decontaminated" (drawn for training, dropped as overlapping an
-        # evaluation item)
+        # "train" | "validation" | "test" | "transfer:<name>" (benchmark.transfer) | "decontaminated" (drawn
+        # for training, dropped as overlapping an evaluation item)
         pa.field("split", pa.string(), nullable=False),
         pa.field("task", pa.string(), nullable=False),
         pa.field("category", pa.string(), nullable=False),  # task/difficulty, for balance and the data card

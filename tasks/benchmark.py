@@ -1,5 +1,6 @@
 """Stage 5, benchmarking: a model, greedy, on the held-out splits (test: reported; validation: the
-promotion gate's) and the guard suites; accuracy (mean score), exact match and mean length."""
+promotion gate's), the guard suites and the transfer suites; accuracy (mean score), exact match and
+mean length."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from flywheel.models import engines
 from flywheel.models.hf import sampling
 from flywheel.models.tasks import Item, exactly_correct
 from flywheel.models.tasks.reasoning_gym import ReasoningGymSource
-from flywheel.models.tasks.splits import make_source
+from flywheel.models.tasks.splits import make_source, transfer_suites
 from flywheel.storage import catalog, parquet
 from flywheel.tasks import promote
 from flywheel.tasks.common import StageContext, short_hash
@@ -90,19 +91,27 @@ def benchmark_task(ctx: StageContext, validation: list[Item], test: list[Item], 
     """The test split (reported: accuracy as the mean score, exact match, mean length), the
     validation split (the promotion gate's: validation_*), and every guard suite, greedy."""
     cfg = ctx.config
+    transfer = transfer_suites(cfg)
     if ctx.round == 0:
         for split, items in (("validation", validation), ("test", test)):
             parquet.write_table(
                 ctx.workspace, "prompts", ctx.run_id, 0, prompt_rows(items, ctx.run_id, 0, split), part=split
             )
+        for i, (name, _, items) in enumerate(transfer):
+            rows = prompt_rows(items, ctx.run_id, 0, f"transfer:{name}")
+            parquet.write_table(ctx.workspace, "prompts", ctx.run_id, 0, rows, part=f"transfer-{i}")
     engine = engines.open_engine(cfg.model, model_ref)
     v_name, t_name = suite_names(cfg)
     source = make_source(cfg.task)
     # the test split's file keeps the name every benchmark table had before splits ("data")
-    suites = [(t_name, source, test, "data"), (v_name, source, validation, "validation")] + [
-        (f"guard:{name}", guard_source, guard_items, f"guard-{i}")
-        for i, (name, guard_source, guard_items) in enumerate(guard_suites(cfg, cfg.seed))
-    ]
+    suites = (
+        [(t_name, source, test, "data"), (v_name, source, validation, "validation")]
+        + [
+            (f"guard:{name}", guard_source, guard_items, f"guard-{i}")
+            for i, (name, guard_source, guard_items) in enumerate(guard_suites(cfg, cfg.seed))
+        ]
+        + [(f"transfer:{name}", src, items, f"transfer-{i}") for i, (name, src, items) in enumerate(transfer)]
+    )
     out: dict = {"guard_limits": {g.task: g.max_drop for g in cfg.benchmark.guards}}
     t0 = time.perf_counter()
     for name, suite_source, suite_items, part in suites:
@@ -133,6 +142,8 @@ def benchmark_task(ctx: StageContext, validation: list[Item], test: list[Item], 
                 for k, v in summarize(rows).items()
                 if k in ("accuracy", "exact_match", "exact_match_low", "exact_match_high", "mean_response_tokens")
             }
+        elif part.startswith("transfer-"):
+            out[f"transfer_exact_match.{name.removeprefix('transfer:')}"] = summarize(rows)["exact_match"]
         else:
             out[f"guard_accuracy.{name.removeprefix('guard:')}"] = summarize(rows)["accuracy"]
     if cfg.benchmark.lm_eval is not None:

@@ -180,7 +180,7 @@ def _generate_args(ctx: StageContext, prepared, params: dict, fingerprint: str) 
     """The round's fresh training prompts, drawn again from the config (the same draw anywhere)."""
     cfg = ctx.config
     draw = train_items(prepared.source, ctx.round, cfg.task.prompts_per_round, cfg.seed, prepared.decontaminator())
-    return draw.items, params["policy"], draw.removed, draw.repeats, prepared.validation + prepared.test
+    return draw.items, params["policy"], draw.removed, draw.repeats, prepared.held()
 
 
 register(

@@ -23,6 +23,20 @@ def make_source(task_cfg) -> Task:
     return registry.make(task_cfg)
 
 
+def variant(task_cfg, options: dict) -> Task:
+    """The task with some of its options replaced (a transfer suite, a curriculum level)."""
+    return make_source(task_cfg.model_copy(update={"options": {**task_cfg.options, **options}}))
+
+
+def transfer_suites(config) -> list[tuple[str, Task, list[Item]]]:
+    """benchmark.transfer: (name, source, items) per suite, each its own test split (no validation)."""
+    return [
+        (t.name, src, benchmark_items(src, t.size, config.seed))
+        for t in config.benchmark.transfer
+        for src in [variant(config.task, t.options)]
+    ]
+
+
 def benchmark_items(source, size: int, seed: int) -> list[Item]:
     """The test split (validation size 0): see eval_items."""
     return eval_items(source, 0, size, seed)[1]

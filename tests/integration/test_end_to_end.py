@@ -36,7 +36,8 @@ def run(tmp_path_factory, prefect_harness):
     from flywheel.flows.flywheel import flywheel
 
     ws = tmp_path_factory.mktemp("ws")
-    config = load_config(None, small_round("e2e", ws, 2))
+    transfer = [{"name": "three_terms", "options": {"min_terms": 3, "max_terms": 3}, "size": 8}]
+    config = load_config(None, small_round("e2e", ws, 2, benchmark={"transfer": transfer}))
     result = flywheel(config)
     mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
     return ws, config, result
@@ -431,3 +432,31 @@ def test_guard_suites_are_on_by_default_and_the_chosen_side_is_correct(run):
                                  AND j.source = 'verifier' WHERE j.score < 1""",
     ).to_pylist()
     assert wrong == [{"n": 0}]
+
+
+def test_transfer_suites_are_scored_every_round_and_never_trained_on(run):
+    import mlflow
+
+    from flywheel.storage import catalog
+
+    ws, _config, result = run
+    items = catalog.query(ws, "SELECT prompt_id, prompt FROM prompts WHERE split = 'transfer:three_terms'").to_pylist()
+    assert len(items) == 8 and all(r["prompt"].count("+") + r["prompt"].count("-") >= 2 for r in items)
+    rows = catalog.query(
+        ws, "SELECT round, item_id, score FROM benchmarks WHERE suite = 'transfer:three_terms' ORDER BY round"
+    ).to_pylist()
+    assert sorted({r["round"] for r in rows}) == [0, 1, 2]
+    assert all(
+        sorted(r["item_id"] for r in rows if r["round"] == k) == sorted(i["prompt_id"] for i in items)
+        for k in (0, 1, 2)
+    )
+    for r in result["rounds"]:
+        scored = [x["score"] for x in rows if x["round"] == r["round"]]
+        assert r["transfer_exact_match.three_terms"] == sum(s >= 1.0 for s in scored) / len(scored)
+    train = catalog.query(ws, "SELECT prompt_id FROM prompts WHERE split = 'train'").to_pylist()
+    assert not {r["prompt_id"] for r in train} & {i["prompt_id"] for i in items}
+    # and in each round's MLflow run, to compare rounds there
+    client = mlflow.MlflowClient()
+    for r in catalog.query(ws, "SELECT round, mlflow_run_id FROM rounds").to_pylist():
+        logged = client.get_run(r["mlflow_run_id"]).data.metrics["transfer_exact_match.three_terms"]
+        assert logged == result["rounds"][r["round"]]["transfer_exact_match.three_terms"]

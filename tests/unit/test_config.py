@@ -225,3 +225,30 @@ def test_odd_keys_give_one_line_errors(overrides, message):
     with pytest.raises(ConfigError) as e:
         load_config(None, overrides)
     assert str(e.value) == message
+
+
+def test_transfer_suites_need_distinct_names_and_a_task_with_options(tmp_path):
+    three = {"name": "three_terms", "options": {"min_terms": 3, "max_terms": 3}}
+    with pytest.raises(ConfigError, match="two transfer suites named 'three_terms'"):
+        load_config(None, {"benchmark": {"transfer": [three, three]}})
+    with pytest.raises(ConfigError, match=r"^benchmark\.transfer\.0\.name"):
+        load_config(None, {"benchmark": {"transfer": [dict(three, name="three terms")]}})
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "1 + 1 =", "answer": "2"}\n')
+    with pytest.raises(ConfigError, match="benchmark.transfer varies a reasoning-gym task's options"):
+        load_config(None, {"task": {"prompts_file": str(prompts)}, "benchmark": {"transfer": [three]}})
+
+
+def test_a_transfer_suite_is_the_task_with_its_options_over_the_task_s():
+    from flywheel.errors import TaskError
+    from flywheel.models.tasks.splits import transfer_suites
+
+    three = {"name": "three_terms", "options": {"min_terms": 3, "max_terms": 3}, "size": 5}
+    ((name, source, items),) = transfer_suites(load_config(None, {"benchmark": {"transfer": [three]}}))
+    assert name == "three_terms" and len(items) == 5
+    # three terms; the digits still the task's (1–2)
+    assert all(it.metadata["entry"]["metadata"]["num_terms"] == 3 for it in items)
+    assert all(source.evaluate(it.answer, it)[1] == 1.0 for it in items)
+    bad = dict(three, options={"min_terms": 5, "max_terms": 3})
+    with pytest.raises(TaskError, match="bad options for reasoning-gym task 'chain_sum'"):
+        transfer_suites(load_config(None, {"benchmark": {"transfer": [bad]}}))

@@ -92,9 +92,14 @@ def test_each_field_enters_the_hash_as_it_declares():
     sharded = {"sampling": {"shards": 2}}
     assert h({"model": {"workers": 2}}, sharded) == h(sharded)
     # HASHED_UNLESS_DEFAULT: left out at the default, hashed when set away from it
-    for changes in ({"sampling": {"shards": 2}}, {"promotion": {"rule": "interval"}}):
+    transfer = [{"name": "three_terms", "options": {"min_terms": 3, "max_terms": 3}}]
+    for changes in (
+        {"sampling": {"shards": 2}},
+        {"promotion": {"rule": "interval"}},
+        {"benchmark": {"transfer": transfer}},
+    ):
         assert h(changes) != plain, changes
-    assert h({"promotion": {"rule": "point"}}) == plain
+    assert h({"promotion": {"rule": "point"}}) == h({"benchmark": {"transfer": []}}) == plain
     # everything else is hashed
     for changes in ({"seed": 1}, {"judge": {"max_prompt_tokens": 512}}, {"train": {"dpo": {"beta": 0.2}}}):
         assert h(changes) != plain, changes
