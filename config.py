@@ -164,6 +164,17 @@ class TaskConfig(_Strict):
     category_fields: list[str] = Field(default_factory=lambda: ["num_terms", "num_digits"])
 
 
+class FrontierConfig(_Strict):
+    """Samples spent where a pair can form. A first pass samples `probe` responses for each of `pool`
+    prompts; the task's verifier gives each prompt its pass rate; the rest of the budget
+    (task.prompts_per_round × sampling.n samples) tops prompts up to sampling.n samples each: first
+    those whose probe samples were all right (a wrong one makes a pair), then those all wrong, then
+    the contested ones (which have a pair already)."""
+
+    pool: int = Field(ge=1, description="prompts drawn and probed")
+    probe: int = Field(2, ge=1, description="first-pass samples per prompt")
+
+
 class SamplingConfig(_Strict):
     n: int = Field(8, ge=2, description="samples per prompt")
     temperature: float = Field(1.0, gt=0)
@@ -178,6 +189,12 @@ class SamplingConfig(_Strict):
     # continuous-batching stream, which model.workers processes share out; 1: one stream. Part of the
     # config's meaning (it changes which rows share a batch), unlike the number of workers.
     shards: int = Field(1, ge=1, json_schema_extra=HASHED_UNLESS_DEFAULT)
+    # None: every prompt gets n samples. Else two passes at the model's frontier (FrontierConfig).
+    frontier: FrontierConfig | None = Field(None, json_schema_extra=HASHED_UNLESS_DEFAULT)
+
+    def budget(self, prompts: int) -> int:
+        """The samples a round may spend: `prompts` (task.prompts_per_round) × n, with or without a frontier."""
+        return prompts * self.n
 
 
 def _template_exists(v: Path | None) -> Path | None:
@@ -595,6 +612,28 @@ class FlywheelConfig(_Strict):
             raise ValueError("benchmark.transfer varies a reasoning-gym task's options: a prompts file has none")
         if cur.cream != "off" and f"{cur.cream_source}@previous" not in known:
             raise ValueError(f"curation.cream needs the {cur.cream_source!r} judge with previous: true")
+        return self
+
+    @model_validator(mode="after")
+    def _frontier_fits_the_budget(self) -> FlywheelConfig:
+        fr = self.sampling.frontier
+        if fr is not None:
+            if fr.probe >= self.sampling.n:
+                raise ValueError(
+                    f"sampling.frontier.probe ({fr.probe}) must be below sampling.n ({self.sampling.n}): "
+                    "a prompt is topped up to n samples"
+                )
+            budget = self.sampling.budget(self.task.prompts_per_round)
+            if fr.pool * fr.probe > budget:
+                raise ValueError(
+                    f"sampling.frontier: pool × probe ({fr.pool} × {fr.probe}) exceeds the round's budget "
+                    f"task.prompts_per_round × sampling.n ({budget} samples)"
+                )
+            if not any(s.type == "verifier" for s in self.judge.sources):  # type: ignore[attr-defined]
+                raise ValueError(
+                    "sampling.frontier ranks prompts by their verified pass rate: it needs a verifier "
+                    "among judge.sources"
+                )
         return self
 
     @model_validator(mode="after")

@@ -31,6 +31,13 @@ def stage(seed: int, round_: int) -> int:
     return seed * 1000 + round_
 
 
+def top_up(stage_seed: int) -> int:
+    """A frontier's second pass (sampling.frontier): its samples' seeds (`row`) derive from this one, so
+    they differ from the probe's whatever the sample indices."""
+    digest = hashlib.sha256(f"top-up\x00{stage_seed}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
 def training(seed: int, round_: int) -> int:
     """The train stage's and curation's seed for a round: below 2**31 (numpy's limit) since the
     config's seed is."""

@@ -13,9 +13,9 @@ from prefect.cache_policies import NO_CACHE
 from flywheel import progress, seeds
 from flywheel.models import engines, shards
 from flywheel.models.hf import sampling
-from flywheel.models.tasks import Item
+from flywheel.models.tasks import Item, exactly_correct
 from flywheel.models.tasks.decontam import Overlap
-from flywheel.models.tasks.splits import train_items
+from flywheel.models.tasks.splits import make_source, train_items
 from flywheel.storage import catalog, datacard, parquet
 from flywheel.tasks.common import StageContext, short_hash
 from flywheel.tasks.stage import Stage, register
@@ -49,8 +49,10 @@ def candidate_rows(
     policy: str,
     seed: int,
     sampling_json: str,
+    first: int = 0,
 ) -> list[dict]:
-    """`gens` holds n consecutive generations per prompt, in prompt order."""
+    """`gens` holds n consecutive generations per prompt, in prompt order, drawn with `seed`; their
+    sample indices start at `first` (a frontier's top-up pass: after the probe's)."""
     if len(gens) != n * len(prompts):
         raise ValueError(f"expected {n * len(prompts)} generations, got {len(gens)}")
     if len({p["prompt_id"] for p in prompts}) != len(prompts):
@@ -62,10 +64,10 @@ def candidate_rows(
             dict(
                 run_id=run_id,
                 round=round_,
-                candidate_id=short_hash(run_id, round_, p["prompt_id"], k),
+                candidate_id=short_hash(run_id, round_, p["prompt_id"], first + k),
                 prompt_id=p["prompt_id"],
                 policy=policy,
-                sample_index=k,
+                sample_index=first + k,
                 seed=seeds.row(seed, p["prompt"], k),
                 response=g.response,
                 n_tokens=g.n_tokens,
@@ -76,6 +78,20 @@ def candidate_rows(
             )
         )
     return rows
+
+
+def top_up(right: Sequence[Sequence[bool]], *, spare: int, more: int) -> list[int]:
+    """The prompts (indices) a frontier's second pass samples `more` times each, within `spare`
+    samples: first those whose probe samples were all right (a wrong one would make a pair), then
+    those all wrong (a right one would), then the contested ones (they have a pair already); in
+    draw order within each."""
+
+    def rank(i: int) -> int:
+        hits = sum(right[i])
+        return 0 if hits == len(right[i]) else 1 if hits == 0 else 2
+
+    order = sorted(range(len(right)), key=lambda i: (rank(i), i))
+    return sorted(order[: spare // more]) if more > 0 else []
 
 
 DRAW = "draw.json"  # beside the data card: what the round's draw skipped and why
@@ -113,8 +129,6 @@ def generate_task(
     validation + test), kept (split "decontaminated", their overlap in their metadata) so that they
     can be listed; `repeats`: drawn prompts skipped because an earlier round trained on them."""
     cfg, s = ctx.config, ctx.config.sampling
-    prompts = prompt_rows(items, ctx.run_id, ctx.round, "train")
-    parquet.write_table(ctx.workspace, "prompts", ctx.run_id, ctx.round, prompts, part="train")
     removed = removed or []
     if removed:
         parquet.write_table(
@@ -140,32 +154,88 @@ def generate_task(
         )
     )
     seed = seeds.stage(cfg.seed, ctx.round)
-    t0 = time.perf_counter()
-    with progress.stage("generate", len(items) * s.n, "samples") as advance:
-        # sampling.shards streams, over model.workers processes (one: this one)
-        gens = shards.sample(
-            cfg.model,
-            policy,
-            [p["prompt"] for p in prompts],
-            shards=s.shards,
-            workers=cfg.model.workers,
-            n=s.n,
-            max_new_tokens=s.max_new_tokens,
-            batch_size=s.batch_size,
-            temperature=s.temperature,
-            top_p=s.top_p,
+
+    def draw(texts: list[str], n: int, seed: int, label: str) -> list[engines.Generation]:
+        with progress.stage(label, len(texts) * n, "samples") as advance:
+            # sampling.shards streams, over model.workers processes (one: this one)
+            return shards.sample(
+                cfg.model,
+                policy,
+                texts,
+                shards=s.shards,
+                workers=cfg.model.workers,
+                n=n,
+                max_new_tokens=s.max_new_tokens,
+                batch_size=s.batch_size,
+                temperature=s.temperature,
+                top_p=s.top_p,
+                seed=seed,
+                progress=advance,
+            )
+
+    def rows_of(prompts: list[dict], gens: list[engines.Generation], n: int, seed: int, first: int = 0) -> list[dict]:
+        sampling_json = json.dumps(s.model_dump() | {"seed": seed}, sort_keys=True)
+        return candidate_rows(
+            prompts,
+            gens,
+            n=n,
+            run_id=ctx.run_id,
+            round_=ctx.round,
+            policy=policy,
             seed=seed,
-            progress=advance,
+            sampling_json=sampling_json,
+            first=first,
         )
+
+    t0 = time.perf_counter()
+    fr, out = s.frontier, {}
+    if fr is None:
+        prompts = prompt_rows(items, ctx.run_id, ctx.round, "train")
+        gens = draw([p["prompt"] for p in prompts], s.n, seed, "generate")
+        rows = rows_of(prompts, gens, s.n, seed)
+    else:
+        # pass 1: `probe` samples of every pooled prompt; pass 2: the spare budget, n - probe more for
+        # the prompts where a pair can still form (top_up), with a seed of its own
+        source = make_source(cfg.task)
+        prompts = prompt_rows(items, ctx.run_id, ctx.round, "train")
+        probe = draw([p["prompt"] for p in prompts], fr.probe, seed, "generate (probe)")
+        rows = rows_of(prompts, probe, fr.probe, seed)
+        right = [
+            [_right(source, g, it) for g in probe[i * fr.probe : (i + 1) * fr.probe]] for i, it in enumerate(items)
+        ]
+        spare = s.budget(cfg.task.prompts_per_round) - len(probe)
+        chosen = top_up(right, spare=spare, more=s.n - fr.probe)
+        more_seed = seeds.top_up(seed)
+        texts = [prompts[i]["prompt"] for i in chosen]
+        more = draw(texts, s.n - fr.probe, more_seed, "generate (top-up)") if texts else []
+        rows += rows_of([prompts[i] for i in chosen], more, s.n - fr.probe, more_seed, first=fr.probe)
+        for j, i in enumerate(chosen):
+            right[i] += [_right(source, g, items[i]) for g in more[j * (s.n - fr.probe) : (j + 1) * (s.n - fr.probe)]]
+        position = {p["prompt_id"]: i for i, p in enumerate(prompts)}
+        rows.sort(key=lambda r: (position[r["prompt_id"]], r["sample_index"]))
+        gens = probe + more
+        prompts = prompt_rows(
+            [
+                replace(it, metadata={**it.metadata, "frontier": _pass_rates(right[i], fr.probe)})
+                for i, it in enumerate(items)
+            ],
+            ctx.run_id,
+            ctx.round,
+            "train",
+        )
+        contested = [0 < sum(r[: fr.probe]) < fr.probe for r in right]
+        out = {
+            "frontier_probe_contested": sum(contested),
+            "frontier_probe_all_right": sum(all(r[: fr.probe]) for r in right),
+            "frontier_topped_up": len(chosen),
+            "frontier_contested": sum(0 < sum(r) < len(r) for r in right),
+        }
     seconds = time.perf_counter() - t0
+    parquet.write_table(ctx.workspace, "prompts", ctx.run_id, ctx.round, prompts, part="train")
     described = f"{cfg.model.engine}:{policy}" + (f" ({cfg.model.workers} workers)" if cfg.model.workers > 1 else "")
-    sampling_json = json.dumps(s.model_dump() | {"seed": seed}, sort_keys=True)
-    rows = candidate_rows(
-        prompts, gens, n=s.n, run_id=ctx.run_id, round_=ctx.round, policy=policy, seed=seed, sampling_json=sampling_json
-    )
     parquet.write_table(ctx.workspace, "candidates", ctx.run_id, ctx.round, rows)
     catalog.refresh(ctx.workspace)
-    return {
+    return out | {
         "generate_seconds": seconds,
         "generate_engine": described,
         "repeated_prompts_skipped": repeats,
@@ -176,10 +246,26 @@ def generate_task(
     }
 
 
+def _right(source, g: engines.Generation, item: Item) -> bool:
+    return exactly_correct(source.evaluate(g.response, item)[1])
+
+
+def _pass_rates(right: list[bool], probe: int) -> dict:
+    """A frontier prompt's record (prompts.metadata "frontier"): its probe's pass rate and its own over
+    all its samples."""
+    return {
+        "probe_samples": probe,
+        "probe_pass_rate": sum(right[:probe]) / probe,
+        "samples": len(right),
+        "pass_rate": sum(right) / len(right),
+    }
+
+
 def _generate_args(ctx: StageContext, prepared, params: dict, fingerprint: str) -> tuple:
     """The round's fresh training prompts, drawn again from the config (the same draw anywhere)."""
     cfg = ctx.config
-    draw = train_items(prepared.source, ctx.round, cfg.task.prompts_per_round, cfg.seed, prepared.decontaminator())
+    size = cfg.task.prompts_per_round if cfg.sampling.frontier is None else cfg.sampling.frontier.pool
+    draw = train_items(prepared.source, ctx.round, size, cfg.seed, prepared.decontaminator())
     return draw.items, params["policy"], draw.removed, draw.repeats, prepared.held()
 
 
