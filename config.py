@@ -147,6 +147,28 @@ def _model_shorthand(v: Any) -> Any:
     return {"name": v} if isinstance(v, str) else v
 
 
+class CurriculumConfig(_Strict):
+    """Levels of the task's difficulty, stepped through as the model learns. Level 0 is the task as
+    configured (task.options); level k is task.options with levels[k-1] over them. Every level has
+    its own validation and test splits, scored every round, so a level's score compares across
+    rounds. A round trains at the first level where the model it starts from (the champion) scores
+    below `threshold` validation exact match, or at the last level once it passes them all: it
+    steps up as the champion learns a level, and back down should a promoted champion lose one."""
+
+    levels: list[dict[str, Any]] = Field(min_length=1, description="each level's options over task.options")
+    threshold: float = Field(0.6, gt=0, le=1, description="validation exact match that passes a level")
+    validation_size: int = Field(100, ge=1, description="validation items per level above 0")
+    size: int = Field(100, ge=1, description="test items per level above 0")
+
+    def level(self, scores: dict[int, float | None]) -> int:
+        """The level a round trains at, from its starting model's validation exact match per level."""
+        for k in range(len(self.levels) + 1):
+            score = scores.get(k)
+            if score is None or score < self.threshold:
+                return k
+        return len(self.levels)
+
+
 class TaskConfig(_Strict):
     # Where prompts come from: a reasoning-gym generator (default) or a JSONL/Parquet file.
     name: str = "chain_sum"
@@ -162,6 +184,14 @@ class TaskConfig(_Strict):
     # Item fields that name a prompt's category (for balance and the data card), looked up in
     # reasoning-gym's item metadata or a prompts file's columns: "chain_sum/num_terms=2,num_digits=1".
     category_fields: list[str] = Field(default_factory=lambda: ["num_terms", "num_digits"])
+    # None: every round draws from the task as configured. Else levels of difficulty (CurriculumConfig).
+    curriculum: CurriculumConfig | None = Field(None, json_schema_extra=HASHED_UNLESS_DEFAULT)
+
+    @model_validator(mode="after")
+    def _curriculum_needs_options(self) -> TaskConfig:
+        if self.curriculum is not None and self.prompts_file is not None:
+            raise ValueError("task.curriculum varies a reasoning-gym task's options: a prompts file has none")
+        return self
 
 
 class FrontierConfig(_Strict):

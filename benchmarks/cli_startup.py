@@ -71,6 +71,7 @@ def synthetic_workspace(root: Path, rounds: int = 3, pairs_per_round: int = 64) 
                     promotion_reasons=None,
                     accuracy=result["accuracy"],
                     n_pairs=result["pairs"],
+                    curriculum_level=None,
                     started_at=now,
                     finished_at=now,
                     error=None,

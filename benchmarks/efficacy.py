@@ -1,13 +1,19 @@
 """Does the default experiment generalise? The default 3-round run (or a preset) for several seeds.
 
-Per seed and as mean ± sd over seeds: test exact match per round, the last round's paired gain
-over the starting model on the test split with its 95% interval, the guard suites' accuracy, the
-validation-vs-test gap, pairs per round, and time. Each seed runs in its own workspace.
+Per seed and as mean ± sd over seeds: test exact match per round, the last round's and the
+champion's paired gain over the starting model on the test split with its 95% interval (and over
+round 3, in a longer run), the guard suites' accuracy, the transfer suites' exact match, the
+validation-vs-test gap, pairs and samples per round, and time. Each seed runs in its own workspace.
 
     .venv/bin/python benchmarks/efficacy.py                      # the default, seeds 0 1 2
     .venv/bin/python benchmarks/efficacy.py --preset label_free
     .venv/bin/python benchmarks/efficacy.py --seeds 0 --keep /tmp/efficacy   # keep the workspaces
     .venv/bin/python benchmarks/efficacy.py --seeds 2 --set promotion.guard_rule=point   # a setting changed
+    .venv/bin/python benchmarks/efficacy.py --rounds 10 --set sampling.frontier.pool=128   # ten rounds, a frontier
+    .venv/bin/python benchmarks/efficacy.py --report-from /tmp/efficacy   # the kept workspaces, reported again
+
+Every round also scores the task's variants (TRANSFER: three terms, three digits) unless
+--set benchmark.transfer=[] says otherwise.
 """
 
 from __future__ import annotations
@@ -16,58 +22,96 @@ import argparse
 import os
 import statistics
 import tempfile
-import time
 from pathlib import Path
+
+# The task's variants scored every round (benchmark.transfer), unless --set benchmark.transfer=… says otherwise
+TRANSFER = [
+    {"name": "three_terms", "options": {"min_terms": 3, "max_terms": 3}},
+    {"name": "three_digits", "options": {"min_digits": 3, "max_digits": 3}},
+]
 
 
 def run_seed(seed: int, preset: str | None, workspace: Path, overrides: dict | None = None) -> dict:
     from flywheel.config import load_config
     from flywheel.flows.flywheel import flywheel
     from flywheel.flows.server import prefect_api
-    from flywheel.storage import catalog
-    from flywheel.tasks import promote
-    from flywheel.tasks.benchmark import suite_names
 
+    overrides = dict(overrides or {})
+    bench = overrides.setdefault("benchmark", {})
+    if "transfer" not in bench:
+        bench["transfer"] = TRANSFER
     config = load_config(
         None,
-        {**(overrides or {}), "seed": seed, "workspace": str(workspace), "name": f"efficacy-{seed}"},
+        {**overrides, "seed": seed, "workspace": str(workspace), "name": f"efficacy-{seed}"},
         preset=preset,
     )
-    t0 = time.perf_counter()
     with prefect_api():
-        result = flywheel(config)
-    seconds = time.perf_counter() - t0
-    rounds = result["rounds"]
-    _, test_suite = suite_names(config)
-    first, last = (round_rows(workspace, result["run_id"], k) for k in (0, rounds[-1]["round"]))
-    gain = promote.paired_gains(last, first, seed=seed, suite=test_suite)
+        flywheel(config)
+    return summary(workspace)
+
+
+def summary(workspace: Path) -> dict:
+    """What a finished run's workspace says, from its tables alone (so a kept workspace can be
+    reported again: --report-from): test exact match per round, paired gains, guards, transfer
+    suites, pairs and samples per round, time."""
+    from flywheel.config import load_config
+    from flywheel.storage import catalog
+    from flywheel.tasks import promote
+    from flywheel.tasks.benchmark import suite_names, summarize
+
+    catalog.refresh(workspace)
+    rounds = catalog.query(
+        workspace,
+        "SELECT run_id, round, promoted, n_pairs, started_at, finished_at FROM rounds "
+        "WHERE status = 'completed' ORDER BY round",
+    ).to_pylist()
+    run_id = rounds[0]["run_id"]
+    config = load_config(workspace / "runs" / run_id / "config.yaml")
+    seed = config.seed
+    v_suite, t_suite = suite_names(config)
+    rows = {r["round"]: round_rows(workspace, run_id, r["round"]) for r in rounds}
+
+    def em(k: int, suite: str):
+        return summarize([r for r in rows[k] if r["suite"] == suite] or [{"score": None, "n_tokens": 0}])["exact_match"]
+
+    def gain(k: int, j: int, suite: str = t_suite, key: str = "exact_match") -> tuple | None:
+        g = promote.paired_gains(rows[k], rows[j], seed=seed, suite=suite)
+        return (g[f"{key}_gain"], g[f"{key}_gain_low"], g[f"{key}_gain_high"]) if g else None
+
+    last = rounds[-1]["round"]
     # the run's result: its champion (the last promoted round; round 0 when none was)
     champ = max([r["round"] for r in rounds[1:] if r["promoted"]], default=0)
-    champ_rows = round_rows(workspace, result["run_id"], champ)
-    champ_gain = promote.paired_gains(champ_rows, first, seed=seed, suite=test_suite)
-    guards = sorted(k.removeprefix("guard_accuracy.") for k in rounds[0] if k.startswith("guard_accuracy."))
-    catalog.refresh(workspace)
+    samples = {
+        r["round"]: r["n"]
+        for r in catalog.query(
+            workspace, "SELECT round, count(*) AS n FROM candidates GROUP BY round ORDER BY round"
+        ).to_pylist()
+    }
+    guards = [g.task for g in config.benchmark.guards]
+    transfer = [t.name for t in config.benchmark.transfer]
     return {
         "seed": seed,
-        "seconds": seconds,
+        "seconds": sum((r["finished_at"] - r["started_at"]).total_seconds() for r in rounds),
         "chosen_right": chosen_right(workspace),
-        "test": [r["exact_match"] for r in rounds],
-        "validation": [r.get("validation_exact_match") for r in rounds],
-        "pairs": [r.get("pairs") for r in rounds[1:]],
+        "test": [em(r["round"], t_suite) for r in rounds],
+        "validation": [em(r["round"], v_suite) for r in rounds],
+        "pairs": [r["n_pairs"] for r in rounds[1:]],
+        "samples": [samples.get(r["round"], 0) for r in rounds[1:]],
         "promoted": [r["promoted"] for r in rounds[1:]],
-        "gain": (gain.get("exact_match_gain"), gain.get("exact_match_gain_low"), gain.get("exact_match_gain_high")),
+        "gain": gain(last, 0) or (None, None, None),
         "champion": champ,
-        "champion_gain": (
-            champ_gain.get("exact_match_gain"),
-            champ_gain.get("exact_match_gain_low"),
-            champ_gain.get("exact_match_gain_high"),
-        ),
-        "guards": {g: (rounds[0][f"guard_accuracy.{g}"], rounds[-1][f"guard_accuracy.{g}"]) for g in guards},
+        "champion_gain": gain(champ, 0) or (None, None, None),
+        # the champion against round 3's model (a long run's question: does it keep improving?)
+        "champion_over_3": gain(champ, 3) if last > 3 else None,
+        "guards": {
+            g: tuple(summarize([x for x in rows[k] if x["suite"] == f"guard:{g}"])["accuracy"] for k in (0, last))
+            for g in guards
+        },
         # each guard's mean-score change from round 0, paired over its items, with its 95% interval:
         # the last round's and the champion's
-        "guard_gains": {
-            g: tuple(_mean_gain(rows, first, seed, f"guard:{g}") for rows in (last, champ_rows)) for g in guards
-        },
+        "guard_gains": {g: tuple(gain(k, 0, f"guard:{g}", "accuracy") for k in (last, champ)) for g in guards},
+        "transfer": {t: [em(r["round"], f"transfer:{t}") for r in rounds] for t in transfer},
+        "transfer_gains": {t: gain(champ, 0, f"transfer:{t}") for t in transfer},
     }
 
 
@@ -77,13 +121,6 @@ def round_rows(workspace: Path, run_id: str, round_: int) -> list[dict]:
     from flywheel.storage import parquet
 
     return parquet.read_parts(workspace, "benchmarks", run_id, round_)
-
-
-def _mean_gain(rows: list[dict], first: list[dict], seed: int, suite: str) -> tuple | None:
-    from flywheel.tasks import promote
-
-    g = promote.paired_gains(rows, first, seed=seed, suite=suite)
-    return (g["accuracy_gain"], g["accuracy_gain_low"], g["accuracy_gain_high"]) if g else None
 
 
 def points(g: tuple | None) -> str:
@@ -173,6 +210,18 @@ def report(results: list[dict]) -> None:
             f"pairs per round {r['pairs']}; {r['seconds'] / 60:.1f} min"
         )
         print("  pairs whose chosen answer is right, by round: " + ", ".join(pct(x) for x in r["chosen_right"]))
+        spent, made = sum(r["samples"]), sum(p or 0 for p in r["pairs"])
+        print(
+            f"  samples per round {r['samples']}; {spent} samples for {made} pairs: "
+            + (f"{spent / made:.1f} samples a pair" if made else "no pair")
+        )
+        if r["champion_over_3"] is not None:
+            print(f"  the champion (round {r['champion']}) vs round 3 (test, paired): {points(r['champion_over_3'])}")
+        for t, ems in r["transfer"].items():
+            print(
+                f"  transfer {t}: exact match by round {' → '.join(pct(x) for x in ems)}; "
+                f"champion vs round 0 (paired): {points(r['transfer_gains'][t])}"
+            )
     if len(results) > 1:
         n = len(results[0]["test"])
         print(f"over {len(results)} seeds (mean ± sd, points):")
@@ -188,6 +237,16 @@ def report(results: list[dict]) -> None:
                 f", champion {mean_sd([(r['guard_gains'][k][1] or (None,))[0] for r in results])}"
             )
         print(f"  time: {statistics.fmean(r['seconds'] for r in results) / 60:.1f} min a run")
+        if all(r["champion_over_3"] is not None for r in results):
+            print(f"  the champion's paired gain over round 3: {mean_sd([r['champion_over_3'][0] for r in results])}")
+        for t in results[0]["transfer"]:
+            print(
+                f"  transfer {t} by round: "
+                + " → ".join(mean_sd([r["transfer"][t][k] for r in results]) for k in range(n))
+            )
+        spent = sum(sum(r["samples"]) for r in results)
+        made = sum(sum(p or 0 for p in r["pairs"]) for r in results)
+        print(f"  {made} pairs from {spent} samples" + (f": {spent / made:.1f} samples a pair" if made else ""))
 
 
 if __name__ == "__main__":
@@ -207,8 +266,27 @@ if __name__ == "__main__":
         metavar="KEY=VALUE",
         help="a setting over the default's, dotted, YAML value: --set promotion.guard_rule=point",
     )
+    ap.add_argument("--rounds", type=int, default=None, help="rounds a run (the default's 3 unless set)")
+    ap.add_argument(
+        "--report-from",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="report the kept workspaces under DIR (seed-*) again, running nothing",
+    )
     args = ap.parse_args()
+    if args.report_from is not None:
+        kept = sorted(args.report_from.glob("seed-*"))
+        if not kept:
+            raise SystemExit(f"efficacy: no seed-* workspace under {args.report_from}")
+        results = [summary(ws) for ws in kept]
+        for r in results:
+            report([r])
+        report(results)
+        raise SystemExit(0)
     overrides = settings(args.set)
+    if args.rounds is not None:
+        overrides["rounds"] = args.rounds
     results = []
     for seed in args.seeds:
         if args.keep is not None:

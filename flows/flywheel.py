@@ -32,7 +32,7 @@ from flywheel.errors import ConfigError, ResumeError
 from flywheel.flows import placement
 from flywheel.models import engines, loading, rewards
 from flywheel.models.tasks.decontam import Decontaminator
-from flywheel.models.tasks.splits import eval_items, make_source, transfer_suites
+from flywheel.models.tasks.splits import curriculum_levels, eval_items, make_source, transfer_suites
 from flywheel.storage import catalog, datacard, lock, manifest, parquet, plots, tracking
 from flywheel.tasks import promote
 from flywheel.tasks import stage as stage_registry
@@ -53,10 +53,20 @@ class Prepared:
     validation: list = field(default_factory=list)  # decides: the promotion gate, early stop
     test: list = field(default_factory=list)  # reported, never used for a decision
     transfer: list = field(default_factory=list)  # every transfer suite's items: reported
+    levels: list = field(default_factory=list)  # task.curriculum's levels above 0 (splits.Level)
 
     def held(self) -> list:
         """Every evaluation item: no training prompt may overlap one."""
-        return self.validation + self.test + self.transfer
+        return (
+            self.validation
+            + self.test
+            + self.transfer
+            + [it for level in self.levels for it in level.validation + level.test]
+        )
+
+    def source_at(self, level: int | None):
+        """The task source a round at this curriculum level draws from (None or 0: the task's own)."""
+        return self.source if not level else self.levels[level - 1].source
 
     def decontaminator(self) -> Decontaminator:
         """Training prompts may overlap no evaluation item."""
@@ -74,10 +84,11 @@ def prepare(config: FlywheelConfig) -> Prepared:
     sources = rewards.build(config.judge, source)  # bad templates, unimportable callables fail here
     validation, test = eval_items(source, config.benchmark.validation_size, config.benchmark.size, config.seed)
     transfer = [it for _, _, items in transfer_suites(config) for it in items]  # bad options fail here
+    levels = curriculum_levels(config)
     rewards.probe(sources, test[0].prompt, test[0].answer, test[0].metadata)
     engines.preflight(config)  # before the policy's weights are fetched or converted: it may take minutes
     base = loading.resolve(config.model.name)
-    return Prepared(config, base, source, validation, test, transfer)
+    return Prepared(config, base, source, validation, test, transfer, levels)
 
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -149,6 +160,7 @@ def _round_row(
     promoted: bool = False,
     reasons: list[str] | None = None,
     weights_sha256: str | None = None,
+    level: int | None = None,
 ) -> dict:
     cfg = ctx.config
     reference = None
@@ -173,6 +185,7 @@ def _round_row(
         promotion_reasons="; ".join(reasons) if reasons else None,
         accuracy=accuracy,
         n_pairs=n_pairs,
+        curriculum_level=level,
         started_at=started,
         finished_at=datetime.now(UTC),
         error=error,
@@ -342,6 +355,7 @@ def one_round(
     previous: str | None = None,
     policy_reference: str | None = None,
     force_from_stage: str | None = None,
+    earlier_levels: list | None = None,
 ) -> dict:
     """One round: the registered stages in order (generate → judge → curate → train → benchmark →
     promote, tasks/stage.py).
@@ -349,7 +363,8 @@ def one_round(
     The round starts from `champion` (its policy and benchmark figures). `previous` is the policy
     the previous round started from (judges with previous: true rank this round's candidates
     with it too, for CREAM); `policy_reference` is the DPO reference the champion was trained
-    against (for the implicit reward).
+    against (for the implicit reward). With a curriculum, the round trains at the level the
+    champion's scores call for; `earlier_levels` are the earlier rounds' (their draws stay fresh).
     """
     champ = promote.Champion(**champion)
     policy = champ.policy
@@ -363,6 +378,9 @@ def one_round(
     started = datetime.now(UTC)
     t0 = time.perf_counter()
     state = RoundState(config, round, policy, base, previous, policy_reference, champion=champ)
+    if config.task.curriculum is not None:
+        state.level = config.task.curriculum.level(champ.level_scores())
+        state.earlier_levels = list(earlier_levels or [])
     try:
         stages.run_all(state, stage_registry.stages())
         metrics, policy_out = state.metrics, state.policy_out
@@ -405,6 +423,7 @@ def one_round(
                 promoted=promoted,
                 reasons=reasons,
                 weights_sha256=metrics["weights_sha256"],
+                level=metrics.get("curriculum_level"),
             )
         ],
     )
@@ -637,6 +656,7 @@ def _flywheel(config: FlywheelConfig, prepared: Prepared, run_id: str, force_fro
                 previous,
                 references.get(champion.policy),
                 force_from_stage,
+                [h.get("curriculum_level") for h in history[1:]],
             )
             manifest.write(root, run_id, k, "round", short_hash("round", config.hash(), k), result)
             history.append(result)

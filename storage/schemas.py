@@ -138,6 +138,7 @@ ROUNDS = pa.schema(
         pa.field("promotion_reasons", pa.string()),  # the promotion gate's checks, "; "-separated
         pa.field("accuracy", pa.float64()),
         pa.field("n_pairs", pa.int32()),
+        pa.field("curriculum_level", pa.int32()),  # the level the round trained at (task.curriculum); null: none
         pa.field("started_at", pa.timestamp("us", tz="UTC"), nullable=False),
         pa.field("finished_at", pa.timestamp("us", tz="UTC")),
         pa.field("error", pa.string()),

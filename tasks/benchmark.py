@@ -16,11 +16,12 @@ from flywheel.models import engines
 from flywheel.models.hf import sampling
 from flywheel.models.tasks import Item, exactly_correct
 from flywheel.models.tasks.reasoning_gym import ReasoningGymSource
-from flywheel.models.tasks.splits import make_source, transfer_suites
+from flywheel.models.tasks.splits import Level, make_source, transfer_suites
 from flywheel.storage import catalog, parquet
 from flywheel.tasks import promote
 from flywheel.tasks.common import StageContext, short_hash
 from flywheel.tasks.generate import prompt_rows
+from flywheel.tasks.promote import LEVEL_VALIDATION
 from flywheel.tasks.stage import Stage, register
 
 
@@ -80,6 +81,11 @@ def guard_suites(cfg, seed: int) -> list[tuple[str, ReasoningGymSource, list[Ite
     return out
 
 
+def level_suite(cfg, k: int, split: str) -> str:
+    """A curriculum level's split in the benchmarks table: "<task>@<k>-validation", "<task>@<k>-test"."""
+    return f"{cfg.task.name}@{k}-{split}"
+
+
 def suite_names(cfg) -> tuple[str, str]:
     """The (validation, test) suite names in the benchmarks table: "<task>-validation", "<task>-test"."""
     task = cfg.task.name if cfg.task.prompts_file is None else cfg.task.prompts_file.name
@@ -87,11 +93,15 @@ def suite_names(cfg) -> tuple[str, str]:
 
 
 @task(name="benchmark", cache_policy=NO_CACHE)
-def benchmark_task(ctx: StageContext, validation: list[Item], test: list[Item], model_ref: str) -> dict:
+def benchmark_task(
+    ctx: StageContext, validation: list[Item], test: list[Item], model_ref: str, levels: list[Level] | None = None
+) -> dict:
     """The test split (reported: accuracy as the mean score, exact match, mean length), the
-    validation split (the promotion gate's: validation_*), and every guard suite, greedy."""
+    validation split (the promotion gate's: validation_*), every guard suite, every transfer
+    suite, and each curriculum level's validation and test splits (`levels`: levels 1..), greedy."""
     cfg = ctx.config
     transfer = transfer_suites(cfg)
+    levels = levels or []
     if ctx.round == 0:
         for split, items in (("validation", validation), ("test", test)):
             parquet.write_table(
@@ -100,6 +110,10 @@ def benchmark_task(ctx: StageContext, validation: list[Item], test: list[Item], 
         for i, (name, _, items) in enumerate(transfer):
             rows = prompt_rows(items, ctx.run_id, 0, f"transfer:{name}")
             parquet.write_table(ctx.workspace, "prompts", ctx.run_id, 0, rows, part=f"transfer-{i}")
+        for k, level in enumerate(levels, start=1):
+            for split, items in (("validation", level.validation), ("test", level.test)):
+                rows = prompt_rows(items, ctx.run_id, 0, f"level-{k}-{split}")
+                parquet.write_table(ctx.workspace, "prompts", ctx.run_id, 0, rows, part=f"level-{k}-{split}")
     engine = engines.open_engine(cfg.model, model_ref)
     v_name, t_name = suite_names(cfg)
     source = make_source(cfg.task)
@@ -112,6 +126,9 @@ def benchmark_task(ctx: StageContext, validation: list[Item], test: list[Item], 
         ]
         + [(f"transfer:{name}", src, items, f"transfer-{i}") for i, (name, src, items) in enumerate(transfer)]
     )
+    for k, level in enumerate(levels, start=1):
+        for split, items in (("validation", level.validation), ("test", level.test)):
+            suites.append((level_suite(cfg, k, split), level.source, items, f"level-{k}-{split}"))
     out: dict = {"guard_limits": {g.task: g.max_drop for g in cfg.benchmark.guards}}
     t0 = time.perf_counter()
     for name, suite_source, suite_items, part in suites:
@@ -144,8 +161,15 @@ def benchmark_task(ctx: StageContext, validation: list[Item], test: list[Item], 
             }
         elif part.startswith("transfer-"):
             out[f"transfer_exact_match.{name.removeprefix('transfer:')}"] = summarize(rows)["exact_match"]
+        elif part.startswith("level-"):
+            level_k, split = part.split("-")[1:]
+            key = LEVEL_VALIDATION if split == "validation" else "level_exact_match."
+            out[f"{key}{level_k}"] = summarize(rows)["exact_match"]
         else:
             out[f"guard_accuracy.{name.removeprefix('guard:')}"] = summarize(rows)["accuracy"]
+    if cfg.task.curriculum is not None:  # level 0 is the task's own splits
+        out[f"{LEVEL_VALIDATION}0"] = out.get("validation_exact_match")
+        out["level_exact_match.0"] = out.get("exact_match")
     if cfg.benchmark.lm_eval is not None:
         from flywheel.models import harness
 
@@ -176,7 +200,12 @@ register(
             if fp is not None
             else short_hash("benchmark", s.config.hash(), s.round, s.policy)
         ),
-        args=lambda ctx, prepared, params, fp: (prepared.validation, prepared.test, params["policy"]),
+        args=lambda ctx, prepared, params, fp: (
+            prepared.validation,
+            prepared.test,
+            params["policy"],
+            prepared.levels,
+        ),
         params=lambda s: {"policy": s.policy_out or s.policy},
         outputs=(("benchmarks", "*"),),
         baseline=True,

@@ -15,7 +15,7 @@ from flywheel.models import engines, shards
 from flywheel.models.hf import sampling
 from flywheel.models.tasks import Item, exactly_correct
 from flywheel.models.tasks.decontam import Overlap
-from flywheel.models.tasks.splits import make_source, train_items
+from flywheel.models.tasks.splits import make_source, train_items, variant
 from flywheel.storage import catalog, datacard, parquet
 from flywheel.tasks.common import StageContext, short_hash
 from flywheel.tasks.stage import Stage, register
@@ -124,10 +124,12 @@ def generate_task(
     removed: list[tuple[Item, Overlap]] | None = None,
     repeats: int = 0,
     held: list[Item] | None = None,
+    level: int | None = None,
 ) -> dict:
     """`removed`: prompts drawn for this round but dropped as overlapping an evaluation item (`held`:
     validation + test), kept (split "decontaminated", their overlap in their metadata) so that they
-    can be listed; `repeats`: drawn prompts skipped because an earlier round trained on them."""
+    can be listed; `repeats`: drawn prompts skipped because an earlier round trained on them;
+    `level`: the curriculum level the items were drawn at (None: no curriculum)."""
     cfg, s = ctx.config, ctx.config.sampling
     removed = removed or []
     if removed:
@@ -188,7 +190,7 @@ def generate_task(
         )
 
     t0 = time.perf_counter()
-    fr, out = s.frontier, {}
+    fr, extra = s.frontier, {}
     if fr is None:
         prompts = prompt_rows(items, ctx.run_id, ctx.round, "train")
         gens = draw([p["prompt"] for p in prompts], s.n, seed, "generate")
@@ -196,7 +198,7 @@ def generate_task(
     else:
         # pass 1: `probe` samples of every pooled prompt; pass 2: the spare budget, n - probe more for
         # the prompts where a pair can still form (top_up), with a seed of its own
-        source = make_source(cfg.task)
+        source = make_source(cfg.task) if not level else variant(cfg.task, _level_options(cfg, level))
         prompts = prompt_rows(items, ctx.run_id, ctx.round, "train")
         probe = draw([p["prompt"] for p in prompts], fr.probe, seed, "generate (probe)")
         rows = rows_of(prompts, probe, fr.probe, seed)
@@ -224,7 +226,7 @@ def generate_task(
             "train",
         )
         contested = [0 < sum(r[: fr.probe]) < fr.probe for r in right]
-        out = {
+        extra = {
             "frontier_probe_contested": sum(contested),
             "frontier_probe_all_right": sum(all(r[: fr.probe]) for r in right),
             "frontier_topped_up": len(chosen),
@@ -235,7 +237,9 @@ def generate_task(
     described = f"{cfg.model.engine}:{policy}" + (f" ({cfg.model.workers} workers)" if cfg.model.workers > 1 else "")
     parquet.write_table(ctx.workspace, "candidates", ctx.run_id, ctx.round, rows)
     catalog.refresh(ctx.workspace)
-    return out | {
+    if level is not None:
+        extra["curriculum_level"] = level
+    return extra | {
         "generate_seconds": seconds,
         "generate_engine": described,
         "repeated_prompts_skipped": repeats,
@@ -244,6 +248,11 @@ def generate_task(
         "candidates": len(rows),
         "candidate_mean_tokens": sum(g.n_tokens for g in gens) / len(gens),
     }
+
+
+def _level_options(cfg, level: int) -> dict:
+    assert cfg.task.curriculum is not None  # a level is set only with a curriculum
+    return cfg.task.curriculum.levels[level - 1]
 
 
 def _right(source, g: engines.Generation, item: Item) -> bool:
@@ -265,8 +274,23 @@ def _generate_args(ctx: StageContext, prepared, params: dict, fingerprint: str) 
     """The round's fresh training prompts, drawn again from the config (the same draw anywhere)."""
     cfg = ctx.config
     size = cfg.task.prompts_per_round if cfg.sampling.frontier is None else cfg.sampling.frontier.pool
-    draw = train_items(prepared.source, ctx.round, size, cfg.seed, prepared.decontaminator())
-    return draw.items, params["policy"], draw.removed, draw.repeats, prepared.held()
+    level, earlier = params.get("level"), params.get("earlier_levels") or []
+    draw = train_items(
+        prepared.source_at(level),
+        ctx.round,
+        size,
+        cfg.seed,
+        prepared.decontaminator(),
+        earlier=(lambda r: prepared.source_at(earlier[r - 1] if r - 1 < len(earlier) else None)) if earlier else None,
+    )
+    return draw.items, params["policy"], draw.removed, draw.repeats, prepared.held(), level
+
+
+def _generate_params(s) -> dict:
+    """The policy; with a curriculum, the round's level and the earlier rounds' (which draws they made)."""
+    if s.level is None:
+        return {"policy": s.policy}
+    return {"policy": s.policy, "level": s.level, "earlier_levels": list(s.earlier_levels)}
 
 
 register(
@@ -274,9 +298,9 @@ register(
         "generate",
         10,
         generate_task,
-        fingerprint=lambda fp, s: short_hash("generate", s.config.hash(), s.round, s.policy),
+        fingerprint=lambda fp, s: short_hash("generate", s.config.hash(), s.round, *_generate_params(s).values()),
         args=_generate_args,
-        params=lambda s: {"policy": s.policy},
+        params=_generate_params,
         outputs=(("prompts", "train"), ("prompts", "decontaminated"), ("candidates", "*")),
     )
 )

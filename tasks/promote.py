@@ -61,6 +61,8 @@ class Champion:
     validation: float | None = None  # exact match on the validation split: what the gate compares
     # the starting model's (round 0's) guard accuracies, which guards are held to; empty: `guards`
     baseline_guards: dict[str, float] = field(default_factory=dict)
+    # validation exact match per curriculum level ("0", "1", …; task.curriculum): where the next round trains
+    levels: dict[str, float | None] = field(default_factory=dict)
 
     @classmethod
     def of(cls, policy: str, round_: int, metrics: dict, start: dict | None = None) -> Champion:
@@ -73,7 +75,14 @@ class Champion:
             guard_scores(metrics),
             metrics.get("validation_exact_match"),
             guard_scores(start if start is not None else metrics),
+            {k.removeprefix(LEVEL_VALIDATION): v for k, v in metrics.items() if k.startswith(LEVEL_VALIDATION)},
         )
+
+    def level_scores(self) -> dict[int, float | None]:
+        return {int(k): v for k, v in self.levels.items()}
+
+
+LEVEL_VALIDATION = "level_validation_exact_match."  # a curriculum level's validation exact match, by level
 
 
 def guard_scores(metrics: dict) -> dict[str, float]:

@@ -45,6 +45,8 @@ class RoundState:
     reference: str | None = None  # the DPO reference the policy was trained against
     policy_out: str | None = None  # the round's model, once trained
     champion: Any = None  # tasks.promote.Champion: what the round must beat
+    level: int | None = None  # the curriculum level the round trains at (task.curriculum; None: none)
+    earlier_levels: list = field(default_factory=list)  # the earlier rounds' levels, round 1 first
     metrics: dict = field(default_factory=dict)  # every stage's result, merged in order
 
 

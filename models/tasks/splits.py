@@ -10,6 +10,7 @@ earlier round trained on (models/tasks/decontam.py; small task spaces repeat que
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 from flywheel import seeds
@@ -35,6 +36,27 @@ def transfer_suites(config) -> list[tuple[str, Task, list[Item]]]:
         for t in config.benchmark.transfer
         for src in [variant(config.task, t.options)]
     ]
+
+
+class Level(NamedTuple):
+    """A curriculum level above 0 (task.curriculum): its task source and its own held-out splits."""
+
+    source: Task
+    validation: list[Item]
+    test: list[Item]
+
+
+def curriculum_levels(config) -> list[Level]:
+    """Levels 1.. of task.curriculum (level 0 is the task itself, with the run's own splits); none
+    without a curriculum."""
+    cur = config.task.curriculum
+    if cur is None:
+        return []
+    out = []
+    for options in cur.levels:
+        src = variant(config.task, options)
+        out.append(Level(src, *eval_items(src, cur.validation_size, cur.size, config.seed)))
+    return out
 
 
 def benchmark_items(source, size: int, seed: int) -> list[Item]:
@@ -82,17 +104,21 @@ class Draw(NamedTuple):
     repeats: int  # drawn, then skipped as a prompt (or a form of one) an earlier round trained on
 
 
-def train_items(source, round_: int, size: int, seed: int, decontam: Decontaminator | None) -> Draw:
+def train_items(
+    source, round_: int, size: int, seed: int, decontam: Decontaminator | None, earlier: Callable | None = None
+) -> Draw:
     """Up to `size` distinct training prompts for round `round_`, none overlapping an evaluation
     item (decontam) and none that an earlier round of the run trained on (by normalised form):
     each round's prompts are fresh. The earlier rounds' draws are recomputed (they depend only on
     the seed and the settings), so a resumed run or a stage on another machine draws the same.
     Small task spaces repeat questions, so the draw goes on (bounded) until `size` prompts are
-    found; a space too small for that yields fewer."""
+    found; a space too small for that yields fewer. `earlier(r)`: the source round r drew from, where
+    rounds differ (a curriculum's levels); `source` for every round when None."""
     used: set[str] = set()
     draw = Draw([], [], 0)
     for r in range(1, max(round_, 1) + 1):
-        draw = _draw_round(source, r, size, seed, decontam, used)
+        src = source if earlier is None or r == round_ else earlier(r)
+        draw = _draw_round(src, r, size, seed, decontam, used)
         used |= {f for it in draw.items for f in normal_forms(it.prompt, it.metadata)}
     return draw
 

@@ -235,7 +235,7 @@ def test_transfer_suites_need_distinct_names_and_a_task_with_options(tmp_path):
         load_config(None, {"benchmark": {"transfer": [dict(three, name="three terms")]}})
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "1 + 1 =", "answer": "2"}\n')
-    with pytest.raises(ConfigError, match="benchmark.transfer varies a reasoning-gym task's options"):
+    with pytest.raises(ConfigError, match=r"benchmark\.transfer varies a reasoning-gym task's options"):
         load_config(None, {"task": {"prompts_file": str(prompts)}, "benchmark": {"transfer": [three]}})
 
 

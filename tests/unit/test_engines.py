@@ -131,6 +131,9 @@ def test_hash_counts_meaning_not_speed_or_secrets():
     for key in ("engine", "vllm", "openai", "workers"):
         payload["model"].pop(key)
     payload["sampling"].pop("shards")
+    payload["sampling"].pop("frontier")
+    payload["task"].pop("curriculum")
+    payload["benchmark"].pop("transfer")
     for s in payload["judge"]["sources"]:
         s.pop("model", None)
     payload["promotion"].pop("rule")

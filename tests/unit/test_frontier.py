@@ -1,4 +1,5 @@
-"""sampling.frontier: which prompts the second pass tops up, and the settings it refuses."""
+"""sampling.frontier (which prompts the second pass tops up, the settings it refuses) and task.curriculum
+(which level a round trains at, each level's splits)."""
 
 import pytest
 
@@ -53,3 +54,54 @@ def test_the_frontier_enters_the_hash_only_when_set():
     plain = load_config(None, {}).hash()
     assert load_config(None, {"sampling": {"frontier": None}}).hash() == plain
     assert load_config(None, {"sampling": {"frontier": {"pool": 128}}}).hash() != plain
+
+
+def test_a_round_trains_at_the_first_level_its_champion_has_not_passed():
+    from flywheel.config import CurriculumConfig
+
+    cur = CurriculumConfig(levels=[{"max_terms": 3}, {"max_terms": 3, "max_digits": 3}], threshold=0.6)
+    assert cur.level({}) == 0
+    assert cur.level({0: 0.59, 1: 0.9}) == 0
+    assert cur.level({0: 0.6, 1: 0.1, 2: 0.9}) == 1
+    assert cur.level({0: 0.7, 1: 0.61, 2: 0.2}) == 2
+    assert cur.level({0: 0.7, 1: 0.61, 2: 0.95}) == 2  # the last level, once all are passed
+    assert cur.level({0: 0.9, 1: None}) == 1  # unmeasured: not passed
+    # and back down, should a champion lose a level
+    assert cur.level({0: 0.5, 1: 0.9}) == 0
+
+
+def test_each_level_has_its_own_held_out_splits_that_training_never_draws():
+    from flywheel.flows.flywheel import prepare
+    from flywheel.models.tasks.splits import train_items
+
+    levels = [{"min_terms": 3, "max_terms": 3}]
+    config = load_config(
+        None,
+        {
+            "task": {"curriculum": {"levels": levels, "validation_size": 5, "size": 7}},
+            "benchmark": {"size": 4, "validation_size": 3},
+        },
+    )
+    prepared = prepare(config)
+    (level,) = prepared.levels
+    assert (len(level.validation), len(level.test)) == (5, 7)
+    assert all(it.metadata["entry"]["metadata"]["num_terms"] == 3 for it in level.validation + level.test)
+    assert {it.id for it in level.validation + level.test} <= {it.id for it in prepared.held()}
+    draw = train_items(prepared.source_at(1), 2, 16, config.seed, prepared.decontaminator(), earlier=prepared.source_at)
+    assert all(it.metadata["entry"]["metadata"]["num_terms"] == 3 for it in draw.items)
+    assert not {it.id for it in draw.items} & {it.id for it in prepared.held()}
+    # the earlier round's draw (at level 0 here) is what the fresh-prompt check recomputes
+    first = train_items(prepared.source_at(0), 1, 16, config.seed, prepared.decontaminator())
+    assert all(it.metadata["entry"]["metadata"]["num_terms"] == 2 for it in first.items)
+
+
+def test_a_curriculum_needs_a_task_with_options_and_enters_the_hash_only_when_set(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "1 + 1 =", "answer": "2"}\n')
+    with pytest.raises(ConfigError, match=r"task\.curriculum varies a reasoning-gym task's options"):
+        load_config(None, {"task": {"prompts_file": str(prompts), "curriculum": {"levels": [{"max_terms": 3}]}}})
+    with pytest.raises(ConfigError, match=r"^task\.curriculum\.levels"):
+        load_config(None, {"task": {"curriculum": {"levels": []}}})
+    plain = load_config(None, {}).hash()
+    assert load_config(None, {"task": {"curriculum": None}}).hash() == plain
+    assert load_config(None, {"task": {"curriculum": {"levels": [{"max_terms": 3}]}}}).hash() != plain
