@@ -917,8 +917,13 @@ def _parent_metrics(m: dict) -> dict:
         "train_seconds",
         "benchmark_seconds",
         "round_seconds",
+        "candidates",
+        "curriculum_level",
     )
-    return {k: m[k] for k in keys if isinstance(m.get(k), (int, float))}
+    # and every suite's score by name: guards, transfer suites, curriculum levels
+    prefixes = ("guard_accuracy.", "transfer_exact_match.", "level_exact_match.", "level_validation_exact_match.")
+    named = [k for k in m if k.startswith(prefixes)]
+    return {k: m[k] for k in (*keys, *named) if isinstance(m.get(k), (int, float)) and not isinstance(m.get(k), bool)}
 
 
 if __name__ == "__main__":
