@@ -15,7 +15,7 @@ from flywheel.models import engines, shards
 from flywheel.models.hf import sampling
 from flywheel.models.tasks import Item, exactly_correct
 from flywheel.models.tasks.decontam import Overlap
-from flywheel.models.tasks.splits import make_source, train_items, variant
+from flywheel.models.tasks.splits import train_items
 from flywheel.storage import catalog, datacard, parquet
 from flywheel.tasks.common import StageContext, short_hash
 from flywheel.tasks.stage import Stage, register
@@ -125,11 +125,13 @@ def generate_task(
     repeats: int = 0,
     held: list[Item] | None = None,
     level: int | None = None,
+    source=None,
 ) -> dict:
     """`removed`: prompts drawn for this round but dropped as overlapping an evaluation item (`held`:
-    validation + test), kept (split "decontaminated", their overlap in their metadata) so that they
+    every evaluation item), kept (split "decontaminated", their overlap in their metadata) so that they
     can be listed; `repeats`: drawn prompts skipped because an earlier round trained on them;
-    `level`: the curriculum level the items were drawn at (None: no curriculum)."""
+    `level`: the curriculum level the items were drawn at (None: no curriculum); `source`: the task
+    source they were drawn from (a frontier scores its probe with it)."""
     cfg, s = ctx.config, ctx.config.sampling
     removed = removed or []
     if removed:
@@ -198,7 +200,7 @@ def generate_task(
     else:
         # pass 1: `probe` samples of every pooled prompt; pass 2: the spare budget, n - probe more for
         # the prompts where a pair can still form (top_up), with a seed of its own
-        source = make_source(cfg.task) if not level else variant(cfg.task, _level_options(cfg, level))
+        assert source is not None  # _generate_args passes the items' source
         prompts = prompt_rows(items, ctx.run_id, ctx.round, "train")
         probe = draw([p["prompt"] for p in prompts], fr.probe, seed, "generate (probe)")
         rows = rows_of(prompts, probe, fr.probe, seed)
@@ -250,11 +252,6 @@ def generate_task(
     }
 
 
-def _level_options(cfg, level: int) -> dict:
-    assert cfg.task.curriculum is not None  # a level is set only with a curriculum
-    return cfg.task.curriculum.levels[level - 1]
-
-
 def _right(source, g: engines.Generation, item: Item) -> bool:
     return exactly_correct(source.evaluate(g.response, item)[1])
 
@@ -275,15 +272,16 @@ def _generate_args(ctx: StageContext, prepared, params: dict, fingerprint: str) 
     cfg = ctx.config
     size = cfg.task.prompts_per_round if cfg.sampling.frontier is None else cfg.sampling.frontier.pool
     level, earlier = params.get("level"), params.get("earlier_levels") or []
+    source = prepared.source_at(level)
     draw = train_items(
-        prepared.source_at(level),
+        source,
         ctx.round,
         size,
         cfg.seed,
         prepared.decontaminator(),
         earlier=(lambda r: prepared.source_at(earlier[r - 1] if r - 1 < len(earlier) else None)) if earlier else None,
     )
-    return draw.items, params["policy"], draw.removed, draw.repeats, prepared.held(), level
+    return draw.items, params["policy"], draw.removed, draw.repeats, prepared.held(), level, source
 
 
 def _generate_params(s) -> dict:
