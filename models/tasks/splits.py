@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from flywheel import seeds
+from flywheel.errors import TaskError
 from flywheel.models.tasks import registry
 from flywheel.models.tasks.base import Item, Task
 from flywheel.models.tasks.decontam import Decontaminator, Overlap, normal_forms
@@ -24,9 +25,13 @@ def make_source(task_cfg) -> Task:
     return registry.make(task_cfg)
 
 
-def variant(task_cfg, options: dict) -> Task:
-    """The task with some of its options replaced (a transfer suite, a curriculum level)."""
-    return make_source(task_cfg.model_copy(update={"options": {**task_cfg.options, **options}}))
+def variant(task_cfg, options: dict, where: str) -> Task:
+    """The task with some of its options replaced (a transfer suite, a curriculum level); a bad
+    option is a TaskError that names `where` it was set."""
+    try:
+        return make_source(task_cfg.model_copy(update={"options": {**task_cfg.options, **options}}))
+    except TaskError as e:
+        raise TaskError(f"{where}: {e}") from None
 
 
 def transfer_suites(config) -> list[tuple[str, Task, list[Item]]]:
@@ -34,7 +39,7 @@ def transfer_suites(config) -> list[tuple[str, Task, list[Item]]]:
     return [
         (t.name, src, benchmark_items(src, t.size, config.seed))
         for t in config.benchmark.transfer
-        for src in [variant(config.task, t.options)]
+        for src in [variant(config.task, t.options, f"benchmark.transfer {t.name!r}")]
     ]
 
 
@@ -53,8 +58,8 @@ def curriculum_levels(config) -> list[Level]:
     if cur is None:
         return []
     out = []
-    for options in cur.levels:
-        src = variant(config.task, options)
+    for k, options in enumerate(cur.levels, start=1):
+        src = variant(config.task, options, f"task.curriculum level {k}")
         out.append(Level(src, *eval_items(src, cur.validation_size, cur.size, config.seed)))
     return out
 

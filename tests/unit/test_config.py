@@ -250,5 +250,7 @@ def test_a_transfer_suite_is_the_task_with_its_options_over_the_task_s():
     assert all(it.metadata["entry"]["metadata"]["num_terms"] == 3 for it in items)
     assert all(source.evaluate(it.answer, it)[1] == 1.0 for it in items)
     bad = dict(three, options={"min_terms": 5, "max_terms": 3})
-    with pytest.raises(TaskError, match="bad options for reasoning-gym task 'chain_sum'"):
+    with pytest.raises(
+        TaskError, match=r"^benchmark\.transfer 'three_terms': bad options for reasoning-gym task 'chain_sum'"
+    ):
         transfer_suites(load_config(None, {"benchmark": {"transfer": [bad]}}))
