@@ -205,6 +205,31 @@ class FrontierConfig(_Strict):
     probe: int = Field(2, ge=1, description="first-pass samples per prompt")
 
 
+class HintConfig(_Strict):
+    """STaR's rationalization. A prompt whose samples the task's verifier found all wrong is sampled
+    again, `samples` times, with its reference answer given in `template`; those samples are kept as
+    the prompt's own (judged, curated and trained on under the prompt as asked, without the hint), so
+    a right one can be a pair's chosen response. They are spent beside the round's budget."""
+
+    samples: int = Field(4, ge=1, description="hinted samples per all-wrong prompt")
+    template: str = Field(
+        "{prompt}\n\nHint: the answer is {answer}.",
+        description="the hinted prompt: {prompt} and {answer} are filled in",
+    )
+
+    @field_validator("template")
+    @classmethod
+    def _fields_named(cls, v: str) -> str:
+        missing = [f for f in ("{prompt}", "{answer}") if f not in v]
+        if missing:
+            raise ValueError(f"sampling.hint.template must contain {' and '.join(missing)}")
+        try:
+            v.format(prompt="", answer="")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"sampling.hint.template: only {{prompt}} and {{answer}} are filled in ({e!r})") from None
+        return v
+
+
 class SamplingConfig(_Strict):
     n: int = Field(8, ge=2, description="samples per prompt")
     temperature: float = Field(1.0, gt=0)
@@ -221,6 +246,8 @@ class SamplingConfig(_Strict):
     shards: int = Field(1, ge=1, json_schema_extra=HASHED_UNLESS_DEFAULT)
     # None: every prompt gets n samples. Else two passes at the model's frontier (FrontierConfig).
     frontier: FrontierConfig | None = Field(None, json_schema_extra=HASHED_UNLESS_DEFAULT)
+    # None: a prompt keeps the samples it drew. Else all-wrong prompts are sampled again with the answer (HintConfig).
+    hint: HintConfig | None = Field(None, json_schema_extra=HASHED_UNLESS_DEFAULT)
 
     def budget(self, prompts: int) -> int:
         """The samples a round may spend: `prompts` (task.prompts_per_round) × n, with or without a frontier."""
@@ -663,6 +690,22 @@ class FlywheelConfig(_Strict):
                 raise ValueError(
                     "sampling.frontier ranks prompts by their verified pass rate: it needs a verifier "
                     "among judge.sources"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _hint_needs_a_verifier(self) -> FlywheelConfig:
+        if self.sampling.hint is not None:
+            types = {s.type for s in self.judge.sources}  # type: ignore[attr-defined]
+            if "verifier" not in types:
+                raise ValueError(
+                    "sampling.hint samples again the prompts the verifier found all wrong: it needs a verifier "
+                    "among judge.sources"
+                )
+            if "majority_vote" in types:
+                raise ValueError(
+                    "sampling.hint gives the answer to the hinted samples: a majority_vote source would count "
+                    "their votes; drop one of the two"
                 )
         return self
 

@@ -38,6 +38,12 @@ def top_up(stage_seed: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def hint(stage_seed: int) -> int:
+    """Hinted samples (sampling.hint): their seeds (`row`) derive from this one."""
+    digest = hashlib.sha256(f"hint\x00{stage_seed}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
 def training(seed: int, round_: int) -> int:
     """The train stage's and curation's seed for a round: below 2**31 (numpy's limit) since the
     config's seed is."""

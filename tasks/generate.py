@@ -131,7 +131,7 @@ def generate_task(
     every evaluation item), kept (split "decontaminated", their overlap in their metadata) so that they
     can be listed; `repeats`: drawn prompts skipped because an earlier round trained on them;
     `level`: the curriculum level the items were drawn at (None: no curriculum); `source`: the task
-    source they were drawn from (a frontier scores its probe with it)."""
+    source they were drawn from (a frontier scores its probe with it, a hint the samples)."""
     cfg, s = ctx.config, ctx.config.sampling
     removed = removed or []
     if removed:
@@ -177,8 +177,11 @@ def generate_task(
                 progress=advance,
             )
 
-    def rows_of(prompts: list[dict], gens: list[engines.Generation], n: int, seed: int, first: int = 0) -> list[dict]:
-        sampling_json = json.dumps(s.model_dump() | {"seed": seed}, sort_keys=True)
+    def rows_of(
+        prompts: list[dict], gens: list[engines.Generation], n: int, seed: int, first: int = 0, hinted: bool = False
+    ) -> list[dict]:
+        marks = {"seed": seed} | ({"hinted": True} if hinted else {})
+        sampling_json = json.dumps(s.model_dump() | marks, sort_keys=True)
         return candidate_rows(
             prompts,
             gens,
@@ -193,15 +196,19 @@ def generate_task(
 
     t0 = time.perf_counter()
     fr, extra = s.frontier, {}
+    prompts = prompt_rows(items, ctx.run_id, ctx.round, "train")
+    meta: list[dict] = [{} for _ in items]  # what a pass adds to a prompt's metadata
+    right: list[list[bool]] = []  # the verifier's verdict on each prompt's samples (a frontier or a hint)
     if fr is None:
-        prompts = prompt_rows(items, ctx.run_id, ctx.round, "train")
         gens = draw([p["prompt"] for p in prompts], s.n, seed, "generate")
         rows = rows_of(prompts, gens, s.n, seed)
+        if s.hint is not None:
+            assert source is not None  # _generate_args passes the items' source
+            right = [[_right(source, g, it) for g in gens[i * s.n : (i + 1) * s.n]] for i, it in enumerate(items)]
     else:
         # pass 1: `probe` samples of every pooled prompt; pass 2: the spare budget, n - probe more for
         # the prompts where a pair can still form (top_up), with a seed of its own
         assert source is not None  # _generate_args passes the items' source
-        prompts = prompt_rows(items, ctx.run_id, ctx.round, "train")
         probe = draw([p["prompt"] for p in prompts], fr.probe, seed, "generate (probe)")
         rows = rows_of(prompts, probe, fr.probe, seed)
         right = [
@@ -215,18 +222,9 @@ def generate_task(
         rows += rows_of([prompts[i] for i in chosen], more, s.n - fr.probe, more_seed, first=fr.probe)
         for j, i in enumerate(chosen):
             right[i] += [_right(source, g, items[i]) for g in more[j * (s.n - fr.probe) : (j + 1) * (s.n - fr.probe)]]
-        position = {p["prompt_id"]: i for i, p in enumerate(prompts)}
-        rows.sort(key=lambda r: (position[r["prompt_id"]], r["sample_index"]))
         gens = probe + more
-        prompts = prompt_rows(
-            [
-                replace(it, metadata={**it.metadata, "frontier": _pass_rates(right[i], fr.probe)})
-                for i, it in enumerate(items)
-            ],
-            ctx.run_id,
-            ctx.round,
-            "train",
-        )
+        for i in range(len(items)):
+            meta[i]["frontier"] = _pass_rates(right[i], fr.probe)
         contested = [0 < sum(r[: fr.probe]) < fr.probe for r in right]
         extra = {
             "frontier_probe_contested": sum(contested),
@@ -234,6 +232,33 @@ def generate_task(
             "frontier_topped_up": len(chosen),
             "frontier_contested": sum(0 < sum(r) < len(r) for r in right),
         }
+    if s.hint is not None:
+        # STaR's rationalization: the prompts with no right sample, sampled again with their answer
+        # given; indices from sampling.n on (no prompt has more samples than n), a seed of their own
+        k, hint_seed = s.hint.samples, seeds.hint(seed)
+        wrong = [i for i, it in enumerate(items) if it.answer not in (None, "") and not any(right[i])]
+        texts = [s.hint.template.format(prompt=items[i].prompt, answer=items[i].answer) for i in wrong]
+        hinted = draw(texts, k, hint_seed, "generate (hint)") if texts else []
+        asked = [{"prompt_id": prompts[i]["prompt_id"], "prompt": t} for i, t in zip(wrong, texts, strict=True)]
+        rows += rows_of(asked, hinted, k, hint_seed, first=s.n, hinted=True)
+        hits = [sum(_right(source, g, items[i]) for g in hinted[j * k : (j + 1) * k]) for j, i in enumerate(wrong)]
+        for j, i in enumerate(wrong):
+            meta[i]["hint"] = {"samples": k, "right": hits[j]}
+        gens = gens + hinted
+        extra |= {
+            "hint_prompts": len(wrong),
+            "hint_prompts_right": sum(h > 0 for h in hits),
+            "hint_samples": len(hinted),
+        }
+    if fr is not None or s.hint is not None:
+        position = {p["prompt_id"]: i for i, p in enumerate(prompts)}
+        rows.sort(key=lambda r: (position[r["prompt_id"]], r["sample_index"]))
+        prompts = prompt_rows(
+            [replace(it, metadata={**it.metadata, **m}) if m else it for it, m in zip(items, meta, strict=True)],
+            ctx.run_id,
+            ctx.round,
+            "train",
+        )
     seconds = time.perf_counter() - t0
     parquet.write_table(ctx.workspace, "prompts", ctx.run_id, ctx.round, prompts, part="train")
     described = f"{cfg.model.engine}:{policy}" + (f" ({cfg.model.workers} workers)" if cfg.model.workers > 1 else "")

@@ -1,0 +1,44 @@
+"""sampling.hint (STaR's rationalization): the settings it refuses, its seeds, and its place in the hash.
+The hinted pass itself runs on the real model in tests/integration/test_hint.py."""
+
+import pytest
+
+from flywheel import seeds
+from flywheel.config import ConfigError, load_config
+
+
+@pytest.mark.parametrize(
+    "hint, more, message",
+    [
+        ({"template": "{prompt} (no answer here)"}, {}, r"sampling\.hint\.template must contain \{answer\}"),
+        ({"template": "the answer is {answer}"}, {}, r"must contain \{prompt\}"),
+        ({"template": "{prompt} {answer} {extra}"}, {}, r"only \{prompt\} and \{answer\} are filled in"),
+        ({"samples": 0}, {}, r"sampling\.hint\.samples"),
+        ({}, {"preset": "label_free"}, "it needs a verifier among judge.sources"),
+    ],
+)
+def test_impossible_hints_are_one_line_errors(hint, more, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        load_config(None, {"sampling": {"hint": hint}}, **more)
+    assert "\n" not in str(e.value)
+
+
+def test_a_hint_beside_a_majority_vote_is_refused():
+    sources = [{"type": "verifier"}, {"type": "majority_vote"}]
+    with pytest.raises(ConfigError, match="a majority_vote source would count their votes"):
+        load_config(None, {"sampling": {"hint": {}}, "judge": {"sources": sources}})
+
+
+def test_the_hint_enters_the_hash_only_when_set():
+    plain = load_config(None, {}).hash()
+    assert load_config(None, {"sampling": {"hint": None}}).hash() == plain
+    hinted = load_config(None, {"sampling": {"hint": {}}})
+    assert hinted.hash() != plain
+    assert load_config(None, {"sampling": {"hint": {"samples": 2}}}).hash() != hinted.hash()
+    assert hinted.sampling.hint.template.format(prompt="1 + 1 =", answer="2") == "1 + 1 =\n\nHint: the answer is 2."
+
+
+def test_hinted_samples_have_seeds_of_their_own():
+    stage = seeds.stage(0, 1)
+    assert len({seeds.hint(stage), seeds.top_up(stage), stage}) == 3
+    assert seeds.hint(stage) != seeds.hint(seeds.stage(0, 2))
