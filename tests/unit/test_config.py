@@ -103,8 +103,22 @@ def test_flat_params_are_prefixed():
 def test_shipped_default_yaml_is_the_defaults():
     from pathlib import Path
 
+    import yaml
+
     shipped = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
     assert load_config(shipped) == FlywheelConfig()
+
+    # every setting is written out, so the file is the list of settings it says it is
+    def missing(defaults: dict, written: dict, at: str) -> list[str]:
+        out = []
+        for k, v in defaults.items():
+            if k not in written:
+                out.append(at + k)
+            elif isinstance(v, dict) and isinstance(written[k], dict):
+                out += missing(v, written[k], f"{at}{k}.")
+        return out
+
+    assert missing(FlywheelConfig().model_dump(mode="json"), yaml.safe_load(shipped.read_text()), "") == []
 
 
 @pytest.mark.parametrize("name, kind", [("ddp", "MULTI_GPU"), ("fsdp", "FSDP"), ("deepspeed_zero3", "DEEPSPEED")])
