@@ -89,6 +89,14 @@ def summary(workspace: Path) -> dict:
     }
     guards = [g.task for g in config.benchmark.guards]
     transfer = [t.name for t in config.benchmark.transfer]
+    hinted_pairs = {
+        r["round"]: r["n"]
+        for r in catalog.query(
+            workspace,
+            "SELECT p.round, count(*) AS n FROM pairs p JOIN candidates c ON c.candidate_id = p.chosen_id "
+            "WHERE c.sampling->>'hinted' = 'true' GROUP BY p.round",
+        ).to_pylist()
+    }
     return {
         "seed": seed,
         "seconds": sum((r["finished_at"] - r["started_at"]).total_seconds() for r in rounds),
@@ -112,7 +120,36 @@ def summary(workspace: Path) -> dict:
         "guard_gains": {g: tuple(gain(k, 0, f"guard:{g}", "accuracy") for k in (last, champ)) for g in guards},
         "transfer": {t: [em(r["round"], f"transfer:{t}") for r in rounds] for t in transfer},
         "transfer_gains": {t: gain(champ, 0, f"transfer:{t}") for t in transfer},
+        "by_sign": by_sign(
+            workspace, {r["round"]: [x for x in rows[r["round"]] if x["suite"] == t_suite] for r in rounds}
+        ),
+        "hinted_pairs": [hinted_pairs.get(r["round"], 0) for r in rounds[1:]] if config.sampling.hint else None,
     }
+
+
+def by_sign(workspace: Path, test_rows: dict[int, list[dict]]) -> dict | None:
+    """Per round, the test split's exact match on the items whose reference answer is below zero and
+    on the rest (None when the answers are not numbers): a model that never writes a minus sign is
+    capped at the second group's share."""
+    from flywheel.storage import catalog
+
+    answers = {
+        r["prompt_id"]: r["answer"]
+        for r in catalog.query(workspace, "SELECT DISTINCT prompt_id, answer FROM prompts").to_pylist()
+    }
+    try:
+        negative = {k: float(v) < 0 for k, v in answers.items() if v is not None}
+    except ValueError:
+        return None
+    out: dict = {"below_zero": [], "the_rest": [], "share_below_zero": None}
+    for k in sorted(test_rows):
+        rs = [x for x in test_rows[k] if x["item_id"] in negative and x["score"] is not None]
+        neg = [x["score"] >= 1.0 for x in rs if negative[x["item_id"]]]
+        pos = [x["score"] >= 1.0 for x in rs if not negative[x["item_id"]]]
+        out["below_zero"].append(sum(neg) / len(neg) if neg else None)
+        out["the_rest"].append(sum(pos) / len(pos) if pos else None)
+        out["share_below_zero"] = len(neg) / len(rs) if rs else None
+    return out
 
 
 def round_rows(workspace: Path, run_id: str, round_: int) -> list[dict]:
@@ -222,6 +259,14 @@ def report(results: list[dict]) -> None:
                 f"  transfer {t}: exact match by round {' → '.join(pct(x) for x in ems)}; "
                 f"champion vs round 0 (paired): {points(r['transfer_gains'][t])}"
             )
+        sign = r.get("by_sign")
+        if sign and sign["share_below_zero"]:
+            print(
+                f"  test exact match, answers below zero ({sign['share_below_zero']:.0%} of the items) / the rest, "
+                "by round: " + " → ".join(f"{pct(a)} / {pct(b)}" for a, b in zip(sign["below_zero"], sign["the_rest"]))
+            )
+        if r.get("hinted_pairs") is not None:
+            print(f"  pairs whose chosen response was a hinted sample, by round: {r['hinted_pairs']}")
     if len(results) > 1:
         n = len(results[0]["test"])
         print(f"over {len(results)} seeds (mean ± sd, points):")
