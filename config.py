@@ -702,11 +702,14 @@ class FlywheelConfig(_Strict):
                     "sampling.hint samples again the prompts the verifier found all wrong: it needs a verifier "
                     "among judge.sources"
                 )
-            if "majority_vote" in types:
-                raise ValueError(
-                    "sampling.hint gives the answer to the hinted samples: a majority_vote source would count "
-                    "their votes; drop one of the two"
-                )
+            for t, why in (
+                ("majority_vote", "would count their votes"),
+                ("self_certainty", "would score their certainty with the answer in view"),
+            ):
+                if t in types:
+                    raise ValueError(
+                        f"sampling.hint gives the answer to the hinted samples: a {t} source {why}; drop one of the two"
+                    )
         return self
 
     @model_validator(mode="after")

@@ -94,6 +94,12 @@ def top_up(right: Sequence[Sequence[bool]], *, spare: int, more: int) -> list[in
     return sorted(order[: spare // more]) if more > 0 else []
 
 
+def hint_targets(items: Sequence[Item], right: Sequence[Sequence[bool]], n: int) -> list[int]:
+    """The prompts (indices) sampling.hint samples again: those with a reference answer whose n samples
+    were all wrong (a frontier's prompts that were probed but not topped up have fewer: not these)."""
+    return [i for i, it in enumerate(items) if it.answer not in (None, "") and len(right[i]) == n and not any(right[i])]
+
+
 DRAW = "draw.json"  # beside the data card: what the round's draw skipped and why
 
 
@@ -232,11 +238,12 @@ def generate_task(
             "frontier_topped_up": len(chosen),
             "frontier_contested": sum(0 < sum(r) < len(r) for r in right),
         }
+    own = gens  # the policy's own samples, without a hint's
     if s.hint is not None:
         # STaR's rationalization: the prompts with no right sample, sampled again with their answer
         # given; indices from sampling.n on (no prompt has more samples than n), a seed of their own
         k, hint_seed = s.hint.samples, seeds.hint(seed)
-        wrong = [i for i, it in enumerate(items) if it.answer not in (None, "") and not any(right[i])]
+        wrong = hint_targets(items, right, s.n)
         texts = [s.hint.template.format(prompt=items[i].prompt, answer=items[i].answer) for i in wrong]
         hinted = draw(texts, k, hint_seed, "generate (hint)") if texts else []
         asked = [{"prompt_id": prompts[i]["prompt_id"], "prompt": t} for i, t in zip(wrong, texts, strict=True)]
@@ -273,7 +280,7 @@ def generate_task(
         **{f"decontaminated_{rule}": n for rule, n in by_rule.items()},
         "generate_tokens_per_s": sampling.tokens_per_second(gens, seconds),
         "candidates": len(rows),
-        "candidate_mean_tokens": sum(g.n_tokens for g in gens) / len(gens),
+        "candidate_mean_tokens": sum(g.n_tokens for g in own) / len(own),
     }
 
 

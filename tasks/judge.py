@@ -186,6 +186,8 @@ def judge_task(ctx: StageContext, policy: str, previous: str | None = None, refe
     parquet.write_table(ctx.workspace, "judgments", ctx.run_id, ctx.round, rows)
     types = {s.spec.key(): s.spec.type for s in sources}
     judged_by = {s.name: s for s in sources}
+    # health describes the policy's own samples: a hint's (sampling.hint) were written with the answer in view
+    own = {c["candidate_id"] for c in candidates if not json.loads(c["sampling"] or "{}").get("hinted")}
     health_rows = [
         dict(
             run_id=ctx.run_id,
@@ -194,7 +196,12 @@ def judge_task(ctx: StageContext, policy: str, previous: str | None = None, refe
             model=judged_by[h["source"]].judged_by,
             method=judged_by[h["source"]].method,
         )
-        for h in health(rows, candidates, prompts, types)
+        for h in health(
+            [r for r in rows if r["candidate_id"] in own],
+            [c for c in candidates if c["candidate_id"] in own],
+            prompts,
+            types,
+        )
     ]
     parquet.write_table(ctx.workspace, "judge_health", ctx.run_id, ctx.round, health_rows)
     plots.score_histograms(rows, card_dir(ctx.workspace, ctx.run_id, ctx.round) / "judge_scores.png")

@@ -64,20 +64,34 @@ def test_all_wrong_prompts_and_only_they_are_sampled_again_with_their_answer(run
     assert right_prompts > 0, "no hinted sample was right: the test would not cover a hinted pair"
 
 
-def test_a_right_hinted_sample_is_a_pairs_chosen_response_under_the_prompt_as_asked(run):
+def test_a_right_hinted_sample_is_a_pairs_chosen_response_and_is_trained_on(run):
     from flywheel.storage import catalog
 
     ws, _, result = run
     pairs = catalog.query(
         ws,
-        """SELECT p.prompt, p.chosen_id, c.sampling, c.response, q.prompt AS asked FROM pairs p
-           JOIN candidates c ON c.candidate_id = p.chosen_id
-           JOIN prompts q ON q.prompt_id = p.prompt_id AND q.round = p.round AND q.split = 'train'
-           WHERE p.round = 1""",
+        """SELECT p.chosen, p.chosen_score, c.sampling, c.response, c.sample_index FROM pairs p
+           JOIN candidates c ON c.candidate_id = p.chosen_id WHERE p.round = 1""",
     ).to_pylist()
     hinted = [p for p in pairs if json.loads(p["sampling"]).get("hinted")]
     assert hinted, "no pair chose a hinted sample"
-    for p in hinted:
-        assert p["prompt"] == p["asked"] and "Hint:" not in p["prompt"]
-    # the round trained on them: its pairs are the train stage's rows
-    assert result["rounds"][1]["pairs"] == len(pairs)
+    assert all(p["chosen"] == p["response"] and p["chosen_score"] >= 1.0 and p["sample_index"] >= 4 for p in hinted)
+    # the train stage trained on every pair, the hinted ones among them
+    assert result["rounds"][1]["train_rows"] == len(pairs) == result["rounds"][1]["pairs"]
+
+
+def test_judge_health_describes_the_policys_own_samples_without_the_hinted_ones(run):
+    from flywheel.storage import catalog
+
+    ws, _, result = run
+    own = catalog.query(
+        ws,
+        """SELECT avg(j.score) AS mean, count(*) AS n FROM judgments j JOIN candidates c USING (candidate_id)
+           WHERE j.round = 1 AND j.source = 'verifier' AND coalesce(c.sampling->>'hinted', 'false') <> 'true'""",
+    ).to_pylist()[0]
+    assert own["n"] == 8 * 4
+    assert result["rounds"][1]["verifier_mean_score"] == pytest.approx(own["mean"])
+    judged = catalog.query(
+        ws, "SELECT value FROM judge_health WHERE round = 1 AND source = 'verifier' AND metric = 'judged'"
+    ).to_pylist()
+    assert [r["value"] for r in judged] == [8 * 4]

@@ -132,6 +132,7 @@ def test_hash_counts_meaning_not_speed_or_secrets():
         payload["model"].pop(key)
     payload["sampling"].pop("shards")
     payload["sampling"].pop("frontier")
+    payload["sampling"].pop("hint")
     payload["task"].pop("curriculum")
     payload["benchmark"].pop("transfer")
     for s in payload["judge"]["sources"]:

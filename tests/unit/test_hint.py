@@ -23,10 +23,32 @@ def test_impossible_hints_are_one_line_errors(hint, more, message):
     assert "\n" not in str(e.value)
 
 
-def test_a_hint_beside_a_majority_vote_is_refused():
-    sources = [{"type": "verifier"}, {"type": "majority_vote"}]
-    with pytest.raises(ConfigError, match="a majority_vote source would count their votes"):
+@pytest.mark.parametrize(
+    "other, message",
+    [
+        ("majority_vote", "would count their votes"),
+        ("self_certainty", "would score their certainty with the answer in view"),
+    ],
+)
+def test_a_hint_beside_a_source_the_answer_would_sway_is_refused(other, message):
+    sources = [{"type": "verifier"}, {"type": other}]
+    with pytest.raises(ConfigError, match=f"a {other} source {message}"):
         load_config(None, {"sampling": {"hint": {}}, "judge": {"sources": sources}})
+
+
+def test_only_prompts_with_an_answer_and_n_wrong_samples_are_hinted():
+    from flywheel.models.tasks import Item
+    from flywheel.tasks.generate import hint_targets
+
+    items = [Item(f"{i} + 1 =", None if i == 3 else str(i + 1), "t") for i in range(5)]
+    right = [
+        [False] * 4,  # all wrong: hinted
+        [False, True, False, False],  # one right: a pair forms without a hint
+        [False, False],  # a frontier's probe only, never topped up: not hinted
+        [False] * 4,  # no reference answer to give
+        [False] * 4,
+    ]
+    assert hint_targets(items, right, 4) == [0, 4]
 
 
 def test_the_hint_enters_the_hash_only_when_set():
