@@ -324,10 +324,7 @@ if __name__ == "__main__":
         kept = sorted(args.report_from.glob("seed-*"))
         if not kept:
             raise SystemExit(f"efficacy: no seed-* workspace under {args.report_from}")
-        results = [summary(ws) for ws in kept]
-        for r in results:
-            report([r])
-        report(results)
+        report([summary(ws) for ws in kept])
         raise SystemExit(0)
     overrides = settings(args.set)
     if args.rounds is not None:
@@ -339,5 +336,6 @@ if __name__ == "__main__":
         else:
             with tempfile.TemporaryDirectory() as ws:
                 results.append(run_seed(seed, args.preset, Path(ws), overrides))
-        report(results[-1:])
-    report(results)
+        report(results[-1:])  # each seed as it finishes
+    if len(results) > 1:
+        report(results)  # every seed again, then the mean over seeds

@@ -1,0 +1,81 @@
+"""How often a hint makes a right answer: a kept run's model on its own training prompts, sampled with
+and without sampling.hint's template, by the sign of the reference answer.
+
+    .venv/bin/python benchmarks/efficacy.py --seeds 0 --rounds 10 --keep /tmp/base10     # a kept run
+    .venv/bin/python benchmarks/hints.py --workspace /tmp/base10/seed-0 --round 3
+
+Takes the first --prompts training prompts of rounds 1-4 whose reference answer is below zero and as
+many of the rest, samples each --samples times with the round's model (its checkpoint; round 0: the
+run's base model) at each --temperatures, with and without the hint, and prints, per case, the share
+of samples the task's verifier finds right and the prompts with at least one right sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workspace", type=Path, required=True, help="a kept run's workspace (efficacy.py --keep)")
+    ap.add_argument("--round", type=int, default=3, help="whose model samples (0: the base model)")
+    ap.add_argument("--prompts", type=int, default=40, help="prompts per answer sign")
+    ap.add_argument("--samples", type=int, default=4)
+    ap.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.7])
+    args = ap.parse_args()
+
+    from flywheel.config import HintConfig, load_config
+    from flywheel.models import engines
+    from flywheel.models.tasks import Item, exactly_correct
+    from flywheel.models.tasks.splits import make_source
+    from flywheel.storage import catalog
+
+    ws = args.workspace
+    if not (ws / "runs").is_dir():
+        raise SystemExit(f"hints: {ws} is not a flywheel workspace (no runs/ folder)")
+    catalog.refresh(ws)
+    rounds = catalog.query(ws, "SELECT run_id, round, policy_out FROM rounds ORDER BY round").to_pylist()
+    run_id = rounds[0]["run_id"]
+    config = load_config(ws / "runs" / run_id / "config.yaml")
+    ref = next((r["policy_out"] for r in rounds if r["round"] == args.round and args.round > 0), None)
+    if args.round > 0 and not ref:
+        raise SystemExit(f"hints: round {args.round} has no checkpoint in {ws}")
+    ref = ref or engines.model_ref(config.model)
+    rows = catalog.query(
+        ws,
+        "SELECT DISTINCT prompt, answer, task FROM prompts WHERE split = 'train' AND round BETWEEN 1 AND 4 "
+        "ORDER BY prompt",
+    ).to_pylist()
+    neg = [r for r in rows if r["answer"].startswith("-")][: args.prompts]
+    rest = [r for r in rows if not r["answer"].startswith("-")][: args.prompts]
+    source = make_source(config.task)
+    template = HintConfig().template
+    engine, k = engines.open_engine(config.model, ref), args.samples
+    print(f"round {args.round}'s model ({ref}); {args.samples} samples a prompt")
+    for name, group in (("answers below zero", neg), ("the rest", rest)):
+        items = [Item(r["prompt"], r["answer"], r["task"]) for r in group]
+        for hinted in (False, True):
+            texts = [template.format(prompt=it.prompt, answer=it.answer) if hinted else it.prompt for it in items]
+            for t in args.temperatures:
+                gens = engine.sample(
+                    texts,
+                    n=args.samples,
+                    max_new_tokens=config.sampling.max_new_tokens,
+                    temperature=t,
+                    top_p=1.0,
+                    seed=1,
+                    batch_size=config.sampling.batch_size,
+                )
+                right = [exactly_correct(source.evaluate(g.response, items[i // k])[1]) for i, g in enumerate(gens)]
+                prompts = sum(any(right[i * k : (i + 1) * k]) for i in range(len(items)))
+                print(
+                    f"  {name:<18} {'hint   ' if hinted else 'no hint'} T={t}: {sum(right) / len(right):6.1%} of "
+                    f"samples right; {prompts}/{len(items)} prompts with a right sample"
+                )
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()
