@@ -34,14 +34,12 @@ def stage(seed: int, round_: int) -> int:
 def top_up(stage_seed: int) -> int:
     """A frontier's second pass (sampling.frontier): its samples' seeds (`row`) derive from this one, so
     they differ from the probe's whatever the sample indices."""
-    digest = hashlib.sha256(f"top-up\x00{stage_seed}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    return _hashed(f"top-up\x00{stage_seed}")
 
 
 def hint(stage_seed: int) -> int:
     """Hinted samples (sampling.hint): their seeds (`row`) derive from this one."""
-    digest = hashlib.sha256(f"hint\x00{stage_seed}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    return _hashed(f"hint\x00{stage_seed}")
 
 
 def training(seed: int, round_: int) -> int:
@@ -52,11 +50,15 @@ def training(seed: int, round_: int) -> int:
 
 def row(seed: int, prompt: str, sample: int) -> int:
     """Sample k of a prompt: its seed depends on nothing else (not the batch, not other prompts)."""
-    digest = hashlib.sha256(f"{seed}\x00{sample}\x00{prompt}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    return _hashed(f"{seed}\x00{sample}\x00{prompt}")
 
 
 def rng(seed: int, key: object) -> random.Random:
     """A generator for one keyed draw (a candidate's sampled verdicts, a prompt's pairing ring), so
     that it does not depend on its batch neighbours."""
     return random.Random(f"{seed}:{key}")
+
+
+def _hashed(key: str) -> int:
+    """A non-negative 63-bit seed from `key`'s sha256."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") & ((1 << 63) - 1)

@@ -200,6 +200,10 @@ def generate_task(
             first=first,
         )
 
+    def verdicts(gens: list[engines.Generation], its: list[Item], n: int) -> list[list[bool]]:
+        """The verifier's verdict on each item's n consecutive generations."""
+        return [[_right(source, g, it) for g in gens[i * n : (i + 1) * n]] for i, it in enumerate(its)]
+
     t0 = time.perf_counter()
     fr, extra = s.frontier, {}
     prompts = prompt_rows(items, ctx.run_id, ctx.round, "train")
@@ -210,24 +214,22 @@ def generate_task(
         rows = rows_of(prompts, gens, s.n, seed)
         if s.hint is not None:
             assert source is not None  # _generate_args passes the items' source
-            right = [[_right(source, g, it) for g in gens[i * s.n : (i + 1) * s.n]] for i, it in enumerate(items)]
+            right = verdicts(gens, items, s.n)
     else:
         # pass 1: `probe` samples of every pooled prompt; pass 2: the spare budget, n - probe more for
         # the prompts where a pair can still form (top_up), with a seed of its own
         assert source is not None  # _generate_args passes the items' source
         probe = draw([p["prompt"] for p in prompts], fr.probe, seed, "generate (probe)")
         rows = rows_of(prompts, probe, fr.probe, seed)
-        right = [
-            [_right(source, g, it) for g in probe[i * fr.probe : (i + 1) * fr.probe]] for i, it in enumerate(items)
-        ]
+        right = verdicts(probe, items, fr.probe)
         spare = s.budget(cfg.task.prompts_per_round) - len(probe)
         chosen = top_up(right, spare=spare, more=s.n - fr.probe)
         more_seed = seeds.top_up(seed)
         texts = [prompts[i]["prompt"] for i in chosen]
         more = draw(texts, s.n - fr.probe, more_seed, "generate (top-up)") if texts else []
         rows += rows_of([prompts[i] for i in chosen], more, s.n - fr.probe, more_seed, first=fr.probe)
-        for j, i in enumerate(chosen):
-            right[i] += [_right(source, g, items[i]) for g in more[j * (s.n - fr.probe) : (j + 1) * (s.n - fr.probe)]]
+        for i, later in zip(chosen, verdicts(more, [items[i] for i in chosen], s.n - fr.probe), strict=True):
+            right[i] += later
         gens = probe + more
         for i in range(len(items)):
             meta[i]["frontier"] = _pass_rates(right[i], fr.probe)
@@ -248,7 +250,7 @@ def generate_task(
         hinted = draw(texts, k, hint_seed, "generate (hint)") if texts else []
         asked = [{"prompt_id": prompts[i]["prompt_id"], "prompt": t} for i, t in zip(wrong, texts, strict=True)]
         rows += rows_of(asked, hinted, k, hint_seed, first=s.n, hinted=True)
-        hits = [sum(_right(source, g, items[i]) for g in hinted[j * k : (j + 1) * k]) for j, i in enumerate(wrong)]
+        hits = [sum(v) for v in verdicts(hinted, [items[i] for i in wrong], k)]
         for j, i in enumerate(wrong):
             meta[i]["hint"] = {"samples": k, "right": hits[j]}
         gens = gens + hinted
