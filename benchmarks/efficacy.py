@@ -57,12 +57,12 @@ def summary(workspace: Path) -> dict:
     from flywheel.config import load_config
     from flywheel.storage import catalog
     from flywheel.tasks import promote
-    from flywheel.tasks.benchmark import suite_names, summarize
+    from flywheel.tasks.benchmark import level_suite, suite_names, summarize
 
     catalog.refresh(workspace)
     rounds = catalog.query(
         workspace,
-        "SELECT run_id, round, promoted, n_pairs, started_at, finished_at FROM rounds "
+        "SELECT run_id, round, promoted, n_pairs, started_at, finished_at, curriculum_level FROM rounds "
         "WHERE status = 'completed' ORDER BY round",
     ).to_pylist()
     run_id = rounds[0]["run_id"]
@@ -124,6 +124,23 @@ def summary(workspace: Path) -> dict:
             workspace, {r["round"]: [x for x in rows[r["round"]] if x["suite"] == t_suite] for r in rounds}
         ),
         "hinted_pairs": [hinted_pairs.get(r["round"], 0) for r in rounds[1:]] if config.sampling.hint else None,
+        # a curriculum's run: the level each round trained at, and each level's test exact match by
+        # round (level 0 is the task's own test split) with the champion's paired gain over round 0
+        "levels": (
+            {
+                "trained_at": [r["curriculum_level"] for r in rounds[1:]],
+                "test": {
+                    k: [em(r["round"], t_suite if k == 0 else level_suite(config, k, "test")) for r in rounds]
+                    for k in range(len(config.task.curriculum.levels) + 1)
+                },
+                "gains": {
+                    k: gain(champ, 0, t_suite if k == 0 else level_suite(config, k, "test"))
+                    for k in range(len(config.task.curriculum.levels) + 1)
+                },
+            }
+            if config.task.curriculum is not None
+            else None
+        ),
     }
 
 
@@ -267,6 +284,14 @@ def report(results: list[dict]) -> None:
             )
         if r.get("hinted_pairs") is not None:
             print(f"  pairs whose chosen response was a hinted sample, by round: {r['hinted_pairs']}")
+        if r.get("levels") is not None:
+            lv = r["levels"]
+            print(f"  curriculum: the level each round trained at {lv['trained_at']}")
+            for k, ems in lv["test"].items():
+                print(
+                    f"  level {k} test exact match by round {' → '.join(pct(x) for x in ems)}; "
+                    f"champion vs round 0 (paired): {points(lv['gains'][k])}"
+                )
     if len(results) > 1:
         n = len(results[0]["test"])
         print(f"over {len(results)} seeds (mean ± sd, points):")
