@@ -97,6 +97,12 @@ def summary(workspace: Path) -> dict:
             "WHERE c.sampling->>'hinted' = 'true' GROUP BY p.round",
         ).to_pylist()
     }
+    # a curriculum's levels' test splits, level 0 being the task's own
+    level_tests = (
+        [t_suite] + [level_suite(config, k, "test") for k in range(1, len(config.task.curriculum.levels) + 1)]
+        if config.task.curriculum is not None
+        else None
+    )
     return {
         "seed": seed,
         "seconds": sum((r["finished_at"] - r["started_at"]).total_seconds() for r in rounds),
@@ -129,16 +135,10 @@ def summary(workspace: Path) -> dict:
         "levels": (
             {
                 "trained_at": [r["curriculum_level"] for r in rounds[1:]],
-                "test": {
-                    k: [em(r["round"], t_suite if k == 0 else level_suite(config, k, "test")) for r in rounds]
-                    for k in range(len(config.task.curriculum.levels) + 1)
-                },
-                "gains": {
-                    k: gain(champ, 0, t_suite if k == 0 else level_suite(config, k, "test"))
-                    for k in range(len(config.task.curriculum.levels) + 1)
-                },
+                "test": {k: [em(r["round"], suite) for r in rounds] for k, suite in enumerate(level_tests)},
+                "gains": {k: gain(champ, 0, suite) for k, suite in enumerate(level_tests)},
             }
-            if config.task.curriculum is not None
+            if level_tests is not None
             else None
         ),
     }
