@@ -232,7 +232,7 @@ class HintConfig(_Strict):
 
 class SamplingConfig(_Strict):
     n: int = Field(8, ge=2, description="samples per prompt")
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(0.7, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(32, ge=1)
     # Rows decoded together (continuous batching). Sampling seeds are per sample, so a sample does not
@@ -549,8 +549,8 @@ class BenchmarkConfig(_Strict):
 class PromotionConfig(_Strict):
     """When a round's model becomes the champion (registry alias `champion`) that the next round
     starts from: it beats the champion's held-out accuracy by min_improvement, its mean response
-    length grows at most max_length_growth, and no guard suite drops more than its max_drop below the
-    starting model's score."""
+    length grows at most max_length_growth (or at most length_slack_tokens), and no guard suite
+    drops more than its max_drop below the starting model's score."""
 
     min_improvement: float = Field(0.0, ge=-1, le=1)
     # point: the accuracy gain over the champion must be ≥ min_improvement; interval: the lower end
@@ -558,6 +558,9 @@ class PromotionConfig(_Strict):
     # does not promote.
     rule: Literal["point", "interval"] = Field("point", json_schema_extra=HASHED_UNLESS_DEFAULT)
     max_length_growth: float | None = Field(0.5, ge=0, description="0.5: at most 50% longer than the champion's")
+    # Growth of at most this many tokens passes the length check whatever its share, so that short
+    # answers (10 tokens on the default task) may grow by a few words without reading as a length hack.
+    length_slack_tokens: float = Field(16.0, ge=0, json_schema_extra=HASHED_UNLESS_DEFAULT)
     # A guard suite blocks promotion when its mean score is more than its max_drop below the
     # starting model's. significant: and the drop is not noise, its paired-bootstrap 95% interval
     # lying below 0 (a 100-item suite's interval is about ±5 to ±10 points wide); point: on the

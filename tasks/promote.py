@@ -3,7 +3,8 @@
 Decided on the validation split only (the test split is reported, never used for a decision): the
 round's exact-match accuracy must beat the champion's by `min_improvement` (rule `point`), or the
 lower end of the paired-bootstrap 95% interval of its gain must (rule `interval`); its mean
-response length may grow at most `max_length_growth`; and no guard (out-of-domain) suite may drop
+response length may grow at most `max_length_growth` (a share of the champion's) or at most
+`length_slack_tokens` (so that 10-token answers may gain a few words); and no guard (out-of-domain) suite may drop
 more than its `max_drop` below the starting model's (round 0's) score. Guards are measured against
 the run's start, not the champion, so that small drops cannot add up over promotions and a
 champion that gained on a guard by chance does not block the next round for falling back. With
@@ -116,12 +117,14 @@ def decide(metrics: dict, champion: Champion, cfg: PromotionConfig, trained: boo
         (passed if gain >= cfg.min_improvement - 1e-12 else failed).append(line)
     length = metrics.get("validation_mean_response_tokens", metrics["mean_response_tokens"])
     if cfg.max_length_growth is not None and champion.mean_tokens > 0:
-        growth = length / champion.mean_tokens - 1
+        growth, extra = length / champion.mean_tokens - 1, length - champion.mean_tokens
         line = (
             f"mean length {length:.1f} vs {champion.mean_tokens:.1f} tokens: "
-            f"{growth:+.0%}, limit +{cfg.max_length_growth:.0%}"
+            f"{growth:+.0%} ({extra:+.1f} tokens), limit +{cfg.max_length_growth:.0%} or "
+            f"+{cfg.length_slack_tokens:g} tokens"
         )
-        (passed if growth <= cfg.max_length_growth + 1e-12 else failed).append(line)
+        ok = growth <= cfg.max_length_growth + 1e-12 or extra <= cfg.length_slack_tokens + 1e-9
+        (passed if ok else failed).append(line)
     for name, max_drop in metrics.get("guard_limits", {}).items():
         now, before = (
             metrics.get(f"guard_accuracy.{name}"),

@@ -22,8 +22,8 @@ def judge_on(model: dict) -> dict:
 @pytest.mark.parametrize(
     "overrides, expected",
     [
-        ({}, "5bb1129c1f6b9747"),
-        ({"model": {"engine": "vllm"}}, "3eec8cfba0dfff94"),
+        ({}, "adb79cd814902004"),
+        ({"model": {"engine": "vllm"}}, "60a300dd39831053"),
         (
             {
                 "model": {
@@ -36,11 +36,11 @@ def judge_on(model: dict) -> dict:
                     },
                 }
             },
-            "c55ca588096ef247",
+            "d1df58279f8fdaf6",
         ),
-        (judge_on(ENDPOINT), "689f7a21b8c9dc28"),
-        (judge_on({"name": "j", "engine": "vllm"}), "1fc9474fe552c696"),
-        (judge_on({"name": "j"}), "953966cc00fc92ae"),
+        (judge_on(ENDPOINT), "69797b78dc69e478"),
+        (judge_on({"name": "j", "engine": "vllm"}), "9856572fad2f8d89"),
+        (judge_on({"name": "j"}), "2713a2fc22598dd7"),
     ],
 )
 def test_hash_is_pinned(overrides, expected):
@@ -48,7 +48,7 @@ def test_hash_is_pinned(overrides, expected):
 
 
 def test_default_config_hash_is_pinned():
-    assert C.FlywheelConfig().hash() == "5bb1129c1f6b9747"
+    assert C.FlywheelConfig().hash() == "adb79cd814902004"
 
 
 def test_speed_only_settings_keep_the_pinned_hash():
@@ -58,9 +58,9 @@ def test_speed_only_settings_keep_the_pinned_hash():
             ENDPOINT["openai"], max_concurrency=64, timeout_s=5, retries=9, backoff_s=0.1, api_key_env="OTHER_KEY"
         ),
     )
-    assert C.load_config(None, judge_on(faster)).hash() == "689f7a21b8c9dc28"
+    assert C.load_config(None, judge_on(faster)).hash() == "69797b78dc69e478"
     eager = {"model": {"engine": "vllm", "vllm": {"gpu_memory_utilization": 0.3, "enforce_eager": True}}}
-    assert C.load_config(None, eager).hash() == "3eec8cfba0dfff94"
+    assert C.load_config(None, eager).hash() == "60a300dd39831053"
 
 
 def test_an_engine_setting_declared_hashed_unless_default():
@@ -68,6 +68,6 @@ def test_an_engine_setting_declared_hashed_unless_default():
     def vllm(**settings) -> str:
         return C.load_config(None, {"model": {"engine": "vllm", "vllm": settings}}).hash()
 
-    assert vllm(max_num_batched_tokens=None) == vllm() == "3eec8cfba0dfff94"
+    assert vllm(max_num_batched_tokens=None) == vllm() == "60a300dd39831053"
     assert vllm(max_num_batched_tokens=4096) != vllm()
     assert vllm(kv_cache_gib=1.0) == vllm()  # speed only (the registration's)

@@ -27,7 +27,7 @@ EVERY_SOURCE = {
 }
 
 CASES = {
-    "default": ({}, "5bb1129c1f6b9747", {"verifier": "e92ac70de919a656", "llm_judge": "6479a880241e2915"}),
+    "default": ({}, "adb79cd814902004", {"verifier": "e92ac70de919a656", "llm_judge": "6479a880241e2915"}),
     "label_free": (
         "label_free",
         "39fecf79ae9a3d2c",
@@ -35,7 +35,7 @@ CASES = {
     ),
     "every_source": (
         EVERY_SOURCE,
-        "8bfd3d97e15d57ca",
+        "9beedc05785445e2",
         {
             "verifier": "9b3e1d66b77adf89",
             "rx": "0afe83341742e074",
@@ -50,7 +50,7 @@ CASES = {
     ),
     "prompts_file": (
         {"task": {"prompts_file": "configs/default.yaml", "prompts_per_round": 8, "instruction": "Answer:"}},
-        "c14b02a3edd800cd",
+        "384e7a75f8be5170",
         {"verifier": "e92ac70de919a656", "llm_judge": "6479a880241e2915"},
     ),
 }

@@ -49,12 +49,15 @@ def metrics(acc, tokens=10.0, guard=0.40, test=0.99):
         (metrics(0.49, test=0.99), PromotionConfig(), False, "-1.0 points"),
         (metrics(0.52), PromotionConfig(min_improvement=0.05), False, "needs ≥ +5.0"),
         (
-            metrics(0.60, tokens=16.0),
+            metrics(0.60, tokens=30.0),
             PromotionConfig(max_length_growth=0.5),
             False,
-            "mean length 16.0 vs 10.0 tokens: +60%",
+            "mean length 30.0 vs 10.0 tokens: +200% (+20.0 tokens), limit +50% or +16 tokens",
         ),
-        (metrics(0.60, tokens=16.0), PromotionConfig(max_length_growth=None), True, "validation exact match 60.0%"),
+        # short answers may grow by a few words: +100% is +10 tokens, within the 16-token slack
+        (metrics(0.60, tokens=20.0), PromotionConfig(), True, "mean length 20.0 vs 10.0 tokens: +100% (+10.0 tokens)"),
+        (metrics(0.60, tokens=16.0), PromotionConfig(length_slack_tokens=0), False, "+60% (+6.0 tokens)"),
+        (metrics(0.60, tokens=30.0), PromotionConfig(max_length_growth=None), True, "validation exact match 60.0%"),
         (
             metrics(0.60, guard=0.30),
             PromotionConfig(),
@@ -73,6 +76,14 @@ def test_promotion_gate(m, cfg, promoted, why):
     ok, reasons = decide(m, CHAMP, cfg, trained=True)
     assert ok is promoted
     assert any(why in r for r in reasons), reasons
+
+
+def test_long_answers_are_held_to_the_share_not_the_slack():
+    long_champ = Champion("m0", 0, accuracy=0.30, mean_tokens=200.0, guards={"basic_arithmetic": 0.40}, validation=0.50)
+    ok, _ = decide(metrics(0.60, tokens=280.0), long_champ, PromotionConfig(), trained=True)
+    assert ok  # +40%, though +80 tokens is far past the 16-token slack
+    ok, reasons = decide(metrics(0.60, tokens=320.0), long_champ, PromotionConfig(), trained=True)
+    assert not ok and any("+60% (+120.0 tokens)" in r for r in reasons), reasons
 
 
 def test_guards_are_held_to_the_starting_model_not_the_champion():
