@@ -559,7 +559,7 @@ class PromotionConfig(_Strict):
     rule: Literal["point", "interval"] = Field("point", json_schema_extra=HASHED_UNLESS_DEFAULT)
     max_length_growth: float | None = Field(0.5, ge=0, description="0.5: at most 50% longer than the champion's")
     # Growth of at most this many tokens passes the length check whatever its share, so that short
-    # answers (10 tokens on the default task) may grow by a few words without reading as a length hack.
+    # answers may grow by a few words without reading as a length hack.
     length_slack_tokens: float = Field(16.0, ge=0, json_schema_extra=HASHED_UNLESS_DEFAULT)
     # A guard suite blocks promotion when its mean score is more than its max_drop below the
     # starting model's. significant: and the drop is not noise, its paired-bootstrap 95% interval

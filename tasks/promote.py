@@ -4,10 +4,11 @@ Decided on the validation split only (the test split is reported, never used for
 round's exact-match accuracy must beat the champion's by `min_improvement` (rule `point`), or the
 lower end of the paired-bootstrap 95% interval of its gain must (rule `interval`); its mean
 response length may grow at most `max_length_growth` (a share of the champion's) or at most
-`length_slack_tokens` (so that 10-token answers may gain a few words); and no guard (out-of-domain) suite may drop
-more than its `max_drop` below the starting model's (round 0's) score. Guards are measured against
-the run's start, not the champion, so that small drops cannot add up over promotions and a
-champion that gained on a guard by chance does not block the next round for falling back. With
+`length_slack_tokens` (so that short answers may gain a few words); and no guard (out-of-domain)
+suite may drop more than its `max_drop` below the starting model's (round 0's) score. Guards are
+measured against the run's start, not the champion, so that small drops cannot add up over
+promotions and a champion that gained on a guard by chance does not block the next round for
+falling back. With
 `guard_rule: significant` (the default) a drop blocks only when its paired 95% interval lies below
 0 as well, so that a small suite's noise does not block a round. Every check's outcome is a
 reason, recorded in the rounds table and in MLflow.

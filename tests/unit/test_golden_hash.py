@@ -96,10 +96,12 @@ def test_each_field_enters_the_hash_as_it_declares():
     for changes in (
         {"sampling": {"shards": 2}},
         {"promotion": {"rule": "interval"}},
+        {"promotion": {"length_slack_tokens": 0}},
         {"benchmark": {"transfer": transfer}},
     ):
         assert h(changes) != plain, changes
     assert h({"promotion": {"rule": "point"}}) == h({"benchmark": {"transfer": []}}) == plain
+    assert h({"promotion": {"length_slack_tokens": 16}}) == plain
     # everything else is hashed
     for changes in ({"seed": 1}, {"judge": {"max_prompt_tokens": 512}}, {"train": {"dpo": {"beta": 0.2}}}):
         assert h(changes) != plain, changes
