@@ -14,8 +14,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-# What DPO and SFT share. LoRA wants a larger step than full fine-tuning: 2e-4 beat 5e-5 and 1e-4 on
-# the default run (docs/results/efficacy.md).
+# What DPO and SFT share. LoRA wants a larger step than full fine-tuning.
 _SHARED: dict[str, Any] = {
     "learning_rate": 2e-4,
     "num_train_epochs": 2,
