@@ -410,8 +410,8 @@ class TrainConfig(_Strict):
     lora_alpha: int = Field(32, ge=1)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     # Reference model for DPO: the base model (default: every round is anchored to where the run
-    # started) or the round's own starting policy ("previous", iterative DPO). Over ten rounds of the
-    # default their champions scored within 2 points (docs/results/efficacy.md: what each part did).
+    # started) or the round's own starting policy ("previous", iterative DPO). How the two compare over
+    # ten rounds: docs/results/efficacy.md, "What each part did".
     reference: Literal["previous", "base"] = "base"
     # Any field of trl.DPOConfig / trl.SFTConfig but those flywheel sets (models/training/args.py),
     # built into TRL's own class at load time. A user's keys are merged over the defaults, so setting
