@@ -313,13 +313,30 @@ def cmd_sql(args: argparse.Namespace) -> int:
     table = catalog.query(args.workspace, args.query)
     if args.out is not None:
         tmp = args.out.with_name(f".{args.out.name}.tmp")
-        with open(tmp, "wb") as f:
-            write_result(table, args.format, f)
+        try:
+            with open(tmp, "wb") as f:
+                write_result(table, args.format, f)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         tmp.replace(args.out)  # an existing file is replaced whole or not at all
         print(f"{table.num_rows} row(s) → {args.out}", file=sys.stderr)
     else:
         write_result(table, args.format, sys.stdout.buffer)
     return 0
+
+
+def flat_for_csv(table):
+    """CSV has no lists or structs: a nested cell (list, struct, map) is written as its JSON text."""
+    import json
+
+    import pyarrow as pa
+
+    for i, field in enumerate(table.schema):
+        if pa.types.is_nested(field.type):
+            cells = [None if v is None else json.dumps(v, default=str) for v in table.column(i).to_pylist()]
+            table = table.set_column(i, field.name, pa.array(cells, pa.string()))
+    return table
 
 
 def write_result(table, fmt: str, out) -> None:
@@ -328,7 +345,7 @@ def write_result(table, fmt: str, out) -> None:
     if fmt == "csv":
         import pyarrow.csv as pacsv
 
-        pacsv.write_csv(table, out)
+        pacsv.write_csv(flat_for_csv(table), out)
     elif fmt == "json":
         import json
 

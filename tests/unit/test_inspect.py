@@ -153,6 +153,21 @@ def test_sql_formats(ws, tmp_path):
     assert table.returncode == 0 and "(2 rows)" in table.stdout.decode()
 
 
+def test_sql_csv_writes_nested_cells_as_json(ws, tmp_path):
+    q = (
+        "SELECT round, list(n_tokens ORDER BY n_tokens) AS lens, {'a': round} AS s "
+        "FROM candidates GROUP BY round ORDER BY round"
+    )
+    p = cli("sql", q, "--workspace", str(ws), "--format", "csv")
+    assert p.returncode == 0, p.stderr.decode()
+    import csv as csvlib
+
+    rows = list(csvlib.DictReader(p.stdout.decode().splitlines()))
+    assert [int(r["round"]) for r in rows] == [1, 2]
+    assert json.loads(rows[0]["lens"]) == sorted(json.loads(rows[0]["lens"])) and len(json.loads(rows[0]["lens"])) == 24
+    assert json.loads(rows[1]["s"]) == {"a": 2}
+
+
 def test_data_show_prints_a_readable_sample(ws):
     p = cli("data", "show", "pairs", "--round", "2", "--limit", "2", "--workspace", str(ws))
     out = p.stdout.decode() + p.stderr.decode()
