@@ -209,12 +209,17 @@ class HintConfig(_Strict):
     """STaR's rationalization. A prompt whose samples the task's verifier found all wrong is sampled
     again, `samples` times, with its reference answer given in `template`; those samples are kept as
     the prompt's own (judged, curated and trained on under the prompt as asked, without the hint), so
-    a right one can be a pair's chosen response. They are spent beside the round's budget."""
+    a right one can be a pair's chosen response. They are spent beside the round's budget; with
+    `require_work`, those that state the answer without the steps to it are dropped."""
 
     samples: int = Field(4, ge=1, description="hinted samples per all-wrong prompt")
     template: str = Field(
-        "{prompt}\n\nHint: the answer is {answer}.",
+        "{prompt}\n\nThe answer is {answer}. Write out the calculation step by step, ending with {answer}.",
         description="the hinted prompt: {prompt} and {answer} are filled in",
+    )
+    require_work: bool = Field(
+        True,
+        description="keep only the hinted samples that show their work (the task's shows_work), not the answer alone",
     )
 
     @field_validator("template")

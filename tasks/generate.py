@@ -249,15 +249,22 @@ def generate_task(
         texts = [s.hint.template.format(prompt=items[i].prompt, answer=items[i].answer) for i in wrong]
         hinted = draw(texts, k, hint_seed, "generate (hint)") if texts else []
         asked = [{"prompt_id": prompts[i]["prompt_id"], "prompt": t} for i, t in zip(wrong, texts, strict=True)]
-        rows += rows_of(asked, hinted, k, hint_seed, first=s.n, hinted=True)
-        hits = [sum(v) for v in verdicts(hinted, [items[i] for i in wrong], k)]
+        # a sample that states its answer without the steps to it is dropped (sampling.hint.require_work)
+        keep = [
+            not s.hint.require_work or source.shows_work(g.response, items[wrong[j // k]]) for j, g in enumerate(hinted)
+        ]
+        hinted_rows = rows_of(asked, hinted, k, hint_seed, first=s.n, hinted=True)
+        rows += [r for r, kept in zip(hinted_rows, keep, strict=True) if kept]
+        marked = verdicts(hinted, [items[i] for i in wrong], k)
+        hits = [sum(v and keep[j * k + x] for x, v in enumerate(vs)) for j, vs in enumerate(marked)]
         for j, i in enumerate(wrong):
-            meta[i]["hint"] = {"samples": k, "right": hits[j]}
-        gens = gens + hinted
+            meta[i]["hint"] = {"samples": k, "kept": sum(keep[j * k : (j + 1) * k]), "right": hits[j]}
+        gens = gens + [g for g, kept in zip(hinted, keep, strict=True) if kept]
         extra |= {
             "hint_prompts": len(wrong),
             "hint_prompts_right": sum(h > 0 for h in hits),
-            "hint_samples": len(hinted),
+            "hint_samples": sum(keep),
+            "hint_samples_answer_only": len(hinted) - sum(keep),
         }
     if fr is not None or s.hint is not None:
         position = {p["prompt_id"]: i for i, p in enumerate(prompts)}

@@ -19,6 +19,7 @@ EXACT = 1.0 - 1e-9
 
 _ANSWER_TAG = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.DOTALL)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+_MAGNITUDE = re.compile(r"\d[\d,]*(?:\.\d+)?")  # a number without its sign
 
 
 def exactly_correct(score: float | None) -> bool:
@@ -46,6 +47,10 @@ def numeric(x: str) -> float | None:
         return float(x.replace(",", "").strip())
     except (ValueError, AttributeError):
         return None
+
+
+def _magnitudes(text: str) -> set[str]:
+    return {m.replace(",", "") for m in _MAGNITUDE.findall(text)}
 
 
 def prompt_id(text: str) -> str:
@@ -91,6 +96,15 @@ class Task:
 
     def score(self, extracted: str | None, item_answer: str | None, metadata: dict[str, Any]) -> float | None:
         raise NotImplementedError
+
+    def shows_work(self, response: str, item: Item) -> bool:
+        """Whether a response shows how it reached the answer, not only the answer. sampling.hint keeps
+        a hinted sample only if it does: one that just repeats the answer it was given teaches
+        answer-only guessing. This default reads numbers: a number of the prompt's other than the
+        answer must appear in the response; a prompt with no such number is not judged (True)."""
+        answer = _magnitudes(item.answer or "")
+        given = _magnitudes(item.prompt) - answer
+        return not given or bool(given & (_magnitudes(response) - answer))
 
     def evaluate(self, response: str, item: Item) -> tuple[str | None, float | None]:
         """(the extracted answer, its score): what the verifier and the benchmark both record."""

@@ -1,5 +1,6 @@
 """A round with sampling.hint on the real embedded model: the prompts whose samples the verifier found
-all wrong, and only those, are sampled again with their answer given; the hinted samples are judged,
+all wrong, and only those, are sampled again with their answer given; the hinted samples that show
+their work (not the answer alone) are judged,
 recorded and curated as the prompt's own, and a pair trains on the prompt as asked, without the hint."""
 
 import json
@@ -24,6 +25,8 @@ def run(tmp_path_factory, prefect_harness):
 
 
 def test_all_wrong_prompts_and_only_they_are_sampled_again_with_their_answer(run):
+    from flywheel.models.tasks import Item
+    from flywheel.models.tasks.splits import make_source
     from flywheel.storage import catalog
 
     ws, config, result = run
@@ -37,7 +40,12 @@ def test_all_wrong_prompts_and_only_they_are_sampled_again_with_their_answer(run
         """SELECT c.candidate_id, c.prompt_id, c.sample_index, c.seed, c.sampling, j.score FROM candidates c
            JOIN judgments j ON j.candidate_id = c.candidate_id AND j.source = 'verifier' WHERE c.round = 1""",
     ).to_pylist()
-    hinted_prompts = right_prompts = 0
+    responses = {
+        r["candidate_id"]: r["response"]
+        for r in catalog.query(ws, "SELECT candidate_id, response FROM candidates WHERE round = 1").to_pylist()
+    }
+    source = make_source(config.task)
+    hinted_prompts = right_prompts = kept = 0
     for p in prompts:
         rows = sorted((c for c in cands if c["prompt_id"] == p["prompt_id"]), key=lambda c: c["sample_index"])
         own, more = rows[:4], rows[4:]
@@ -47,21 +55,28 @@ def test_all_wrong_prompts_and_only_they_are_sampled_again_with_their_answer(run
         if any(c["score"] >= 1.0 for c in own):
             assert more == [] and record is None
             continue
-        # sampled again: 3 samples of the hinted prompt, indices after n, seeds of their own
+        # sampled again: 3 samples of the hinted prompt, indices after n, seeds of their own; those
+        # that state the answer without their work are dropped (sampling.hint.require_work)
         text = hint.template.format(prompt=p["prompt"], answer=p["answer"])
-        assert [c["sample_index"] for c in more] == [4, 5, 6]
-        assert [c["seed"] for c in more] == [seeds.row(seeds.hint(stage_seed), text, k) for k in range(3)]
+        indices = [c["sample_index"] for c in more]
+        assert set(indices) <= {4, 5, 6} and indices == sorted(set(indices))
+        assert [c["seed"] for c in more] == [seeds.row(seeds.hint(stage_seed), text, i - 4) for i in indices]
         assert all(json.loads(c["sampling"])["hinted"] is True for c in more)
+        item = Item(p["prompt"], p["answer"], "chain_sum")
+        assert all(source.shows_work(responses[c["candidate_id"]], item) for c in more)
         hits = sum(c["score"] >= 1.0 for c in more)
-        assert record == {"samples": 3, "right": hits}
+        assert record == {"samples": 3, "kept": len(more), "right": hits}
         hinted_prompts += 1
         right_prompts += hits > 0
+        kept += len(more)
     metrics = result["rounds"][1]
     assert metrics["hint_prompts"] == hinted_prompts > 0
     assert metrics["hint_prompts_right"] == right_prompts
-    assert metrics["hint_samples"] == 3 * hinted_prompts
-    assert metrics["candidates"] == 8 * 4 + 3 * hinted_prompts
+    assert metrics["hint_samples"] == kept
+    assert metrics["hint_samples_answer_only"] == 3 * hinted_prompts - kept
+    assert metrics["candidates"] == 8 * 4 + kept
     assert right_prompts > 0, "no hinted sample was right: the test would not cover a hinted pair"
+    assert metrics["hint_samples_answer_only"] > 0, "no hinted sample was dropped: the test would not cover it"
 
 
 def test_a_right_hinted_sample_is_a_pairs_chosen_response_and_is_trained_on(run):

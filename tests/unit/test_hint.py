@@ -57,7 +57,29 @@ def test_the_hint_enters_the_hash_only_when_set():
     hinted = load_config(None, {"sampling": {"hint": {}}})
     assert hinted.hash() != plain
     assert load_config(None, {"sampling": {"hint": {"samples": 2}}}).hash() != hinted.hash()
-    assert hinted.sampling.hint.template.format(prompt="1 + 1 =", answer="2") == "1 + 1 =\n\nHint: the answer is 2."
+    assert hinted.sampling.hint.template.format(prompt="1 + 1 =", answer="2").startswith("1 + 1 =\n\nThe answer is 2.")
+    assert load_config(None, {"sampling": {"hint": {"require_work": False}}}).hash() != hinted.hash()
+
+
+@pytest.mark.parametrize(
+    "prompt, answer, response, shows",
+    [
+        ("What is 0 - 4 =", "-4", "The answer is -4.", False),  # the answer alone
+        ("What is 0 - 4 =", "-4", "0 - 4 = -4", True),
+        ("What is 0 - 4 =", "-4", "Subtract 4 from 0: -4.", True),
+        ("What is 0 - 4 =", "-4", "Subtract 4 from zero: -4.", False),  # numbers in words are not read
+        ("What is 8 - 4 =", "4", "The answer is 4.", False),  # the prompt's 4 is the answer: not work
+        ("What is 8 - 4 =", "4", "8 minus 4 leaves 4", True),
+        ("What is 12 + 1,300 =", "1312", "1300 + 12 = 1,312", True),  # separators and order do not matter
+        ("What is 12 + 30 =", "42", "The answer is 42, not 12.3", False),  # 12.3 is not 12
+        ("What is 2 + 2 =", "4", "The answer is -2 + 6 = 4", True),  # a sign is not part of the number
+        ("Spell 'cat' backwards.", "tac", "tac", True),  # no number to look for: not judged
+    ],
+)
+def test_a_response_shows_its_work_when_it_uses_the_prompts_numbers_beside_the_answer(prompt, answer, response, shows):
+    from flywheel.models.tasks import Item, Task
+
+    assert Task().shows_work(response, Item(prompt, answer, "t")) is shows
 
 
 def test_hinted_samples_have_seeds_of_their_own():
