@@ -7,7 +7,9 @@ and without sampling.hint's template, by the sign of the reference answer.
 Takes the first --prompts training prompts of rounds 1-4 whose reference answer is below zero and as
 many of the rest, samples each --samples times with the round's model (its checkpoint; round 0: the
 run's base model) at each --temperatures, with and without the hint, and prints, per case, the share
-of samples the task's verifier finds right and the prompts with at least one right sample.
+of samples the task's verifier finds right and the prompts with at least one right sample, and of
+those, the ones that show their work (sampling.hint.require_work keeps only these).
+Each --template is tried beside the prompt without a hint (default: sampling.hint's template).
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=40, help="prompts per answer sign")
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.7])
+    ap.add_argument(
+        "--template",
+        action="append",
+        help="a hint template to try ({prompt}, {answer}; repeat to compare); default: sampling.hint's",
+    )
     args = ap.parse_args()
 
     from flywheel.config import HintConfig, load_config
@@ -51,13 +58,18 @@ def main() -> None:
     neg = [r for r in rows if r["answer"].startswith("-")][: args.prompts]
     rest = [r for r in rows if not r["answer"].startswith("-")][: args.prompts]
     source = make_source(config.task)
-    template = HintConfig().template
+    templates = args.template or [HintConfig().template]
+    for t in templates:
+        HintConfig(template=t)  # a bad one is a one-line error before any model loads
     engine, k = engines.open_engine(config.model, ref), args.samples
     print(f"round {args.round}'s model ({ref}); {args.samples} samples a prompt")
+    for i, t in enumerate(templates, 1):
+        print(f"hint {i}: {t!r}")
     for name, group in (("answers below zero", neg), ("the rest", rest)):
         items = [Item(r["prompt"], r["answer"], r["task"]) for r in group]
-        for hinted in (False, True):
-            texts = [template.format(prompt=it.prompt, answer=it.answer) if hinted else it.prompt for it in items]
+        for template in [None, *templates]:
+            texts = [template.format(prompt=it.prompt, answer=it.answer) if template else it.prompt for it in items]
+            label = "no hint" if template is None else f"hint {templates.index(template) + 1}"
             for t in args.temperatures:
                 gens = engine.sample(
                     texts,
@@ -69,10 +81,13 @@ def main() -> None:
                     batch_size=config.sampling.batch_size,
                 )
                 right = [exactly_correct(source.evaluate(g.response, items[i // k])[1]) for i, g in enumerate(gens)]
+                work = [r and source.shows_work(g.response, items[i // k]) for i, (r, g) in enumerate(zip(right, gens))]
                 prompts = sum(any(right[i * k : (i + 1) * k]) for i in range(len(items)))
+                with_work = sum(any(work[i * k : (i + 1) * k]) for i in range(len(items)))
                 print(
-                    f"  {name:<18} {'hint   ' if hinted else 'no hint'} T={t}: {sum(right) / len(right):6.1%} of "
-                    f"samples right; {prompts}/{len(items)} prompts with a right sample"
+                    f"  {name:<18} {label:<7} T={t}: {sum(right) / len(right):6.1%} of samples right "
+                    f"({sum(work) / len(work):.1%} showing their work); {prompts}/{len(items)} prompts with a "
+                    f"right sample ({with_work} showing its work)"
                 )
 
 
