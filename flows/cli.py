@@ -316,10 +316,10 @@ def cmd_sql(args: argparse.Namespace) -> int:
         try:
             with open(tmp, "wb") as f:
                 write_result(table, args.format, f)
+            tmp.replace(args.out)  # an existing file is replaced whole or not at all
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        tmp.replace(args.out)  # an existing file is replaced whole or not at all
         print(f"{table.num_rows} row(s) → {args.out}", file=sys.stderr)
     else:
         write_result(table, args.format, sys.stdout.buffer)
@@ -327,7 +327,8 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
 
 def flat_for_csv(table):
-    """CSV has no lists or structs: a nested cell (list, struct, map) is written as its JSON text."""
+    """CSV has no lists or structs: a nested cell (list, struct, map) is written as its JSON text, as
+    --format json writes it (a map as a list of [key, value] pairs)."""
     import json
 
     import pyarrow as pa

@@ -259,7 +259,7 @@ def generate_task(
         hits = [sum(v and keep[j * k + x] for x, v in enumerate(vs)) for j, vs in enumerate(marked)]
         for j, i in enumerate(wrong):
             meta[i]["hint"] = {"samples": k, "kept": sum(keep[j * k : (j + 1) * k]), "right": hits[j]}
-        gens = gens + [g for g, kept in zip(hinted, keep, strict=True) if kept]
+        gens = gens + hinted  # every sample drawn, dropped ones too: the round's throughput
         extra |= {
             "hint_prompts": len(wrong),
             "hint_prompts_right": sum(h > 0 for h in hits),

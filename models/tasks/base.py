@@ -19,7 +19,10 @@ EXACT = 1.0 - 1e-9
 
 _ANSWER_TAG = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.DOTALL)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-_MAGNITUDE = re.compile(r"\d[\d,]*(?:\.\d+)?")  # a number without its sign
+# a number without its sign, not part of a word ("x2") or of a decimal ("1.5"), and not a
+# step's or a list item's number ("Step 2:", "2." or "2)" at a line's start)
+_MAGNITUDE = re.compile(r"(?<![\w.])(?<![sS]tep )\d+(?:,\d{3})*(?:\.\d+)?(?!\w|\.\d)")
+_LIST_MARKER = re.compile(r"^\s*\d+[.)]\s", re.MULTILINE)
 
 
 def exactly_correct(score: float | None) -> bool:
@@ -100,11 +103,16 @@ class Task:
     def shows_work(self, response: str, item: Item) -> bool:
         """Whether a response shows how it reached the answer, not only the answer. sampling.hint keeps
         a hinted sample only if it does: one that just repeats the answer it was given teaches
-        answer-only guessing. This default reads numbers: a number of the prompt's other than the
-        answer must appear in the response; a prompt with no such number is not judged (True)."""
-        answer = _magnitudes(item.answer or "")
+        answer-only guessing. This default reads numbers: for a numeric answer, a number of the
+        prompt's other than the answer must appear in the response. An answer that is not a number,
+        or a prompt with no other number, is not judged (True): a task with its own idea of work
+        overrides this."""
+        reference = (item.answer or "").strip().replace(" ", "")
+        if not reference or _NUMBER.fullmatch(reference) is None:
+            return True
+        answer = _magnitudes(reference)
         given = _magnitudes(item.prompt) - answer
-        return not given or bool(given & (_magnitudes(response) - answer))
+        return not given or bool(given & (_magnitudes(_LIST_MARKER.sub("", response)) - answer))
 
     def evaluate(self, response: str, item: Item) -> tuple[str | None, float | None]:
         """(the extracted answer, its score): what the verifier and the benchmark both record."""

@@ -1,10 +1,16 @@
-"""sampling.hint (STaR's rationalization): the settings it refuses, its seeds, and its place in the hash.
-The hinted pass itself runs on the real model in tests/integration/test_hint.py."""
+"""sampling.hint (STaR's rationalization): the settings it refuses, its seeds, its place in the hash, and
+which hinted samples it keeps (on a scripted engine registered as a plugin would register one). The
+hinted pass itself runs on the real model in tests/integration/test_hint.py."""
+
+import json
+import re
 
 import pytest
 
 from flywheel import seeds
 from flywheel.config import ConfigError, load_config
+from flywheel.models import engines
+from flywheel.models.engines import Engine, Generation
 
 
 @pytest.mark.parametrize(
@@ -57,7 +63,9 @@ def test_the_hint_enters_the_hash_only_when_set():
     hinted = load_config(None, {"sampling": {"hint": {}}})
     assert hinted.hash() != plain
     assert load_config(None, {"sampling": {"hint": {"samples": 2}}}).hash() != hinted.hash()
-    assert hinted.sampling.hint.template.format(prompt="1 + 1 =", answer="2").startswith("1 + 1 =\n\nThe answer is 2.")
+    assert hinted.sampling.hint.template.format(prompt="1 + 1 =", answer="2") == (
+        "1 + 1 =\n\nThe answer is 2. Write out the calculation step by step, ending with 2."
+    )
     assert load_config(None, {"sampling": {"hint": {"require_work": False}}}).hash() != hinted.hash()
 
 
@@ -73,7 +81,13 @@ def test_the_hint_enters_the_hash_only_when_set():
         ("What is 12 + 1,300 =", "1312", "1300 + 12 = 1,312", True),  # separators and order do not matter
         ("What is 12 + 30 =", "42", "The answer is 42, not 12.3", False),  # 12.3 is not 12
         ("What is 2 + 2 =", "4", "The answer is -2 + 6 = 4", True),  # a sign is not part of the number
+        ("What is 2 + 45 =", "47", "Step 1: add.\nStep 2: The answer is 47.", False),  # step numbers are not work
+        ("What is 2 + 45 =", "47", "1. Add them.\n2) The answer is 47.", False),  # nor are list markers
+        ("What is 2 + 45 =", "47", "x2 gives 47", False),  # a number inside a word is not read
+        ("What is 2 + 45 =", "47", "Step 1: 2 + 45 = 47", True),
         ("Spell 'cat' backwards.", "tac", "tac", True),  # no number to look for: not judged
+        ("Name the 3rd planet.", "Earth", "Earth", True),  # the answer is not a number: not judged
+        ("What is 2 + 2 =", "", "4", True),  # no reference answer: not judged
     ],
 )
 def test_a_response_shows_its_work_when_it_uses_the_prompts_numbers_beside_the_answer(prompt, answer, response, shows):
@@ -86,3 +100,67 @@ def test_hinted_samples_have_seeds_of_their_own():
     stage = seeds.stage(0, 1)
     assert len({seeds.hint(stage), seeds.top_up(stage), stage}) == 3
     assert seeds.hint(stage) != seeds.hint(seeds.stage(0, 2))
+
+
+class Scripted(Engine):
+    """Wrong on every prompt asked plainly; on a hinted prompt, its k samples are: the answer alone
+    (right), the calculation (right), the calculation (wrong)."""
+
+    name = "scripted"
+
+    def sample(self, prompts, *, n, progress=None, **_):
+        out = []
+        for p in prompts:
+            hint = re.search(r"The answer is (-?\d+)\. Write", p)
+            if hint is None:
+                answers = ["999 is the answer."] * n
+            else:
+                a = hint.group(1)  # a number of the problem's other than the answer: the work
+                first = next(x for x in re.findall(r"\d+", p.split("problem:")[-1]) if x != a.lstrip("-"))
+                answers = [f"The answer is {a}.", f"{first} and the rest make {a}", f"{first} makes {int(a) + 1}"]
+            out += [Generation(r, 8, "stop", None, None) for r in answers[:n]]
+            if progress:
+                progress(n)
+        return out
+
+
+@pytest.fixture
+def scripted():
+    from flywheel.models.engines import Backend, Settings, registry
+
+    registry.register(Backend("scripted", factory=lambda cfg, ref: Scripted(ref), settings=Settings))
+    yield
+    engines.release()
+    registry.unregister("scripted")
+
+
+@pytest.mark.parametrize("require_work", [True, False])
+def test_hinted_samples_that_give_the_answer_alone_are_dropped_and_counted(scripted, tmp_path, require_work):
+    from flywheel.models.tasks.splits import make_source
+    from flywheel.storage import catalog
+    from flywheel.tasks.common import StageContext
+    from flywheel.tasks.generate import generate_task
+
+    config = load_config(
+        None,
+        {
+            "workspace": str(tmp_path),
+            "model": {"engine": "scripted"},
+            "sampling": {"n": 2, "hint": {"samples": 3, "require_work": require_work}},
+        },
+    )
+    source = make_source(config.task)
+    items = source.items(7, 4)
+    metrics = generate_task.fn(StageContext(config, "r", 1), items, "policy", source=source)
+    rows = catalog.query(tmp_path, "SELECT prompt_id, sample_index, response FROM candidates").to_pylist()
+    meta = catalog.query(tmp_path, "SELECT prompt_id, metadata FROM prompts WHERE split = 'train'").to_pylist()
+    kept = [1, 2] if require_work else [0, 1, 2]
+    for it in items:
+        mine = sorted((r for r in rows if r["prompt_id"] == it.id), key=lambda r: r["sample_index"])
+        assert [r["sample_index"] for r in mine] == [0, 1] + [2 + k for k in kept]
+        assert all(not r["response"].startswith("The answer is") for r in mine) or not require_work
+        record = json.loads(next(m["metadata"] for m in meta if m["prompt_id"] == it.id))["hint"]
+        assert record == {"samples": 3, "kept": len(kept), "right": len(kept) - 1}
+    assert metrics["hint_prompts"] == metrics["hint_prompts_right"] == 4
+    assert metrics["hint_samples"] == 4 * len(kept) and metrics["candidates"] == 4 * (2 + len(kept))
+    assert metrics["hint_samples_answer_only"] == (4 if require_work else 0)

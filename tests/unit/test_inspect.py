@@ -155,7 +155,7 @@ def test_sql_formats(ws, tmp_path):
 
 def test_sql_csv_writes_nested_cells_as_json(ws, tmp_path):
     q = (
-        "SELECT round, list(n_tokens ORDER BY n_tokens) AS lens, {'a': round} AS s "
+        "SELECT round, list(n_tokens ORDER BY n_tokens) AS lens, {'a': round} AS s, MAP {'k': round} AS m "
         "FROM candidates GROUP BY round ORDER BY round"
     )
     p = cli("sql", q, "--workspace", str(ws), "--format", "csv")
@@ -166,6 +166,13 @@ def test_sql_csv_writes_nested_cells_as_json(ws, tmp_path):
     assert [int(r["round"]) for r in rows] == [1, 2]
     assert json.loads(rows[0]["lens"]) == sorted(json.loads(rows[0]["lens"])) and len(json.loads(rows[0]["lens"])) == 24
     assert json.loads(rows[1]["s"]) == {"a": 2}
+    assert json.loads(rows[1]["m"]) == [["k", 2]]  # as --format json writes a map
+    # a write that fails halfway (here: --out names a folder) leaves no temp file behind
+    folder = tmp_path / "out.csv"
+    folder.mkdir()
+    p = cli("sql", q, "--workspace", str(ws), "--format", "csv", "--out", str(folder))
+    assert p.returncode != 0 and folder.is_dir() and not list(folder.iterdir())
+    assert [f.name for f in tmp_path.iterdir()] == ["out.csv"]
 
 
 def test_data_show_prints_a_readable_sample(ws):
