@@ -33,6 +33,7 @@ CASES = {
         "39fecf79ae9a3d2c",
         {"majority_vote": "0aaff4b01e4ec0ff", "self_certainty": "4e00d85e3f527f5e"},
     ),
+    "star": ("star", "34f43d0d494b1bfa", {"verifier": "e92ac70de919a656", "llm_judge": "6479a880241e2915"}),
     "every_source": (
         EVERY_SOURCE,
         "9beedc05785445e2",
