@@ -38,7 +38,7 @@ def test_wheel_builds_without_warnings_and_ships_its_data(tmp_path):
     names = zipfile.ZipFile(next(tmp_path.glob("flywheel-*.whl"))).namelist()
     assert "flywheel/models/templates/self_rewarding.txt" in names
     assert "flywheel/models/templates/pairwise.txt" in names
-    assert "flywheel/configs/default.yaml" in names and "flywheel/configs/label_free.yaml" in names
+    assert {f"flywheel/configs/{n}.yaml" for n in ("default", "label_free", "star")} <= set(names)
     assert {f"flywheel/configs/accelerate/{n}.yaml" for n in ("ddp", "fsdp", "deepspeed_zero3")} <= set(names)
     assert "flywheel/configs/prefect/crash-zombie-flows.yaml" in names
     assert not [n for n in names if n.startswith(("flywheel/tests", "flywheel/benchmarks", "flywheel/.venv"))]
