@@ -67,9 +67,8 @@ def main() -> None:
         print(f"hint {i}: {t!r}")
     for name, group in (("answers below zero", neg), ("the rest", rest)):
         items = [Item(r["prompt"], r["answer"], r["task"]) for r in group]
-        for template in [None, *templates]:
+        for label, template in [("no hint", None), *((f"hint {i}", t) for i, t in enumerate(templates, 1))]:
             texts = [template.format(prompt=it.prompt, answer=it.answer) if template else it.prompt for it in items]
-            label = "no hint" if template is None else f"hint {templates.index(template) + 1}"
             for t in args.temperatures:
                 gens = engine.sample(
                     texts,

@@ -246,16 +246,15 @@ def generate_task(
         # given; indices from sampling.n on (no prompt has more samples than n), a seed of their own
         k, hint_seed = s.hint.samples, seeds.hint(seed)
         wrong = hint_targets(items, right, s.n)
-        texts = [s.hint.template.format(prompt=items[i].prompt, answer=items[i].answer) for i in wrong]
+        targets = [items[i] for i in wrong]
+        texts = [s.hint.template.format(prompt=it.prompt, answer=it.answer) for it in targets]
         hinted = draw(texts, k, hint_seed, "generate (hint)") if texts else []
         asked = [{"prompt_id": prompts[i]["prompt_id"], "prompt": t} for i, t in zip(wrong, texts, strict=True)]
         # a sample that states its answer without the steps to it is dropped (sampling.hint.require_work)
-        keep = [
-            not s.hint.require_work or source.shows_work(g.response, items[wrong[j // k]]) for j, g in enumerate(hinted)
-        ]
+        keep = [not s.hint.require_work or source.shows_work(g.response, targets[j // k]) for j, g in enumerate(hinted)]
         hinted_rows = rows_of(asked, hinted, k, hint_seed, first=s.n, hinted=True)
         rows += [r for r, kept in zip(hinted_rows, keep, strict=True) if kept]
-        marked = verdicts(hinted, [items[i] for i in wrong], k)
+        marked = verdicts(hinted, targets, k)
         hits = [sum(v and keep[j * k + x] for x, v in enumerate(vs)) for j, vs in enumerate(marked)]
         for j, i in enumerate(wrong):
             meta[i]["hint"] = {"samples": k, "kept": sum(keep[j * k : (j + 1) * k]), "right": hits[j]}

@@ -36,8 +36,7 @@ def extract_answer(response: str, reference: str | None = None) -> str | None:
     tag = _ANSWER_TAG.findall(response)
     if tag:
         return tag[-1].strip()
-    numeric = reference is None or _NUMBER.fullmatch(reference.strip().replace(" ", "")) is not None
-    if numeric:
+    if reference is None or _numeric_reference(reference):
         nums = _NUMBER.findall(response)
         return nums[-1].replace(",", "") if nums else None
     lines = [ln.strip() for ln in response.splitlines() if ln.strip()]
@@ -50,6 +49,11 @@ def numeric(x: str) -> float | None:
         return float(x.replace(",", "").strip())
     except (ValueError, AttributeError):
         return None
+
+
+def _numeric_reference(reference: str) -> bool:
+    """A reference answer that is a number (spaces aside): its responses are read for numbers."""
+    return _NUMBER.fullmatch(reference.strip().replace(" ", "")) is not None
 
 
 def _magnitudes(text: str) -> set[str]:
@@ -107,10 +111,9 @@ class Task:
         prompt's other than the answer must appear in the response. An answer that is not a number,
         or a prompt with no other number, is not judged (True): a task with its own idea of work
         overrides this."""
-        reference = (item.answer or "").strip().replace(" ", "")
-        if not reference or _NUMBER.fullmatch(reference) is None:
+        if not item.answer or not _numeric_reference(item.answer):
             return True
-        answer = _magnitudes(reference)
+        answer = _magnitudes(item.answer.replace(" ", ""))
         given = _magnitudes(item.prompt) - answer
         return not given or bool(given & (_magnitudes(_LIST_MARKER.sub("", response)) - answer))
 
