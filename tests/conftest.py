@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -10,6 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # sqlite file at once would lock each other out. Set before anything imports prefect.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix=f"flywheel-tests-prefect-{os.environ['PYTEST_XDIST_WORKER']}-")
+    atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
     # The cores shared out among the workers, for torch here and in the processes a test starts:
     # two workers of two threads each on 2 cores spin against each other (a run took several times
     # longer). One thread costs a small test round little: 60 s against 51 s on two.
