@@ -66,12 +66,14 @@ def install_project(pip: list, *extra: str, extras: str = "dev") -> None:
     """The project itself, editable, with its dev extra (the tests: its test extra)."""
     # the test extra compiles llama.cpp once: on every core, not one, and without its multimodal
     # library (mtmd: image and audio models), which a text model's server never loads (3 min 30 s
-    # on 2 cores instead of 4 min 42 s). CMAKE_ARGS set by the user wins.
+    # on 2 cores instead of 4 min 42 s). Portable (GGML_NATIVE off: AVX2, FMA, F16C), not tuned to
+    # the building CPU: built native on a Xeon with AMX, the server crashed (SIGSEGV) on its first
+    # completion. CMAKE_ARGS set by the user wins.
     env = {
         **os.environ,
         **QUIET_BUILD,
         "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2),
-        "CMAKE_ARGS": os.environ.get("CMAKE_ARGS", "-DLLAVA_BUILD=OFF"),
+        "CMAKE_ARGS": os.environ.get("CMAKE_ARGS", "-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF"),
     }
     sh(*pip, *extra, "-e", f"{ROOT}[{extras}]", env=env)
 
