@@ -86,13 +86,13 @@ def test_greedy_answers_match_hf(vllm_engine, hf_engine, prompts):
     print(f"  greedy answers identical on {same} of {len(prompts)} ({same / len(prompts):.1%})")
     assert same >= GREEDY_IDENTICAL * len(prompts)
     assert all(x.n_tokens > 0 for x in a)
-    # greedy again: the same text, token count and end; the log-prob to float rounding (on a Xeon
-    # with AVX-512 the second call's summed differently, by 6e-8)
+    # greedy again: the same text, token count and end; the log-prob up to float rounding (a second
+    # call may sum in another order)
     again = vllm_engine.greedy(prompts, max_new_tokens=32)
     assert [(x.response, x.n_tokens, x.finish_reason) for x in a] == [
         (x.response, x.n_tokens, x.finish_reason) for x in again
     ]
-    assert all(abs(x.mean_logprob - y.mean_logprob) <= 1e-5 for x, y in zip(a, again, strict=True))
+    assert [x.mean_logprob for x in again] == pytest.approx([x.mean_logprob for x in a], rel=0, abs=1e-5)
 
 
 def test_judge_label_probabilities_match_hf(vllm_engine, hf_engine):
