@@ -136,6 +136,11 @@ def test_reading_is_allowed(ws, tmp_path):
     assert rc == 0 and "PARQUET" in out.upper(), err
     rc, out, err = sql(ws, "EXPLAIN ANALYZE SELECT count(*) FROM benchmarks", tmp_path)
     assert rc == 0, err
+    # a PIVOT with its columns listed is one SELECT; without them DuckDB runs two, and is told how
+    rc, out, err = sql(ws, "PIVOT benchmarks ON round IN (0, 1) USING count(*) GROUP BY suite", tmp_path)
+    assert (rc, out.split()) == (0, ['"suite","0","1"', '"s",3,0']), err
+    rc, out, err = sql(ws, "PIVOT benchmarks ON round USING count(*) GROUP BY suite", tmp_path)
+    assert rc == 2 and "ON round IN (0, 1, 2)" in err and len(err.strip().splitlines()) == 1, err
     # reading the workspace's own table files directly stays possible
     rc, out, err = sql(ws, f"SELECT count(*) AS n FROM read_parquet('{ws}/tables/benchmarks/*/*/*.parquet')", tmp_path)
     assert (rc, out.split()) == (0, ['"n"', "3"]), err
