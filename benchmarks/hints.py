@@ -8,7 +8,8 @@ Takes the first --prompts training prompts of rounds 1-4 whose reference answer 
 many of the rest, samples each --samples times with the round's model (its checkpoint; round 0: the
 run's base model) at each --temperatures, with and without the hint, and prints, per case, the share
 of samples the task's verifier finds right and the prompts with at least one right sample, and of
-those, the ones that show their work (sampling.hint.require_work keeps only these).
+those, the ones that show their work (sampling.hint.require_work keeps only these) and the right
+samples that work in steps (two or more `=`, as in "95 - 57 = 95 - 50 - 7 = 38").
 Each --template is tried beside the prompt without a hint (default: sampling.hint's template).
 """
 
@@ -20,12 +21,15 @@ from pathlib import Path
 
 
 def main() -> None:
+    from flywheel.flows.cli import _positive_int
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workspace", type=Path, required=True, help="a kept run's workspace (efficacy.py --keep)")
     ap.add_argument("--round", type=int, default=3, help="whose model samples (0: the base model)")
     ap.add_argument("--prompts", type=int, default=40, help="prompts per answer sign")
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.7])
+    ap.add_argument("--max-new-tokens", type=_positive_int, help="default: the run's sampling.max_new_tokens")
     ap.add_argument(
         "--template",
         action="append",
@@ -73,7 +77,7 @@ def main() -> None:
                 gens = engine.sample(
                     texts,
                     n=args.samples,
-                    max_new_tokens=config.sampling.max_new_tokens,
+                    max_new_tokens=args.max_new_tokens or config.sampling.max_new_tokens,
                     temperature=t,
                     top_p=1.0,
                     seed=1,
@@ -81,11 +85,13 @@ def main() -> None:
                 )
                 right = [exactly_correct(source.evaluate(g.response, items[i // k])[1]) for i, g in enumerate(gens)]
                 work = [r and source.shows_work(g.response, items[i // k]) for i, (r, g) in enumerate(zip(right, gens))]
+                steps = sum(r and g.response.count("=") >= 2 for r, g in zip(right, gens))
                 prompts = sum(any(right[i * k : (i + 1) * k]) for i in range(len(items)))
                 with_work = sum(any(work[i * k : (i + 1) * k]) for i in range(len(items)))
                 print(
                     f"  {name:<18} {label:<7} T={t}: {sum(right) / len(right):6.1%} of samples right "
-                    f"({sum(work) / len(work):.1%} showing their work); {prompts}/{len(items)} prompts with a "
+                    f"({sum(work) / len(work):.1%} showing their work, {steps / len(right):.1%} in steps); "
+                    f"{prompts}/{len(items)} prompts with a "
                     f"right sample ({with_work} showing its work)"
                 )
 
