@@ -116,6 +116,7 @@ def check(method: str, given: Any, checkpoint_steps: int = 5) -> dict[str, Any]:
     mine = [k for k in given if k in MANAGED]
     if mine:
         raise ValueError(f"{mine[0]} is set by flywheel, not here ({MANAGED[mine[0]]})")
+    given = {key: _number(klass, key, value) for key, value in given.items()}
     for key, value in given.items():
         problem = _field_problem(klass, key, value)
         if problem:
@@ -140,6 +141,23 @@ def losses() -> frozenset[str]:
     name only when it computes the loss, after a round's sampling and judging."""
     help_text = next(f.metadata.get("help", "") for f in dataclasses.fields(_klass("dpo")) if f.name == "loss_type")
     return frozenset(re.findall(r"`'([a-z_]+)'`", help_text))
+
+
+def _number(klass, key: Any, value: Any) -> Any:
+    """A number given as a string, as YAML reads `5e-5` (no dot: YAML 1.1's floats need one), as the
+    number its field wants: TRL's classes keep the string, and the optimizer fails on it."""
+    import typing
+
+    hint = _type_hints(klass).get(key)
+    kinds = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]  # `int | None`: int
+    if not isinstance(value, str) or len(kinds) != 1 or kinds[0] not in (float, int):
+        return value
+    hint = kinds[0]
+    try:
+        number = float(value)
+    except ValueError:
+        return value  # not a number: the type check names it
+    return int(number) if hint is int and number.is_integer() else number
 
 
 def _field_problem(klass, key: str, value: Any) -> str | None:

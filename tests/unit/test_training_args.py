@@ -30,6 +30,21 @@ def test_the_config_builds_trl_classes_with_the_users_values_over_the_defaults(t
     assert isinstance(sft, trl.SFTConfig) and sft.max_length == args.SFT_DEFAULTS["max_length"]
 
 
+def test_a_number_yaml_reads_as_a_string_is_the_number_its_field_wants(tmp_path):
+    # YAML 1.1 reads `5e-5` (no dot) as a string; TRL's class would keep it, and the optimizer fail
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  sft: {learning_rate: 5e-5, max_length: 1e3}\n  dpo: {beta: 1e-1}\n")
+    c = load_config(path)
+    assert (c.train.sft["learning_rate"], c.train.sft["max_length"], c.train.dpo["beta"]) == (5e-5, 1000, 0.1)
+    assert isinstance(c.train.sft["max_length"], int)
+    built = args.build("sft", c.train.sft, output_dir=tmp_path, seed=0, checkpoint_steps=5)
+    assert built.learning_rate == 5e-5 and built.max_length == 1000
+    with pytest.raises(ConfigError, match=r"^train.sft.max_length: 2.5: Input should be a valid integer"):
+        load_config(None, {"train": {"sft": {"max_length": "2.5"}}})
+    with pytest.raises(ConfigError, match=r"^train.sft.learning_rate: must be greater than 0, got -1e-05$"):
+        load_config(None, {"train": {"sft": {"learning_rate": "-1e-5"}}})
+
+
 def test_trls_loss_list_is_read():
     # read from TRL's own field documentation: if TRL changes how it documents losses, this fails
     # and `train.dpo.loss_type` would accept anything
