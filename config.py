@@ -396,6 +396,8 @@ class CurationConfig(_Strict):
     max_pairs_per_category: int | None = Field(None, ge=1)
     # SFT set (STaR / rejection sampling): each prompt's best sample whose reward is at least this.
     sft_threshold: float = 1.0
+    # ReST-EM: up to this many distinct samples per prompt at or above the threshold, best first.
+    sft_per_prompt: int = Field(1, ge=1, json_schema_extra=HASHED_UNLESS_DEFAULT)
     # Share of the training set drawn from this run's earlier rounds (SPIN-style replay).
     replay: float = Field(0.0, ge=0, lt=1)
     # Decontamination: a training prompt whose word n-grams are, for at least `threshold` of them,

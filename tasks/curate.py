@@ -26,7 +26,8 @@ filter kept (`funnel`):
 Pairs never tie (chosen − rejected ≥ min_margin > 0), NULL rewards never take part, identical
 texts are never paired, and every tie inside a ranking is broken by sample index (the earlier
 sample first), so the result is deterministic and the same for two runs with the same seed. The SFT set
-(STaR / rejection sampling) is each prompt's best unique sample whose reward reaches sft_threshold.
+(STaR / rejection sampling) is each prompt's best unique sample whose reward reaches sft_threshold
+(its sft_per_prompt best, ReST-EM).
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ _SFT = """
 SELECT run_id, round, prompt_id, p.prompt, response AS completion, raw_reward AS score, '{reward_name}' AS reward,
        candidate_id, category, n_tokens
 FROM cur_unique JOIN ({prompt_text}) p USING (prompt_id) WHERE raw_reward >= {threshold}
-QUALIFY row_number() OVER (PARTITION BY prompt_id ORDER BY reward DESC, sample_index, candidate_id) = 1
+QUALIFY row_number() OVER (PARTITION BY prompt_id ORDER BY reward DESC, sample_index, candidate_id) <= {per_prompt}
 ORDER BY prompt_id
 """
 
@@ -267,6 +268,7 @@ def curate(con: duckdb.DuckDBPyConnection, cfg: CurationConfig, seed: int = 0, v
         _SFT.format(
             reward_name=cfg.reward_name().replace("'", "''"),
             threshold=_num(cfg.sft_threshold),
+            per_prompt=int(cfg.sft_per_prompt),
             prompt_text=_PROMPT_TEXT,
         )
     ).to_arrow_table()
