@@ -86,7 +86,7 @@ def render(
             f"| CREAM: mean Kendall τ, this round's vs the previous round's judge | {funnel['cream_tau']:.3f} |"
         )
     lines += [
-        f"| SFT examples (best sample with reward ≥ {cfg.sft_threshold}) | {sft.num_rows} |",
+        f"| SFT examples ({_best(cfg.sft_per_prompt)} with reward ≥ {cfg.sft_threshold}) | {sft.num_rows} |",
         f"| training prompts dropped as evaluation overlaps | {len(removed)} |",
         "",
         "## Margins and lengths",
@@ -176,3 +176,7 @@ def write(
     tmp.replace(card)
     figure = plots.data_card_plot(pairs.to_pylist(), sft.column("category").to_pylist(), out / FIGURE)
     return [card, figure]
+
+
+def _best(per_prompt: int) -> str:
+    return "a prompt's best sample" if per_prompt == 1 else f"a prompt's best {per_prompt} distinct samples"

@@ -255,6 +255,12 @@ def test_sft_set_is_the_best_sample_above_the_threshold():
     # ReST-EM: up to sft_per_prompt distinct samples per prompt, best first, none below the threshold
     two = curated(prompts, sft_threshold=0.5, sft_per_prompt=2).sft.to_pylist()
     assert sorted((r["prompt"], r["completion"]) for r in two) == [("q1", "a"), ("q2", "d"), ("q3", "e"), ("q3", "f")]
+    from flywheel.storage import datacard
+
+    cfg = CurationConfig(sft_threshold=0.5, sft_per_prompt=2)
+    result = curated(prompts, sft_threshold=0.5, sft_per_prompt=2)
+    card = datacard.render("r", 1, cfg, result.funnel, result.pairs, result.sft, [])
+    assert "| SFT examples (a prompt's best 2 distinct samples with reward ≥ 0.5) | 4 |" in card
     from flywheel.storage.schemas import SFT
 
     assert curated(prompts).sft.schema.equals(SFT)
