@@ -253,12 +253,12 @@ def test_sft_set_is_the_best_sample_above_the_threshold():
     assert all(r["score"] == 1.0 for r in sft)
     assert len(curated(prompts, sft_threshold=0.5).sft) == 3
     # ReST-EM: up to sft_per_prompt distinct samples per prompt, best first, none below the threshold
-    two = curated(prompts, sft_threshold=0.5, sft_per_prompt=2).sft.to_pylist()
-    assert sorted((r["prompt"], r["completion"]) for r in two) == [("q1", "a"), ("q2", "d"), ("q3", "e"), ("q3", "f")]
     from flywheel.storage import datacard
 
     cfg = CurationConfig(sft_threshold=0.5, sft_per_prompt=2)
-    result = curated(prompts, sft_threshold=0.5, sft_per_prompt=2)
+    result = curate(make_con(prompts), cfg)
+    two = result.sft.to_pylist()
+    assert sorted((r["prompt"], r["completion"]) for r in two) == [("q1", "a"), ("q2", "d"), ("q3", "e"), ("q3", "f")]
     card = datacard.render("r", 1, cfg, result.funnel, result.pairs, result.sft, [])
     assert "| SFT examples (a prompt's best 2 distinct samples with reward ≥ 0.5) | 4 |" in card
     from flywheel.storage.schemas import SFT
