@@ -87,7 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a flywheel (defaults: 3 rounds of the embedded SmolLM2-135M on arithmetic)")
-    run.add_argument("--preset", help="a shipped config: default, label_free (no verifier in the loop)")
+    run.add_argument(
+        "--preset",
+        help="a shipped config: default, label_free (no verifier in the loop), star (SFT on right samples "
+        "and hinted ones; needs reference answers)",
+    )
     run.add_argument("--config", type=Path, help="YAML config file (over the preset); flags below override it")
     run.add_argument("--model", help="transformers model id, local checkpoint dir, or embedded:NAME")
     run.add_argument(

@@ -262,3 +262,13 @@ def test_a_multi_line_message_is_printed_as_one_line(run_cli, tmp_path):
         "flywheel: error: bad\\nkey: Extra inputs are not permitted"
     ], p.stderr
     assert not ws.exists()
+
+
+def test_the_preset_help_names_every_shipped_preset():
+    from flywheel.config import presets
+    from flywheel.flows import cli
+
+    run = cli.build_parser()._subparsers._group_actions[0].choices["run"]
+    preset = next(a for a in run._actions if "--preset" in a.option_strings)
+    assert {"default", "label_free", "star"} <= set(presets())
+    assert all(name in preset.help for name in presets()), preset.help
